@@ -1,0 +1,56 @@
+"""Commit files atomically: write a temp file beside the target, fsync, rename, fsync the dir.
+
+A reader (or a crash) sees either the old file or the complete new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# mkstemp creates 0600 files; committed files get the usual umask-derived mode instead, so a
+# teammate on a shared filesystem can read them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path to write; on success it replaces `target` durably."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
+        os.replace(tmp_path, target)
+        fsync_dir(target.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(target: Path, obj: object) -> None:
+    """Stable JSON (sorted keys, fixed indent) so unchanged results give unchanged bytes."""
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())

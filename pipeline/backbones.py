@@ -1,0 +1,203 @@
+"""Vision-language backbones: load (local dir or Hugging Face id), fingerprint, embed a batch.
+
+Layers a cache can store, chosen by `model.layers`:
+  projection   the projected image embedding (CLIP's `image_embeds`), the default
+  pooled       the pooled CLS token before the projection
+  block_<i>    the CLS token after transformer block i (0-based; before the final layer norm)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, ModelSettings
+from pipeline.images import Preprocess
+
+log = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"^block_(\d+)$")
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def resolve_directory(model: ModelSettings) -> Path:
+    """A local directory holding the model: the path itself, or its Hugging Face cache snapshot."""
+    local = Path(model.name).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model.name, revision=model.revision, local_files_only=True))
+    except Exception:
+        raise ConfigError(
+            f"model.name '{model.name}' is neither a local directory nor in the Hugging Face cache; "
+            f"download it first (`huggingface-cli download {model.name}`) or point model.name at a local copy."
+        ) from None
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the model's weight files (names and bytes), in name order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise ConfigError(
+            f"{directory} has no .safetensors weights; only safetensors checkpoints are loaded "
+            "(convert it with `model.save_pretrained(dir, safe_serialization=True)`)."
+        )
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"extract.device '{device}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("extract.device asks for CUDA but no CUDA GPU is visible; use device: auto or cpu.")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if device.type == "cpu" and precision == "fp16":
+            raise ConfigError("extract.precision fp16 is not supported on CPU; use auto, fp32 or bf16.")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class Backbone:
+    """A loaded vision tower that turns preprocessed batches into {layer: embeddings}."""
+
+    name: str
+    model: torch.nn.Module
+    preprocess: Preprocess
+    layers: list[str]
+    dims: dict[str, int]
+    device: torch.device
+    precision: str
+    description: dict  # everything that changes the numbers -> the cache fingerprint
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def embed(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """A batch (n, 3, h, w) float32 -> {layer: float32 array (n, dim)}."""
+        non_blocking = self.device.type == "cuda"
+        pixels = pixels.to(self.device, non_blocking=non_blocking)
+        blocks = [int(m.group(1)) for layer in self.layers if (m := _BLOCK.match(layer))]
+        with self.autocast():
+            out = self.model.vision_model(pixel_values=pixels, output_hidden_states=bool(blocks))
+            pooled = out.pooler_output
+            result: dict[str, torch.Tensor] = {}
+            for layer in self.layers:
+                if layer == "projection":
+                    result[layer] = self.model.visual_projection(pooled)
+                elif layer == "pooled":
+                    result[layer] = pooled
+                else:
+                    index = int(_BLOCK.match(layer).group(1))
+                    result[layer] = out.hidden_states[index + 1][:, 0]
+        return {k: v.float().cpu().numpy() for k, v in result.items()}
+
+
+def load(model: ModelSettings, device: str = "auto", precision: str = "auto") -> Backbone:
+    """Load the vision tower with projection from safetensors, ready for `embed`."""
+    from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    directory = resolve_directory(model)
+    config = _read_json(directory / "config.json")
+    if config.get("model_type") not in ("clip", "clip_vision_model"):
+        raise ConfigError(
+            f"model '{model.name}' is a {config.get('model_type')!r} model; this version supports CLIP checkpoints."
+        )
+    try:
+        preprocess = Preprocess.from_hf_config(_read_json(directory / "preprocessor_config.json"))
+    except ValueError as exc:
+        raise ConfigError(f"model '{model.name}': {exc}.") from None
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the text tower's unused weights are expected, not news
+    try:
+        if config["model_type"] == "clip":
+            # The projection width lives on the full config; the vision sub-config may not carry it.
+            full = CLIPConfig.from_pretrained(directory)
+            vision_config = full.vision_config
+            vision_config.projection_dim = full.projection_dim
+        else:
+            vision_config = CLIPVisionConfig.from_pretrained(directory)
+        net = CLIPVisionModelWithProjection.from_pretrained(directory, config=vision_config, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    net = net.eval().to(dev)
+
+    vision = net.config
+    n_blocks = vision.num_hidden_layers
+    dims: dict[str, int] = {}
+    for layer in model.layers:
+        m = _BLOCK.match(layer)
+        if layer == "projection":
+            dims[layer] = net.config.projection_dim
+        elif layer == "pooled" or (m and int(m.group(1)) < n_blocks):
+            dims[layer] = vision.hidden_size
+        else:
+            raise ConfigError(f"model.layers has '{layer}'; use projection, pooled or block_0 .. block_{n_blocks - 1}.")
+    description = {
+        "model": {"weights_sha256": weights_digest(directory), "config": _config_digest(config)},
+        "preprocess": preprocess.describe(),
+        "layers": list(model.layers),
+        "precision": prec,
+        "dtype": "float32",
+    }
+    log.info("loaded %s on %s (%s), layers %s", model.name, dev, prec, dims)
+    return Backbone(model.name, net, preprocess, list(model.layers), dims, dev, prec, description)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; a model directory needs config.json and preprocessor_config.json.")
+    return json.loads(path.read_text())
+
+
+def _config_digest(config: dict) -> str:
+    # Version stamps do not change the numbers; everything else in config.json might.
+    stable = {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,69 @@
+"""One CLI; each subcommand is one DVC stage (plus `demo`). Stage modules are imported lazily
+so that `train` and `evaluate` never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load
+from pipeline.outputs import Outputs
+
+log = logging.getLogger("pipeline")
+
+STAGES = {
+    "manifest": "scan dataset folders -> cache/manifest.parquet (digests, videos, splits)",
+    "extract": "embed images that the cache lacks -> cache/embeddings/<model>/, cache/extract.json",
+    "train": "fit a linear probe on cached embeddings -> models/probe/",
+    "evaluate": "score fake test sets with held-out reals -> metrics/evaluate.json, plots/roc/",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        if name == "extract":
+            p.add_argument("--retry-failed", action="store_true", help="try images recorded as failed again")
+    demo = sub.add_parser("demo", help="write the synthetic demo dataset and a tiny random-weight CLIP")
+    demo.add_argument("--params", default="params.yaml", help="accepted for symmetry; the demo ignores it")
+    demo.add_argument("--data-dir", default="data/demo", type=Path, help="where to write images (default: data/demo)")
+    demo.add_argument("--model-dir", default="data/tiny-clip", type=Path, help="where to save the model")
+    demo.add_argument("--videos", type=int, default=40, help="real videos (default: 40)")
+    demo.add_argument("--frames", type=int, default=8, help="frames per video (default: 8)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    if args.command == "demo":
+        from pipeline import demo
+
+        demo.run(args.data_dir, args.model_dir, n_videos=args.videos, frames=args.frames, force=args.force)
+        return
+    settings = load(args.params)
+    outputs = Outputs(settings.base_dir)
+    stage = importlib.import_module(f"pipeline.{args.command}")
+    if args.command == "extract":
+        stage.run(settings, outputs, retry_failed=args.retry_failed)
+    else:
+        stage.run(settings, outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        dispatch(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed shards are kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,261 @@
+"""params.yaml -> typed, validated settings.
+
+Only this module parses the params file. Every problem is raised as a `ConfigError` whose
+message is one sentence naming the key and the fix; the CLI prints it and exits with 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A problem in the user's input, worded for the user."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: str
+    label: Literal["real", "fake"]
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    val: float = 0.14
+    test: float = 0.14
+    seed: int = 0
+    split_dir: str | None = None
+
+
+# A frame file name such as `000_003_0042.png` or `000_0042.png`: the video id is everything
+# before the last `_<digits>` (used only for frames that sit directly in a dataset folder).
+DEFAULT_VIDEO_PATTERN = r"^(?P<video>.+?)_\d+$"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    root: str
+    datasets: dict[str, DatasetSpec]
+    split: SplitSpec = SplitSpec()
+    video_pattern: str = DEFAULT_VIDEO_PATTERN
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    layers: list[str] = field(default_factory=lambda: ["projection"])
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    format: Literal["parquet"] = "parquet"
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    shard_size: int = 4096
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    datasets: list[str]
+    probe: Literal["logreg"] = "logreg"
+    C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    normalize: Literal["none", "l2", "standardize", "l2+standardize"] = "standardize"
+    layer: str = "projection"
+    max_iter: int = 2000
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    datasets: list[str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: DataSettings
+    model: ModelSettings
+    extract: ExtractSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+    # Directory of the params file: relative paths in it are relative to this.
+    base_dir: Path = Path(".")
+
+    @property
+    def data_root(self) -> Path:
+        return self.resolve(self.data.root)
+
+    def resolve(self, path: str) -> Path:
+        """A path from params.yaml, made absolute against the params file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def dataset_dir(self, name: str) -> Path:
+        p = Path(self.data.datasets[name].path).expanduser()
+        return p if p.is_absolute() else self.data_root / p
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path = "params.yaml") -> Settings:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} does not exist; pass --params PATH or run from the project root.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax there.") from None
+    return from_dict(raw, base_dir=path.resolve().parent)
+
+
+def from_dict(raw: object, base_dir: Path = Path(".")) -> Settings:
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml must be a mapping with sections data, model, extract, train, evaluate.")
+    settings = _build(Settings, {**raw, "base_dir": base_dir}, "")
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    """Rules that span several keys."""
+    sp = s.data.split
+    for key in ("val", "test"):
+        value = getattr(sp, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.split.{key} is {value}; use a fraction between 0 and 1.")
+    if sp.val + sp.test >= 1.0:
+        raise ConfigError("data.split.val + data.split.test must leave some data for training (sum below 1).")
+    try:
+        pattern = re.compile(s.data.video_pattern)
+    except re.error as exc:
+        raise ConfigError(f"data.video_pattern is not a valid regular expression ({exc}).") from None
+    if "video" not in pattern.groupindex:
+        raise ConfigError("data.video_pattern needs a named group (?P<video>...) that captures the video id.")
+    if not s.data.datasets:
+        raise ConfigError("data.datasets is empty; define at least one real and one fake dataset folder.")
+
+    known = sorted(s.data.datasets)
+    for section in ("train", "evaluate"):
+        for name in getattr(s, section).datasets:
+            if name not in s.data.datasets:
+                raise ConfigError(
+                    f"{section}.datasets names '{name}', which is not defined in data.datasets "
+                    f"(defined: {', '.join(known)})."
+                )
+    labels = {s.data.datasets[n].label for n in s.train.datasets}
+    if labels != {"real", "fake"}:
+        raise ConfigError("train.datasets must include at least one real and one fake dataset.")
+    for name in s.evaluate.datasets:
+        if s.data.datasets[name].label != "fake":
+            raise ConfigError(
+                f"evaluate.datasets names '{name}', a real dataset; list fake datasets there "
+                "(each is scored together with the held-out real test split)."
+            )
+    if not s.model.layers:
+        raise ConfigError("model.layers is empty; keep at least 'projection'.")
+    if s.train.layer not in s.model.layers:
+        raise ConfigError(
+            f"train.layer '{s.train.layer}' is not in model.layers {s.model.layers}; "
+            "add it to model.layers and re-run extract."
+        )
+    if not s.train.C or any(c <= 0 for c in s.train.C):
+        raise ConfigError("train.C must be a non-empty list of positive numbers, e.g. [0.01, 0.1, 1.0].")
+    for key in ("batch_size", "shard_size"):
+        if getattr(s.extract, key) < 1:
+            raise ConfigError(f"extract.{key} must be at least 1.")
+    if s.extract.num_workers < 0:
+        raise ConfigError("extract.num_workers must be 0 (decode in the main process) or more.")
+
+
+# --------------------------------------------------------------------------- generic builder
+
+
+def _build(cls: type, raw: object, where: str):
+    """Instantiate dataclass `cls` from `raw`, checking keys and types against its annotations."""
+    label = where or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label} must be a mapping of keys to values, not {_kind(raw)}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key '{name}' in params.yaml; valid keys here are: {', '.join(sorted(fields))}.")
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"params.yaml is missing the required key '{key}'.")
+            continue
+        values[name] = _coerce(hints[name], raw[name], key)
+    return cls(**values)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Path:
+        return Path(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{key} is {value!r}; choose one of: {choices}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, not {_kind(value)}.")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, not {_kind(value)}.")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, not {_kind(value)}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number, not {_kind(value)}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, not {_kind(value)}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty string, not {_kind(value)}.")
+        return value
+    raise TypeError(f"unsupported settings type {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "empty"
+    return {dict: "a mapping", list: "a list", str: f"the text {value!r}", bool: f"{value}"}.get(
+        type(value), f"{value!r}"
+    )

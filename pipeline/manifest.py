@@ -1,0 +1,322 @@
+"""manifest stage: scan dataset folders into one row per image, with digests and splits.
+
+Splits are assigned to *groups* of linked videos: a fake `000_003` is made from real videos
+`000` and `003`, so all three (and `003_000`, and the same ids in every other method) land in
+the same split. Digests of files whose size and mtime are unchanged are taken from the
+previous manifest instead of re-reading the file, and the output is byte-identical when
+nothing changed, so DVC skips every downstream stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import atomic
+from pipeline.config import ConfigError, Settings, SplitSpec
+from pipeline.outputs import Outputs
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+SPLITS = ("train", "val", "test")
+LABELS = {"real": 0, "fake": 1}
+
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # relative to data.root (posix), or absolute if outside it
+        ("dataset", pa.string()),
+        ("label", pa.int8()),  # 0 real, 1 fake
+        ("method", pa.string()),
+        ("video", pa.string()),
+        ("split", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("digest", pa.string()),  # sha256 of the file bytes, hex
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str
+    dataset: str
+    video: str
+    size: int
+    mtime_ns: int
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def scan(settings: Settings) -> list[ImageFile]:
+    """Every image file of every dataset, sorted by path; errors for missing folders."""
+    pattern = re.compile(settings.data.video_pattern)
+    root = settings.data_root
+    files: list[ImageFile] = []
+    unmatched: dict[str, int] = {}
+    for name in sorted(settings.data.datasets):
+        folder = settings.dataset_dir(name)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"dataset '{name}' folder {folder} does not exist; fix data.datasets.{name}.path "
+                "or data.root in params.yaml (or run `python -m pipeline demo` for the demo data)."
+            )
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if Path(fname).suffix.lower() not in IMAGE_SUFFIXES or fname.startswith("."):
+                    continue
+                full = Path(dirpath) / fname
+                st = full.stat()
+                video = video_id(full.relative_to(folder), pattern)
+                if video is None:
+                    unmatched[name] = unmatched.get(name, 0) + 1
+                    video = full.stem
+                files.append(ImageFile(_display_path(full, root), name, video, st.st_size, st.st_mtime_ns))
+        if not any(f.dataset == name for f in files):
+            log.warning("dataset '%s' (%s) holds no image files", name, folder)
+    for name, count in unmatched.items():
+        log.warning(
+            "dataset '%s': %d frames sit directly in the folder and match no data.video_pattern; each is "
+            "treated as its own video, so frames of one video may land in different splits",
+            name,
+            count,
+        )
+    files.sort(key=lambda f: f.path)
+    return files
+
+
+def video_id(relative: Path, pattern: re.Pattern[str]) -> str | None:
+    """The video a frame belongs to: its parent folder, or a regex on a flat file name."""
+    if len(relative.parts) > 1:
+        return relative.parts[-2]
+    m = pattern.match(relative.stem)
+    return m.group("video") if m else None
+
+
+def _display_path(full: Path, root: Path) -> str:
+    try:
+        return full.relative_to(root).as_posix()
+    except ValueError:
+        return full.resolve().as_posix()
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def digests(files: list[ImageFile], root: Path, previous: dict[str, tuple[int, int, str]]) -> list[str]:
+    """sha256 of each file, reusing `previous[path] = (size, mtime_ns, digest)` when unchanged."""
+    out: list[str | None] = []
+    todo: list[int] = []
+    for i, f in enumerate(files):
+        prev = previous.get(f.path)
+        if prev is not None and prev[0] == f.size and prev[1] == f.mtime_ns:
+            out.append(prev[2])
+        else:
+            out.append(None)
+            todo.append(i)
+    if todo:
+        log.info("hashing %d new or changed files (%d reused)", len(todo), len(files) - len(todo))
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+            jobs = pool.map(lambda i: file_digest(absolute_path(files[i].path, root)), todo)
+            for i, d in zip(todo, tqdm(jobs, total=len(todo), desc="hashing", unit="img", leave=False), strict=True):
+                out[i] = d
+    return out  # type: ignore[return-value]
+
+
+def absolute_path(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def read_previous(path: Path) -> dict[str, tuple[int, int, str]]:
+    """The stat cache: path -> (size, mtime_ns, digest) from an earlier manifest, if readable."""
+    if not path.exists():
+        return {}
+    try:
+        t = pq.read_table(path, columns=["path", "size", "mtime_ns", "digest"])
+    except (pa.ArrowInvalid, OSError, KeyError):
+        log.warning("previous manifest %s is unreadable; hashing every file again", path)
+        return {}
+    cols = t.to_pydict()
+    return {
+        p: (s, m, d) for p, s, m, d in zip(cols["path"], cols["size"], cols["mtime_ns"], cols["digest"], strict=True)
+    }
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def identities(video: str) -> list[str]:
+    """The source identities a video id refers to.
+
+    `000` -> [000]; `000_003` -> [000, 003] (FF++ target_source); `01_02__scene__X` (DeepFake
+    Detection) -> [01, 02]; anything else is its own identity.
+    """
+    head = video.split("__", 1)[0]
+    parts = head.split("_")
+    if all(p.isdigit() for p in parts):
+        return parts
+    return [video]
+
+
+def group_videos(videos: Iterable[str]) -> dict[str, str]:
+    """Map each video id to a group key; linked videos (shared identities) share a group."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    videos = sorted(set(videos))
+    for v in videos:
+        ids = identities(v)
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {v: find(identities(v)[0]) for v in videos}
+
+
+def read_split_dir(split_dir: Path) -> dict[str, str]:
+    """FF++ official split files: identity -> split, from `{train,val,test}.json` lists of pairs."""
+    assignment: dict[str, str] = {}
+    for split in SPLITS:
+        f = split_dir / f"{split}.json"
+        if not f.is_file():
+            raise ConfigError(f"data.split.split_dir {split_dir} has no {split}.json; it needs train/val/test.json.")
+        try:
+            pairs = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(f"{f} is not valid JSON; it should be a list of [id, id] pairs.") from None
+        if not isinstance(pairs, list):
+            raise ConfigError(f"{f} should be a list of [id, id] pairs.")
+        for pair in pairs:
+            for ident in pair if isinstance(pair, list) else [pair]:
+                ident = str(ident)
+                if assignment.get(ident, split) != split:
+                    raise ConfigError(f"video {ident} appears in both {assignment[ident]}.json and {split}.json.")
+                assignment[ident] = split
+    return assignment
+
+
+def assign_splits(files: list[ImageFile], spec: SplitSpec, official: dict[str, str] | None = None) -> dict[str, str]:
+    """Split per video group -> {video: split}.
+
+    Groups named by the official split files take that split. The rest are ordered by a hash
+    of (seed, group) and filled into test, then val, up to their share of images; the rest is
+    train. Hash order keeps assignments stable when new videos are added.
+    """
+    groups = group_videos(f.video for f in files)
+    images_per_group: dict[str, int] = {}
+    for f in files:
+        g = groups[f.video]
+        images_per_group[g] = images_per_group.get(g, 0) + 1
+
+    split_of_group: dict[str, str] = {}
+    if official:
+        members: dict[str, set[str]] = {}
+        for v, g in groups.items():
+            for ident in identities(v):
+                if ident in official:
+                    members.setdefault(g, set()).add(official[ident])
+        for g, found in members.items():
+            if len(found) > 1:
+                raise ConfigError(
+                    f"the split files put linked videos (group {g}) in different splits: {sorted(found)}."
+                )
+            split_of_group[g] = found.pop()
+        uncovered = sorted(set(images_per_group) - set(split_of_group))
+        if uncovered:
+            log.warning(
+                "%d video groups are not in the official split files; assigning them by the val/test ratios",
+                len(uncovered),
+            )
+    rest = [g for g in images_per_group if g not in split_of_group]
+    rest.sort(key=lambda g: hashlib.sha256(f"{spec.seed}:{g}".encode()).hexdigest())
+    total = sum(images_per_group[g] for g in rest)
+    quota = {"test": spec.test * total, "val": spec.val * total}
+    filled = {"test": 0, "val": 0}
+    for g in rest:
+        split = next((s for s in ("test", "val") if filled[s] < quota[s]), "train")
+        if split != "train":
+            filled[split] += images_per_group[g]
+        split_of_group[g] = split
+    return {v: split_of_group[g] for v, g in groups.items()}
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def build(settings: Settings, previous: dict[str, tuple[int, int, str]]) -> pa.Table:
+    """The manifest table for the current folders (a pure function of files + settings)."""
+    files = scan(settings)
+    if not files:
+        raise ConfigError(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under the data.datasets folders."
+        )
+    spec = settings.data.split
+    official = read_split_dir(settings.resolve(spec.split_dir)) if spec.split_dir else None
+    split_of = assign_splits(files, spec, official)
+    hashes = digests(files, settings.data_root, previous)
+    datasets = settings.data.datasets
+    columns = {
+        "path": [f.path for f in files],
+        "dataset": [f.dataset for f in files],
+        "label": [LABELS[datasets[f.dataset].label] for f in files],
+        "method": [datasets[f.dataset].method or f.dataset for f in files],
+        "video": [f.video for f in files],
+        "split": [split_of[f.video] for f in files],
+        "size": [f.size for f in files],
+        "mtime_ns": [f.mtime_ns for f in files],
+        "digest": hashes,
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def write(table: pa.Table, path: Path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read(path: Path) -> pa.Table:
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; run the manifest stage first (`dvc repro manifest`).")
+    return pq.read_table(path)
+
+
+def summary(table: pa.Table) -> str:
+    rows = table.select(["dataset", "split"]).to_pylist()
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts.setdefault(r["dataset"], dict.fromkeys(SPLITS, 0))[r["split"]] += 1
+    lines = [f"{'dataset':<20} {'train':>7} {'val':>7} {'test':>7}"]
+    lines += [f"{d:<20} {c['train']:>7} {c['val']:>7} {c['test']:>7}" for d, c in sorted(counts.items())]
+    return "\n".join(lines)
+
+
+def run(settings: Settings, outputs: Outputs) -> pa.Table:
+    out = outputs.manifest
+    table = build(settings, read_previous(out))
+    write(table, out)
+    log.info("manifest: %d images -> %s\n%s", table.num_rows, out, summary(table))
+    return table

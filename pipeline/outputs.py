@@ -1,0 +1,38 @@
+"""Where each stage writes, relative to the project root (the params file's directory).
+
+`dvc.yaml` names the same paths; this module is the only place the code names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Outputs:
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "cache" / "manifest.parquet"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "cache" / "embeddings"
+
+    @property
+    def extract_summary(self) -> Path:
+        return self.root / "cache" / "extract.json"
+
+    @property
+    def probe(self) -> Path:
+        return self.root / "models" / "probe"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics" / "evaluate.json"
+
+    @property
+    def roc_plots(self) -> Path:
+        return self.root / "plots" / "roc"

@@ -1,0 +1,94 @@
+"""Linear probes on cached embeddings, saved without pickle (safetensors weights + JSON card).
+
+The estimator follows scikit-learn's contract: `__init__` stores settings, `fit` returns self,
+learned attributes end in `_`. Scores are P(fake) = sigmoid(w . normalise(x) + b).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from sklearn.linear_model import LogisticRegression
+
+from pipeline import atomic
+from pipeline.config import ConfigError
+
+NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
+
+
+class LinearProbe:
+    def __init__(self, C: float = 1.0, normalize: str = "standardize", max_iter: int = 2000):
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}")
+        self.C = C
+        self.normalize = normalize
+        self.max_iter = max_iter
+
+    # ------------------------------------------------------------------ features
+
+    def _l2(self, X: np.ndarray) -> np.ndarray:
+        if "l2" not in self.normalize:
+            return X
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = self._l2(np.asarray(X, dtype=np.float64))
+        return (X - self.mean_) / self.scale_
+
+    # ------------------------------------------------------------------ estimator
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
+        X = self._l2(np.asarray(X, dtype=np.float64))
+        if "standardize" in self.normalize:
+            self.mean_ = X.mean(axis=0)
+            std = X.std(axis=0)
+            self.scale_ = np.where(std > 1e-12, std, 1.0)
+        else:
+            self.mean_ = np.zeros(X.shape[1])
+            self.scale_ = np.ones(X.shape[1])
+        clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        clf.fit((X - self.mean_) / self.scale_, np.asarray(y))
+        self.coef_ = clf.coef_.ravel().astype(np.float64)
+        self.intercept_ = float(clf.intercept_[0])
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return self.transform(X) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """P(fake) per row."""
+        z = self.decision_function(X)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: Path, card: dict) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "coef": self.coef_,
+            "intercept": np.array([self.intercept_]),
+            "mean": self.mean_,
+            "scale": self.scale_,
+        }
+        with atomic.atomic_path(directory / "weights.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        card = {**card, "probe": "logreg", "C": self.C, "normalize": self.normalize, "max_iter": self.max_iter}
+        atomic.write_json(directory / "card.json", card)
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[LinearProbe, dict]:
+        directory = Path(directory)
+        if not (directory / "card.json").exists() or not (directory / "weights.safetensors").exists():
+            raise ConfigError(f"no probe in {directory}; run the train stage first (`dvc repro train`).")
+        card = json.loads((directory / "card.json").read_text())
+        tensors = load_file(str(directory / "weights.safetensors"))
+        probe = cls(C=card["C"], normalize=card["normalize"], max_iter=card["max_iter"])
+        probe.coef_ = tensors["coef"]
+        probe.intercept_ = float(tensors["intercept"][0])
+        probe.mean_ = tensors["mean"]
+        probe.scale_ = tensors["scale"]
+        return probe, card
