@@ -65,7 +65,8 @@ class LinearProbe:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: Path, card: dict) -> None:
+    def save(self, directory: Path, card: dict) -> dict:
+        """Write weights.safetensors + card.json; returns the card as written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -78,6 +79,7 @@ class LinearProbe:
             save_file(tensors, str(tmp))
         card = {**card, "probe": "logreg", "C": self.C, "normalize": self.normalize, "max_iter": self.max_iter}
         atomic.write_json(directory / "card.json", card)
+        return card
 
     @classmethod
     def load(cls, directory: Path) -> tuple[LinearProbe, dict]:

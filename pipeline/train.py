@@ -54,7 +54,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         "val_auc": {str(c): a for c, a in val_auc.items()},
         "selected_by": "val AUC",
     }
-    probe.save(outputs.probe, card)
+    card = probe.save(outputs.probe, card)
     log.info(
         "probe: C=%g (val AUC %.4f) on %d train images -> %s", probe.C, val_auc[probe.C], len(train.y), outputs.probe
     )

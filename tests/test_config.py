@@ -1,0 +1,106 @@
+"""Bad input gets one clear sentence naming the key or path, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import cli, config
+from tests.conftest import REPO, demo_params
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def write(tmp_path, params) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(params if isinstance(params, str) else yaml.safe_dump(params))
+    return str(path)
+
+
+def test_default_params_file_is_valid():
+    settings = config.load(REPO / "params.yaml")
+    assert settings.train.datasets == ["real_youtube", "faceswap"]
+    assert settings.data.datasets["faceswap"].label == "fake"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p["train"].update(bogus=1), "unknown key 'train.bogus'"),
+        (lambda p: p["extract"].update(batch_size="big"), "extract.batch_size must be a whole number"),
+        (lambda p: p["train"].update(C=0.1), "train.C must be a list"),
+        (lambda p: p["evaluate"].update(datasets=["celebdf"]), "evaluate.datasets names 'celebdf'"),
+        (lambda p: p["train"].update(datasets=["faceswap"]), "at least one real and one fake"),
+        (lambda p: p["evaluate"].update(datasets=["real_youtube"]), "a real dataset"),
+        (lambda p: p["extract"].update(format="zarr"), "choose one of: parquet"),
+        (lambda p: p["data"]["split"].update(test=1.5), "data.split.test is 1.5"),
+        (lambda p: p["data"]["datasets"]["faceswap"].update(label="fak"), "choose one of: real | fake"),
+        (lambda p: p.pop("model"), "missing the required key 'model'"),
+        (lambda p: p["train"].update(layer="block_3"), "add it to model.layers and re-run extract"),
+        (lambda p: p["data"].update(video_pattern="(.*)"), "named group (?P<video>"),
+    ],
+)
+def test_bad_params_give_one_clear_sentence(tmp_path, capsys, tiny_clip, mutate, expected):
+    params = demo_params(tmp_path, tiny_clip)
+    mutate(params)
+    code, err = run_cli(capsys, "train", "--params", write(tmp_path, params))
+    assert code == 2
+    assert expected in err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one line
+    assert "Traceback" not in err
+
+
+def test_malformed_yaml_names_the_line(tmp_path, capsys):
+    code, err = run_cli(capsys, "manifest", "--params", write(tmp_path, "data:\n  root: [unclosed\nmodel: x\n"))
+    assert code == 2
+    assert "is not valid YAML at line" in err
+
+
+def test_missing_params_file(tmp_path, capsys):
+    code, err = run_cli(capsys, "manifest", "--params", str(tmp_path / "nope.yaml"))
+    assert code == 2
+    assert "nope.yaml does not exist" in err
+
+
+def test_missing_dataset_folder_names_the_folder_and_the_key(tmp_path, capsys, tiny_clip):
+    params = demo_params(tmp_path / "nowhere", tiny_clip)
+    code, err = run_cli(capsys, "manifest", "--params", write(tmp_path, params))
+    assert code == 2
+    assert "does not exist; fix data.datasets." in err
+    assert "nowhere" in err
+
+
+def test_missing_model_directory_says_how_to_get_it(project, capsys):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["name"] = "no-such-org/no-such-model"
+    path = write(project, params)
+    assert run_cli(capsys, "manifest", "--params", path)[0] == 0
+    code, err = run_cli(capsys, "extract", "--params", path)
+    assert code == 2
+    assert "huggingface-cli download no-such-org/no-such-model" in err
+
+
+def test_stage_before_its_inputs_exist_says_which_stage_to_run(project, capsys):
+    code, err = run_cli(capsys, "train", "--params", str(project / "params.yaml"))
+    assert code == 2
+    assert "run the manifest stage first" in err
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    for command in ("manifest", "extract", "train", "evaluate", "demo"):
+        assert command in out
+
+
+def test_train_and_evaluate_do_not_import_torch():
+    code = "import sys, pipeline.cli, pipeline.train, pipeline.evaluate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "False"

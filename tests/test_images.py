@@ -1,0 +1,77 @@
+"""Decoding and preprocessing: bit-exact with the Hugging Face processor; bad files are values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from pipeline import images
+
+
+def random_image(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    rgb = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+    if mode == "RGBA":
+        alpha = Image.fromarray(rng.integers(0, 256, size=(h, w), dtype=np.uint8))
+        return Image.merge("RGBA", (*rgb.split(), alpha))
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK"])
+@pytest.mark.parametrize("size", [(72, 64), (64, 72), (200, 90), (64, 64), (40, 30)])
+def test_preprocessing_is_bit_exact_with_the_hf_processor(tiny_clip, tmp_path, mode, size):
+    hf = AutoImageProcessor.from_pretrained(tiny_clip)
+    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    im = random_image(mode, size)
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    path = tmp_path / f"x{suffix}"
+    im.save(path)
+    array, error = images.load(path, ours)
+    assert error is None
+    with Image.open(path) as reloaded:
+        expected = hf(images=reloaded, return_tensors="np")["pixel_values"][0]
+    assert array.dtype == expected.dtype == np.float32
+    np.testing.assert_array_equal(array, expected)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tiny_clip, tmp_path):
+    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "16bit.png")
+    array, error = images.load(tmp_path / "16bit.png", ours)
+    assert error is None
+    assert array[0].max() - array[0].min() > 3.0  # a full-range ramp, not a saturated white image
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "unrecognised format"),
+        (b"this is a text file pretending to be an image", "unrecognised format"),
+        ("truncated", "unreadable image"),
+    ],
+)
+def test_bad_files_come_back_as_reasons(tiny_clip, tmp_path, content, reason):
+    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    path = tmp_path / "bad.png"
+    if content == "truncated":
+        random_image("RGB", (64, 64)).save(path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    array, error = images.load(path, ours)
+    assert array is None
+    assert reason in error
+
+
+def test_decompression_bombs_are_refused(tiny_clip, tmp_path, monkeypatch):
+    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    random_image("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 5_000)
+    array, error = images.load(tmp_path / "big.png", ours)
+    assert array is None and "too large" in error

@@ -1,0 +1,197 @@
+"""The manifest: one row per image, digests with a stat cache, splits by linked video group."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import config, manifest
+from pipeline.outputs import Outputs
+from tests.conftest import FFPP_SPLITS, update_params
+
+
+def settings_of(project):
+    return config.load(project / "params.yaml")
+
+
+def build(project):
+    settings = settings_of(project)
+    manifest.run(settings, Outputs(project))
+    return pq.read_table(project / "cache" / "manifest.parquet").to_pandas()
+
+
+def test_one_row_per_image_with_label_method_video_and_digest(project):
+    df = build(project)
+    images = [p for p in (project / "data").rglob("*") if p.suffix == ".png"]
+    assert len(df) == len(images)
+    row = df[df.path == "Train_Fake/FaceSwap/000_001/0000.png"].iloc[0]
+    assert (row.dataset, row.label, row.method, row.video) == ("faceswap", 1, "FaceSwap", "000_001")
+    assert row.digest == hashlib.sha256((project / "data" / row.path).read_bytes()).hexdigest()
+    assert row["size"] == (project / "data" / row.path).stat().st_size
+    real = df[df.dataset == "real_youtube"].iloc[0]
+    assert (real.label, real.video) == (0, "000")
+
+
+def test_linked_videos_always_share_a_split(project):
+    df = build(project)
+    split_of_identity = {}
+    for video, split in df.groupby("video").split.first().items():
+        assert df[df.video == video].split.nunique() == 1
+        for ident in manifest.identities(video):
+            assert split_of_identity.setdefault(ident, split) == split, f"{video} leaks across splits"
+    assert set(df.split) == {"train", "val", "test"}
+
+
+def test_splits_follow_the_ratios_and_the_seed(project):
+    df = build(project)
+    share = df.split.value_counts(normalize=True)
+    assert 0.08 <= share["test"] <= 0.35 and 0.08 <= share["val"] <= 0.35
+    update_params(project, "data", split={"val": 0.14, "test": 0.14, "seed": 1})
+    other = build(project)
+    assert (other.split != df.split).any(), "a different seed should give a different split"
+
+
+def test_group_videos_links_chains_and_keeps_strangers_apart():
+    groups = manifest.group_videos(["000", "003", "000_003", "003_000", "005_007", "007", "010", "clip_a"])
+    assert groups["000"] == groups["003"] == groups["000_003"] == groups["003_000"]
+    assert groups["005_007"] == groups["007"]
+    assert len({groups["000"], groups["007"], groups["010"], groups["clip_a"]}) == 4
+    dfd = manifest.group_videos(["01_02__meeting__X1Y2", "01__meeting", "02__walk"])
+    assert len(set(dfd.values())) == 1
+
+
+def test_random_fake_pairs_never_split_a_group():
+    rng = random.Random(0)
+    for trial in range(20):
+        reals = [f"{i:03d}" for i in range(rng.randint(5, 60))]
+        fakes = [f"{rng.choice(reals)}_{rng.choice(reals)}" for _ in range(rng.randint(0, 80))]
+        files = [manifest.ImageFile(f"{v}/0.png", "d", v, 1, 1) for v in reals + fakes]
+        split = manifest.assign_splits(files, config.SplitSpec(val=0.2, test=0.2, seed=trial))
+        for fake in fakes:
+            a, b = fake.split("_")
+            assert split[fake] == split[a] == split[b]
+
+
+def test_adding_videos_keeps_existing_assignments_mostly_stable():
+    videos = [f"{i:03d}" for i in range(200)]
+    files = [manifest.ImageFile(f"{v}/0.png", "d", v, 1, 1) for v in videos]
+    before = manifest.assign_splits(files, config.SplitSpec())
+    more = files + [manifest.ImageFile(f"{i:03d}/0.png", "d", f"{i:03d}", 1, 1) for i in range(200, 204)]
+    after = manifest.assign_splits(more, config.SplitSpec())
+    moved = sum(before[v] != after[v] for v in videos)
+    assert moved <= 4  # only groups at the quota boundaries may move
+
+
+def ffpp_params(root, model_dir, **split) -> dict:
+    return {
+        "data": {
+            "root": str(root),
+            "datasets": {
+                "youtube": {"path": "original_sequences/youtube/c23/frames", "label": "real"},
+                "faceswap": {"path": "manipulated_sequences/FaceSwap/c23/frames", "label": "fake"},
+            },
+            "split": split or {"val": 0.14, "test": 0.14, "seed": 0},
+        },
+        "model": {"name": str(model_dir)},
+        "extract": {},
+        "train": {"datasets": ["youtube", "faceswap"]},
+        "evaluate": {"datasets": ["faceswap"]},
+    }
+
+
+def make_tree(root, relative_paths) -> None:
+    from PIL import Image
+
+    for i, rel in enumerate(relative_paths):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i % 256, 2, 3)).save(root / rel)
+
+
+@pytest.mark.skipif(not FFPP_SPLITS.is_dir(), reason="shared/ffpp-splits is not beside the repo")
+def test_official_ffpp_split_files_win(tmp_path, tiny_clip):
+    official = manifest.read_split_dir(FFPP_SPLITS)
+    assert len(official) == 1000  # 720 + 140 + 140 videos
+    paths = []
+    for split in ("train", "val", "test"):
+        for a, b in yaml.safe_load((FFPP_SPLITS / f"{split}.json").read_text())[:3]:
+            paths += [f"original_sequences/youtube/c23/frames/{v}/0000.png" for v in (a, b)]
+            paths += [f"manipulated_sequences/FaceSwap/c23/frames/{v}/0000.png" for v in (f"{a}_{b}", f"{b}_{a}")]
+    make_tree(tmp_path / "ffpp", paths)
+    params = ffpp_params(tmp_path / "ffpp", tiny_clip, split_dir=str(FFPP_SPLITS))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    df = build(tmp_path)
+    assert len(df) == 36
+    for video, split in df.groupby("video").split.first().items():
+        assert split == official[manifest.identities(video)[0]], video
+    assert df.split.value_counts().to_dict() == {"train": 12, "val": 12, "test": 12}
+
+
+def test_real_ffpp_tree_layout(tmp_path, tiny_clip):
+    layout = {
+        "original_sequences/youtube/c23/frames/000/0000.png": 0,
+        "original_sequences/youtube/c23/frames/003/0000.png": 0,
+        "manipulated_sequences/FaceSwap/c23/frames/000_003/0000.png": 1,
+        "manipulated_sequences/FaceSwap/c23/frames/003_000/0001.PNG": 1,
+    }
+    make_tree(tmp_path / "ffpp", layout)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(ffpp_params(tmp_path / "ffpp", tiny_clip)))
+    df = build(tmp_path)
+    assert sorted(df.video) == ["000", "000_003", "003", "003_000"]  # .PNG counts too
+    assert df.split.nunique() == 1  # all four are one linked group
+    assert dict(zip(df.path, df.label, strict=True)) == layout
+
+
+def test_flat_folders_take_the_video_from_the_file_name(tmp_path, tiny_clip):
+    from PIL import Image
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for name in ("000_0012.jpg", "000_0013.JPEG", "000_003_0007.webp", "notes.txt"):
+        if name.endswith(".txt"):
+            (folder / name).write_text("not an image")
+        else:
+            Image.new("RGB", (8, 8)).save(folder / name)
+    params = {
+        "data": {
+            "root": str(tmp_path),
+            "datasets": {"r": {"path": "flat", "label": "real"}, "f": {"path": "flat", "label": "fake"}},
+        },
+        "model": {"name": str(tiny_clip)},
+        "extract": {},
+        "train": {"datasets": ["r", "f"]},
+        "evaluate": {"datasets": ["f"]},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    df = build(tmp_path)
+    assert sorted(set(df.video)) == ["000", "000_003"]
+    assert len(df) == 6  # three images, listed under both datasets; the .txt is ignored
+
+
+def test_unchanged_files_are_not_read_again_and_output_is_byte_identical(project):
+    build(project)
+    out = project / "cache" / "manifest.parquet"
+    first = out.read_bytes()
+    build(project)
+    assert out.read_bytes() == first, "nothing changed, so the manifest must be byte-identical"
+
+    # Change a file's bytes but keep its size and mtime: the stat cache must reuse the old digest.
+    victim = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0000.png"
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    df = build(project)
+    row = df[df.path == "Train_Real/Real_youtube/000/0000.png"].iloc[0]
+    assert row.digest != hashlib.sha256(bytes(data)).hexdigest(), "the file was re-read"
+
+    # A real change (new mtime) is hashed again.
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    df = build(project)
+    row = df[df.path == "Train_Real/Real_youtube/000/0000.png"].iloc[0]
+    assert row.digest == hashlib.sha256(bytes(data)).hexdigest()
