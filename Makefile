@@ -20,7 +20,7 @@ venv: $(VENV)/.installed
 demo: venv
 	python -m pipeline demo
 	dvc repro
-	dvc metrics show
+	python -m pipeline show
 
 lint: venv
 	ruff check .

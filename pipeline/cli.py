@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if name == "extract":
             p.add_argument("--retry-failed", action="store_true", help="try images recorded as failed again")
+    show = sub.add_parser("show", help="print metrics/evaluate.json as a table (one row per test set)")
+    show.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     demo = sub.add_parser("demo", help="write the synthetic demo dataset and a tiny random-weight CLIP")
     demo.add_argument("--params", default="params.yaml", help="accepted for symmetry; the demo ignores it")
     demo.add_argument("--data-dir", default="data/demo", type=Path, help="where to write images (default: data/demo)")
@@ -48,6 +50,11 @@ def dispatch(args: argparse.Namespace) -> None:
         return
     settings = load(args.params)
     outputs = Outputs(settings.base_dir)
+    if args.command == "show":
+        from pipeline import evaluate
+
+        print(evaluate.table_text(evaluate.read_metrics(outputs)))
+        return
     stage = importlib.import_module(f"pipeline.{args.command}")
     if args.command == "extract":
         stage.run(settings, outputs, retry_failed=args.retry_failed)

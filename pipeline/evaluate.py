@@ -6,13 +6,14 @@ test-split frames are scored with the real test-split frames of the probe's trai
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 
 from pipeline import atomic, features
 from pipeline import manifest as manifest_mod
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.metrics import binary_metrics, roc_points
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
@@ -53,6 +54,12 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         atomic.write_json(outputs.roc_plots / f"{name}.json", points)
     log.info("metrics -> %s\n%s", outputs.metrics, table_text(results))
     return results
+
+
+def read_metrics(outputs: Outputs) -> dict:
+    if not outputs.metrics.exists():
+        raise ConfigError(f"{outputs.metrics} does not exist; run the evaluate stage first (`dvc repro`).")
+    return json.loads(outputs.metrics.read_text())
 
 
 def table_text(results: dict) -> str:

@@ -66,6 +66,7 @@ def scan(settings: Settings) -> list[ImageFile]:
     root = settings.data_root
     files: list[ImageFile] = []
     unmatched: dict[str, int] = {}
+    unreadable: list[str] = []
     for name in sorted(settings.data.datasets):
         folder = settings.dataset_dir(name)
         if not folder.is_dir():
@@ -79,7 +80,11 @@ def scan(settings: Settings) -> list[ImageFile]:
                 if Path(fname).suffix.lower() not in IMAGE_SUFFIXES or fname.startswith("."):
                     continue
                 full = Path(dirpath) / fname
-                st = full.stat()
+                try:
+                    st = full.stat()
+                except OSError as exc:  # a broken link, a permission problem: skip, never stop
+                    unreadable.append(f"{full}: {exc.strerror}")
+                    continue
                 video = video_id(full.relative_to(folder), pattern)
                 if video is None:
                     unmatched[name] = unmatched.get(name, 0) + 1
@@ -94,8 +99,18 @@ def scan(settings: Settings) -> list[ImageFile]:
             name,
             count,
         )
+    warn_unreadable(unreadable)
     files.sort(key=lambda f: f.path)
     return files
+
+
+def warn_unreadable(problems: list[str]) -> None:
+    if problems:
+        log.warning(
+            "%d files could not be read and are left out of the manifest:\n%s",
+            len(problems),
+            "\n".join(f"  {p}" for p in problems[:10]),
+        )
 
 
 def video_id(relative: Path, pattern: re.Pattern[str]) -> str | None:
@@ -116,13 +131,18 @@ def _display_path(full: Path, root: Path) -> str:
 # --------------------------------------------------------------------------- digests
 
 
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+def file_digest(path: Path) -> str | None:
+    """sha256 of the file's bytes, or None if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
-def digests(files: list[ImageFile], root: Path, previous: dict[str, tuple[int, int, str]]) -> list[str]:
-    """sha256 of each file, reusing `previous[path] = (size, mtime_ns, digest)` when unchanged."""
+def digests(files: list[ImageFile], root: Path, previous: dict[str, tuple[int, int, str]]) -> list[str | None]:
+    """sha256 of each file (None if unreadable), reusing `previous[path] = (size, mtime_ns, digest)`
+    when size and mtime are unchanged."""
     out: list[str | None] = []
     todo: list[int] = []
     for i, f in enumerate(files):
@@ -138,7 +158,7 @@ def digests(files: list[ImageFile], root: Path, previous: dict[str, tuple[int, i
             jobs = pool.map(lambda i: file_digest(absolute_path(files[i].path, root)), todo)
             for i, d in zip(todo, tqdm(jobs, total=len(todo), desc="hashing", unit="img", leave=False), strict=True):
                 out[i] = d
-    return out  # type: ignore[return-value]
+    return out
 
 
 def absolute_path(path: str, root: Path) -> Path:
@@ -274,10 +294,12 @@ def build(settings: Settings, previous: dict[str, tuple[int, int, str]]) -> pa.T
         raise ConfigError(
             f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under the data.datasets folders."
         )
+    hashes = digests(files, settings.data_root, previous)
+    warn_unreadable([f.path for f, h in zip(files, hashes, strict=True) if h is None])
+    files, hashes = [f for f, h in zip(files, hashes, strict=True) if h], [h for h in hashes if h]
     spec = settings.data.split
     official = read_split_dir(settings.resolve(spec.split_dir)) if spec.split_dir else None
     split_of = assign_splits(files, spec, official)
-    hashes = digests(files, settings.data_root, previous)
     datasets = settings.data.datasets
     columns = {
         "path": [f.path for f in files],

@@ -96,7 +96,7 @@ def test_help_lists_every_subcommand():
     out = subprocess.run(
         [sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True, cwd=REPO
     ).stdout
-    for command in ("manifest", "extract", "train", "evaluate", "demo"):
+    for command in ("manifest", "extract", "train", "evaluate", "show", "demo"):
         assert command in out
 
 

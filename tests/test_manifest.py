@@ -195,3 +195,11 @@ def test_unchanged_files_are_not_read_again_and_output_is_byte_identical(project
     df = build(project)
     row = df[df.path == "Train_Real/Real_youtube/000/0000.png"].iloc[0]
     assert row.digest == hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_broken_links_are_left_out_with_a_warning_not_a_crash(project, caplog):
+    folder = project / "data" / "Train_Real" / "Real_youtube" / "000"
+    (folder / "9999.png").symlink_to(project / "gone.png")
+    df = build(project)
+    assert "9999.png" not in " ".join(df.path)
+    assert "could not be read and are left out" in caplog.text

@@ -87,3 +87,6 @@ def test_train_picks_C_on_val_and_evaluate_scores_fakes_with_held_out_reals(proj
         roc = json.loads((outputs.roc_plots / f"{name}.json").read_text())
         assert roc[0]["fpr"] == 0.0 and roc[-1]["tpr"] == 1.0
     assert json.loads(outputs.metrics.read_text()) == results
+    shown = evaluate.table_text(evaluate.read_metrics(outputs)).splitlines()
+    assert shown[0].split()[:4] == ["dataset", "n_real", "n_fake", "auc"]
+    assert [line.split()[0] for line in shown[1:]] == sorted(settings.evaluate.datasets)
