@@ -19,23 +19,36 @@ os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_path(directory: Path, name: str) -> Path:
+    """A new empty temp file in `directory` (same filesystem as the target, so rename is atomic)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}.", dir=directory)
+    os.close(fd)
+    return Path(tmp)
+
+
+def commit_file(tmp: Path, target: Path) -> None:
+    """Make the written temp file `target`, durably: fsync, rename, fsync the directory."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path to write; on success it replaces `target` durably."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp = temp_path(target.parent, target.name)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, _FILE_MODE)
-        os.replace(tmp_path, target)
-        fsync_dir(target.parent)
+        yield tmp
+        commit_file(tmp, target)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:

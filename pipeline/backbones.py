@@ -185,7 +185,7 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
         "preprocess": preprocess.describe(),
         "layers": list(model.layers),
         "precision": prec,
-        "dtype": "float32",
+        "dtype": model.dtype,
     }
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, prec, dims)
     return Backbone(model.name, net, preprocess, list(model.layers), dims, dev, prec, description)

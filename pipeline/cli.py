@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if name == "extract":
             p.add_argument("--retry-failed", action="store_true", help="try images recorded as failed again")
+    cache = sub.add_parser("cache", help="inspect (info) or re-check (verify) the embedding caches")
+    cache.add_argument(
+        "action", choices=["info", "verify"], help="info: what each cache holds; verify: re-check every shard"
+    )
+    cache.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     show = sub.add_parser("show", help="print metrics/evaluate.json as a table (one row per test set)")
     show.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     demo = sub.add_parser("demo", help="write the synthetic demo dataset and a tiny random-weight CLIP")
@@ -42,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dispatch(args: argparse.Namespace) -> None:
+def dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "demo":
         from pipeline import demo
 
@@ -50,6 +55,10 @@ def dispatch(args: argparse.Namespace) -> None:
         return
     settings = load(args.params)
     outputs = Outputs(settings.base_dir)
+    if args.command == "cache":
+        from pipeline import cache_report
+
+        return cache_report.run(outputs, args.action)
     if args.command == "show":
         from pipeline import evaluate
 
@@ -66,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        dispatch(args)
+        code = dispatch(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; run the same command again to resume.", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -57,11 +57,12 @@ class ModelSettings:
     name: str
     layers: list[str] = field(default_factory=lambda: ["projection"])
     revision: str | None = None
+    dtype: Literal["float32", "float16"] = "float32"  # how embeddings are stored
 
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    format: Literal["parquet"] = "parquet"
+    format: Literal["parquet", "hdf5"] = "parquet"
     batch_size: int = 64
     num_workers: int = 2
     device: str = "auto"

@@ -171,7 +171,14 @@ def run(settings: Settings, outputs: Outputs, retry_failed: bool = False, backbo
     table = manifest_mod.read(outputs.manifest)
     backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
     store = EmbeddingStore.create(outputs.embeddings, settings.model.name, backbone.description, backbone.dims)
+    with store.writer_lock():
+        return _extract(settings, outputs, table, backbone, store, retry_failed)
 
+
+def _extract(settings, outputs, table, backbone, store: EmbeddingStore, retry_failed: bool) -> dict:
+    removed = store.remove_leftovers()
+    if removed:
+        log.info("removed %d unfinished temp files of an interrupted run", removed)
     digests = table.column("digest").to_pylist()
     paths = table.column("path").to_pylist()
     todo = plan(digests, store.keys(), set(store.failures()), retry_failed)

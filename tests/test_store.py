@@ -1,11 +1,15 @@
-"""The embedding store: content-addressed, atomic shards that describe themselves."""
+"""The embedding store: content-addressed, atomic shards that describe themselves.
+
+Every test runs against both shard formats (Parquet and HDF5).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import EmbeddingStore, StoreError, directory_name, fingerprint
+from pipeline.store import FORMATS, EmbeddingStore, StoreError, directory_name, fingerprint
 from pipeline.store.shard import ShardData
 
 DESCRIPTION = {"model": {"weights_sha256": "abc"}, "layers": ["projection", "pooled"], "dtype": "float32"}
@@ -23,6 +27,11 @@ def rows(digests, seed=0, errors=None):
     )
 
 
+@pytest.fixture(params=sorted(FORMATS))
+def fmt(request) -> str:
+    return request.param
+
+
 @pytest.fixture
 def store(tmp_path):
     return EmbeddingStore.create(tmp_path, "org/model", DESCRIPTION, DIMS)
@@ -35,10 +44,11 @@ def test_fingerprint_is_stable_and_order_independent():
     assert directory_name("openai/clip-vit-large-patch14", "f00") == "clip-vit-large-patch14-f00"
 
 
-def test_commit_then_read_round_trips_every_layer(store):
+def test_commit_then_read_round_trips_every_layer(store, fmt):
     data = rows(["a", "b", "c"])
-    store.commit(data)
+    store.commit(data, fmt)
     assert store.keys() == {"a", "b", "c"}
+    assert store.count() == 3 and store.dimension("pooled") == 6
     for layer in DIMS:
         got, found = store.read(["c", "zz", "a"], layer)
         assert found.tolist() == [True, False, True]
@@ -47,28 +57,64 @@ def test_commit_then_read_round_trips_every_layer(store):
         assert not got[1].any()
 
 
-def test_reopening_sees_committed_shards_and_only_them(store, tmp_path):
-    store.commit(rows(["a", "b"]))
-    store.commit(rows(["c"], seed=1))
-    (store.directory / "shards" / ".tmp-half-written.parquet.xyz").write_bytes(b"garbage")
+def test_both_formats_hold_the_same_numbers(tmp_path):
+    data = rows([f"d{i}" for i in range(50)], seed=7)
+    results = []
+    for fmt in sorted(FORMATS):
+        s = EmbeddingStore.create(tmp_path / fmt, "org/model", DESCRIPTION, DIMS)
+        s.commit(data, fmt)
+        results.append(s.read(data.digests, "pooled")[0])
+    np.testing.assert_array_equal(*results)
+
+
+def test_float16_storage_halves_the_bytes_and_keeps_the_numbers(tmp_path, fmt):
+    data = rows([f"d{i}" for i in range(200)])
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        s = EmbeddingStore.create(tmp_path / dtype, "org/model", {**DESCRIPTION, "dtype": dtype}, DIMS)
+        s.commit(data, fmt)
+        got, _ = s.read(data.digests, "projection")
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, data.arrays["projection"], rtol=1e-3, atol=1e-3)
+        sizes[dtype] = s.size_on_disk()
+    assert sizes["float16"] < sizes["float32"]
+
+
+def test_reopening_sees_committed_shards_and_only_them(store, fmt, tmp_path):
+    store.commit(rows(["a", "b"]), fmt)
+    store.commit(rows(["c"], seed=1), fmt)
+    (store.directory / "shards" / f".tmp-shard.{fmt}.xyz").write_bytes(b"garbage from a killed writer")
     again = EmbeddingStore.create(tmp_path, "org/model", DESCRIPTION, DIMS)
     assert again.directory == store.directory
     assert again.keys() == {"a", "b", "c"}
     assert len(again.shard_paths()) == 2
+    assert again.verify() == []
+    assert again.remove_leftovers() == 1
 
 
-def test_failures_are_recorded_and_a_later_success_wins(store):
-    store.commit(rows(["a", "bad"], errors=[None, "not an image (unrecognised format)"]))
+def test_failures_are_recorded_and_a_later_success_wins(store, fmt):
+    store.commit(rows(["a", "bad"], errors=[None, "not an image (unrecognised format)"]), fmt)
     assert store.keys() == {"a"}
     assert store.failures() == {"bad": ("img/bad.png", "not an image (unrecognised format)")}
-    store.commit(rows(["bad"], seed=3))
+    store.commit(rows(["bad"], seed=3), fmt)
     assert store.keys() == {"a", "bad"} and store.failures() == {}
     _, found = store.read(["bad"], "projection")
     assert found.all()
 
 
-def test_other_settings_get_another_directory(store, tmp_path):
-    other = EmbeddingStore.create(tmp_path, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
+def test_verify_names_a_shard_with_one_flipped_byte(store, fmt):
+    store.commit(rows(["a", "b"]), fmt)
+    victim = store.commit(rows(["c", "d"], seed=2), fmt)
+    assert store.verify() == []
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    problems = store.verify()
+    assert len(problems) == 1 and victim.name in problems[0]
+
+
+def test_other_settings_get_another_directory(store):
+    other = EmbeddingStore.create(store.directory.parent, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
     assert other.directory != store.directory
 
 
@@ -82,9 +128,25 @@ def test_opening_with_the_wrong_fingerprint_is_an_error(store):
         EmbeddingStore.open(store.directory, expect_fingerprint="0000000000000000")
 
 
-def test_a_foreign_shard_is_refused_not_read(store, tmp_path):
-    other = EmbeddingStore.create(tmp_path / "elsewhere", "org/model", {**DESCRIPTION, "dtype": "x"}, DIMS)
-    shard = other.commit(rows(["a"]))
+def test_a_foreign_shard_is_refused_not_read(store, fmt, tmp_path):
+    other = EmbeddingStore.create(tmp_path / "elsewhere", "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
+    shard = other.commit(rows(["a"]), fmt)
     shard.rename(store.directory / "shards" / shard.name)
     with pytest.raises(StoreError, match="was written for fingerprint"):
         store.keys()
+
+
+def test_a_second_writer_gets_a_clear_error(store):
+    with store.writer_lock():
+        again = EmbeddingStore.open(store.directory)
+        with pytest.raises(StoreError, match=r"another extract \(pid \d+"), again.writer_lock():
+            pass
+    with again.writer_lock():  # released: the next run proceeds
+        pass
+
+
+def test_parquet_shards_are_plain_parquet(store):
+    shard = store.commit(rows(["a", "b"]), "parquet")
+    df = pq.read_table(shard).to_pandas()
+    assert list(df.columns) == ["digest", "path", "error", "projection", "pooled"]
+    assert len(df.projection[0]) == 4

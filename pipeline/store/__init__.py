@@ -4,31 +4,35 @@ Layout of one model's cache::
 
     cache/embeddings/<model-slug>-<fingerprint>/
         card.json                 what produced the numbers (model, preprocessing, layers, ...)
-        shards/<time>-<rand>.parquet
+        shards/<time_ns>-<sha256 of the file, 16 hex>.parquet | .h5
 
 A shard is visible only once complete (temp file, fsync, rename), so a crash loses at most the
 shard being written. Keys are sha256 digests of image bytes; a digest held by any shard is
 done. Shard files are read by their suffix, so one cache may hold shards of several formats.
+A shard's name ends in the hash of its bytes, so `verify` detects any change to a shard.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import atomic
 from pipeline.config import ConfigError
-from pipeline.store import parquet
+from pipeline.store import hdf5, parquet
 from pipeline.store.shard import ShardData, ShardHeader
 
 FORMAT_VERSION = 1
-FORMATS = {"parquet": parquet}
+FORMATS = {"parquet": parquet, "hdf5": hdf5}
 _BY_SUFFIX = {module.SUFFIX: module for module in FORMATS.values()}
 
 
@@ -113,7 +117,9 @@ class EmbeddingStore:
         shards = self.directory / "shards"
         if not shards.is_dir():
             return []
-        return sorted(p for p in shards.iterdir() if p.suffix in _BY_SUFFIX and not p.name.startswith("."))
+        return sorted(
+            p for p in shards.iterdir() if p.suffix in _BY_SUFFIX and not p.name.startswith(atomic.TEMP_PREFIX)
+        )
 
     def _load_index(self) -> dict[str, tuple[str | None, str | None]]:
         if self._index is None:
@@ -178,12 +184,86 @@ class EmbeddingStore:
         if not len(data):
             return None
         module = FORMATS[fmt]
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{module.SUFFIX}"
-        target = self.directory / "shards" / name
-        with atomic.atomic_path(target) as tmp:
+        shards = self.directory / "shards"
+        tmp = atomic.temp_path(shards, f"shard{module.SUFFIX}")
+        try:
             module.write(tmp, self.header, data)
+            # Named by its content: unique across concurrent writers, and checkable by verify.
+            target = shards / f"{time.time_ns():020d}-{_file_sha256(tmp)[:16]}{module.SUFFIX}"
+            atomic.commit_file(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         if self._index is not None:
             for d, p, e in zip(data.digests, data.paths, data.errors, strict=True):
                 if e is None or d not in self._index:
                     self._index[d] = (p, e)
         return target
+
+    # ------------------------------------------------------------------ maintenance
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the cache's writer lock; a second writer gets a clear error, never interleaved writes."""
+        path = self.directory / ".lock"
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise StoreError(
+                    f"another extract ({holder}) is writing to {self.directory}; wait for it to finish or stop it."
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def verify(self) -> list[str]:
+        """Problems found re-checking every shard (empty when the cache is sound)."""
+        problems = []
+        for shard in self.shard_paths():
+            expected = shard.stem.rsplit("-", 1)[-1]
+            if _file_sha256(shard)[: len(expected)] != expected:
+                problems.append(f"{shard}: contents changed since it was written (hash mismatch)")
+                continue
+            try:
+                self._check_header(shard)
+                module = _BY_SUFFIX[shard.suffix]
+                digests, _, _ = module.read_keys(shard)
+                for layer in self.layers:
+                    module.read_layer(shard, layer, self.header.dims[layer])
+            except Exception as exc:  # any failure to read is a finding, not a crash
+                problems.append(f"{shard}: unreadable ({exc})")
+                continue
+            if len(set(digests)) != len(digests):
+                problems.append(f"{shard}: repeats a digest")
+        return problems
+
+    def remove_leftovers(self) -> int:
+        """Delete temp files of interrupted writers (call only while holding the writer lock)."""
+        leftovers = list((self.directory / "shards").glob(f"{atomic.TEMP_PREFIX}*"))
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.shard_paths())
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def caches(parent: Path) -> list[EmbeddingStore]:
+    """Every model cache under `parent` (cache/embeddings)."""
+    if not Path(parent).is_dir():
+        return []
+    return [EmbeddingStore.open(d) for d in sorted(Path(parent).iterdir()) if (d / "card.json").exists()]

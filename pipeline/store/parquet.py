@@ -1,8 +1,8 @@
 """Parquet shard format: one file per shard.
 
 Columns: `digest` (string), `path` (string, where the image was when embedded), `error`
-(string, null when the image embedded fine) and one `FixedSizeList<float32>` column per stored
-layer (null for failed images). The shard's header (fingerprint, layers, dims, dtype) is in the
+(string, null when the image embedded fine) and one `FixedSizeList<float32|float16>` column per
+stored layer (null for failed images). The shard's header (fingerprint, layers, dims, dtype) is in the
 file's key-value metadata under `pipeline.shard`. Readable by pandas, pyarrow and duckdb.
 """
 
@@ -30,14 +30,15 @@ def write(path: Path, header: ShardHeader, data: ShardData) -> None:
         pa.array(data.errors, pa.string()),
     ]
     ok = np.array([e is None for e in data.errors], dtype=bool)
+    value_type = pa.from_numpy_dtype(np.dtype(header.dtype))
     for layer in header.layers:
         dim = header.dims[layer]
-        values = np.ascontiguousarray(data.arrays[layer], dtype=np.float32).reshape(-1)
-        arr = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), dim, mask=pa.array(~ok))
-        fields.append((layer, pa.list_(pa.float32(), dim)))
+        values = np.ascontiguousarray(data.arrays[layer], dtype=header.dtype).reshape(-1)
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(values, value_type), dim, mask=pa.array(~ok))
+        fields.append((layer, pa.list_(value_type, dim)))
         columns.append(arr)
     schema = pa.schema(fields, metadata={_META_KEY: json.dumps(header.to_dict(), sort_keys=True).encode()})
-    pq.write_table(pa.Table.from_arrays(columns, schema=schema), path, compression="zstd")
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), path, compression="zstd", write_page_checksum=True)
 
 
 def read_header(path: Path) -> ShardHeader:

@@ -1,0 +1,65 @@
+"""`python -m pipeline cache info|verify`: what each embedding cache holds, and whether it is sound."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from pipeline.outputs import Outputs
+from pipeline.store import EmbeddingStore, caches
+
+
+def _manifest_digests(outputs: Outputs) -> set[str] | None:
+    if not outputs.manifest.exists():
+        return None
+    return set(pq.read_table(outputs.manifest, columns=["digest"]).column("digest").to_pylist())
+
+
+def _current(outputs: Outputs) -> str | None:
+    if not outputs.extract_summary.exists():
+        return None
+    return json.loads(outputs.extract_summary.read_text()).get("fingerprint")
+
+
+def describe(store: EmbeddingStore, wanted: set[str] | None, current: str | None) -> str:
+    card, keys, failures = store.card, store.keys(), store.failures()
+    marker = "  (current)" if card["fingerprint"] == current else ""
+    if wanted is None:
+        coverage = f"{len(keys)} embedded, {len(failures)} failed"
+    else:
+        failed = len(wanted & set(failures))
+        coverage = f"{len(wanted & keys)} / {len(wanted)} manifest images embedded, {failed} failed"
+        if len(keys - wanted):
+            coverage += f" ({len(keys - wanted)} more not in the manifest)"
+    layers = ", ".join(f"{k} ({v})" for k, v in store.header.dims.items())
+    shards = store.shard_paths()
+    return "\n".join(
+        [
+            f"{store.directory}{marker}",
+            f"  model      {card['model']}",
+            f"  images     {coverage}",
+            f"  layers     {layers}; stored as {store.header.dtype}, computed in {card['description'].get('precision')}",
+            f"  on disk    {len(shards)} shards, {store.size_on_disk() / 1e6:.1f} MB",
+        ]
+    )
+
+
+def run(outputs: Outputs, action: str) -> int:
+    found = caches(outputs.embeddings)
+    if not found:
+        print(f"no embedding caches under {outputs.embeddings}; run the extract stage first.")
+        return 0 if action == "info" else 1
+    if action == "info":
+        wanted, current = _manifest_digests(outputs), _current(outputs)
+        print("\n\n".join(describe(s, wanted, current) for s in found))
+        return 0
+    bad = 0
+    for store in found:
+        problems = store.verify()
+        bad += len(problems)
+        status = "ok" if not problems else f"{len(problems)} problem(s)"
+        print(f"{store.directory}: {len(store.shard_paths())} shards, {status}")
+        for p in problems:
+            print(f"  {p}")
+    return 1 if bad else 0
