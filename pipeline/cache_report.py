@@ -33,13 +33,14 @@ def describe(store: EmbeddingStore, wanted: set[str] | None, current: str | None
         if len(keys - wanted):
             coverage += f" ({len(keys - wanted)} more not in the manifest)"
     layers = ", ".join(f"{k} ({v})" for k, v in store.header.dims.items())
+    precision = card["description"].get("precision")
     shards = store.shard_paths()
     return "\n".join(
         [
             f"{store.directory}{marker}",
             f"  model      {card['model']}",
             f"  images     {coverage}",
-            f"  layers     {layers}; stored as {store.header.dtype}, computed in {card['description'].get('precision')}",
+            f"  layers     {layers}; stored as {store.header.dtype}, computed in {precision}",
             f"  on disk    {len(shards)} shards, {store.size_on_disk() / 1e6:.1f} MB",
         ]
     )

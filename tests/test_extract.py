@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -74,31 +77,60 @@ def test_a_rerun_embeds_nothing_and_new_images_only_themselves(project, caplog):
     assert summary["embedded"] == summary["images"]
 
 
-def test_bad_images_are_recorded_and_the_run_finishes(project, caplog):
-    folder = project / "data" / "Train_Real" / "Real_youtube" / "000"
-    (folder / "9000.png").write_bytes(b"")
-    (folder / "9001.png").write_text("not an image at all")
-    good = (folder / "0000.png").read_bytes()
-    (folder / "9002.png").write_bytes(good[: len(good) // 3])
-    Image.new("RGBA", (72, 64), (10, 20, 30, 128)).save(folder / "9003.png")
-    Image.new("L", (72, 64), 77).save(folder / "9004.jpg")
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge image (a decompression bomb's calling card)."""
+    buf = io.BytesIO()
+    Image.new("1", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
 
+
+def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(project, caplog):
+    folder = project / "data" / "Train_Real" / "Real_youtube" / "000"
+    good = (folder / "0000.png").read_bytes()
+    bad = {
+        "9000.png": b"",  # zero bytes
+        "9001.png": b"not an image at all, just text with an image extension",
+        "9002.png": good[: len(good) // 3],  # truncated
+        "9003.png": png_claiming_size(60_000, 60_000),  # decompression bomb
+        "9004.png": None,  # listed in the manifest, gone (unreadable) by extract time
+    }
+    for name, content in bad.items():
+        (folder / name).write_bytes(content if content is not None else good[:100] + b"x")
+    rgb = Image.open(folder / "0000.png").convert("RGB")
+    rgb.convert("RGBA").save(folder / "9100.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "9101.png", transparency=0)
+    rgb.convert("L").save(folder / "9102.jpg")
+    rgb.convert("CMYK").save(folder / "9103.jpg")
+    Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(folder / "9104.png")
+    rgb.save(folder / "9105.webp")
+    rgb.save(folder / "9106.bmp")
+
+    settings = config.load(project / "params.yaml")
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    (folder / "9004.png").unlink()
     caplog.set_level(logging.INFO)
-    summary, outputs = run_stages(project)
-    assert summary["failed"] == 3
-    assert summary["embedded"] == summary["images"] - 3
-    assert "3 images could not be embedded" in caplog.text
+    summary = extract.run(settings, outputs)
+    assert summary["failed"] == 5
+    assert summary["embedded"] == summary["images"] - 5
+    assert "5 images could not be embedded" in caplog.text
     store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
-    reasons = sorted(reason for _, reason in store.failures().values())
-    assert any("unrecognised format" in r for r in reasons)
-    assert any("unreadable image" in r for r in reasons)
+    reasons = {path.rsplit("/", 1)[-1]: reason for path, reason in store.failures().values()}
+    assert "unrecognised format" in reasons["9000.png"] and "unrecognised format" in reasons["9001.png"]
+    assert "unreadable image" in reasons["9002.png"]
+    assert "too large" in reasons["9003.png"]
+    assert reasons["9004.png"] == "file not found"
 
     caplog.clear()
-    run_stages(project)
+    extract.run(settings, outputs)
     assert "0 to embed" in caplog.text, "failed images are not retried by default"
     caplog.clear()
-    run_stages(project, retry_failed=True)
-    assert "3 to embed" in caplog.text
+    extract.run(settings, outputs, retry_failed=True)
+    assert "5 to embed" in caplog.text
 
 
 def test_batches_larger_than_a_shard_make_several_atomic_shards(project):

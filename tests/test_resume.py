@@ -1,0 +1,153 @@
+"""Crash safety with real processes: SIGKILL or Ctrl-C at any point loses at most the shard in
+flight, and the resumed run ends with exactly the keys and embeddings of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import config, demo, manifest
+from pipeline.outputs import Outputs
+from pipeline.store import caches
+from tests.conftest import REPO, demo_params
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """Enough images that a run with tiny shards takes a few seconds."""
+    root = tmp_path_factory.mktemp("many") / "data"
+    demo.make_dataset(root, n_videos=40, frames=4)
+    return root
+
+
+def make_project(path, images, tiny_clip, fmt="parquet", workers=0):
+    shutil.copytree(images, path / "data")
+    params = demo_params(path / "data", tiny_clip)
+    params["extract"].update(format=fmt, batch_size=4, shard_size=8, num_workers=workers)
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    manifest.run(config.load(path / "params.yaml"), Outputs(path))
+    return path
+
+
+def start_extract(project) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a job in a terminal
+    )
+
+
+def shard_count(project) -> int:
+    found = list((project / "cache" / "embeddings").glob("*/shards/*"))
+    return sum(1 for p in found if not p.name.startswith(".tmp-"))
+
+
+def wait_for_shards(proc, project, n, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while shard_count(project) < n:
+        assert proc.poll() is None, f"extract ended before {n} shards:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for shards"
+        time.sleep(0.005)
+
+
+def run_to_end(project) -> str:
+    proc = start_extract(project)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return err
+
+
+def contents(project) -> tuple[list[str], np.ndarray]:
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.verify() == []
+    keys = sorted(store.keys())
+    return keys, store.read(keys, "projection")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, many_images, tiny_clip):
+    project = make_project(tmp_path_factory.mktemp("reference"), many_images, tiny_clip)
+    run_to_end(project)
+    return contents(project)
+
+
+@pytest.mark.parametrize(
+    ("kill_after_shards", "fmt", "workers"),
+    [(2, "parquet", 0), (15, "hdf5", 0), (40, "parquet", 2)],
+)
+def test_sigkill_then_resume_gives_the_uninterrupted_result(
+    tmp_path, many_images, tiny_clip, reference, kill_after_shards, fmt, workers
+):
+    project = make_project(tmp_path, many_images, tiny_clip, fmt, workers)
+    proc = start_extract(project)
+    wait_for_shards(proc, project, kill_after_shards)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+
+    (store,) = caches(project / "cache" / "embeddings")
+    committed = store.count()
+    assert 0 < committed < len(reference[0]), "the kill should land mid-run"
+    assert store.verify() == [], "a killed run must leave no torn shard visible"
+
+    log = run_to_end(project)
+    assert f"{len(reference[0]) - committed} to embed" in log, "the rerun embeds only what was not committed"
+    keys, embeddings = contents(project)
+    assert keys == reference[0]
+    np.testing.assert_array_equal(embeddings, reference[1])
+    assert not list((project / "cache" / "embeddings").glob("*/shards/.tmp-*"))
+
+
+def test_ctrl_c_commits_what_is_buffered_and_exits_cleanly(tmp_path, many_images, tiny_clip, reference):
+    project = make_project(tmp_path, many_images, tiny_clip)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["extract"]["shard_size"] = 10_000  # everything stays buffered until the end
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = start_extract(project)
+    deadline = time.monotonic() + 120
+    while "embedding:" not in (line := proc.stderr.readline()) or "img/s" not in line:
+        assert proc.poll() is None and time.monotonic() < deadline
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: committed shards are kept" in err
+    assert "Traceback" not in err
+
+    (store,) = caches(project / "cache" / "embeddings")
+    assert 0 < store.count() < len(reference[0]), "the buffered rows were committed on Ctrl-C"
+    run_to_end(project)
+    keys, embeddings = contents(project)
+    assert keys == reference[0]
+    np.testing.assert_array_equal(embeddings, reference[1])
+
+
+def test_a_second_extractor_on_the_same_cache_is_refused(tmp_path, many_images, tiny_clip):
+    project = make_project(tmp_path, many_images, tiny_clip)
+    first = start_extract(project)
+    wait_for_shards(first, project, 1)
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    first.communicate(timeout=300)
+    assert second.returncode == 2
+    assert "another extract (pid" in second.stderr and "is writing to" in second.stderr
+    assert first.returncode == 0
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.verify() == []
+    assert store.count() == len(store.keys()) > 0
