@@ -13,11 +13,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel
 
-from pipeline import config, extract, manifest
+from pipeline import cli, config, demo, evaluate, extract, manifest, train
 from pipeline.outputs import Outputs
+from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore
 from tests.conftest import update_params
 
@@ -167,3 +169,76 @@ def test_worker_processes_give_the_same_embeddings(project, workers):
     summary, outputs = run_stages(project)
     multi, _ = EmbeddingStore.open(outputs.embeddings / summary["embeddings"]).read(digests, "projection")
     np.testing.assert_array_equal(single, multi)
+
+
+def test_moving_images_and_switching_models_back_re_embed_nothing(project, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_stages(project)
+    shutil.move(project / "data" / "Test_Fake", project / "data" / "Moved_Fake")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for spec in params["data"]["datasets"].values():
+        spec["path"] = spec["path"].replace("Test_Fake", "Moved_Fake")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    caplog.clear()
+    run_stages(project)
+    assert "0 to embed" in caplog.text, "moved images keep their digests"
+
+    other = tmp_path / "other-clip"
+    demo.make_tiny_clip(other, seed=1)
+    original = config.load(project / "params.yaml").model.name
+    update_params(project, "model", name=str(other))
+    caplog.clear()
+    summary_b, outputs = run_stages(project)
+    assert "0 already cached" in caplog.text, "other weights, other cache"
+    update_params(project, "model", name=original)
+    caplog.clear()
+    summary_a, _ = run_stages(project)
+    assert "0 to embed" in caplog.text, "switching back finds the first cache"
+    assert summary_a["fingerprint"] != summary_b["fingerprint"]
+    assert len(list(outputs.embeddings.iterdir())) == 2
+
+
+def test_bf16_embeddings_stay_close_to_fp32(project):
+    summary32, outputs = run_stages(project)
+    update_params(project, "extract", precision="bf16")
+    summary16, _ = run_stages(project)
+    assert summary16["fingerprint"] != summary32["fingerprint"], "precision is part of the fingerprint"
+    digests = sorted(EmbeddingStore.open(outputs.embeddings / summary32["embeddings"]).keys())
+    a, _ = EmbeddingStore.open(outputs.embeddings / summary32["embeddings"]).read(digests, "projection")
+    b, _ = EmbeddingStore.open(outputs.embeddings / summary16["embeddings"]).read(digests, "projection")
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99
+
+
+def test_training_is_identical_whichever_format_holds_the_cache(project):
+    cards = {}
+    for fmt in ("parquet", "hdf5"):
+        shutil.rmtree(project / "cache", ignore_errors=True)
+        update_params(project, "extract", format=fmt)
+        update_params(project, "model", dtype="float16")
+        settings = config.load(project / "params.yaml")
+        outputs = Outputs(project)
+        manifest.run(settings, outputs)
+        extract.run(settings, outputs)
+        train.run(settings, outputs)
+        cards[fmt] = (LinearProbe.load(outputs.probe)[0].coef_, evaluate.run(settings, outputs))
+    np.testing.assert_array_equal(cards["parquet"][0], cards["hdf5"][0])
+    assert cards["parquet"][1] == cards["hdf5"][1]
+
+
+def test_cache_info_and_verify_commands(project, capsys):
+    run_stages(project)
+    params = str(project / "params.yaml")
+    assert cli.main(["cache", "info", "--params", params]) == 0
+    out = capsys.readouterr().out
+    assert "(current)" in out and "manifest images embedded, 0 failed" in out and "shards" in out
+    assert cli.main(["cache", "verify", "--params", params]) == 0
+    assert ", ok" in capsys.readouterr().out
+
+    shard = next((project / "cache" / "embeddings").glob("*/shards/*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert cli.main(["cache", "verify", "--params", params]) == 1
+    out = capsys.readouterr().out
+    assert shard.name in out and "hash mismatch" in out
