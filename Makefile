@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv demo test lint bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: venv
 
 test: lint
 	python -m pytest
+
+bench: venv
+	python benchmarks/extract_bench.py
 
 clean-demo:
 	rm -rf data/demo data/tiny-clip cache/manifest.parquet cache/embeddings cache/extract.json models metrics plots
