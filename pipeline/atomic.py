@@ -64,6 +64,7 @@ def write_bytes(target: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_json(target: Path, obj: object) -> None:
-    """Stable JSON (sorted keys, fixed indent) so unchanged results give unchanged bytes."""
-    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+def write_json(target: Path, obj: object, sort_keys: bool = True) -> None:
+    """Stable JSON (fixed indent; sorted keys unless the caller's order is itself stable and
+    meaningful) so unchanged results give unchanged bytes."""
+    write_bytes(target, (json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n").encode())

@@ -62,7 +62,8 @@ def dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "show":
         from pipeline import evaluate
 
-        print(evaluate.table_text(evaluate.read_metrics(outputs)))
+        for title, text in evaluate.summaries(evaluate.read_metrics(outputs)).items():
+            print(f"{title}\n{text}\n")
         return
     stage = importlib.import_module(f"pipeline.{args.command}")
     if args.command == "extract":

@@ -73,7 +73,7 @@ class ExtractSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     datasets: list[str]
-    probe: Literal["logreg"] = "logreg"
+    probe: Literal["logreg", "linear_svm"] = "logreg"
     C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     normalize: Literal["none", "l2", "standardize", "l2+standardize"] = "standardize"
     layer: str = "projection"
@@ -81,8 +81,29 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class ZeroShotSettings:
+    # Text prompts embedded by the model's text tower at extract time; an image's zero-shot
+    # score is softmax(cos(image, fake prompts) vs cos(image, real prompts)) with CLIP's scale.
+    prompts: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "real": ["a photo of a real human face"],
+            "fake": ["a photo of a fake, manipulated human face", "a deepfake face"],
+        }
+    )
+
+
+PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot")
+
+
+@dataclass(frozen=True)
 class EvaluateSettings:
     datasets: list[str]
+    protocols: list[Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot"]] = field(
+        default_factory=lambda: ["heldout", "cross_manipulation", "leave_one_out"]
+    )
+    seeds: list[int] = field(default_factory=lambda: [0])
+    bootstrap: int = 1000
+    zero_shot: ZeroShotSettings = ZeroShotSettings()
 
 
 @dataclass(frozen=True)
@@ -169,6 +190,13 @@ def _check(s: Settings) -> None:
                 f"evaluate.datasets names '{name}', a real dataset; list fake datasets there "
                 "(each is scored together with the held-out real test split)."
             )
+    prompts = s.evaluate.zero_shot.prompts
+    if sorted(prompts) != ["fake", "real"] or not all(prompts.values()):
+        raise ConfigError("evaluate.zero_shot.prompts needs two non-empty lists, real: [...] and fake: [...].")
+    if not s.evaluate.seeds:
+        raise ConfigError("evaluate.seeds is empty; use [0] for one split, or e.g. [0, 1, 2].")
+    if s.evaluate.bootstrap < 0:
+        raise ConfigError("evaluate.bootstrap must be 0 (no confidence intervals) or a number of resamples.")
     if not s.model.layers:
         raise ConfigError("model.layers is empty; keep at least 'projection'.")
     if s.train.layer not in s.model.layers:

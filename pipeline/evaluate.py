@@ -1,7 +1,20 @@
-"""evaluate stage: score each fake test set together with the held-out real test split.
+"""evaluate stage: protocols computed from the cache, never from images.
 
-A fake-only test set has no AUC (the original script's mistake); here every fake dataset's
-test-split frames are scored with the real test-split frames of the probe's training reals.
+Every fake test set is scored together with the held-out real test split (the test-split
+frames of the real datasets in `train.datasets`): a fake-only test set has no AUC, which was
+the original script's mistake. Protocols (`evaluate.protocols`):
+
+  heldout             the train stage's probe on each evaluate dataset -> metrics/evaluate.json
+  cross_manipulation  one probe per fake dataset vs the reals, tested on every fake dataset
+                      -> metrics/cross_manipulation.json (an N x N AUC matrix)
+  leave_one_out       train on all fake datasets but one, test on the one left out
+                      -> metrics/leave_one_out.json
+  zero_shot           no training: cosine similarity to text prompts -> metrics/zero_shot.json
+
+Frame- and video-level metrics (video score = mean frame score) are both reported; with
+`evaluate.bootstrap > 0` the frame AUC gets a 95 % CI from resampling videos; with several
+`evaluate.seeds` the held-out AUC is also reported as mean and std over re-drawn train/val
+splits. A protocol not listed writes `{}`, so DVC always finds its file.
 """
 
 from __future__ import annotations
@@ -11,63 +24,271 @@ import logging
 
 import numpy as np
 
-from pipeline import atomic, features
-from pipeline import manifest as manifest_mod
-from pipeline.config import ConfigError, Settings
-from pipeline.metrics import binary_metrics, roc_points
+from pipeline import atomic, features, manifest, shortcut, train
+from pipeline.config import ConfigError, Settings, SplitSpec
+from pipeline.metrics import binary_metrics, bootstrap_auc, roc_points, video_level
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 
 log = logging.getLogger(__name__)
 
 
-def run(settings: Settings, outputs: Outputs) -> dict:
+def score_set(
+    probe_scores: np.ndarray, rows: features.Rows, val_threshold: float | None, bootstrap: int, name: str
+) -> dict:
+    """Frame- and video-level metrics of one scored test set (real + fake rows)."""
+    frame = binary_metrics(rows.y, probe_scores, val_threshold=val_threshold, name=name)
+    ci = bootstrap_auc(rows.y, probe_scores, rows.video, n=bootstrap)
+    frame["auc_ci_low"], frame["auc_ci_high"] = ci if ci else (None, None)
+    v_scores, v_labels, _ = video_level(probe_scores, rows.y, rows.video)
+    video = binary_metrics(v_labels, v_scores, val_threshold=val_threshold, name=f"{name} (videos)")
+    return {"frame": frame, "video": video}
+
+
+def test_set(frames: features.FeatureTable, reals: list[str], fake: str) -> features.Rows:
+    """The test split of `fake`, together with the test split of the real datasets."""
+    return features.Rows.concat(
+        [frames.select(reals, ["test"], labels=[0]), frames.select([fake], ["test"], labels=[1])]
+    )
+
+
+def fit_on(frames: features.FeatureTable, datasets: list[str], spec, splits=None) -> train.Fitted:
+    """A probe on the train split of `datasets`, C and threshold chosen on their val split.
+    `splits` optionally overrides each row's train/val assignment (for re-drawn seeds)."""
+    split = frames.split if splits is None else splits
+    base = np.isin(frames.dataset, datasets) & frames.found
+    return train.fit_and_select(
+        frames.rows(base & (split == "train")), frames.rows(base & (split == "val")), spec, what="+".join(datasets)
+    )
+
+
+def redraw_train_val(frames: features.FeatureTable, datasets: list[str], seed: int) -> np.ndarray:
+    """Each row's split with train/val re-drawn by video group for `seed` (test untouched)."""
+    pool = np.isin(frames.dataset, datasets) & np.isin(frames.split, ["train", "val"])
+    videos = [str(v).split("/", 1)[1] for v in frames.video[pool]]
+    n_val = int((frames.split[pool] == "val").sum())
+    files = [manifest.ImageFile("", "", v, 0, 0) for v in videos]
+    assignment = manifest.assign_splits(files, SplitSpec(val=n_val / max(len(videos), 1), test=0.0, seed=seed))
+    split = frames.split.copy()
+    split[pool] = [assignment[v] for v in videos]
+    return split
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def heldout(settings: Settings, outputs: Outputs, frames: features.FeatureTable, reals: list[str]):
+    """The train stage's probe on each evaluate dataset -> (metrics, ROC curves, scores)."""
     probe, card = LinearProbe.load(outputs.probe)
-    table = manifest_mod.read(outputs.manifest)
+    ev = settings.evaluate
+    results, curves, scored = {}, {}, {}
+    for name in ev.datasets:
+        rows = test_set(frames, reals, name)
+        scores = probe.predict_proba(rows.X)
+        results[name] = score_set(scores, rows, card.get("threshold"), ev.bootstrap, name)
+        curves[name] = roc_points(rows.y, scores)
+        scored[name] = (rows.y, scores)
+    if len(ev.seeds) > 1:
+        per_seed = {name: [] for name in ev.datasets}
+        for seed in ev.seeds:
+            fitted = fit_on(frames, card["datasets"], settings.train, redraw_train_val(frames, card["datasets"], seed))
+            for name in ev.datasets:
+                rows = test_set(frames, reals, name)
+                per_seed[name].append(binary_metrics(rows.y, fitted.probe.predict_proba(rows.X))["auc"])
+        for name, aucs in per_seed.items():
+            aucs = np.array([a for a in aucs if a is not None])
+            results[name]["seeds"] = {
+                "seeds": list(ev.seeds),
+                "auc": [float(a) for a in aucs],
+                "auc_mean": float(aucs.mean()) if len(aucs) else None,
+                "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
+            }
+    return results, curves, scored
+
+
+def fake_sets(settings: Settings, frames: features.FeatureTable) -> list[str]:
+    """Fake datasets of the cross-manipulation protocols: train's fakes, then evaluate's."""
+    ordered = [d for d in settings.train.datasets if frames.label_of(d) == 1]
+    return ordered + [d for d in settings.evaluate.datasets if d not in ordered]
+
+
+def cross_manipulation(settings: Settings, frames: features.FeatureTable, reals: list[str]) -> dict:
+    """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on."""
+    fakes = fake_sets(settings, frames)
+    auc, video_auc = {}, {}
+    for trained_on in fakes:
+        probe = fit_on(frames, [*reals, trained_on], settings.train).probe
+        auc[trained_on], video_auc[trained_on] = {}, {}
+        for tested_on in fakes:
+            rows = test_set(frames, reals, tested_on)
+            scores = probe.predict_proba(rows.X)
+            auc[trained_on][tested_on] = binary_metrics(rows.y, scores, name=tested_on)["auc"]
+            v_scores, v_labels, _ = video_level(scores, rows.y, rows.video)
+            video_auc[trained_on][tested_on] = binary_metrics(v_labels, v_scores, name=f"{tested_on} (videos)")["auc"]
+    off = [auc[a][b] for a in fakes for b in fakes if a != b and auc[a][b] is not None]
+    diag = [auc[a][a] for a in fakes if auc[a][a] is not None]
+    return {
+        "datasets": fakes,
+        "auc": auc,
+        "video_auc": video_auc,
+        "mean_in_domain_auc": float(np.mean(diag)) if diag else None,
+        "mean_cross_auc": float(np.mean(off)) if off else None,
+    }
+
+
+def leave_one_out(settings: Settings, frames: features.FeatureTable, reals: list[str]) -> dict:
+    fakes = fake_sets(settings, frames)
+    if len(fakes) < 2:
+        log.warning("leave_one_out needs at least two fake datasets; skipped")
+        return {}
+    results = {}
+    for left_out in fakes:
+        fitted = fit_on(frames, [*reals, *(f for f in fakes if f != left_out)], settings.train)
+        rows = test_set(frames, reals, left_out)
+        scores = fitted.probe.predict_proba(rows.X)
+        results[left_out] = score_set(scores, rows, fitted.threshold, settings.evaluate.bootstrap, left_out)
+    return results
+
+
+def zero_shot(settings: Settings, store, frames: features.FeatureTable, reals: list[str]) -> dict:
+    from pipeline.store import text
+
+    prompts = settings.evaluate.zero_shot.prompts
+    try:
+        real_t, fake_t, scale = text.read(store.directory, prompts["real"], prompts["fake"])
+    except KeyError as exc:
+        raise ConfigError(f"{exc.args[0]}; re-run extract (`dvc repro extract`) to embed the prompts.") from None
+    if frames.X.shape[1] != real_t.shape[1]:
+        raise ConfigError("zero_shot needs the 'projection' layer; set train.layer: projection.")
+    results = {}
+    for name in settings.evaluate.datasets:
+        rows = test_set(frames, reals, name)
+        img = rows.X / np.maximum(np.linalg.norm(rows.X, axis=1, keepdims=True), 1e-12)
+        logits = scale * np.stack([(img @ real_t.T).max(1), (img @ fake_t.T).max(1)], axis=1)
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        scores = p[:, 1] / p.sum(1)
+        results[name] = score_set(scores, rows, None, settings.evaluate.bootstrap, f"{name} (zero-shot)")
+    return results
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run(settings: Settings, outputs: Outputs) -> dict:
+    _, card = LinearProbe.load(outputs.probe)
+    table = manifest.read(outputs.manifest)
     store = features.open_cache(outputs)
     if store.header.fingerprint != card["fingerprint"]:
         log.warning(
-            "the probe was trained on cache %s but the current cache is %s",
-            card["fingerprint"],
-            store.header.fingerprint,
+            "the probe was trained on cache %s, the current cache is %s", card["fingerprint"], store.header.fingerprint
         )
-    layer = card["layer"]
-    # The held-out reals: test-split real frames of the datasets the probe was trained on.
-    real_mask = features.select(table, card["datasets"], ["test"], labels=[0])
-    reals = features.load(table, real_mask, store, layer, "real test split")
-    real_scores = probe.predict_proba(reals.X)
+    frames = features.FeatureTable.load(table, store, card["layer"])
+    reals = [d for d in card["datasets"] if frames.label_of(d) == 0]
+    protocols = settings.evaluate.protocols
 
-    results, curves = {}, {}
-    for name in settings.evaluate.datasets:
-        fakes = features.load(table, features.select(table, [name], ["test"]), store, layer, f"{name} test split")
-        y = np.concatenate([np.zeros(len(real_scores), int), np.ones(len(fakes.y), int)])
-        scores = np.concatenate([real_scores, probe.predict_proba(fakes.X)])
-        results[name] = binary_metrics(y, scores, name=name)
-        curves[name] = roc_points(y, scores)
+    results: dict[str, dict] = {}
+    curves: dict = {}
+    scored: dict = {}
+    if "heldout" in protocols:
+        results["heldout"], curves, scored = heldout(settings, outputs, frames, reals)
+    if "cross_manipulation" in protocols:
+        results["cross_manipulation"] = cross_manipulation(settings, frames, reals)
+    if "leave_one_out" in protocols:
+        results["leave_one_out"] = leave_one_out(settings, frames, reals)
+    if "zero_shot" in protocols:
+        results["zero_shot"] = zero_shot(settings, store, frames, reals)
+    audit = shortcut.audit(table)
 
-    atomic.write_json(outputs.metrics, results)
+    for protocol in ("heldout", "cross_manipulation", "leave_one_out", "zero_shot"):
+        # In the order of evaluate.datasets, as the user listed them.
+        atomic.write_json(outputs.protocol_metrics(protocol), results.get(protocol, {}), sort_keys=False)
+    atomic.write_json(outputs.shortcut, audit)
     outputs.roc_plots.mkdir(parents=True, exist_ok=True)
     for stale in outputs.roc_plots.glob("*.json"):
         if stale.stem not in curves:
             stale.unlink()
     for name, points in curves.items():
         atomic.write_json(outputs.roc_plots / f"{name}.json", points)
-    log.info("metrics -> %s\n%s", outputs.metrics, table_text(results))
+
+    from pipeline import report
+
+    report.write(outputs.reports, results, curves, scored, audit)
+    for protocol, text_ in summaries(results).items():
+        log.info("%s:\n%s", protocol, text_)
     return results
+
+
+# --------------------------------------------------------------------------- text tables
+
+
+# (metrics key, column label); video_auc is the video-level AUC, auc_ci the frame AUC's 95 % CI.
+COLUMNS = [
+    ("n_real", "real"),
+    ("n_fake", "fake"),
+    ("auc", "auc"),
+    ("auc_ci", "auc 95% ci"),
+    ("ap", "ap"),
+    ("eer", "eer"),
+    ("tpr_at_fpr_5", "tpr@5%fpr"),
+    ("balanced_accuracy", "bal_acc"),
+    ("fake_accuracy", "fake_acc"),
+    ("video_auc", "video_auc"),
+]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}"
+
+
+def table_text(results: dict) -> str:
+    """Per test set: frame-level metrics (AUC with its 95 % CI) and the video-level AUC."""
+    header = "".join(f"{label:>17}" if key == "auc_ci" else f"{label:>10}" for key, label in COLUMNS)
+    lines = [f"{'dataset':<16}{header}"]
+    for name, m in results.items():
+        f, v = m["frame"], m["video"]
+        cells = []
+        for key, _ in COLUMNS:
+            if key == "auc_ci":
+                ci = "-" if f.get("auc_ci_low") is None else f"[{f['auc_ci_low']:.3f}, {f['auc_ci_high']:.3f}]"
+                cells.append(f"{ci:>17}")
+            else:
+                cells.append(f"{_cell(v['auc'] if key == 'video_auc' else f.get(key)):>10}")
+        lines.append(f"{name:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def matrix_text(matrix: dict) -> str:
+    names = matrix["datasets"]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = ["train \\ test".ljust(width) + "".join(n.rjust(width) for n in names)]
+    for a in names:
+        lines.append(a.ljust(width) + "".join(_cell(matrix["auc"][a][b]).rjust(width) for b in names))
+    return "\n".join(lines)
+
+
+def summaries(results: dict) -> dict[str, str]:
+    out = {}
+    if results.get("heldout"):
+        out["held-out test sets (frame level; video_auc = video level)"] = table_text(results["heldout"])
+    if results.get("cross_manipulation"):
+        out["cross-manipulation AUC (frame level)"] = matrix_text(results["cross_manipulation"])
+    if results.get("leave_one_out"):
+        out["leave one out (tested on the dataset left out)"] = table_text(results["leave_one_out"])
+    if results.get("zero_shot"):
+        out["zero-shot baseline (no training)"] = table_text(results["zero_shot"])
+    return out
 
 
 def read_metrics(outputs: Outputs) -> dict:
     if not outputs.metrics.exists():
         raise ConfigError(f"{outputs.metrics} does not exist; run the evaluate stage first (`dvc repro`).")
-    return json.loads(outputs.metrics.read_text())
-
-
-def table_text(results: dict) -> str:
-    cols = ["n_real", "n_fake", "auc", "ap", "accuracy", "real_accuracy", "fake_accuracy"]
-    lines = [f"{'dataset':<16}" + "".join(f"{c:>14}" for c in cols)]
-    for name, m in results.items():
-        cells = "".join(
-            f"{'-' if m[c] is None else (m[c] if isinstance(m[c], int) else f'{m[c]:.4f}'):>14}" for c in cols
-        )
-        lines.append(f"{name:<16}{cells}")
-    return "\n".join(lines)
+    return {
+        p: json.loads(outputs.protocol_metrics(p).read_text())
+        for p in ("heldout", "cross_manipulation", "leave_one_out", "zero_shot")
+        if outputs.protocol_metrics(p).exists()
+    }

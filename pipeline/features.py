@@ -1,4 +1,8 @@
-"""Cached features for manifest rows: what train and evaluate read (never images, never torch)."""
+"""Cached features for manifest rows: what train and evaluate read (never images, never torch).
+
+`FeatureTable` reads one layer for every manifest row once; protocols then select rows with
+boolean masks, so a cross-manipulation matrix costs one read of the cache.
+"""
 
 from __future__ import annotations
 
@@ -28,42 +32,63 @@ def open_cache(outputs: Outputs) -> EmbeddingStore:
 
 @dataclass
 class Rows:
-    """Selected manifest rows with their features; rows without an embedding are dropped."""
+    """Selected rows with features (rows without an embedding already dropped)."""
 
     X: np.ndarray
     y: np.ndarray
     dataset: np.ndarray
-    video: np.ndarray
+    video: np.ndarray  # video key: "<dataset>/<video id>", so the same id in two methods differs
     path: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.y)
 
-def select(table: pa.Table, datasets: list[str], splits: list[str], labels: list[int] | None = None) -> np.ndarray:
-    """Boolean mask of manifest rows in `datasets` and `splits` (and `labels`, when given)."""
-    ds = np.array(table.column("dataset").to_pylist())
-    sp = np.array(table.column("split").to_pylist())
-    mask = np.isin(ds, datasets) & np.isin(sp, splits)
-    if labels is not None:
-        mask &= np.isin(np.array(table.column("label").to_pylist()), labels)
-    return mask
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("X", "y", "dataset", "video", "path")))
 
 
-def load(table: pa.Table, mask: np.ndarray, store: EmbeddingStore, layer: str, what: str) -> Rows:
-    idx = np.flatnonzero(mask)
-    digests = table.column("digest").take(pa.array(idx, pa.int64())).to_pylist()
-    X, found = store.read(digests, layer)
-    if not found.all():
-        log.warning(
-            "%s: %d of %d images have no embedding (failed to decode) and are skipped", what, (~found).sum(), len(found)
-        )
-    keep = idx[found]
+@dataclass
+class FeatureTable:
+    """Every manifest row with its embedding of one layer."""
 
-    def column(name: str) -> np.ndarray:
-        return np.array(table.column(name).take(pa.array(keep, pa.int64())).to_pylist())
+    dataset: np.ndarray
+    split: np.ndarray
+    label: np.ndarray
+    video: np.ndarray
+    path: np.ndarray
+    X: np.ndarray
+    found: np.ndarray
 
-    return Rows(
-        X[found],
-        column("label").astype(int) if len(keep) else np.zeros(0, int),
-        column("dataset"),
-        column("video"),
-        column("path"),
-    )
+    @classmethod
+    def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> FeatureTable:
+        cols = {
+            name: np.array(table.column(name).to_pylist()) for name in ("dataset", "split", "label", "video", "path")
+        }
+        X, found = store.read(table.column("digest").to_pylist(), layer)
+        if not found.all():
+            log.warning(
+                "%d of %d manifest images have no embedding (they failed to decode) and are skipped",
+                (~found).sum(),
+                len(found),
+            )
+        keys = np.char.add(np.char.add(cols["dataset"].astype(str), "/"), cols["video"].astype(str))
+        return cls(cols["dataset"], cols["split"], cols["label"].astype(int), keys, cols["path"], X, found)
+
+    def label_of(self, dataset: str) -> int | None:
+        """0 (real) or 1 (fake) for a dataset in the manifest, None if it has no rows."""
+        labels = self.label[self.dataset == dataset]
+        return int(labels[0]) if len(labels) else None
+
+    def mask(self, datasets: list[str], splits: list[str], labels: list[int] | None = None) -> np.ndarray:
+        m = np.isin(self.dataset, datasets) & np.isin(self.split, splits) & self.found
+        if labels is not None:
+            m &= np.isin(self.label, labels)
+        return m
+
+    def rows(self, mask: np.ndarray) -> Rows:
+        mask = mask & self.found
+        return Rows(self.X[mask], self.label[mask], self.dataset[mask], self.video[mask], self.path[mask])
+
+    def select(self, datasets: list[str], splits: list[str], labels: list[int] | None = None) -> Rows:
+        return self.rows(self.mask(datasets, splits, labels))

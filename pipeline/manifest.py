@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline import atomic
@@ -44,8 +45,22 @@ SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("digest", pa.string()),  # sha256 of the file bytes, hex
+        # Header facts, for the shortcut audit (-1 / "unknown" when the header is unreadable).
+        ("format", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("jpeg_quality", pa.int16()),  # estimated from the quantisation tables; -1 if not JPEG
     ]
 )
+# Facts that depend only on a file's bytes: reused while its size and mtime are unchanged.
+CONTENT_COLUMNS = ("digest", "format", "width", "height", "jpeg_quality")
+
+# IJG's standard luminance quantisation table (quality 50), for estimating JPEG quality.
+_IJG_LUMINANCE_SUM = sum(
+    (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -131,19 +146,46 @@ def _display_path(full: Path, root: Path) -> str:
 # --------------------------------------------------------------------------- digests
 
 
-def file_digest(path: Path) -> str | None:
-    """sha256 of the file's bytes, or None if it cannot be read."""
+@dataclass(frozen=True)
+class FileFacts:
+    digest: str
+    format: str = "unknown"
+    width: int = -1
+    height: int = -1
+    jpeg_quality: int = -1
+
+
+def inspect_file(path: Path) -> FileFacts | None:
+    """sha256 of the file's bytes plus its header facts; None if it cannot be read at all."""
     try:
         with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            fh.seek(0)
+            try:
+                with Image.open(fh) as im:  # reads the header only
+                    quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
+                    return FileFacts(digest, im.format.lower(), im.width, im.height, quality)
+            except Exception:  # not an image, or a header PIL cannot parse: extract records why
+                return FileFacts(digest)
     except OSError:
         return None
 
 
-def digests(files: list[ImageFile], root: Path, previous: dict[str, tuple[int, int, str]]) -> list[str | None]:
-    """sha256 of each file (None if unreadable), reusing `previous[path] = (size, mtime_ns, digest)`
-    when size and mtime are unchanged."""
-    out: list[str | None] = []
+def jpeg_quality(tables: dict) -> int:
+    """IJG quality (1-100) that would produce this luminance quantisation table, estimated."""
+    if not tables or 0 not in tables:
+        return -1
+    scale = 100.0 * sum(tables[0]) / _IJG_LUMINANCE_SUM
+    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return round(min(max(quality, 1.0), 100.0))
+
+
+def inspect_files(
+    files: list[ImageFile], root: Path, previous: dict[str, tuple[int, int, FileFacts]]
+) -> list[FileFacts | None]:
+    """Facts of each file (None if unreadable), reusing `previous[path] = (size, mtime_ns, facts)`
+    when size and mtime are unchanged, so unchanged files are not read again."""
+    out: list[FileFacts | None] = []
     todo: list[int] = []
     for i, f in enumerate(files):
         prev = previous.get(f.path)
@@ -155,9 +197,10 @@ def digests(files: list[ImageFile], root: Path, previous: dict[str, tuple[int, i
     if todo:
         log.info("hashing %d new or changed files (%d reused)", len(todo), len(files) - len(todo))
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-            jobs = pool.map(lambda i: file_digest(absolute_path(files[i].path, root)), todo)
-            for i, d in zip(todo, tqdm(jobs, total=len(todo), desc="hashing", unit="img", leave=False), strict=True):
-                out[i] = d
+            jobs = pool.map(lambda i: inspect_file(absolute_path(files[i].path, root)), todo)
+            bar = tqdm(jobs, total=len(todo), desc="hashing", unit="img", leave=False)
+            for i, facts in zip(todo, bar, strict=True):
+                out[i] = facts
     return out
 
 
@@ -166,19 +209,18 @@ def absolute_path(path: str, root: Path) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def read_previous(path: Path) -> dict[str, tuple[int, int, str]]:
-    """The stat cache: path -> (size, mtime_ns, digest) from an earlier manifest, if readable."""
+def read_previous(path: Path) -> dict[str, tuple[int, int, FileFacts]]:
+    """The stat cache: path -> (size, mtime_ns, facts) from an earlier manifest, if readable."""
     if not path.exists():
         return {}
     try:
-        t = pq.read_table(path, columns=["path", "size", "mtime_ns", "digest"])
+        t = pq.read_table(path, columns=["path", "size", "mtime_ns", *CONTENT_COLUMNS])
     except (pa.ArrowInvalid, OSError, KeyError):
-        log.warning("previous manifest %s is unreadable; hashing every file again", path)
+        log.warning("previous manifest %s is unreadable or from an older version; hashing every file again", path)
         return {}
     cols = t.to_pydict()
-    return {
-        p: (s, m, d) for p, s, m, d in zip(cols["path"], cols["size"], cols["mtime_ns"], cols["digest"], strict=True)
-    }
+    facts = [FileFacts(*values) for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)]
+    return {p: (s, m, f) for p, s, m, f in zip(cols["path"], cols["size"], cols["mtime_ns"], facts, strict=True)}
 
 
 # --------------------------------------------------------------------------- splits
@@ -287,16 +329,17 @@ def assign_splits(files: list[ImageFile], spec: SplitSpec, official: dict[str, s
 # --------------------------------------------------------------------------- stage
 
 
-def build(settings: Settings, previous: dict[str, tuple[int, int, str]]) -> pa.Table:
+def build(settings: Settings, previous: dict[str, tuple[int, int, FileFacts]]) -> pa.Table:
     """The manifest table for the current folders (a pure function of files + settings)."""
     files = scan(settings)
     if not files:
         raise ConfigError(
             f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under the data.datasets folders."
         )
-    hashes = digests(files, settings.data_root, previous)
-    warn_unreadable([f.path for f, h in zip(files, hashes, strict=True) if h is None])
-    files, hashes = [f for f, h in zip(files, hashes, strict=True) if h], [h for h in hashes if h]
+    facts = inspect_files(files, settings.data_root, previous)
+    warn_unreadable([f.path for f, x in zip(files, facts, strict=True) if x is None])
+    readable = [i for i, x in enumerate(facts) if x is not None]
+    files, facts = [files[i] for i in readable], [facts[i] for i in readable]
     spec = settings.data.split
     official = read_split_dir(settings.resolve(spec.split_dir)) if spec.split_dir else None
     split_of = assign_splits(files, spec, official)
@@ -310,7 +353,7 @@ def build(settings: Settings, previous: dict[str, tuple[int, int, str]]) -> pa.T
         "split": [split_of[f.video] for f in files],
         "size": [f.size for f in files],
         "mtime_ns": [f.mtime_ns for f in files],
-        "digest": hashes,
+        **{c: [getattr(x, c) for x in facts] for c in CONTENT_COLUMNS},
     }
     return pa.table(columns, schema=SCHEMA)
 

@@ -1,36 +1,133 @@
-"""Detection metrics for real (0) vs fake (1) scores, where a higher score means "more fake"."""
+"""Detection metrics for real (0) vs fake (1) scores, where a higher score means "more fake".
+
+Frame level scores each image; video level scores each video by the mean of its frames
+(`video_level`). A metric that needs both classes is None (JSON null) when one is missing,
+so outputs never hold NaN.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 log = logging.getLogger(__name__)
 
+# Fewer samples of a class than this and the metrics of a test set get a warning (once).
+MIN_PER_CLASS = 10
+_warned: set[str] = set()
 
-def binary_metrics(y: np.ndarray, scores: np.ndarray, threshold: float = 0.5, name: str = "") -> dict:
-    """n_real, n_fake, AUC, AP, accuracy at `threshold`, real accuracy, fake accuracy.
 
-    A metric that needs both classes is `None` (JSON null) when one class is absent.
-    """
+def binary_metrics(
+    y: np.ndarray, scores: np.ndarray, threshold: float = 0.5, val_threshold: float | None = None, name: str = ""
+) -> dict:
+    """n_real, n_fake, AUC, AP, EER, TPR at 1 % and 5 % FPR, and accuracies at `threshold`
+    (and at `val_threshold`, the threshold chosen on the val split, when given)."""
     y = np.asarray(y).astype(int)
     scores = np.asarray(scores, dtype=float)
+    real, fake = y == 0, y == 1
+    n_real, n_fake = int(real.sum()), int(fake.sum())
+    both = n_real > 0 and n_fake > 0
+    if min(n_real, n_fake) < MIN_PER_CLASS and name and name not in _warned:
+        _warned.add(name)
+        log.warning(
+            "test set %s has %d real and %d fake samples; its metrics are unreliable%s",
+            name,
+            n_real,
+            n_fake,
+            "" if both else " (AUC, AP, EER need both classes and are null)",
+        )
+    out = {"n_real": n_real, "n_fake": n_fake}
+    if both:
+        fpr, tpr, _ = roc_curve(y, scores)
+        out["auc"] = float(roc_auc_score(y, scores))
+        out["ap"] = float(average_precision_score(y, scores))
+        out["eer"] = equal_error_rate(fpr, tpr)
+        out["tpr_at_fpr_1"] = tpr_at_fpr(fpr, tpr, 0.01)
+        out["tpr_at_fpr_5"] = tpr_at_fpr(fpr, tpr, 0.05)
+    else:
+        out.update(auc=None, ap=None, eer=None, tpr_at_fpr_1=None, tpr_at_fpr_5=None)
+    out.update(_accuracies(y, scores, threshold, ""))
+    if val_threshold is not None:
+        out.update(_accuracies(y, scores, val_threshold, "_at_val_threshold"))
+    return out
+
+
+def _accuracies(y: np.ndarray, scores: np.ndarray, threshold: float, suffix: str) -> dict:
     pred = scores >= threshold
     real, fake = y == 0, y == 1
-    both = real.any() and fake.any()
-    if not both:
-        log.warning("test set %s has %d real and %d fake images; AUC and AP need both", name, real.sum(), fake.sum())
+    real_acc = float((~pred[real]).mean()) if real.any() else None
+    fake_acc = float(pred[fake].mean()) if fake.any() else None
+    balanced = (real_acc + fake_acc) / 2 if real_acc is not None and fake_acc is not None else None
     return {
-        "n_real": int(real.sum()),
-        "n_fake": int(fake.sum()),
-        "auc": float(roc_auc_score(y, scores)) if both else None,
-        "ap": float(average_precision_score(y, scores)) if both else None,
-        "accuracy": float((pred == fake).mean()) if len(y) else None,
-        "real_accuracy": float((~pred[real]).mean()) if real.any() else None,
-        "fake_accuracy": float(pred[fake].mean()) if fake.any() else None,
+        f"accuracy{suffix}": float((pred == fake).mean()) if len(y) else None,
+        f"real_accuracy{suffix}": real_acc,
+        f"fake_accuracy{suffix}": fake_acc,
+        f"balanced_accuracy{suffix}": balanced,
     }
+
+
+def equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """The error rate where false positives and false negatives are equally frequent.
+
+    Along the ROC curve (from (0, 0) to (1, 1)) fnr - fpr falls from 1 to -1; the EER is where it
+    crosses zero, interpolated linearly between the two ROC points around the crossing.
+    """
+    diff = (1.0 - tpr) - fpr
+    i = int(np.argmax(diff <= 0))
+    if i == 0:
+        return float(fpr[0])
+    t = diff[i - 1] / (diff[i - 1] - diff[i])
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The highest true positive rate reachable with a false positive rate of at most `target`."""
+    return float(tpr[fpr <= target].max()) if (fpr <= target).any() else 0.0
+
+
+def video_level(scores: np.ndarray, y: np.ndarray, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean frame score per video -> (video scores, video labels, video keys)."""
+    keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
+    sums = np.bincount(inverse, weights=scores, minlength=len(keys))
+    counts = np.bincount(inverse, minlength=len(keys))
+    labels = np.zeros(len(keys), dtype=int)
+    labels[inverse] = y
+    return sums / counts, labels, keys
+
+
+def rank_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """AUC by the rank-sum (Mann-Whitney) formula, ties averaged: equal to roc_auc_score, without
+    its input checks (which dominate the cost of a thousand bootstrap resamples)."""
+    positive = y == 1
+    n_pos = int(positive.sum())
+    n_neg = len(y) - n_pos
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auc(
+    y: np.ndarray, scores: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95 % percentile interval of the frame-level AUC, resampling whole videos (within each
+    class, so every resample has both), never single frames."""
+    y = np.asarray(y).astype(int)
+    if n <= 0 or len(np.unique(y)) < 2:
+        return None
+    keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
+    frames_of = [np.flatnonzero(inverse == k) for k in range(len(keys))]
+    video_label = np.array([y[f[0]] for f in frames_of])
+    by_class = [np.flatnonzero(video_label == c) for c in (0, 1)]
+    rng = np.random.default_rng(seed)
+    aucs = np.empty(n)
+    for b in range(n):
+        chosen = np.concatenate([rng.choice(v, size=len(v), replace=True) for v in by_class])
+        idx = np.concatenate([frames_of[v] for v in chosen])
+        aucs[b] = rank_auc(y[idx], scores[idx])
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def roc_points(y: np.ndarray, scores: np.ndarray) -> list[dict]:

@@ -31,7 +31,19 @@ class Outputs:
 
     @property
     def metrics(self) -> Path:
+        """Held-out protocol (the train stage's probe)."""
         return self.root / "metrics" / "evaluate.json"
+
+    def protocol_metrics(self, protocol: str) -> Path:
+        return self.metrics if protocol == "heldout" else self.root / "metrics" / f"{protocol}.json"
+
+    @property
+    def shortcut(self) -> Path:
+        return self.root / "metrics" / "shortcut.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
 
     @property
     def roc_plots(self) -> Path:

@@ -1,7 +1,12 @@
 """Linear probes on cached embeddings, saved without pickle (safetensors weights + JSON card).
 
+Kinds: `logreg` (scikit-learn's LogisticRegression, the original script's probe) and
+`linear_svm` (LinearSVC). Both end as a weight vector and a bias on normalised features, so
+one class scores them: score = sigmoid(w . normalise(x) + b), which is P(fake) for logreg and
+a monotone squashing of the margin for the SVM (0.5 <=> margin 0 either way).
+
 The estimator follows scikit-learn's contract: `__init__` stores settings, `fit` returns self,
-learned attributes end in `_`. Scores are P(fake) = sigmoid(w . normalise(x) + b).
+learned attributes end in `_`.
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
 
 from pipeline import atomic
 from pipeline.config import ConfigError
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
+KINDS = ("logreg", "linear_svm")
 
 
 class LinearProbe:
-    def __init__(self, C: float = 1.0, normalize: str = "standardize", max_iter: int = 2000):
+    def __init__(self, kind: str = "logreg", C: float = 1.0, normalize: str = "standardize", max_iter: int = 2000):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.kind = kind
         self.C = C
         self.normalize = normalize
         self.max_iter = max_iter
@@ -49,7 +59,10 @@ class LinearProbe:
         else:
             self.mean_ = np.zeros(X.shape[1])
             self.scale_ = np.ones(X.shape[1])
-        clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        if self.kind == "logreg":
+            clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        else:
+            clf = LinearSVC(C=self.C, max_iter=self.max_iter)
         clf.fit((X - self.mean_) / self.scale_, np.asarray(y))
         self.coef_ = clf.coef_.ravel().astype(np.float64)
         self.intercept_ = float(clf.intercept_[0])
@@ -59,8 +72,8 @@ class LinearProbe:
         return self.transform(X) @ self.coef_ + self.intercept_
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """P(fake) per row."""
-        z = self.decision_function(X)
+        """The fake score per row, in (0, 1)."""
+        z = np.clip(self.decision_function(X), -500, 500)
         return 1.0 / (1.0 + np.exp(-z))
 
     # ------------------------------------------------------------------ persistence
@@ -77,7 +90,7 @@ class LinearProbe:
         }
         with atomic.atomic_path(directory / "weights.safetensors") as tmp:
             save_file(tensors, str(tmp))
-        card = {**card, "probe": "logreg", "C": self.C, "normalize": self.normalize, "max_iter": self.max_iter}
+        card = {**card, "probe": self.kind, "C": self.C, "normalize": self.normalize, "max_iter": self.max_iter}
         atomic.write_json(directory / "card.json", card)
         return card
 
@@ -88,7 +101,7 @@ class LinearProbe:
             raise ConfigError(f"no probe in {directory}; run the train stage first (`dvc repro train`).")
         card = json.loads((directory / "card.json").read_text())
         tensors = load_file(str(directory / "weights.safetensors"))
-        probe = cls(C=card["C"], normalize=card["normalize"], max_iter=card["max_iter"])
+        probe = cls(kind=card["probe"], C=card["C"], normalize=card["normalize"], max_iter=card["max_iter"])
         probe.coef_ = tensors["coef"]
         probe.intercept_ = float(tensors["intercept"][0])
         probe.mean_ = tensors["mean"]

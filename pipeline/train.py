@@ -1,39 +1,58 @@
-"""train stage: fit a linear probe on cached embeddings; choose C by AUC on the val split."""
+"""train stage: fit a linear probe on cached embeddings; choose C (and a decision threshold)
+on the val split only."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from pipeline import features
 from pipeline import manifest as manifest_mod
-from pipeline.config import ConfigError, Settings
+from pipeline.config import ConfigError, Settings, TrainSettings
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 
 log = logging.getLogger(__name__)
 
 
-def fit_and_select(train: features.Rows, val: features.Rows, Cs: list[float], normalize: str, max_iter: int):
+@dataclass
+class Fitted:
+    probe: LinearProbe
+    val_auc: dict[float, float]  # C -> val AUC
+    threshold: float  # the val threshold with the best balanced accuracy
+
+
+def choose_threshold(y: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold that maximises balanced accuracy (Youden's J) on these samples."""
+    fpr, tpr, thr = roc_curve(y, scores)
+    return float(min(thr[int(np.argmax(tpr - fpr))], 1.0))
+
+
+def fit_and_select(
+    train: features.Rows, val: features.Rows, spec: TrainSettings, what: str = "train.datasets"
+) -> Fitted:
     """Fit one probe per C on train; keep the best val AUC (the smaller C on ties)."""
     for rows, split in ((train, "train"), (val, "val")):
         if set(np.unique(rows.y)) != {0, 1}:
             raise ConfigError(
-                f"the {split} split of train.datasets needs both real and fake images (it has {len(rows.y)} images); "
+                f"the {split} split of {what} needs both real and fake images (it has {len(rows.y)} images); "
                 "add data or change data.split."
             )
-    scores = {}
+    scores: dict[float, float] = {}
     best: tuple[float, LinearProbe] | None = None
-    for C in sorted(Cs):
-        probe = LinearProbe(C=C, normalize=normalize, max_iter=max_iter).fit(train.X, train.y)
+    for C in sorted(spec.C):
+        probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
+        probe.fit(train.X, train.y)
         auc = float(roc_auc_score(val.y, probe.decision_function(val.X)))
         scores[C] = auc
-        log.info("C=%g: val AUC %.4f", C, auc)
+        log.debug("%s C=%g: val AUC %.4f", what, C, auc)
         if best is None or auc > best[0]:
             best = (auc, probe)
-    return best[1], scores
+    probe = best[1]
+    return Fitted(probe, scores, choose_threshold(val.y, probe.predict_proba(val.X)))
 
 
 def run(settings: Settings, outputs: Outputs) -> dict:
@@ -41,9 +60,11 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     table = manifest_mod.read(outputs.manifest)
     store = features.open_cache(outputs)
     store.dimension(t.layer)  # a clear error now if the layer is not cached
-    train = features.load(table, features.select(table, t.datasets, ["train"]), store, t.layer, "train split")
-    val = features.load(table, features.select(table, t.datasets, ["val"]), store, t.layer, "val split")
-    probe, val_auc = fit_and_select(train, val, t.C, t.normalize, t.max_iter)
+    frames = features.FeatureTable.load(table, store, t.layer)
+    train, val = frames.select(t.datasets, ["train"]), frames.select(t.datasets, ["val"])
+    fitted = fit_and_select(train, val, t)
+    for C, auc in fitted.val_auc.items():
+        log.info("C=%g: val AUC %.4f", C, auc)
     card = {
         "model": store.card["model"],
         "fingerprint": store.header.fingerprint,
@@ -51,11 +72,18 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         "datasets": list(t.datasets),
         "n_train": len(train.y),
         "n_val": len(val.y),
-        "val_auc": {str(c): a for c, a in val_auc.items()},
-        "selected_by": "val AUC",
+        "val_auc": {str(c): a for c, a in fitted.val_auc.items()},
+        "threshold": fitted.threshold,
+        "selected_by": "val AUC (C), val balanced accuracy (threshold)",
     }
-    card = probe.save(outputs.probe, card)
+    card = fitted.probe.save(outputs.probe, card)
     log.info(
-        "probe: C=%g (val AUC %.4f) on %d train images -> %s", probe.C, val_auc[probe.C], len(train.y), outputs.probe
+        "probe: %s C=%g (val AUC %.4f), threshold %.3f, on %d train images -> %s",
+        t.probe,
+        fitted.probe.C,
+        fitted.val_auc[fitted.probe.C],
+        fitted.threshold,
+        len(train.y),
+        outputs.probe,
     )
     return card

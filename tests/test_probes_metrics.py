@@ -1,21 +1,24 @@
-"""Probes round-trip without pickle; metrics agree with scikit-learn; evaluation uses held-out reals."""
+"""Probes round-trip without pickle; metrics agree with scikit-learn; protocols on synthetic
+caches give the answers their construction implies; the demo's evaluation is complete."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import config, evaluate, extract, manifest, train
-from pipeline.metrics import binary_metrics, roc_points
+from pipeline import config, evaluate, extract, features, manifest, shortcut, train
+from pipeline.metrics import binary_metrics, bootstrap_auc, equal_error_rate, rank_auc, roc_points, video_level
 from pipeline.outputs import Outputs
-from pipeline.probes import NORMALIZATIONS, LinearProbe
+from pipeline.probes import KINDS, NORMALIZATIONS, LinearProbe
 
 
 def blobs(n=200, dim=8, seed=0):
@@ -25,19 +28,24 @@ def blobs(n=200, dim=8, seed=0):
     return X.astype(np.float32), y
 
 
+# --------------------------------------------------------------------------- probes
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
-def test_probe_round_trips_through_safetensors_and_json(tmp_path, normalize):
+def test_probe_round_trips_through_safetensors_and_json(tmp_path, kind, normalize):
     X, y = blobs()
-    probe = LinearProbe(C=0.5, normalize=normalize).fit(X, y)
+    probe = LinearProbe(kind=kind, C=0.5, normalize=normalize)
     assert probe.fit(X, y) is probe
+    assert roc_auc_score(y, probe.predict_proba(X)) > 0.8
     probe.save(tmp_path / "probe", {"layer": "projection"})
     loaded, card = LinearProbe.load(tmp_path / "probe")
     np.testing.assert_allclose(loaded.predict_proba(X), probe.predict_proba(X), rtol=1e-12)
-    assert card["C"] == 0.5 and card["normalize"] == normalize and card["layer"] == "projection"
+    assert (card["probe"], card["C"], card["normalize"], card["layer"]) == (kind, 0.5, normalize, "projection")
     assert set(load_file(str(tmp_path / "probe" / "weights.safetensors"))) == {"coef", "intercept", "mean", "scale"}
 
 
-def test_standardized_probe_matches_the_original_scripts_sklearn_pipeline():
+def test_standardized_logreg_matches_the_original_scripts_sklearn_pipeline():
     X, y = blobs(seed=1)
     probe = LinearProbe(C=1.0, normalize="standardize").fit(X, y)
     scaler = StandardScaler().fit(X)
@@ -45,29 +53,181 @@ def test_standardized_probe_matches_the_original_scripts_sklearn_pipeline():
     np.testing.assert_allclose(probe.predict_proba(X), reference.predict_proba(scaler.transform(X))[:, 1], atol=1e-6)
 
 
+def test_val_threshold_maximises_balanced_accuracy():
+    X, y = blobs(seed=2)
+    scores = LinearProbe().fit(X, y).predict_proba(X)
+    t = train.choose_threshold(y, scores)
+    best = binary_metrics(y, scores, threshold=t)["balanced_accuracy"]
+    for other in np.linspace(0.01, 0.99, 99):
+        assert binary_metrics(y, scores, threshold=other)["balanced_accuracy"] <= best + 1e-12
+
+
+# --------------------------------------------------------------------------- metrics
+
+
 def test_metrics_agree_with_scikit_learn():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, size=300)
     scores = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
-    m = binary_metrics(y, scores)
+    m = binary_metrics(y, scores, val_threshold=0.45)
     assert m["auc"] == pytest.approx(roc_auc_score(y, scores))
+    assert rank_auc(y, np.round(scores, 1)) == pytest.approx(roc_auc_score(y, np.round(scores, 1)))  # ties
     assert m["ap"] == pytest.approx(average_precision_score(y, scores))
     assert m["n_real"] == (y == 0).sum() and m["n_fake"] == (y == 1).sum()
     assert m["fake_accuracy"] == pytest.approx((scores[y == 1] >= 0.5).mean())
     assert m["real_accuracy"] == pytest.approx((scores[y == 0] < 0.5).mean())
+    assert m["balanced_accuracy"] == pytest.approx((m["real_accuracy"] + m["fake_accuracy"]) / 2)
+    assert m["fake_accuracy_at_val_threshold"] == pytest.approx((scores[y == 1] >= 0.45).mean())
+    fpr, tpr, _ = roc_curve(y, scores)
+    assert m["tpr_at_fpr_5"] == pytest.approx(tpr[fpr <= 0.05].max())
+    # EER: where the false positive and false negative rates meet, brute-forced over thresholds.
+    gaps = [(abs((scores[y == 0] >= t).mean() - (scores[y == 1] < t).mean()), t) for t in np.unique(scores)]
+    t = min(gaps)[1]
+    brute = ((scores[y == 0] >= t).mean() + (scores[y == 1] < t).mean()) / 2
+    assert m["eer"] == pytest.approx(brute, abs=0.01)
+    assert equal_error_rate(np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0])) == 0.0  # perfect
     points = roc_points(y, scores)
     assert points[0] == {"fpr": 0.0, "tpr": 0.0, "threshold": 1.0}
     assert points[-1]["fpr"] == points[-1]["tpr"] == 1.0
 
 
-def test_a_one_class_test_set_gives_null_not_nan():
-    m = binary_metrics(np.ones(5, int), np.linspace(0, 1, 5))
-    assert m["auc"] is None and m["ap"] is None and m["real_accuracy"] is None
+def test_video_level_is_the_mean_frame_score_per_video():
+    scores = np.array([0.1, 0.3, 0.9, 0.7, 0.5])
+    y = np.array([0, 0, 1, 1, 1])
+    videos = np.array(["real/000", "real/000", "fs/000_001", "fs/000_001", "nt/000_001"])
+    v_scores, v_labels, keys = video_level(scores, y, videos)
+    assert dict(zip(keys, v_scores, strict=True)) == pytest.approx(
+        {"real/000": 0.2, "fs/000_001": 0.8, "nt/000_001": 0.5}
+    )
+    assert dict(zip(keys, v_labels, strict=True)) == {"real/000": 0, "fs/000_001": 1, "nt/000_001": 1}
+
+
+def test_bootstrap_resamples_videos_not_frames():
+    rng = np.random.default_rng(0)
+    # 20 videos per class, 50 identical-score frames each: the frame count must not shrink the CI.
+    video_scores = np.concatenate([rng.normal(0, 1, 20), rng.normal(0.5, 1, 20)])
+    scores = np.repeat(video_scores, 50)
+    y = np.repeat(np.r_[np.zeros(20), np.ones(20)], 50).astype(int)
+    videos = np.repeat(np.arange(40), 50).astype(str)
+    lo, hi = bootstrap_auc(y, scores, videos, n=300)
+    assert lo < roc_auc_score(y, scores) < hi
+    assert hi - lo > 0.2, "resampling frames would give a far narrower (overconfident) interval"
+    assert bootstrap_auc(y, scores, videos, n=0) is None
+
+
+def test_a_one_class_test_set_warns_and_gives_null_not_nan(caplog):
+    m = binary_metrics(np.ones(5, int), np.linspace(0, 1, 5), name="fakes-only")
+    assert m["auc"] is None and m["ap"] is None and m["eer"] is None and m["real_accuracy"] is None
+    assert "fakes-only has 0 real and 5 fake" in caplog.text
     json.dumps(m, allow_nan=False)
     assert roc_points(np.ones(5, int), np.linspace(0, 1, 5)) == []
 
 
-def test_train_picks_C_on_val_and_evaluate_scores_fakes_with_held_out_reals(project):
+# --------------------------------------------------------------------------- protocols on a synthetic cache
+
+
+def synthetic_settings(**evaluate) -> config.Settings:
+    datasets = {"real": {"path": "r", "label": "real"}}
+    datasets.update({m: {"path": m, "label": "fake"} for m in ("fs", "nt", "df")})
+    return config.from_dict(
+        {
+            "data": {"root": "x", "datasets": datasets},
+            "model": {"name": "x"},
+            "extract": {},
+            "train": {"datasets": ["real", "fs"], "C": [0.1, 1.0]},
+            "evaluate": {"datasets": ["fs", "nt", "df"], "bootstrap": 50, **evaluate},
+        }
+    )
+
+
+def synthetic_frames(seed=0, videos=30, frames=4, dim=6) -> features.FeatureTable:
+    """Reals ~ N(0, 1); each fake method shifts only its own feature (fs: 0, nt: 1, df: 2)."""
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("dataset", "split", "label", "video", "path")}
+    X = []
+    for d, shift_dim in (("real", None), ("fs", 0), ("nt", 1), ("df", 2)):
+        for v in range(videos):
+            split = "test" if v % 5 == 0 else "val" if v % 5 == 1 else "train"
+            for f in range(frames):
+                x = rng.normal(size=dim)
+                if shift_dim is not None:
+                    x[shift_dim] += 3.0
+                X.append(x)
+                cols["dataset"].append(d)
+                cols["split"].append(split)
+                cols["label"].append(0 if d == "real" else 1)
+                cols["video"].append(f"{d}/{v:03d}")
+                cols["path"].append(f"{d}/{v:03d}/{f}.png")
+    arrays = {k: np.array(v) for k, v in cols.items()}
+    X = np.array(X, dtype=np.float32)
+    return features.FeatureTable(**arrays, X=X, found=np.ones(len(X), bool))
+
+
+def test_cross_manipulation_matrix_has_its_diagonal_where_the_signal_is():
+    matrix = evaluate.cross_manipulation(synthetic_settings(), synthetic_frames(), ["real"])
+    assert matrix["datasets"] == ["fs", "nt", "df"]
+    for a in matrix["datasets"]:
+        for b in matrix["datasets"]:
+            auc = matrix["auc"][a][b]
+            if a == b:
+                assert auc > 0.95, (a, b, auc)
+            else:
+                assert 0.3 < auc < 0.7, (a, b, auc)  # other methods' signal is invisible to this probe
+    assert matrix["mean_in_domain_auc"] > 0.95 and matrix["mean_cross_auc"] < 0.7
+
+
+def test_leave_one_out_tests_only_on_the_method_left_out():
+    results = evaluate.leave_one_out(synthetic_settings(), synthetic_frames(), ["real"])
+    assert set(results) == {"fs", "nt", "df"}
+    for r in results.values():
+        assert r["frame"]["n_fake"] == 6 * 4 and r["frame"]["n_real"] == 6 * 4
+        assert r["frame"]["auc"] < 0.8  # a method never seen in training is not detected here
+        assert r["video"]["n_fake"] == 6
+
+
+def test_seeds_redraw_train_val_by_video_and_report_mean_and_std():
+    frames = synthetic_frames()
+    a = evaluate.redraw_train_val(frames, ["real", "fs"], seed=1)
+    b = evaluate.redraw_train_val(frames, ["real", "fs"], seed=2)
+    assert (a != b).any()
+    assert (a[frames.split == "test"] == "test").all(), "the test split never moves"
+    for split in (a, b):
+        for video in np.unique(frames.video):
+            assert len(set(split[frames.video == video])) == 1, "a video is never split across train and val"
+    pool = np.isin(frames.dataset, ["real", "fs"]) & (frames.split != "test")
+    assert abs((a[pool] == "val").mean() - (frames.split[pool] == "val").mean()) < 0.1
+
+
+def test_shortcut_audit_flags_metadata_that_separates_the_classes(caplog):
+    n = 200
+    labels = np.arange(n) % 2
+    table = pa.table(
+        {
+            "label": labels,
+            "split": np.where(np.arange(n) % 5 == 0, "test", "train"),
+            "format": np.where(labels == 1, "png", "jpeg"),  # fakes PNG, reals JPEG
+            "width": np.full(n, 256),
+            "height": np.full(n, 256),
+            "jpeg_quality": np.where(labels == 1, -1, 90),
+            "size": np.random.default_rng(0).integers(10_000, 20_000, n),
+        }
+    )
+    result = shortcut.audit(table)
+    assert result["shortcut"] and result["auc"] > 0.99
+    assert result["feature_auc"]["format=png"] == 1.0
+    assert "SHORTCUT" in caplog.text
+    same = table.set_column(2, "format", pa.array(["png"] * n)).set_column(5, "jpeg_quality", pa.array([-1] * n))
+    assert not shortcut.audit(same)["shortcut"]
+
+
+# --------------------------------------------------------------------------- the demo, end to end
+
+
+def test_demo_evaluation_writes_every_protocol_report_and_table(project, caplog):
+    caplog.set_level(logging.INFO)
+    from tests.conftest import update_params
+
+    update_params(project, "evaluate", seeds=[0, 1, 2], bootstrap=100)
     settings = config.load(project / "params.yaml")
     outputs = Outputs(project)
     manifest.run(settings, outputs)
@@ -75,18 +235,37 @@ def test_train_picks_C_on_val_and_evaluate_scores_fakes_with_held_out_reals(proj
     card = train.run(settings, outputs)
     assert set(card["val_auc"]) == {str(c) for c in settings.train.C}
     assert card["C"] == float(max(card["val_auc"], key=lambda c: (card["val_auc"][c], -float(c))))
+    assert 0.0 <= card["threshold"] <= 1.0
 
     results = evaluate.run(settings, outputs)
     table = pq.read_table(outputs.manifest).to_pandas()
     real_test = ((table.dataset == "real_youtube") & (table.split == "test")).sum()
-    assert set(results) == set(settings.evaluate.datasets)
-    for name, m in results.items():
-        assert m["n_real"] == real_test > 0
-        assert m["n_fake"] == ((table.dataset == name) & (table.split == "test")).sum() > 0
-        assert 0.0 <= m["auc"] <= 1.0
+    heldout = json.loads(outputs.metrics.read_text())
+    assert heldout == results["heldout"] and set(heldout) == set(settings.evaluate.datasets)
+    for name, m in heldout.items():
+        f = m["frame"]
+        assert f["n_real"] == real_test > 0
+        assert f["n_fake"] == ((table.dataset == name) & (table.split == "test")).sum() > 0
+        assert f["auc_ci_low"] <= f["auc"] <= f["auc_ci_high"]
+        assert (
+            m["video"]["n_real"] == table[(table.dataset == "real_youtube") & (table.split == "test")].video.nunique()
+        )
+        assert len(m["seeds"]["auc"]) == 3 and m["seeds"]["auc_std"] is not None
         roc = json.loads((outputs.roc_plots / f"{name}.json").read_text())
         assert roc[0]["fpr"] == 0.0 and roc[-1]["tpr"] == 1.0
-    assert json.loads(outputs.metrics.read_text()) == results
-    shown = evaluate.table_text(evaluate.read_metrics(outputs)).splitlines()
-    assert shown[0].split()[:4] == ["dataset", "n_real", "n_fake", "auc"]
-    assert [line.split()[0] for line in shown[1:]] == sorted(settings.evaluate.datasets)
+    matrix = json.loads(outputs.protocol_metrics("cross_manipulation").read_text())
+    assert matrix["datasets"] == ["faceswap", "neuraltextures", "deepfakes", "face2face"]
+    assert matrix["auc"]["faceswap"]["faceswap"] == pytest.approx(heldout["faceswap"]["frame"]["auc"])
+    assert set(json.loads(outputs.protocol_metrics("leave_one_out").read_text())) == set(matrix["datasets"])
+    assert json.loads(outputs.protocol_metrics("zero_shot").read_text()) == {}  # not in evaluate.protocols
+    assert json.loads(outputs.shortcut.read_text())["shortcut"] is False  # the demo is all PNG, same size
+
+    page = (outputs.reports / "index.html").read_text()
+    for png in ("roc.png", "scores.png", "cross_manipulation.png"):
+        assert (outputs.reports / png).stat().st_size > 1000 and png in page
+    assert "Leave one manipulation out" in page and "Shortcut audit" in page
+
+    shown = evaluate.summaries(evaluate.read_metrics(outputs))
+    lines = next(iter(shown.values())).splitlines()
+    assert lines[0].split()[:4] == ["dataset", "real", "fake", "auc"]
+    assert [line.split()[0] for line in lines[1:]] == list(settings.evaluate.datasets)
