@@ -191,6 +191,55 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
     return Backbone(model.name, net, preprocess, list(model.layers), dims, dev, prec, description)
 
 
+@dataclass
+class TextTower:
+    """The text side of a CLIP model, for zero-shot prompts."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    logit_scale: float
+    device: torch.device
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        """L2-normalised projected text embeddings, float32 (n, dim)."""
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
+        out = torch.nn.functional.normalize(out.float(), dim=-1)
+        return out.cpu().numpy()
+
+
+def load_text(model: ModelSettings, device: torch.device) -> TextTower | None:
+    """The model's text tower and tokenizer, or None when the checkpoint has none."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    directory = resolve_directory(model)
+    if _read_json(directory / "config.json").get("model_type") != "clip":
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        log.warning("model '%s' has no tokenizer; zero-shot prompts cannot be embedded", model.name)
+        return None
+    full = CLIPConfig.from_pretrained(directory)
+    text_config = full.text_config
+    text_config.projection_dim = full.projection_dim
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        net = CLIPTextModelWithProjection.from_pretrained(directory, config=text_config, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    scale = 100.0
+    for weights in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(weights), framework="np") as f:
+            if "logit_scale" in f.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                scale = float(np.exp(f.get_tensor("logit_scale")))
+    return TextTower(net.eval().to(device), tokenizer, scale, device)
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} is missing; a model directory needs config.json and preprocessor_config.json.")

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if name == "extract":
             p.add_argument("--retry-failed", action="store_true", help="try images recorded as failed again")
+    predict = sub.add_parser("predict", help="score image files or folders with a trained probe -> CSV")
+    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    predict.add_argument("--probe", type=Path, default=None, help="probe directory (default: models/probe)")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    predict.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     cache = sub.add_parser("cache", help="inspect (info) or re-check (verify) the embedding caches")
     cache.add_argument(
         "action", choices=["info", "verify"], help="info: what each cache holds; verify: re-check every shard"
@@ -55,6 +60,11 @@ def dispatch(args: argparse.Namespace) -> int | None:
         return
     settings = load(args.params)
     outputs = Outputs(settings.base_dir)
+    if args.command == "predict":
+        from pipeline import predict
+
+        predict.run(settings, outputs, args.paths, args.probe, args.out)
+        return 0
     if args.command == "cache":
         from pipeline import cache_report
 

@@ -148,20 +148,20 @@ def make_dataset(root: Path, n_videos: int = 40, frames: int = 8, seed: int = 0)
 def make_tiny_clip(directory: Path, seed: int = 0) -> None:
     """A tiny CLIP with random weights, saved with save_pretrained (safetensors)."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={
-            "vocab_size": 512,
+            "vocab_size": 514,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "max_position_embeddings": 32,
-            "bos_token_id": 510,
-            "eos_token_id": 511,
-            "pad_token_id": 1,
+            "max_position_embeddings": 77,
+            "bos_token_id": 512,
+            "eos_token_id": 513,
+            "pad_token_id": 513,
         },
         vision_config={
             "image_size": 64,
@@ -174,8 +174,29 @@ def make_tiny_clip(directory: Path, seed: int = 0) -> None:
         projection_dim=32,
     )
     model = CLIPModel(config).eval()
+    # Seed the vision tower on its own, so its weights do not depend on the text tower's size.
+    torch.manual_seed(seed)
+    vision = CLIPVisionModelWithProjection(
+        config.vision_config.__class__(**{**config.vision_config.to_dict(), "projection_dim": 32})
+    )
+    model.vision_model.load_state_dict(vision.vision_model.state_dict())
+    model.visual_projection.load_state_dict(vision.visual_projection.state_dict())
     model.save_pretrained(directory, safe_serialization=True)
     CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer whose vocabulary is just the 256 byte characters (each alone and as a
+    word end) and the two special tokens: every text tokenizes, one character a token."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({f"{c}</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def run(data_dir: Path, model_dir: Path, n_videos: int = 40, frames: int = 8, force: bool = False) -> None:

@@ -151,6 +151,8 @@ def leave_one_out(settings: Settings, frames: features.FeatureTable, reals: list
 
 
 def zero_shot(settings: Settings, store, frames: features.FeatureTable, reals: list[str]) -> dict:
+    """Score = softmax over (best real prompt, best fake prompt) of scale * cosine similarity.
+    `frames` must hold the `projection` layer (the space the text embeddings live in)."""
     from pipeline.store import text
 
     prompts = settings.evaluate.zero_shot.prompts
@@ -158,8 +160,6 @@ def zero_shot(settings: Settings, store, frames: features.FeatureTable, reals: l
         real_t, fake_t, scale = text.read(store.directory, prompts["real"], prompts["fake"])
     except KeyError as exc:
         raise ConfigError(f"{exc.args[0]}; re-run extract (`dvc repro extract`) to embed the prompts.") from None
-    if frames.X.shape[1] != real_t.shape[1]:
-        raise ConfigError("zero_shot needs the 'projection' layer; set train.layer: projection.")
     results = {}
     for name in settings.evaluate.datasets:
         rows = test_set(frames, reals, name)
@@ -197,7 +197,10 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     if "leave_one_out" in protocols:
         results["leave_one_out"] = leave_one_out(settings, frames, reals)
     if "zero_shot" in protocols:
-        results["zero_shot"] = zero_shot(settings, store, frames, reals)
+        if "projection" not in store.layers:
+            raise ConfigError("the zero_shot protocol needs the 'projection' layer; add it to model.layers.")
+        projected = frames if card["layer"] == "projection" else features.FeatureTable.load(table, store, "projection")
+        results["zero_shot"] = zero_shot(settings, store, projected, reals)
     audit = shortcut.audit(table)
 
     for protocol in ("heldout", "cross_manipulation", "leave_one_out", "zero_shot"):

@@ -26,7 +26,7 @@ from pipeline import atomic, backbones, images
 from pipeline import manifest as manifest_mod
 from pipeline.config import Settings
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore
+from pipeline.store import EmbeddingStore, text
 from pipeline.store.shard import ShardData
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,24 @@ def _extract(settings, outputs, table, backbone, store: EmbeddingStore, retry_fa
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
 
+    embed_prompts(settings, store, backbone)
     summary = summarize(store, set(digests), settings.model.name, outputs)
     report_failures(store, set(digests))
     atomic.write_json(outputs.extract_summary, summary)
     return summary
+
+
+def embed_prompts(settings: Settings, store: EmbeddingStore, backbone: backbones.Backbone) -> None:
+    """Embed the zero-shot prompts the cache does not hold yet (a handful: instant)."""
+    prompts = settings.evaluate.zero_shot.prompts
+    wanted = [p for p in prompts["real"] + prompts["fake"] if p not in text.prompts_in(store.directory)]
+    if not wanted:
+        return
+    tower = backbones.load_text(settings.model, backbone.device)
+    if tower is None:
+        return
+    text.add(store.directory, dict(zip(wanted, tower.embed(wanted), strict=True)), tower.logit_scale)
+    log.info("embedded %d zero-shot prompts", len(wanted))
 
 
 def summarize(store: EmbeddingStore, wanted: set[str], model_name: str, outputs: Outputs) -> dict:

@@ -53,9 +53,15 @@ def repo(tmp_path, demo_images, tiny_clip) -> Path:
     return root
 
 
-def test_repro_runs_only_what_changed(repo):
+def commit(repo: Path, message: str) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message)
+
+
+def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     first = sh(repo, "dvc", "repro")
     assert ran(first) == ["manifest", "extract", "train", "evaluate"]
+    commit(repo, "baseline")
 
     assert ran(sh(repo, "dvc", "repro")) == [], "a second repro must run nothing"
 
@@ -65,6 +71,13 @@ def test_repro_runs_only_what_changed(repo):
     assert ran(sh(repo, "dvc", "repro")) == ["train", "evaluate"]
     card = json.loads((repo / "models" / "probe" / "card.json").read_text())
     assert card["C"] in (0.5, 5.0)
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
+    assert "metrics/evaluate.json" in diff, "dvc metrics diff compares against the committed baseline"
+    shown = sh(repo, "dvc", "metrics", "show", "--json")
+    for name in ("evaluate", "cross_manipulation", "leave_one_out", "zero_shot", "shortcut"):
+        assert f"metrics/{name}.json" in shown
+    plots = sh(repo, "dvc", "plots", "show", "--json")
+    assert "plots/roc/faceswap.json" in plots
 
     new = repo / "data" / "demo" / "Test_Fake" / "Deepfakes" / "900_901"
     new.mkdir()
@@ -73,7 +86,9 @@ def test_repro_runs_only_what_changed(repo):
     out = sh(repo, "dvc", "repro")
     assert ran(out)[:2] == ["manifest", "extract"]
     assert "3 to embed" in out, "extract must embed only the new images"
+    commit(repo, "more images")
 
-    metrics = sh(repo, "dvc", "metrics", "show", "--json")
-    assert '"auc"' in metrics and "deepfakes" in metrics
-    sh(repo, "dvc", "plots", "show", "--json")
+    out = sh(repo, "dvc", "exp", "run", "-S", "train.probe=linear_svm")
+    assert ran(out) == ["train", "evaluate"]
+    assert json.loads((repo / "models" / "probe" / "card.json").read_text())["probe"] == "linear_svm"
+    assert "linear_svm" in sh(repo, "dvc", "exp", "show", "--json"), "the experiment is recorded with its params"

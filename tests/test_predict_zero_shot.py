@@ -1,0 +1,93 @@
+"""predict scores files with a trained probe, reusing the cache; zero-shot scores by prompts."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import cli, config, evaluate, extract, manifest, train
+from pipeline.outputs import Outputs
+from pipeline.store import caches, text
+from tests.conftest import update_params
+from tests.test_probes_metrics import synthetic_frames, synthetic_settings
+
+
+@pytest.fixture
+def trained(project):
+    settings = config.load(project / "params.yaml")
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    extract.run(settings, outputs)
+    train.run(settings, outputs)
+    return project
+
+
+def test_predict_reuses_the_cache_and_adds_new_images_to_it(trained, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    known = sorted((trained / "data" / "Test_Fake" / "Deepfakes").rglob("*.png"))[:3]
+    for i, p in enumerate(known):
+        shutil.copy(p, folder / f"renamed_{i}.png")  # same bytes, other names: already embedded
+    Image.new("RGB", (80, 70), (200, 10, 10)).save(folder / "new.jpg")
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "predictions.csv"
+    (store,) = caches(trained / "cache" / "embeddings")
+    before = store.count()
+
+    code = cli.main(["predict", str(folder), "--params", str(trained / "params.yaml"), "--out", str(out)])
+    assert code == 0
+    assert "embedding 2 images not in the cache (3 already there)" in caplog.text
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"renamed_0.png", "renamed_1.png", "renamed_2.png", "new.jpg", "broken.png"}
+    for name in ("renamed_0.png", "new.jpg"):
+        assert 0.0 <= float(rows[name]["score"]) <= 1.0 and rows[name]["label"] in ("real", "fake")
+    assert rows["broken.png"]["score"] == "" and "not an image" in rows["broken.png"]["error"]
+    (store,) = caches(trained / "cache" / "embeddings")
+    assert store.count() == before + 1, "the new image joined the cache"
+
+    caplog.clear()
+    assert cli.main(["predict", str(folder), "--params", str(trained / "params.yaml"), "--out", str(out)]) == 0
+    assert "embedding" not in caplog.text, "a second predict embeds nothing"
+
+
+def test_predict_refuses_a_model_that_does_not_match_the_probes_cache(trained, tmp_path, capsys):
+    update_params(trained, "extract", precision="bf16")
+    Image.new("RGB", (80, 70), (1, 2, 3)).save(tmp_path / "x.png")
+    code = cli.main(
+        ["predict", str(tmp_path / "x.png"), "--params", str(trained / "params.yaml"), "--out", str(tmp_path / "p.csv")]
+    )
+    assert code == 2
+    assert "do not reproduce the probe's cache" in capsys.readouterr().err
+
+
+def test_zero_shot_scores_by_the_nearest_prompt(tmp_path):
+    frames = synthetic_frames(dim=6)
+    # Text embeddings: "real" points along feature 5, "fake" along feature 0 (where fs fakes are shifted).
+    real_vec, fake_vec = np.eye(6)[5], np.eye(6)[0]
+    text.add(tmp_path, {"a real face": real_vec, "a fake face": fake_vec}, logit_scale=100.0)
+    settings = synthetic_settings(zero_shot={"prompts": {"real": ["a real face"], "fake": ["a fake face"]}})
+    results = evaluate.zero_shot(settings, SimpleNamespace(directory=tmp_path), frames, ["real"])
+    assert results["fs"]["frame"]["auc"] > 0.75  # fs fakes lie towards the fake prompt (swapped: ~0.15)
+    assert 0.3 < results["nt"]["frame"]["auc"] < 0.7  # nt's shift is orthogonal to both prompts
+
+
+def test_zero_shot_without_embedded_prompts_says_to_rerun_extract(tmp_path):
+    settings = synthetic_settings()
+    with pytest.raises(config.ConfigError, match="re-run extract"):
+        evaluate.zero_shot(settings, SimpleNamespace(directory=tmp_path), synthetic_frames(), ["real"])
+
+
+def test_extract_embeds_the_prompts_of_the_demo_model(trained):
+    (store,) = caches(trained / "cache" / "embeddings")
+    prompts = config.load(trained / "params.yaml").evaluate.zero_shot.prompts
+    real, fake, scale = text.read(store.directory, prompts["real"], prompts["fake"])
+    assert real.shape == (1, 32) and fake.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(fake, axis=1), 1.0, rtol=1e-5)
+    assert scale == pytest.approx(np.exp(2.6592), rel=1e-3)  # CLIP's initial logit scale
