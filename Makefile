@@ -31,6 +31,7 @@ test: lint
 
 bench: venv
 	python benchmarks/extract_bench.py
+	python benchmarks/evaluate_bench.py
 
 clean-demo:
 	rm -rf data/demo data/tiny-clip cache/manifest.parquet cache/embeddings cache/extract.json models metrics plots

@@ -1,0 +1,147 @@
+"""Evaluation benchmark on an FF++-sized synthetic cache: 30,000 frames x 768 dims.
+
+    python benchmarks/evaluate_bench.py [--videos 1000] [--frames 6] [--dim 768]
+
+1,000 real videos and 4 x 1,000 fake videos (FF++'s size), 6 frames each, written as a real
+manifest and real Parquet shards. Times the train stage and each evaluate protocol, and
+prints each against the baseline measured in the same run: one probe fit on one training set
+(what the original script did once per experiment, after re-embedding every image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from pipeline import atomic, config, evaluate, features, manifest, train
+from pipeline.outputs import Outputs
+from pipeline.probes import LinearProbe
+from pipeline.store import EmbeddingStore
+from pipeline.store.shard import ShardData
+
+METHODS = ["faceswap", "neuraltextures", "deepfakes", "face2face"]
+
+
+def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    directions = {m: rng.normal(size=dim) / np.sqrt(dim) for m in METHODS}
+    rows = {k: [] for k in manifest.SCHEMA.names}
+    arrays = []
+    for dataset in ["real_youtube", *METHODS]:
+        ids = [f"{v:03d}" for v in range(videos)]
+        # FF++ pairs videos mutually: fakes A_B and B_A (pairs must not chain into one group).
+        names = ids if dataset == "real_youtube" else [f"{a}_{int(a) ^ 1:03d}" for a in ids]
+        for video in names:
+            identity = rng.normal(size=dim)
+            for f in range(frames):
+                x = identity + 0.5 * rng.normal(size=dim)
+                if dataset != "real_youtube":
+                    x += 4.0 * directions[dataset] * np.sqrt(dim) / 10
+                arrays.append(x.astype(np.float32))
+                path = f"{dataset}/{video}/{f:04d}.png"
+                rows["path"].append(path)
+                rows["dataset"].append(dataset)
+                rows["label"].append(0 if dataset == "real_youtube" else 1)
+                rows["method"].append(dataset)
+                rows["video"].append(video)
+                rows["size"].append(100_000)
+                rows["mtime_ns"].append(0)
+                rows["digest"].append(f"{len(arrays):064x}")
+                rows["format"].append("png")
+                rows["width"].append(256)
+                rows["height"].append(256)
+                rows["jpeg_quality"].append(-1)
+    files = [
+        manifest.ImageFile(p, d, v, 0, 0) for p, d, v in zip(rows["path"], rows["dataset"], rows["video"], strict=True)
+    ]
+    split_of = manifest.assign_splits(files, config.SplitSpec())
+    rows["split"] = [split_of[v] for v in rows["video"]]
+    outputs = Outputs(work)
+    manifest.write(pa.table(rows, schema=manifest.SCHEMA), outputs.manifest)
+
+    description = {"model": {"synthetic": True}, "layers": ["projection"], "dtype": "float16", "precision": "fp32"}
+    store = EmbeddingStore.create(outputs.embeddings, "synthetic", description, {"projection": dim})
+    X = np.stack(arrays)
+    for start in range(0, len(X), 4096):
+        chunk = slice(start, start + 4096)
+        store.commit(
+            ShardData(rows["digest"][chunk], rows["path"][chunk], [None] * len(X[chunk]), {"projection": X[chunk]})
+        )
+    atomic.write_json(
+        outputs.extract_summary,
+        {"embeddings": store.directory.name, "fingerprint": store.header.fingerprint, "model": "synthetic"},
+    )
+    params = {
+        "data": {
+            "root": str(work),
+            "datasets": {
+                d: {"path": d, "label": "real" if d == "real_youtube" else "fake"} for d in ["real_youtube", *METHODS]
+            },
+        },
+        "model": {"name": "synthetic"},
+        "extract": {},
+        "train": {"datasets": ["real_youtube", "faceswap"]},
+        "evaluate": {"datasets": METHODS, "protocols": ["heldout", "cross_manipulation", "leave_one_out"]},
+    }
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=1000)
+    parser.add_argument("--frames", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=768)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
+    build(work, args.videos, args.frames, args.dim)
+    settings = config.load(work / "params.yaml")
+    outputs = Outputs(work)
+    table = manifest.read(outputs.manifest)
+    store = features.open_cache(outputs)
+
+    t_read, frames = timed(features.FeatureTable.load, table, store, "projection")
+    reals = ["real_youtube"]
+    t_fit, _ = timed(baseline_fit, frames)
+    t_train, _ = timed(train.run, settings, outputs)
+    t_heldout, _ = timed(evaluate.heldout, settings, outputs, frames, reals)
+    t_matrix, matrix = timed(evaluate.cross_manipulation, settings, frames, reals)
+    t_loo, _ = timed(evaluate.leave_one_out, settings, frames, reals)
+    t_stage, _ = timed(evaluate.run, settings, outputs)
+
+    n, dim = frames.X.shape
+    print(f"\n{n} frames x {dim} dims ({args.videos} videos per dataset, 5 datasets), C grid {settings.train.C}")
+    rows = [
+        ("baseline: one probe fit at C=1 (real vs faceswap)", t_fit),
+        ("read the cache (all frames, one layer)", t_read),
+        ("train stage (C grid on val)", t_train),
+        ("heldout protocol (4 test sets, 1000 bootstrap resamples each)", t_heldout),
+        ("cross-manipulation matrix (4 probes x 4 test sets)", t_matrix),
+        ("leave-one-out (4 probes)", t_loo),
+        ("whole evaluate stage (all of the above + reports)", t_stage),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, seconds in rows:
+        print(f"{name:<{width}}  {seconds:7.2f} s  {seconds / t_fit:6.1f}x baseline")
+    print()
+    print(evaluate.matrix_text(matrix))
+
+
+def baseline_fit(frames: features.FeatureTable) -> LinearProbe:
+    rows = frames.select(["real_youtube", "faceswap"], ["train"])
+    return LinearProbe(C=1.0).fit(rows.X, rows.y)
+
+
+if __name__ == "__main__":
+    main()
