@@ -257,13 +257,20 @@ def test_demo_evaluation_writes_every_protocol_report_and_table(project, caplog)
     assert matrix["datasets"] == ["faceswap", "neuraltextures", "deepfakes", "face2face"]
     assert matrix["auc"]["faceswap"]["faceswap"] == pytest.approx(heldout["faceswap"]["frame"]["auc"])
     assert set(json.loads(outputs.protocol_metrics("leave_one_out").read_text())) == set(matrix["datasets"])
-    assert json.loads(outputs.protocol_metrics("zero_shot").read_text()) == {}  # not in evaluate.protocols
+    zero_shot = json.loads(outputs.protocol_metrics("zero_shot").read_text())
+    assert list(zero_shot) == list(settings.evaluate.datasets)
+    assert zero_shot["faceswap"]["frame"]["n_real"] == real_test
     assert json.loads(outputs.shortcut.read_text())["shortcut"] is False  # the demo is all PNG, same size
 
     page = (outputs.reports / "index.html").read_text()
     for png in ("roc.png", "scores.png", "cross_manipulation.png"):
         assert (outputs.reports / png).stat().st_size > 1000 and png in page
     assert "Leave one manipulation out" in page and "Shortcut audit" in page
+
+    update_params(project, "evaluate", protocols=["heldout"])
+    evaluate.run(config.load(project / "params.yaml"), outputs)
+    for off in ("cross_manipulation", "leave_one_out", "zero_shot"):
+        assert json.loads(outputs.protocol_metrics(off).read_text()) == {}, "a protocol that is off writes {}"
 
     shown = evaluate.summaries(evaluate.read_metrics(outputs))
     lines = next(iter(shown.values())).splitlines()
