@@ -61,6 +61,12 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class DaskSettings:
+    address: str | None = None  # a running scheduler, e.g. tcp://10.0.0.5:8786; empty: start a LocalCluster
+    n_workers: int = 2  # LocalCluster processes (one per GPU on a multi-GPU machine)
+
+
+@dataclass(frozen=True)
 class ExtractSettings:
     format: Literal["parquet", "hdf5"] = "parquet"
     batch_size: int = 64
@@ -68,6 +74,8 @@ class ExtractSettings:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     shard_size: int = 4096
+    scheduler: Literal["local", "dask"] = "local"
+    dask: DaskSettings = DaskSettings()
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,8 @@ def _check(s: Settings) -> None:
     for key in ("batch_size", "shard_size"):
         if getattr(s.extract, key) < 1:
             raise ConfigError(f"extract.{key} must be at least 1.")
+    if s.extract.dask.n_workers < 1:
+        raise ConfigError("extract.dask.n_workers must be at least 1.")
     if s.extract.num_workers < 0:
         raise ConfigError("extract.num_workers must be 0 (decode in the main process) or more.")
 
@@ -244,7 +254,7 @@ def _coerce(tp, value, key: str):
     if tp is Path:
         return Path(value)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if (value is None or value == "") and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key)

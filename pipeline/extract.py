@@ -151,6 +151,7 @@ def embed_items(
     writer: ShardWriter,
     batch_size: int,
     num_workers: int,
+    progress: bool = True,
 ) -> None:
     """Run the reader -> model -> writer loop over `items`."""
     loader = DataLoader(
@@ -161,21 +162,57 @@ def embed_items(
         pin_memory=backbone.device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
     )
-    with tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1) as bar:
+    with tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar:
         for digests, paths, pixels, errors in loader:
             writer.put(_rows(digests, paths, errors, pixels, backbone))
             bar.update(len(digests))
 
 
+class LocalEmbedder:
+    """Embeds on this machine: DataLoader workers -> the backbone -> a background shard writer."""
+
+    def __init__(self, settings: Settings, backbone: backbones.Backbone | None = None):
+        self.settings = settings
+        self.backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
+        self.description, self.dims = self.backbone.description, self.backbone.dims
+
+    def __enter__(self) -> LocalEmbedder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def embed(self, items: list[Item], store: EmbeddingStore) -> None:
+        ex = self.settings.extract
+        writer = ShardWriter(store, ex.shard_size, ex.format)
+        try:
+            embed_items(items, self.backbone, writer, ex.batch_size, ex.num_workers)
+        finally:
+            writer.close()  # commits what is buffered, also on Ctrl-C
+
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
+        tower = backbones.load_text(self.settings.model, self.backbone.device)
+        return None if tower is None else (tower.embed(prompts), tower.logit_scale)
+
+
+def embedder_for(settings: Settings, backbone: backbones.Backbone | None = None):
+    """The embedder `extract.scheduler` asks for (a context manager: a cluster is shut down after)."""
+    if settings.extract.scheduler == "dask":
+        from pipeline import distributed
+
+        return distributed.DaskEmbedder(settings)
+    return LocalEmbedder(settings, backbone)
+
+
 def run(settings: Settings, outputs: Outputs, retry_failed: bool = False, backbone=None) -> dict:
     table = manifest_mod.read(outputs.manifest)
-    backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
-    store = EmbeddingStore.create(outputs.embeddings, settings.model.name, backbone.description, backbone.dims)
-    with store.writer_lock():
-        return _extract(settings, outputs, table, backbone, store, retry_failed)
+    with embedder_for(settings, backbone) as embedder:
+        store = EmbeddingStore.create(outputs.embeddings, settings.model.name, embedder.description, embedder.dims)
+        with store.writer_lock():
+            return _extract(settings, outputs, table, embedder, store, retry_failed)
 
 
-def _extract(settings, outputs, table, backbone, store: EmbeddingStore, retry_failed: bool) -> dict:
+def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_failed: bool) -> dict:
     removed = store.remove_leftovers()
     if removed:
         log.info("removed %d unfinished temp files of an interrupted run", removed)
@@ -196,32 +233,31 @@ def _extract(settings, outputs, table, backbone, store: EmbeddingStore, retry_fa
     )
 
     started = time.perf_counter()
-    writer = ShardWriter(store, settings.extract.shard_size, settings.extract.format)
-    try:
-        embed_items(items, backbone, writer, settings.extract.batch_size, settings.extract.num_workers)
-    finally:
-        writer.close()  # commits what is buffered, also on Ctrl-C
+    if items:
+        embedder.embed(items, store)
+        store = EmbeddingStore.open(store.directory)  # re-read: shards may come from other processes
     seconds = time.perf_counter() - started
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
 
-    embed_prompts(settings, store, backbone)
+    embed_prompts(settings, store, embedder)
     summary = summarize(store, set(digests), settings.model.name, outputs)
     report_failures(store, set(digests))
     atomic.write_json(outputs.extract_summary, summary)
     return summary
 
 
-def embed_prompts(settings: Settings, store: EmbeddingStore, backbone: backbones.Backbone) -> None:
+def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:
     """Embed the zero-shot prompts the cache does not hold yet (a handful: instant)."""
     prompts = settings.evaluate.zero_shot.prompts
     wanted = [p for p in prompts["real"] + prompts["fake"] if p not in text.prompts_in(store.directory)]
     if not wanted:
         return
-    tower = backbones.load_text(settings.model, backbone.device)
-    if tower is None:
+    embedded = embedder.embed_text(wanted)
+    if embedded is None:
         return
-    text.add(store.directory, dict(zip(wanted, tower.embed(wanted), strict=True)), tower.logit_scale)
+    vectors, scale = embedded
+    text.add(store.directory, dict(zip(wanted, vectors, strict=True)), scale)
     log.info("embedded %d zero-shot prompts", len(wanted))
 
 

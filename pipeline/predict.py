@@ -44,30 +44,22 @@ def cache_for(outputs: Outputs, fingerprint: str) -> EmbeddingStore:
 
 
 def embed_missing(settings: Settings, store: EmbeddingStore, files: list[Path], digests: list[str | None]) -> None:
-    from pipeline import backbones, extract
+    from pipeline import extract
 
     todo = extract.plan((d for d in digests if d), store.keys(), set(store.failures()))
     if not todo:
         return
-    backbone = backbones.load(settings.model, settings.extract.device, settings.extract.precision)
-    if backbone.description != store.card["description"]:
+    embedder = extract.LocalEmbedder(settings)
+    if embedder.description != store.card["description"]:
         raise ConfigError(
             f"params.yaml's model settings do not reproduce the probe's cache {store.directory.name}; "
             "set model (and extract.precision) as they were when the probe's cache was made."
         )
     path_of = {d: f for f, d in zip(files, digests, strict=True) if d}
-    items = [extract.Item(d, str(path_of[d]), path_of[d]) for d in todo]
-    log.info(
-        "embedding %d images not in the cache (%d already there)",
-        len(todo),
-        len(set(filter(None, digests))) - len(todo),
-    )
+    n_known = len(set(filter(None, digests)))
+    log.info("embedding %d images not in the cache (%d already there)", len(todo), n_known - len(todo))
     with store.writer_lock():
-        writer = extract.ShardWriter(store, settings.extract.shard_size, settings.extract.format)
-        try:
-            extract.embed_items(items, backbone, writer, settings.extract.batch_size, settings.extract.num_workers)
-        finally:
-            writer.close()
+        embedder.embed([extract.Item(d, str(path_of[d]), path_of[d]) for d in todo], store)
 
 
 def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path | None, out: Path) -> list[dict]:

@@ -4,12 +4,18 @@ through the same code (`save_pretrained`, PNG files) a user's run goes through."
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from pipeline import demo
+from pipeline import config, demo, manifest
+from pipeline.outputs import Outputs
+from pipeline.store import caches
 
 REPO = Path(__file__).resolve().parents[1]
 FFPP_SPLITS = REPO.parent / "shared" / "ffpp-splits"
@@ -61,3 +67,68 @@ def update_params(project: Path, section: str, **values) -> None:
     params = yaml.safe_load(path.read_text())
     params[section].update(values)
     path.write_text(yaml.safe_dump(params))
+
+
+# --------------------------------------------------------------------------- extractor processes
+
+
+@pytest.fixture(scope="session")
+def many_images(tmp_path_factory):
+    """Enough images that a run with tiny shards takes a few seconds."""
+    root = tmp_path_factory.mktemp("many") / "data"
+    demo.make_dataset(root, n_videos=40, frames=4)
+    return root
+
+
+def make_project(path, images, tiny_clip, fmt="parquet", workers=0):
+    shutil.copytree(images, path / "data")
+    params = demo_params(path / "data", tiny_clip)
+    params["extract"].update(format=fmt, batch_size=4, shard_size=8, num_workers=workers)
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    manifest.run(config.load(path / "params.yaml"), Outputs(path))
+    return path
+
+
+def start_extract(project) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a job in a terminal
+    )
+
+
+def shard_count(project) -> int:
+    found = list((project / "cache" / "embeddings").glob("*/shards/*"))
+    return sum(1 for p in found if not p.name.startswith(".tmp-"))
+
+
+def wait_for_shards(proc, project, n, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while shard_count(project) < n:
+        assert proc.poll() is None, f"extract ended before {n} shards:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for shards"
+        time.sleep(0.005)
+
+
+def run_to_end(project) -> str:
+    proc = start_extract(project)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return err
+
+
+def contents(project) -> tuple[list[str], np.ndarray]:
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.verify() == []
+    keys = sorted(store.keys())
+    return keys, store.read(keys, "projection")[0]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, many_images, tiny_clip):
+    project = make_project(tmp_path_factory.mktemp("reference"), many_images, tiny_clip)
+    run_to_end(project)
+    return contents(project)

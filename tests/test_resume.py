@@ -4,7 +4,6 @@ flight, and the resumed run ends with exactly the keys and embeddings of an unin
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,72 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import config, demo, manifest
-from pipeline.outputs import Outputs
 from pipeline.store import caches
-from tests.conftest import REPO, demo_params
-
-
-@pytest.fixture(scope="module")
-def many_images(tmp_path_factory):
-    """Enough images that a run with tiny shards takes a few seconds."""
-    root = tmp_path_factory.mktemp("many") / "data"
-    demo.make_dataset(root, n_videos=40, frames=4)
-    return root
-
-
-def make_project(path, images, tiny_clip, fmt="parquet", workers=0):
-    shutil.copytree(images, path / "data")
-    params = demo_params(path / "data", tiny_clip)
-    params["extract"].update(format=fmt, batch_size=4, shard_size=8, num_workers=workers)
-    (path / "params.yaml").write_text(yaml.safe_dump(params))
-    manifest.run(config.load(path / "params.yaml"), Outputs(path))
-    return path
-
-
-def start_extract(project) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, like a job in a terminal
-    )
-
-
-def shard_count(project) -> int:
-    found = list((project / "cache" / "embeddings").glob("*/shards/*"))
-    return sum(1 for p in found if not p.name.startswith(".tmp-"))
-
-
-def wait_for_shards(proc, project, n, timeout=120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while shard_count(project) < n:
-        assert proc.poll() is None, f"extract ended before {n} shards:\n{proc.stderr.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for shards"
-        time.sleep(0.005)
-
-
-def run_to_end(project) -> str:
-    proc = start_extract(project)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    return err
-
-
-def contents(project) -> tuple[list[str], np.ndarray]:
-    (store,) = caches(project / "cache" / "embeddings")
-    assert store.verify() == []
-    keys = sorted(store.keys())
-    return keys, store.read(keys, "projection")[0]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, many_images, tiny_clip):
-    project = make_project(tmp_path_factory.mktemp("reference"), many_images, tiny_clip)
-    run_to_end(project)
-    return contents(project)
+from tests.conftest import REPO, contents, make_project, run_to_end, start_extract, wait_for_shards
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,102 @@
+"""Extraction on a real dask.distributed LocalCluster (worker processes) gives the local result,
+and survives a worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from pipeline import config, extract, manifest
+from pipeline.outputs import Outputs
+from pipeline.store import caches
+from tests.conftest import REPO, contents, make_project, run_to_end, update_params
+
+
+def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project):
+    settings = config.load(project / "params.yaml")
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    local = extract.run(settings, outputs)
+    (store,) = caches(outputs.embeddings)
+    keys = sorted(store.keys())
+    expected, _ = store.read(keys, "projection")
+    shutil.rmtree(outputs.embeddings)
+
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 2}, shard_size=24)
+    distributed = extract.run(config.load(project / "params.yaml"), outputs)
+    assert distributed == local  # same fingerprint, same counts
+    (store,) = caches(outputs.embeddings)
+    assert sorted(store.keys()) == keys
+    got, _ = store.read(keys, "projection")
+    np.testing.assert_array_equal(got, expected)
+    assert len(store.shard_paths()) >= len(keys) // 24, "each worker committed its own shards"
+    assert store.verify() == []
+
+
+def worker_processes(pid: int) -> list[psutil.Process]:
+    """The dask worker processes under an extract process (spawned Python children)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "multiprocessing" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_killing_a_worker_mid_run_then_rerunning_redoes_no_committed_shard(tmp_path, many_images, tiny_clip, reference):
+    project = make_project(tmp_path, many_images, tiny_clip)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["extract"].update(scheduler="dask", dask={"address": "", "n_workers": 2}, shard_size=16)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    shards = project / "cache" / "embeddings"
+    while len([p for p in shards.glob("*/shards/*") if not p.name.startswith(".tmp")]) < 5:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    victims = worker_processes(proc.pid)
+    assert victims, "expected dask worker processes"
+    os.kill(victims[0].pid, signal.SIGKILL)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)  # then stop the whole run, as a crash or a cancelled job would
+    proc.wait()
+    proc.stderr.close()
+
+    (store,) = caches(shards)
+    committed = set(store.keys())
+    before = {p.name for p in store.shard_paths()}
+    assert 0 < len(committed) < len(reference[0])
+    assert store.verify() == []
+
+    log = run_to_end(project)
+    assert f"{len(reference[0]) - len(committed)} to embed" in log, "committed shards are not redone"
+    (store,) = caches(shards)
+    assert before <= {p.name for p in store.shard_paths()}
+    keys, embeddings = contents(project)
+    assert keys == reference[0]
+    np.testing.assert_array_equal(embeddings, reference[1])
+
+
+@pytest.mark.parametrize("address", ["", None])
+def test_an_empty_address_means_a_local_cluster(project, address):
+    update_params(project, "extract", scheduler="dask", dask={"address": address, "n_workers": 1})
+    assert config.load(project / "params.yaml").extract.dask.address is None
