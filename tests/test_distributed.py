@@ -76,7 +76,7 @@ def test_killing_a_worker_mid_run_then_rerunning_redoes_no_committed_shard(tmp_p
     victims = worker_processes(proc.pid)
     assert victims, "expected dask worker processes"
     os.kill(victims[0].pid, signal.SIGKILL)
-    time.sleep(1.0)
+    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # then stop the whole run, as a crash or a cancelled job would
     proc.wait()
     proc.stderr.close()
