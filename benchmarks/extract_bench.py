@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dask", type=int, default=0, help="also time a dask LocalCluster of this many workers")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="extract-bench-"))
@@ -219,6 +220,17 @@ def main() -> None:
     kill_at_half(work, n + extra)
     resume_s, resume_n = timed_extract(settings, outputs, backbone)
 
+    # Optionally: the same full run on a dask LocalCluster (each worker builds its own model).
+    rate_dask = None
+    if args.dask:
+        for store in caches(outputs.embeddings):
+            shutil.rmtree(store.directory)
+        raw = yaml.safe_load((work / "params.yaml").read_text())
+        raw["extract"].update(scheduler="dask", dask={"address": "", "n_workers": args.dask})
+        (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        dask_s, dask_n = timed_extract(config.load(work / "params.yaml"), outputs, None)
+        rate_dask = dask_n / dask_s
+
     # Cosine of the chosen precision against fp32.
     fp32 = backbones.load(settings.model, args.device, "fp32")
     x = torch.stack([torch.from_numpy(backbone.preprocess(Image.open(p).convert("RGB"))) for p in paths[:64]])
@@ -247,6 +259,14 @@ def main() -> None:
         ("min cosine to fp32", f"{cosine:8.5f}", "target >= 0.999"),
         ("peak RSS", f"{rss_mb:8.0f} MB", "max of this process and its children"),
     ]
+    if rate_dask is not None:
+        rows.append(
+            (
+                f"(d) dask LocalCluster, {args.dask} workers",
+                f"{rate_dask:8.1f} img/s",
+                f"d/b {rate_dask / rate_b:.2f}; includes starting the cluster and loading the model in every worker",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value}  {note}")

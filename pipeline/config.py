@@ -86,6 +86,9 @@ class TrainSettings:
     normalize: Literal["none", "l2", "standardize", "l2+standardize"] = "standardize"
     layer: str = "projection"
     max_iter: int = 2000
+    # Caches larger than memory: read shard by shard and fit with SGD (partial_fit) instead.
+    stream: bool = False
+    epochs: int = 5  # SGD passes over the training rows when streaming
 
 
 @dataclass(frozen=True)

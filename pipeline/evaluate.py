@@ -21,48 +21,48 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import atomic, features, manifest, shortcut, train
+from pipeline import atomic, features, manifest, shortcut
 from pipeline.config import ConfigError, Settings, SplitSpec
 from pipeline.metrics import binary_metrics, bootstrap_auc, roc_points, video_level
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 
+Frames = features.FeatureTable | features.StreamedFeatures
+
 log = logging.getLogger(__name__)
 
 
-def score_set(
-    probe_scores: np.ndarray, rows: features.Rows, val_threshold: float | None, bootstrap: int, name: str
-) -> dict:
+@dataclass
+class Scored:
+    """A test set's labels, scores and video keys."""
+
+    y: np.ndarray
+    scores: np.ndarray
+    video: np.ndarray
+
+
+def scored(frames: Frames, reals: list[str], fake: str, fn: Callable[[np.ndarray], np.ndarray]) -> Scored:
+    """The test split of `fake` together with the test split of the real datasets, scored by fn."""
+    mask = frames.mask(reals, ["test"], labels=[0]) | frames.mask([fake], ["test"], labels=[1])
+    return Scored(frames.label[mask], frames.score(fn, mask), frames.video[mask])
+
+
+def score_set(s: Scored, val_threshold: float | None, bootstrap: int, name: str) -> dict:
     """Frame- and video-level metrics of one scored test set (real + fake rows)."""
-    frame = binary_metrics(rows.y, probe_scores, val_threshold=val_threshold, name=name)
-    ci = bootstrap_auc(rows.y, probe_scores, rows.video, n=bootstrap)
+    frame = binary_metrics(s.y, s.scores, val_threshold=val_threshold, name=name)
+    ci = bootstrap_auc(s.y, s.scores, s.video, n=bootstrap)
     frame["auc_ci_low"], frame["auc_ci_high"] = ci if ci else (None, None)
-    v_scores, v_labels, _ = video_level(probe_scores, rows.y, rows.video)
+    v_scores, v_labels, _ = video_level(s.scores, s.y, s.video)
     video = binary_metrics(v_labels, v_scores, val_threshold=val_threshold, name=f"{name} (videos)")
     return {"frame": frame, "video": video}
 
 
-def test_set(frames: features.FeatureTable, reals: list[str], fake: str) -> features.Rows:
-    """The test split of `fake`, together with the test split of the real datasets."""
-    return features.Rows.concat(
-        [frames.select(reals, ["test"], labels=[0]), frames.select([fake], ["test"], labels=[1])]
-    )
-
-
-def fit_on(frames: features.FeatureTable, datasets: list[str], spec, splits=None) -> train.Fitted:
-    """A probe on the train split of `datasets`, C and threshold chosen on their val split.
-    `splits` optionally overrides each row's train/val assignment (for re-drawn seeds)."""
-    split = frames.split if splits is None else splits
-    base = np.isin(frames.dataset, datasets) & frames.found
-    return train.fit_and_select(
-        frames.rows(base & (split == "train")), frames.rows(base & (split == "val")), spec, what="+".join(datasets)
-    )
-
-
-def redraw_train_val(frames: features.FeatureTable, datasets: list[str], seed: int) -> np.ndarray:
+def redraw_train_val(frames: Frames, datasets: list[str], seed: int) -> np.ndarray:
     """Each row's split with train/val re-drawn by video group for `seed` (test untouched)."""
     pool = np.isin(frames.dataset, datasets) & np.isin(frames.split, ["train", "val"])
     videos = [str(v).split("/", 1)[1] for v in frames.video[pool]]
@@ -77,24 +77,23 @@ def redraw_train_val(frames: features.FeatureTable, datasets: list[str], seed: i
 # --------------------------------------------------------------------------- protocols
 
 
-def heldout(settings: Settings, outputs: Outputs, frames: features.FeatureTable, reals: list[str]):
+def heldout(settings: Settings, outputs: Outputs, frames: Frames, reals: list[str]):
     """The train stage's probe on each evaluate dataset -> (metrics, ROC curves, scores)."""
     probe, card = LinearProbe.load(outputs.probe)
     ev = settings.evaluate
-    results, curves, scored = {}, {}, {}
+    results, curves, by_name = {}, {}, {}
     for name in ev.datasets:
-        rows = test_set(frames, reals, name)
-        scores = probe.predict_proba(rows.X)
-        results[name] = score_set(scores, rows, card.get("threshold"), ev.bootstrap, name)
-        curves[name] = roc_points(rows.y, scores)
-        scored[name] = (rows.y, scores)
+        s = scored(frames, reals, name, probe.predict_proba)
+        results[name] = score_set(s, card.get("threshold"), ev.bootstrap, name)
+        curves[name] = roc_points(s.y, s.scores)
+        by_name[name] = (s.y, s.scores)
     if len(ev.seeds) > 1:
         per_seed = {name: [] for name in ev.datasets}
         for seed in ev.seeds:
-            fitted = fit_on(frames, card["datasets"], settings.train, redraw_train_val(frames, card["datasets"], seed))
+            fitted = frames.fit(card["datasets"], settings.train, redraw_train_val(frames, card["datasets"], seed))
             for name in ev.datasets:
-                rows = test_set(frames, reals, name)
-                per_seed[name].append(binary_metrics(rows.y, fitted.probe.predict_proba(rows.X))["auc"])
+                s = scored(frames, reals, name, fitted.probe.predict_proba)
+                per_seed[name].append(binary_metrics(s.y, s.scores)["auc"])
         for name, aucs in per_seed.items():
             aucs = np.array([a for a in aucs if a is not None])
             results[name]["seeds"] = {
@@ -103,27 +102,26 @@ def heldout(settings: Settings, outputs: Outputs, frames: features.FeatureTable,
                 "auc_mean": float(aucs.mean()) if len(aucs) else None,
                 "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None,
             }
-    return results, curves, scored
+    return results, curves, by_name
 
 
-def fake_sets(settings: Settings, frames: features.FeatureTable) -> list[str]:
+def fake_sets(settings: Settings, frames: Frames) -> list[str]:
     """Fake datasets of the cross-manipulation protocols: train's fakes, then evaluate's."""
     ordered = [d for d in settings.train.datasets if frames.label_of(d) == 1]
     return ordered + [d for d in settings.evaluate.datasets if d not in ordered]
 
 
-def cross_manipulation(settings: Settings, frames: features.FeatureTable, reals: list[str]) -> dict:
+def cross_manipulation(settings: Settings, frames: Frames, reals: list[str]) -> dict:
     """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on."""
     fakes = fake_sets(settings, frames)
     auc, video_auc = {}, {}
     for trained_on in fakes:
-        probe = fit_on(frames, [*reals, trained_on], settings.train).probe
+        probe = frames.fit([*reals, trained_on], settings.train).probe
         auc[trained_on], video_auc[trained_on] = {}, {}
         for tested_on in fakes:
-            rows = test_set(frames, reals, tested_on)
-            scores = probe.predict_proba(rows.X)
-            auc[trained_on][tested_on] = binary_metrics(rows.y, scores, name=tested_on)["auc"]
-            v_scores, v_labels, _ = video_level(scores, rows.y, rows.video)
+            s = scored(frames, reals, tested_on, probe.predict_proba)
+            auc[trained_on][tested_on] = binary_metrics(s.y, s.scores, name=tested_on)["auc"]
+            v_scores, v_labels, _ = video_level(s.scores, s.y, s.video)
             video_auc[trained_on][tested_on] = binary_metrics(v_labels, v_scores, name=f"{tested_on} (videos)")["auc"]
     off = [auc[a][b] for a in fakes for b in fakes if a != b and auc[a][b] is not None]
     diag = [auc[a][a] for a in fakes if auc[a][a] is not None]
@@ -136,21 +134,20 @@ def cross_manipulation(settings: Settings, frames: features.FeatureTable, reals:
     }
 
 
-def leave_one_out(settings: Settings, frames: features.FeatureTable, reals: list[str]) -> dict:
+def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
     fakes = fake_sets(settings, frames)
     if len(fakes) < 2:
         log.warning("leave_one_out needs at least two fake datasets; skipped")
         return {}
     results = {}
     for left_out in fakes:
-        fitted = fit_on(frames, [*reals, *(f for f in fakes if f != left_out)], settings.train)
-        rows = test_set(frames, reals, left_out)
-        scores = fitted.probe.predict_proba(rows.X)
-        results[left_out] = score_set(scores, rows, fitted.threshold, settings.evaluate.bootstrap, left_out)
+        fitted = frames.fit([*reals, *(f for f in fakes if f != left_out)], settings.train)
+        s = scored(frames, reals, left_out, fitted.probe.predict_proba)
+        results[left_out] = score_set(s, fitted.threshold, settings.evaluate.bootstrap, left_out)
     return results
 
 
-def zero_shot(settings: Settings, store, frames: features.FeatureTable, reals: list[str]) -> dict:
+def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> dict:
     """Score = softmax over (best real prompt, best fake prompt) of scale * cosine similarity.
     `frames` must hold the `projection` layer (the space the text embeddings live in)."""
     from pipeline.store import text
@@ -160,16 +157,18 @@ def zero_shot(settings: Settings, store, frames: features.FeatureTable, reals: l
         real_t, fake_t, scale = text.read(store.directory, prompts["real"], prompts["fake"])
     except KeyError as exc:
         raise ConfigError(f"{exc.args[0]}; re-run extract (`dvc repro extract`) to embed the prompts.") from None
-    results = {}
-    for name in settings.evaluate.datasets:
-        rows = test_set(frames, reals, name)
-        img = rows.X / np.maximum(np.linalg.norm(rows.X, axis=1, keepdims=True), 1e-12)
+
+    def fn(X: np.ndarray) -> np.ndarray:
+        img = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         logits = scale * np.stack([(img @ real_t.T).max(1), (img @ fake_t.T).max(1)], axis=1)
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
-        scores = p[:, 1] / p.sum(1)
-        results[name] = score_set(scores, rows, None, settings.evaluate.bootstrap, f"{name} (zero-shot)")
-    return results
+        return p[:, 1] / p.sum(1)
+
+    return {
+        name: score_set(scored(frames, reals, name, fn), None, settings.evaluate.bootstrap, f"{name} (zero-shot)")
+        for name in settings.evaluate.datasets
+    }
 
 
 # --------------------------------------------------------------------------- stage
@@ -183,7 +182,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         log.warning(
             "the probe was trained on cache %s, the current cache is %s", card["fingerprint"], store.header.fingerprint
         )
-    frames = features.FeatureTable.load(table, store, card["layer"])
+    frames = features.load(table, store, card["layer"], stream=settings.train.stream)
     reals = [d for d in card["datasets"] if frames.label_of(d) == 0]
     protocols = settings.evaluate.protocols
 
@@ -199,7 +198,9 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     if "zero_shot" in protocols:
         if "projection" not in store.layers:
             raise ConfigError("the zero_shot protocol needs the 'projection' layer; add it to model.layers.")
-        projected = frames if card["layer"] == "projection" else features.FeatureTable.load(table, store, "projection")
+        projected = frames
+        if card["layer"] != "projection":
+            projected = features.load(table, store, "projection", stream=settings.train.stream)
         results["zero_shot"] = zero_shot(settings, store, projected, reals)
     audit = shortcut.audit(table)
 

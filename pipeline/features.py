@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,31 +50,16 @@ class Rows:
 
 
 @dataclass
-class FeatureTable:
-    """Every manifest row with its embedding of one layer."""
+class _Frames:
+    """Manifest metadata of every row, shared by the in-memory and the streamed feature views."""
 
     dataset: np.ndarray
     split: np.ndarray
     label: np.ndarray
-    video: np.ndarray
+    video: np.ndarray  # "<dataset>/<video id>"
     path: np.ndarray
-    X: np.ndarray
+    digest: np.ndarray
     found: np.ndarray
-
-    @classmethod
-    def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> FeatureTable:
-        cols = {
-            name: np.array(table.column(name).to_pylist()) for name in ("dataset", "split", "label", "video", "path")
-        }
-        X, found = store.read(table.column("digest").to_pylist(), layer)
-        if not found.all():
-            log.warning(
-                "%d of %d manifest images have no embedding (they failed to decode) and are skipped",
-                (~found).sum(),
-                len(found),
-            )
-        keys = np.char.add(np.char.add(cols["dataset"].astype(str), "/"), cols["video"].astype(str))
-        return cls(cols["dataset"], cols["split"], cols["label"].astype(int), keys, cols["path"], X, found)
 
     def label_of(self, dataset: str) -> int | None:
         """0 (real) or 1 (fake) for a dataset in the manifest, None if it has no rows."""
@@ -86,9 +72,86 @@ class FeatureTable:
             m &= np.isin(self.label, labels)
         return m
 
+    def train_val(self, datasets: list[str], splits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        split = self.split if splits is None else splits
+        base = np.isin(self.dataset, datasets) & self.found
+        return base & (split == "train"), base & (split == "val")
+
+
+def _metadata(table: pa.Table, found: np.ndarray) -> dict:
+    cols = {name: np.array(table.column(name).to_pylist()) for name in ("dataset", "split", "label", "path", "digest")}
+    video = np.array(table.column("video").to_pylist())
+    cols["video"] = np.char.add(np.char.add(cols["dataset"].astype(str), "/"), video.astype(str))
+    cols["label"] = cols["label"].astype(int)
+    if not found.all():
+        log.warning(
+            "%d of %d manifest images have no embedding (they failed to decode) and are skipped",
+            (~found).sum(),
+            len(found),
+        )
+    return {**cols, "found": found}
+
+
+@dataclass
+class FeatureTable(_Frames):
+    """Every manifest row with its embedding of one layer, in memory."""
+
+    X: np.ndarray
+
+    @classmethod
+    def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> FeatureTable:
+        X, found = store.read(table.column("digest").to_pylist(), layer)
+        return cls(**_metadata(table, found), X=X)
+
     def rows(self, mask: np.ndarray) -> Rows:
         mask = mask & self.found
         return Rows(self.X[mask], self.label[mask], self.dataset[mask], self.video[mask], self.path[mask])
 
     def select(self, datasets: list[str], splits: list[str], labels: list[int] | None = None) -> Rows:
         return self.rows(self.mask(datasets, splits, labels))
+
+    def fit(self, datasets: list[str], spec, splits: np.ndarray | None = None):
+        """A probe on the train rows of `datasets`, C and threshold chosen on their val rows."""
+        from pipeline import train
+
+        tr, va = self.train_val(datasets, splits)
+        return train.fit_and_select(self.rows(tr), self.rows(va), spec, what="+".join(datasets))
+
+    def score(self, fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray) -> np.ndarray:
+        """fn(features) of the rows in `mask` (which must hold only rows with an embedding)."""
+        return fn(self.X[mask])
+
+
+@dataclass
+class StreamedFeatures(_Frames):
+    """The same view for caches larger than memory: features are read shard by shard on use."""
+
+    store: EmbeddingStore
+    layer: str
+
+    @classmethod
+    def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> StreamedFeatures:
+        keys = store.keys()
+        found = np.array([d in keys for d in table.column("digest").to_pylist()], dtype=bool)
+        return cls(**_metadata(table, found), store=store, layer=layer)
+
+    def fit(self, datasets: list[str], spec, splits: np.ndarray | None = None):
+        from pipeline import streaming
+        from pipeline.train import check_both_classes
+
+        tr, va = self.train_val(datasets, splits)
+        what = "+".join(datasets)
+        check_both_classes(self.label[tr], self.label[va], what)
+        as_map = lambda m: dict(zip(self.digest[m], self.label[m], strict=True))  # noqa: E731
+        return streaming.fit_and_select(self.store, self.layer, as_map(tr), as_map(va), spec)
+
+    def score(self, fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray) -> np.ndarray:
+        from pipeline import streaming
+
+        by_digest = streaming.score(self.store, self.layer, set(self.digest[mask]), fn)
+        return np.array([by_digest[d] for d in self.digest[mask]])
+
+
+def load(table: pa.Table, store: EmbeddingStore, layer: str, stream: bool = False) -> FeatureTable | StreamedFeatures:
+    """The features of every manifest row: in memory, or streamed from the shards."""
+    return (StreamedFeatures if stream else FeatureTable).load(table, store, layer)

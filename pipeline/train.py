@@ -31,16 +31,20 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray) -> float:
     return float(min(thr[int(np.argmax(tpr - fpr))], 1.0))
 
 
+def check_both_classes(train_y: np.ndarray, val_y: np.ndarray, what: str) -> None:
+    for y, split in ((train_y, "train"), (val_y, "val")):
+        if set(np.unique(y)) != {0, 1}:
+            raise ConfigError(
+                f"the {split} split of {what} needs both real and fake images (it has {len(y)} images); "
+                "add data or change data.split."
+            )
+
+
 def fit_and_select(
     train: features.Rows, val: features.Rows, spec: TrainSettings, what: str = "train.datasets"
 ) -> Fitted:
     """Fit one probe per C on train; keep the best val AUC (the smaller C on ties)."""
-    for rows, split in ((train, "train"), (val, "val")):
-        if set(np.unique(rows.y)) != {0, 1}:
-            raise ConfigError(
-                f"the {split} split of {what} needs both real and fake images (it has {len(rows.y)} images); "
-                "add data or change data.split."
-            )
+    check_both_classes(train.y, val.y, what)
     scores: dict[float, float] = {}
     best: tuple[float, LinearProbe] | None = None
     for C in sorted(spec.C):
@@ -60,9 +64,9 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     table = manifest_mod.read(outputs.manifest)
     store = features.open_cache(outputs)
     store.dimension(t.layer)  # a clear error now if the layer is not cached
-    frames = features.FeatureTable.load(table, store, t.layer)
-    train, val = frames.select(t.datasets, ["train"]), frames.select(t.datasets, ["val"])
-    fitted = fit_and_select(train, val, t)
+    frames = features.load(table, store, t.layer, stream=t.stream)
+    train, val = frames.train_val(t.datasets)
+    fitted = frames.fit(t.datasets, t)
     for C, auc in fitted.val_auc.items():
         log.info("C=%g: val AUC %.4f", C, auc)
     card = {
@@ -70,8 +74,9 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         "fingerprint": store.header.fingerprint,
         "layer": t.layer,
         "datasets": list(t.datasets),
-        "n_train": len(train.y),
-        "n_val": len(val.y),
+        "n_train": int(train.sum()),
+        "n_val": int(val.sum()),
+        "streamed": t.stream,
         "val_auc": {str(c): a for c, a in fitted.val_auc.items()},
         "threshold": fitted.threshold,
         "selected_by": "val AUC (C), val balanced accuracy (threshold)",
@@ -83,7 +88,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         fitted.probe.C,
         fitted.val_auc[fitted.probe.C],
         fitted.threshold,
-        len(train.y),
+        int(train.sum()),
         outputs.probe,
     )
     return card

@@ -160,7 +160,8 @@ def synthetic_frames(seed=0, videos=30, frames=4, dim=6) -> features.FeatureTabl
                 cols["path"].append(f"{d}/{v:03d}/{f}.png")
     arrays = {k: np.array(v) for k, v in cols.items()}
     X = np.array(X, dtype=np.float32)
-    return features.FeatureTable(**arrays, X=X, found=np.ones(len(X), bool))
+    digests = np.array([f"{i:064x}" for i in range(len(X))])
+    return features.FeatureTable(**arrays, digest=digests, found=np.ones(len(X), bool), X=X)
 
 
 def test_cross_manipulation_matrix_has_its_diagonal_where_the_signal_is():

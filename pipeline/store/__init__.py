@@ -144,14 +144,18 @@ class EmbeddingStore:
     def count(self) -> int:
         return len(self.keys())
 
+    def read_shard(self, shard: Path, layer: str) -> tuple[list[str], np.ndarray]:
+        """Digests and float32 embeddings of one shard's rows that embedded fine."""
+        self._check_header(shard)
+        return _BY_SUFFIX[shard.suffix].read_layer(shard, layer, self.dimension(layer))
+
     def read(self, digests: list[str], layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of `layer` for `digests` -> (array (n, dim) float32, found mask (n,))."""
         dim = self.dimension(layer)
         found_digests: list[str] = []
         blocks: list[np.ndarray] = []
         for shard in self.shard_paths():
-            self._check_header(shard)
-            d, a = _BY_SUFFIX[shard.suffix].read_layer(shard, layer, dim)
+            d, a = self.read_shard(shard, layer)
             found_digests += d
             blocks.append(a)
         position = {d: i for i, d in enumerate(found_digests)}
