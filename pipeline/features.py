@@ -44,10 +44,6 @@ class Rows:
     def __len__(self) -> int:
         return len(self.y)
 
-    @staticmethod
-    def concat(parts: list[Rows]) -> Rows:
-        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("X", "y", "dataset", "video", "path")))
-
 
 @dataclass
 class _Frames:
