@@ -203,7 +203,9 @@ class TextTower:
     @torch.inference_mode()
     def embed(self, prompts: list[str]) -> np.ndarray:
         """L2-normalised projected text embeddings, float32 (n, dim)."""
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        limit = self.model.config.max_position_embeddings  # the tower's limit, whatever the tokenizer says
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        tokens = tokens.to(self.device)
         out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
         out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.cpu().numpy()
@@ -217,6 +219,10 @@ def load_text(model: ModelSettings, device: torch.device) -> TextTower | None:
 
     directory = resolve_directory(model)
     if _read_json(directory / "config.json").get("model_type") != "clip":
+        return None
+    if not any((directory / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        # Without its files AutoTokenizer would build an empty-vocabulary tokenizer: garbage prompts.
+        log.warning("model '%s' has no tokenizer files; zero-shot prompts cannot be embedded", model.name)
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)

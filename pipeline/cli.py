@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "action", choices=["info", "verify"], help="info: what each cache holds; verify: re-check every shard"
     )
     cache.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    show = sub.add_parser("show", help="print metrics/evaluate.json as a table (one row per test set)")
+    show = sub.add_parser("show", help="print the evaluate stage's metrics as tables (one per protocol)")
     show.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     demo = sub.add_parser("demo", help="write the synthetic demo dataset and a tiny random-weight CLIP")
     demo.add_argument("--params", default="params.yaml", help="accepted for symmetry; the demo ignores it")
@@ -52,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dispatch(args: argparse.Namespace) -> int | None:
+def dispatch(args: argparse.Namespace) -> int:
+    """Run one subcommand; returns the exit code. Outputs go beside the params file."""
     if args.command == "demo":
         from pipeline import demo
 
         demo.run(args.data_dir, args.model_dir, n_videos=args.videos, frames=args.frames, force=args.force)
-        return
+        return 0
     settings = load(args.params)
     outputs = Outputs(settings.base_dir)
     if args.command == "predict":
@@ -74,12 +75,13 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
         for title, text in evaluate.summaries(evaluate.read_metrics(outputs)).items():
             print(f"{title}\n{text}\n")
-        return
+        return 0
     stage = importlib.import_module(f"pipeline.{args.command}")
     if args.command == "extract":
         stage.run(settings, outputs, retry_failed=args.retry_failed)
     else:
         stage.run(settings, outputs)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; run the same command again to resume.", file=sys.stderr)
         return 130
-    return code or 0
+    return code

@@ -253,7 +253,11 @@ def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:
     wanted = [p for p in prompts["real"] + prompts["fake"] if p not in text.prompts_in(store.directory)]
     if not wanted:
         return
-    embedded = embedder.embed_text(wanted)
+    try:
+        embedded = embedder.embed_text(wanted)
+    except Exception as exc:  # auxiliary: the images are committed; zero_shot will say what is missing
+        log.warning("zero-shot prompts could not be embedded (%s); the zero_shot protocol will be unavailable", exc)
+        return
     if embedded is None:
         return
     vectors, scale = embedded

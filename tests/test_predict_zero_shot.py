@@ -91,3 +91,17 @@ def test_extract_embeds_the_prompts_of_the_demo_model(trained):
     assert real.shape == (1, 32) and fake.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(fake, axis=1), 1.0, rtol=1e-5)
     assert scale == pytest.approx(np.exp(2.6592), rel=1e-3)  # CLIP's initial logit scale
+
+
+def test_a_model_without_tokenizer_files_still_extracts_and_stores_no_prompts(project, tmp_path, tiny_clip, caplog):
+    no_tokenizer = tmp_path / "clip-without-tokenizer"
+    shutil.copytree(tiny_clip, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    update_params(project, "model", name=str(no_tokenizer))
+    settings = config.load(project / "params.yaml")
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    summary = extract.run(settings, outputs)
+    assert summary["embedded"] == summary["images"]
+    assert "has no tokenizer files" in caplog.text
+    (store,) = caches(outputs.embeddings)
+    assert text.prompts_in(store.directory) == set()
