@@ -5,6 +5,8 @@ Every test runs against both shard formats (Parquet and HDF5).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -150,3 +152,36 @@ def test_parquet_shards_are_plain_parquet(store):
     df = pq.read_table(shard).to_pandas()
     assert list(df.columns) == ["digest", "path", "error", "projection", "pooled"]
     assert len(df.projection[0]) == 4
+
+
+def test_the_lock_dies_with_its_process_even_if_a_forked_child_lives_on(store):
+    """DataLoader workers are forked while the lock is held; they must not keep it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        from pathlib import Path
+        from pipeline.store import EmbeddingStore
+        store = EmbeddingStore.open(Path({str(store.directory)!r}))
+        with store.writer_lock():
+            child = os.fork()
+            if child == 0:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)  # let go of the test's pipes, or it would wait for this child
+                os.dup2(devnull, 2)
+                time.sleep(30)  # a worker that outlives its parent
+                os._exit(0)
+            print(child, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    child = int(proc.stdout.split()[0])
+    try:
+        with store.writer_lock():  # free at once, although the forked child is still alive
+            pass
+    finally:
+        os.kill(child, 9)

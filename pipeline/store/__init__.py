@@ -40,6 +40,22 @@ class StoreError(ConfigError):
     """The cache on disk does not match what the caller expects."""
 
 
+# flock locks belong to the open file, which forked children (DataLoader workers) share: a
+# child that outlives a killed extractor would keep the cache locked. Children close their
+# copy, so the lock lives and dies with the process that took it.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 def fingerprint(description: dict) -> str:
     """A short, stable hash of everything that changes the numbers (an explicit, sorted dict)."""
     payload = json.dumps({"format_version": FORMAT_VERSION, **description}, sort_keys=True)
@@ -222,9 +238,11 @@ class EmbeddingStore:
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
             fh.flush()
+            _HELD_LOCKS.add(fh.fileno())
             try:
                 yield
             finally:
+                _HELD_LOCKS.discard(fh.fileno())
                 fh.seek(0)
                 fh.truncate()
                 fcntl.flock(fh, fcntl.LOCK_UN)
