@@ -196,12 +196,15 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     if "leave_one_out" in protocols:
         results["leave_one_out"] = leave_one_out(settings, frames, reals)
     if "zero_shot" in protocols:
-        if "projection" not in store.layers:
-            raise ConfigError("the zero_shot protocol needs the 'projection' layer; add it to model.layers.")
-        projected = frames
-        if card["layer"] != "projection":
-            projected = features.load(table, store, "projection", stream=settings.train.stream)
-        results["zero_shot"] = zero_shot(settings, store, projected, reals)
+        try:
+            if "projection" not in store.layers:
+                raise ConfigError("it needs the 'projection' layer; add it to model.layers and re-run extract.")
+            projected = frames
+            if card["layer"] != "projection":
+                projected = features.load(table, store, "projection", stream=settings.train.stream)
+            results["zero_shot"] = zero_shot(settings, store, projected, reals)
+        except ConfigError as exc:  # the other protocols' results are still written
+            log.warning("zero_shot protocol skipped: %s", exc)
     audit = shortcut.audit(table)
 
     for protocol in ("heldout", "cross_manipulation", "leave_one_out", "zero_shot"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 from types import SimpleNamespace
@@ -105,3 +106,7 @@ def test_a_model_without_tokenizer_files_still_extracts_and_stores_no_prompts(pr
     assert "has no tokenizer files" in caplog.text
     (store,) = caches(outputs.embeddings)
     assert text.prompts_in(store.directory) == set()
+    train.run(settings, outputs)
+    results = evaluate.run(settings, outputs)  # zero_shot is in the default protocols
+    assert "zero_shot protocol skipped" in caplog.text and "re-run extract" in caplog.text
+    assert results["heldout"] and json.loads(outputs.protocol_metrics("zero_shot").read_text()) == {}
