@@ -110,7 +110,7 @@ PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot")
 class EvaluateSettings:
     datasets: list[str]
     protocols: list[Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot"]] = field(
-        default_factory=lambda: ["heldout", "cross_manipulation", "leave_one_out"]
+        default_factory=lambda: list(PROTOCOLS)
     )
     seeds: list[int] = field(default_factory=lambda: [0])
     bootstrap: int = 1000

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import atomic, features, manifest, shortcut
-from pipeline.config import ConfigError, Settings, SplitSpec
+from pipeline.config import PROTOCOLS, ConfigError, Settings, SplitSpec
 from pipeline.metrics import binary_metrics, bootstrap_auc, roc_points, video_level
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
@@ -207,7 +207,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
             log.warning("zero_shot protocol skipped: %s", exc)
     audit = shortcut.audit(table)
 
-    for protocol in ("heldout", "cross_manipulation", "leave_one_out", "zero_shot"):
+    for protocol in PROTOCOLS:
         # In the order of evaluate.datasets, as the user listed them.
         atomic.write_json(outputs.protocol_metrics(protocol), results.get(protocol, {}), sort_keys=False)
     atomic.write_json(outputs.shortcut, audit)
@@ -296,6 +296,6 @@ def read_metrics(outputs: Outputs) -> dict:
         raise ConfigError(f"{outputs.metrics} does not exist; run the evaluate stage first (`dvc repro`).")
     return {
         p: json.loads(outputs.protocol_metrics(p).read_text())
-        for p in ("heldout", "cross_manipulation", "leave_one_out", "zero_shot")
+        for p in PROTOCOLS
         if outputs.protocol_metrics(p).exists()
     }

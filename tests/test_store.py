@@ -115,6 +115,12 @@ def test_verify_names_a_shard_with_one_flipped_byte(store, fmt):
     assert len(problems) == 1 and victim.name in problems[0]
 
 
+def test_the_same_numbers_under_another_model_name_share_the_cache(store, fmt):
+    store.commit(rows(["a"]), fmt)
+    copy = EmbeddingStore.create(store.directory.parent, "/models/local-copy-of-it", DESCRIPTION, DIMS)
+    assert copy.directory == store.directory and copy.keys() == {"a"}
+
+
 def test_other_settings_get_another_directory(store):
     other = EmbeddingStore.create(store.directory.parent, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
     assert other.directory != store.directory

@@ -88,7 +88,9 @@ class EmbeddingStore:
     def create(cls, parent: Path, model_name: str, description: dict, dims: dict[str, int]) -> EmbeddingStore:
         """Open the cache for this description, creating it on first use."""
         fp = fingerprint(description)
-        directory = Path(parent) / directory_name(model_name, fp)
+        # The same numbers under another name (a local copy of a hub model) share the cache.
+        existing = sorted(Path(parent).glob(f"*-{fp}/card.json")) if Path(parent).is_dir() else []
+        directory = existing[0].parent if existing else Path(parent) / directory_name(model_name, fp)
         card = {
             "fingerprint": fp,
             "format_version": FORMAT_VERSION,
