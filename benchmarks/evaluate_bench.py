@@ -57,10 +57,7 @@ def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None
                 rows["width"].append(256)
                 rows["height"].append(256)
                 rows["jpeg_quality"].append(-1)
-    files = [
-        manifest.ImageFile(p, d, v, 0, 0) for p, d, v in zip(rows["path"], rows["dataset"], rows["video"], strict=True)
-    ]
-    split_of = manifest.assign_splits(files, config.SplitSpec())
+    split_of = manifest.assign_splits(rows["video"], config.SplitSpec())
     rows["split"] = [split_of[v] for v in rows["video"]]
     outputs = Outputs(work)
     manifest.write(pa.table(rows, schema=manifest.SCHEMA), outputs.manifest)
@@ -115,7 +112,8 @@ def main() -> None:
     reals = ["real_youtube"]
     t_fit, _ = timed(baseline_fit, frames)
     t_train, _ = timed(train.run, settings, outputs)
-    t_heldout, _ = timed(evaluate.heldout, settings, outputs, frames, reals)
+    probe, card = LinearProbe.load(outputs.probe)
+    t_heldout, _ = timed(evaluate.heldout, settings, probe, card, frames, reals)
     t_matrix, matrix = timed(evaluate.cross_manipulation, settings, frames, reals)
     t_loo, _ = timed(evaluate.leave_one_out, settings, frames, reals)
     t_stage, _ = timed(evaluate.run, settings, outputs)

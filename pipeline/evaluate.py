@@ -67,8 +67,7 @@ def redraw_train_val(frames: Frames, datasets: list[str], seed: int) -> np.ndarr
     pool = np.isin(frames.dataset, datasets) & np.isin(frames.split, ["train", "val"])
     videos = [str(v).split("/", 1)[1] for v in frames.video[pool]]
     n_val = int((frames.split[pool] == "val").sum())
-    files = [manifest.ImageFile("", "", v, 0, 0) for v in videos]
-    assignment = manifest.assign_splits(files, SplitSpec(val=n_val / max(len(videos), 1), test=0.0, seed=seed))
+    assignment = manifest.assign_splits(videos, SplitSpec(val=n_val / max(len(videos), 1), test=0.0, seed=seed))
     split = frames.split.copy()
     split[pool] = [assignment[v] for v in videos]
     return split
@@ -77,9 +76,8 @@ def redraw_train_val(frames: Frames, datasets: list[str], seed: int) -> np.ndarr
 # --------------------------------------------------------------------------- protocols
 
 
-def heldout(settings: Settings, outputs: Outputs, frames: Frames, reals: list[str]):
+def heldout(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, reals: list[str]):
     """The train stage's probe on each evaluate dataset -> (metrics, ROC curves, scores)."""
-    probe, card = LinearProbe.load(outputs.probe)
     ev = settings.evaluate
     results, curves, by_name = {}, {}, {}
     for name in ev.datasets:
@@ -175,7 +173,7 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 
 
 def run(settings: Settings, outputs: Outputs) -> dict:
-    _, card = LinearProbe.load(outputs.probe)
+    probe, card = LinearProbe.load(outputs.probe)
     table = manifest.read(outputs.manifest)
     store = features.open_cache(outputs)
     if store.header.fingerprint != card["fingerprint"]:
@@ -190,7 +188,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     curves: dict = {}
     scored: dict = {}
     if "heldout" in protocols:
-        results["heldout"], curves, scored = heldout(settings, outputs, frames, reals)
+        results["heldout"], curves, scored = heldout(settings, probe, card, frames, reals)
     if "cross_manipulation" in protocols:
         results["cross_manipulation"] = cross_manipulation(settings, frames, reals)
     if "leave_one_out" in protocols:

@@ -281,18 +281,18 @@ def read_split_dir(split_dir: Path) -> dict[str, str]:
     return assignment
 
 
-def assign_splits(files: list[ImageFile], spec: SplitSpec, official: dict[str, str] | None = None) -> dict[str, str]:
-    """Split per video group -> {video: split}.
+def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] | None = None) -> dict[str, str]:
+    """Split per video group -> {video: split}; `videos` has one entry per image (the shares
+    are shares of images).
 
     Groups named by the official split files take that split. The rest are ordered by a hash
     of (seed, group) and filled into test, then val, up to their share of images; the rest is
     train. Hash order keeps assignments stable when new videos are added.
     """
-    groups = group_videos(f.video for f in files)
+    groups = group_videos(videos)
     images_per_group: dict[str, int] = {}
-    for f in files:
-        g = groups[f.video]
-        images_per_group[g] = images_per_group.get(g, 0) + 1
+    for v in videos:
+        images_per_group[groups[v]] = images_per_group.get(groups[v], 0) + 1
 
     split_of_group: dict[str, str] = {}
     if official:
@@ -342,7 +342,7 @@ def build(settings: Settings, previous: dict[str, tuple[int, int, FileFacts]]) -
     files, facts = [files[i] for i in readable], [facts[i] for i in readable]
     spec = settings.data.split
     official = read_split_dir(settings.resolve(spec.split_dir)) if spec.split_dir else None
-    split_of = assign_splits(files, spec, official)
+    split_of = assign_splits([f.video for f in files], spec, official)
     datasets = settings.data.datasets
     columns = {
         "path": [f.path for f in files],
