@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 _BLOCK = re.compile(r"^block_(\d+)$")
 WEIGHT_SUFFIXES = (".safetensors",)
 
+# The version of the embedding code: bump it whenever a change alters the numbers an unchanged
+# model gives for unchanged images (preprocessing, pooling, layer definitions, autocast policy).
+# It is part of every cache fingerprint, so old caches are never read as new ones; the golden
+# test (tests/test_golden.py) fails when the numbers move without a bump.
+EMBEDDING_VERSION = 1
+
 
 def resolve_directory(model: ModelSettings) -> Path:
     """A local directory holding the model: the path itself, or its Hugging Face cache snapshot."""
@@ -44,16 +50,24 @@ def resolve_directory(model: ModelSettings) -> Path:
         ) from None
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files; a clear error (before anything is loaded) if it has none."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only {', '.join(pickled)} (pickle files, never loaded here)" if pickled else "no weight files"
+        raise ConfigError(
+            f"model directory {directory} has {found}; convert it once to safetensors where you trust it: "
+            '`python -c "from transformers import CLIPModel; '
+            "CLIPModel.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"`."
+        )
+    return files
+
+
 def weights_digest(directory: Path) -> str:
     """sha256 over the model's weight files (names and bytes), in name order."""
     h = hashlib.sha256()
-    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise ConfigError(
-            f"{directory} has no .safetensors weights; only safetensors checkpoints are loaded "
-            "(convert it with `model.save_pretrained(dir, safe_serialization=True)`)."
-        )
-    for p in files:
+    for p in weight_files(directory):
         h.update(p.name.encode())
         with open(p, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())
@@ -85,14 +99,16 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is one fixed precision per device class: bf16 (fp16 where the GPU lacks bf16) on
+    CUDA, fp32 on CPU and MPS. On CPU it never depends on the processor's features, so teammates
+    with and without native bf16 fill the same cache (bf16 on CPU is there to ask for).
+    `extract.run` resolves `auto` to the precision of the cache already shared, when there is one."""
     if precision != "auto":
-        if device.type == "cpu" and precision == "fp16":
-            raise ConfigError("extract.precision fp16 is not supported on CPU; use auto, fp32 or bf16.")
+        if device.type == "cpu" and precision in ("bf16", "fp16") and not cpu_supports_bf16():
+            log.warning("this CPU has no native bf16/fp16: %s is emulated and slower than fp32", precision)
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_supports_bf16():
-        return "bf16"
     return "fp32"
 
 
@@ -143,6 +159,7 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
 
     directory = resolve_directory(model)
     config = _read_json(directory / "config.json")
+    weight_files(directory)  # refuse pickle-only checkpoints before loading anything
     if config.get("model_type") not in ("clip", "clip_vision_model"):
         raise ConfigError(
             f"model '{model.name}' is a {config.get('model_type')!r} model; this version supports CLIP checkpoints."
@@ -165,6 +182,12 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
         else:
             vision_config = CLIPVisionConfig.from_pretrained(directory)
         net = CLIPVisionModelWithProjection.from_pretrained(directory, config=vision_config, use_safetensors=True)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model '{model.name}' could not be loaded from {directory} ({first}); "
+            "check its config.json and weights against the original checkpoint."
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     net = net.eval().to(dev)
@@ -181,6 +204,7 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
         else:
             raise ConfigError(f"model.layers has '{layer}'; use projection, pooled or block_0 .. block_{n_blocks - 1}.")
     description = {
+        "embedding_version": EMBEDDING_VERSION,
         "model": {"weights_sha256": weights_digest(directory), "config": _config_digest(config)},
         "preprocess": preprocess.describe(),
         "layers": list(model.layers),
@@ -249,7 +273,13 @@ def load_text(model: ModelSettings, device: torch.device) -> TextTower | None:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} is missing; a model directory needs config.json and preprocessor_config.json.")
-    return json.loads(path.read_text())
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); restore it from the model's original files.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} is not a JSON object; restore it from the model's original files.")
+    return value
 
 
 def _config_digest(config: dict) -> str:

@@ -1,4 +1,5 @@
-"""`python -m pipeline cache info|verify`: what each embedding cache holds, and whether it is sound."""
+"""`python -m pipeline cache info|verify|repair`: what each embedding cache holds, whether it is
+sound, and dropping what is not (so the next extract re-embeds exactly those rows)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore, caches
+from pipeline.store import EmbeddingStore, StoreError, cache_dirs
 
 
 def _manifest_digests(outputs: Outputs) -> set[str] | None:
@@ -46,20 +47,41 @@ def describe(store: EmbeddingStore, wanted: set[str] | None, current: str | None
     )
 
 
+def _open_all(outputs: Outputs) -> tuple[list[EmbeddingStore], list[str]]:
+    """The caches that open, and one line per cache directory that does not (a damaged card)."""
+    stores, problems = [], []
+    for directory in cache_dirs(outputs.embeddings):
+        try:
+            stores.append(EmbeddingStore.open(directory))
+        except StoreError as exc:
+            problems.append(str(exc))
+    return stores, problems
+
+
 def run(outputs: Outputs, action: str) -> int:
-    found = caches(outputs.embeddings)
-    if not found:
+    found, unopened = _open_all(outputs)
+    if not found and not unopened:
         print(f"no embedding caches under {outputs.embeddings}; run the extract stage first.")
         return 0 if action == "info" else 1
+    for line in unopened:
+        print(line)
     if action == "info":
         wanted, current = _manifest_digests(outputs), _current(outputs)
         print("\n\n".join(describe(s, wanted, current) for s in found))
-        return 0
-    bad = 0
+        return 1 if unopened else 0
+    bad = len(unopened)
     for store in found:
+        if action == "repair":
+            with store.writer_lock():
+                done = store.repair()
+                store.remove_leftovers()
+            print(f"{store.directory}: {len(done)} repair(s)" + "".join(f"\n  {d}" for d in done))
+            if done:
+                print("  run the extract stage again (`dvc repro`) to re-embed the rows of the shards dropped")
+            continue
         problems = store.verify()
         bad += len(problems)
-        status = "ok" if not problems else f"{len(problems)} problem(s)"
+        status = "ok" if not problems else f"{len(problems)} problem(s); `python -m pipeline cache repair` drops them"
         print(f"{store.directory}: {len(store.shard_paths())} shards, {status}")
         for p in problems:
             print(f"  {p}")

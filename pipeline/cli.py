@@ -4,6 +4,7 @@ so that `train` and `evaluate` never import torch."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -35,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--probe", type=Path, default=None, help="probe directory (default: models/probe)")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
     predict.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    cache = sub.add_parser("cache", help="inspect (info) or re-check (verify) the embedding caches")
+    cache = sub.add_parser("cache", help="inspect (info), re-check (verify) or repair the embedding caches")
     cache.add_argument(
-        "action", choices=["info", "verify"], help="info: what each cache holds; verify: re-check every shard"
+        "action",
+        choices=["info", "verify", "repair"],
+        help="info: what each cache holds; verify: re-check every shard; "
+        "repair: drop damaged or missing shards so the next extract re-embeds their rows",
     )
     cache.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     show = sub.add_parser("show", help="print the evaluate stage's metrics as tables (one per protocol)")
@@ -95,4 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; run the same command again to resume.", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only folder, an I/O error: one line, nothing lost
+        print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
+        return 1
     return code
+
+
+def os_error_sentence(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}; free space and rerun: finished shards and outputs are kept."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}; make it writable (or readable) and rerun: finished shards are kept."
+    return f"{exc.strerror or exc}{where}; fix the cause and rerun: finished shards are kept."

@@ -7,6 +7,7 @@ message is one sentence naming the key and the fix; the CLI prints it and exits 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -102,6 +103,9 @@ class ZeroShotSettings:
         }
     )
 
+
+# Devices the extractor can run on (torch accepts more, e.g. meta, which computes nothing).
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot")
 
@@ -210,6 +214,9 @@ def _check(s: Settings) -> None:
         raise ConfigError("evaluate.bootstrap must be 0 (no confidence intervals) or a number of resamples.")
     if not s.model.layers:
         raise ConfigError("model.layers is empty; keep at least 'projection'.")
+    repeated = sorted({layer for layer in s.model.layers if s.model.layers.count(layer) > 1})
+    if repeated:
+        raise ConfigError(f"model.layers names '{repeated[0]}' more than once; list each layer once.")
     if s.train.layer not in s.model.layers:
         raise ConfigError(
             f"train.layer '{s.train.layer}' is not in model.layers {s.model.layers}; "
@@ -217,9 +224,14 @@ def _check(s: Settings) -> None:
         )
     if not s.train.C or any(c <= 0 for c in s.train.C):
         raise ConfigError("train.C must be a non-empty list of positive numbers, e.g. [0.01, 0.1, 1.0].")
-    for key in ("batch_size", "shard_size"):
-        if getattr(s.extract, key) < 1:
-            raise ConfigError(f"extract.{key} must be at least 1.")
+    at_least_one = {"extract": ("batch_size", "shard_size"), "train": ("max_iter", "epochs")}
+    for section, keys in at_least_one.items():
+        for key in keys:
+            value = getattr(getattr(s, section), key)
+            if value < 1:
+                raise ConfigError(f"{section}.{key} is {value}; it must be at least 1.")
+    if not DEVICE_PATTERN.match(s.extract.device):
+        raise ConfigError(f"extract.device is {s.extract.device!r}; use auto, cpu, cuda, cuda:N or mps.")
     if s.extract.dask.n_workers < 1:
         raise ConfigError("extract.dask.n_workers must be at least 1.")
     if s.extract.num_workers < 0:
@@ -287,6 +299,8 @@ def _coerce(tp, value, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, not {_kind(value)}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} is {value}; it must be a finite number.")
         return float(value)
     if tp is str:
         if not isinstance(value, str) or not value:

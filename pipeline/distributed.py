@@ -64,8 +64,9 @@ def _embed_text(model: ModelSettings, extract: ExtractSettings, prompts: list[st
     return None if tower is None else (tower.embed(prompts), tower.logit_scale)
 
 
-def embed_partition(items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings) -> int:
-    """Runs on a worker: embed `items` and commit them as shard(s) of the cache at `store_dir`."""
+def embed_partition(items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings) -> tuple[int, list]:
+    """Runs on a worker: embed `items` and commit them as shard(s) of the cache at `store_dir`;
+    returns (items done, paths of files that changed since the manifest)."""
     from pipeline import extract as extract_mod
     from pipeline.store import EmbeddingStore
 
@@ -76,10 +77,10 @@ def embed_partition(items: list, store_dir: str, model: ModelSettings, extract: 
     writer = extract_mod.ShardWriter(store, extract.shard_size, extract.format)
     try:
         # Decode in the task's thread: dask worker processes are daemonic and cannot fork loaders.
-        extract_mod.embed_items(items, backbone, writer, extract.batch_size, num_workers=0, progress=False)
+        changed = extract_mod.embed_items(items, backbone, writer, extract.batch_size, num_workers=0, progress=False)
     finally:
         writer.close()
-    return len(items)
+    return len(items), changed
 
 
 class DaskEmbedder:
@@ -111,7 +112,7 @@ class DaskEmbedder:
         if self.cluster is not None:
             self.cluster.close()
 
-    def embed(self, items: list, store) -> None:
+    def embed(self, items: list, store) -> list[str]:
         from distributed import as_completed
 
         size = self.extract.shard_size
@@ -123,9 +124,13 @@ class DaskEmbedder:
             )
             for part in partitions
         ]
+        changed: list[str] = []
         with tqdm(total=len(items), desc="embedding (dask)", unit="img", smoothing=0.1) as bar:
             for future in as_completed(futures):
-                bar.update(future.result())
+                n, partition_changed = future.result()
+                changed += partition_changed
+                bar.update(n)
+        return changed
 
     def embed_text(self, prompts: list[str]):
         return self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()

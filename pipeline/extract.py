@@ -8,6 +8,9 @@ Ctrl-C loses at most the shard in flight and the next run resumes from there.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -24,9 +27,9 @@ from tqdm import tqdm
 
 from pipeline import atomic, backbones, images
 from pipeline import manifest as manifest_mod
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore, text
+from pipeline.store import EmbeddingStore, StoreError, cache_dirs, text
 from pipeline.store.shard import ShardData
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
-        array, error = images.load(item.file, self.preprocess)
+        array, error = images.load(item.file, self.preprocess, digest=item.digest)
         return item.digest, item.path, array, error
 
 
@@ -103,6 +106,8 @@ class ShardWriter:
         while True:
             data = self._queue.get()
             if self._error is not None:
+                if data is None:
+                    return
                 continue  # drain, so the producer never blocks on a dead writer
             try:
                 if data is None:
@@ -133,16 +138,19 @@ class ShardWriter:
 
 
 def _rows(digests, paths, errors, pixels, backbone: backbones.Backbone) -> ShardData:
-    """One batch through the model -> rows (failed images get zero rows and their reason)."""
+    """One batch through the model -> rows (failed images get zero rows and their reason).
+    Files that changed since the manifest get no row at all: their digest is not theirs."""
     ok = np.array([e is None for e in errors], dtype=bool)
     embedded = backbone.embed(pixels) if pixels is not None else {}
+    keep = np.array([e != images.CHANGED for e in errors], dtype=bool)
     arrays = {}
     for layer in backbone.layers:
         full = np.zeros((len(digests), backbone.dims[layer]), dtype=np.float32)
         if ok.any():
             full[ok] = embedded[layer]
-        arrays[layer] = full
-    return ShardData(list(digests), list(paths), list(errors), arrays)
+        arrays[layer] = full[keep]
+    pick = lambda values: [v for v, k in zip(values, keep, strict=True) if k]  # noqa: E731
+    return ShardData(pick(digests), pick(paths), pick(errors), arrays)
 
 
 def embed_items(
@@ -152,8 +160,9 @@ def embed_items(
     batch_size: int,
     num_workers: int,
     progress: bool = True,
-) -> None:
-    """Run the reader -> model -> writer loop over `items`."""
+) -> list[str]:
+    """Run the reader -> model -> writer loop over `items`; returns the paths of files that
+    changed since the manifest (embedded under no key)."""
     loader = DataLoader(
         ImageDataset(items, backbone.preprocess),
         batch_size=batch_size,
@@ -162,10 +171,13 @@ def embed_items(
         pin_memory=backbone.device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
     )
+    changed: list[str] = []
     with tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar:
         for digests, paths, pixels, errors in loader:
             writer.put(_rows(digests, paths, errors, pixels, backbone))
+            changed += [p for p, e in zip(paths, errors, strict=True) if e == images.CHANGED]
             bar.update(len(digests))
+    return changed
 
 
 class LocalEmbedder:
@@ -182,13 +194,15 @@ class LocalEmbedder:
     def __exit__(self, *exc) -> None:
         pass
 
-    def embed(self, items: list[Item], store: EmbeddingStore) -> None:
+    def embed(self, items: list[Item], store: EmbeddingStore) -> list[str]:
+        """Embed `items` into `store`; returns the paths of files that changed since the manifest."""
         ex = self.settings.extract
         writer = ShardWriter(store, ex.shard_size, ex.format)
         try:
-            embed_items(items, self.backbone, writer, ex.batch_size, ex.num_workers)
+            changed = embed_items(items, self.backbone, writer, ex.batch_size, ex.num_workers)
         finally:
             writer.close()  # commits what is buffered, also on Ctrl-C
+        return changed
 
     def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
         tower = backbones.load_text(self.settings.model, self.backbone.device)
@@ -204,8 +218,35 @@ def embedder_for(settings: Settings, backbone: backbones.Backbone | None = None)
     return LocalEmbedder(settings, backbone)
 
 
+def shared_precision(settings: Settings, outputs: Outputs) -> Settings:
+    """`extract.precision: auto` means the precision of the cache this project already has for
+    the model (the one `cache/extract.json` names, shared through git and DVC, else any cache of
+    the model here), so that teammates on other kinds of machine extend one cache instead of
+    starting a second one; without such a cache, the device class decides (backbones)."""
+    if settings.extract.precision != "auto":
+        return settings
+    recorded = []
+    if outputs.extract_summary.exists():
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            summary = json.loads(outputs.extract_summary.read_text())
+            if summary.get("model") == settings.model.name:
+                recorded.append(summary.get("precision"))
+    for directory in cache_dirs(outputs.embeddings):
+        with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, StoreError):
+            card = EmbeddingStore.open(directory).card
+            same = card["model"] == settings.model.name and card["layers"] == settings.model.layers
+            if same and card["dtype"] == settings.model.dtype:
+                recorded.append(card["description"]["precision"])
+    precision = next((p for p in recorded if p in ("fp32", "bf16", "fp16")), None)
+    if precision is None:
+        return settings
+    log.info("extract.precision auto: %s, the precision of this project's cache of %s", precision, settings.model.name)
+    return dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
+
+
 def run(settings: Settings, outputs: Outputs, retry_failed: bool = False, backbone=None) -> dict:
     table = manifest_mod.read(outputs.manifest)
+    settings = shared_precision(settings, outputs)
     with embedder_for(settings, backbone) as embedder:
         store = EmbeddingStore.create(outputs.embeddings, settings.model.name, embedder.description, embedder.dims)
         with store.writer_lock():
@@ -233,12 +274,21 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     )
 
     started = time.perf_counter()
+    changed: list[str] = []
     if items:
-        embedder.embed(items, store)
-        store = EmbeddingStore.open(store.directory)  # re-read: shards may come from other processes
+        try:
+            changed = embedder.embed(items, store)
+        finally:
+            store = EmbeddingStore.open(store.directory)  # re-read: shards may come from other processes
+            store.write_index()  # what was committed, also when the run stops early
     seconds = time.perf_counter() - started
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
+    if changed:
+        raise ConfigError(
+            f"{len(changed)} image files changed since the manifest was built (e.g. {changed[0]}) and were not "
+            "embedded; rerun the manifest stage (`dvc repro -f manifest`, then `dvc repro`): everything else is cached."
+        )
 
     embed_prompts(settings, store, embedder)
     summary = summarize(store, set(digests), settings.model.name, outputs)

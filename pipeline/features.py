@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore
+from pipeline.store import EmbeddingStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,22 @@ class _Frames:
         return base & (split == "train"), base & (split == "val")
 
 
+def check_complete(table: pa.Table, store: EmbeddingStore, found: np.ndarray) -> None:
+    """Every manifest image has an embedding or a recorded failure: a cache that lost rows (a
+    deleted shard, an interrupted pull) is an error, never a smaller training set."""
+    if found.all():
+        return
+    failed = store.failures()
+    digests = table.column("digest").to_pylist()
+    absent = [i for i, (d, f) in enumerate(zip(digests, found, strict=True)) if not f and d not in failed]
+    if absent:
+        raise StoreError(
+            f"{len(absent)} of {len(digests)} manifest images (e.g. {table.column('path')[absent[0]]}) are neither "
+            f"embedded nor recorded as failed in {store.directory}; the cache is incomplete: run "
+            "`python -m pipeline cache verify`, then `dvc repro` (extract embeds what is missing)."
+        )
+
+
 def _metadata(table: pa.Table, found: np.ndarray) -> dict:
     cols = {name: np.array(table.column(name).to_pylist()) for name in ("dataset", "split", "label", "path", "digest")}
     video = np.array(table.column("video").to_pylist())
@@ -97,6 +113,7 @@ class FeatureTable(_Frames):
     @classmethod
     def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> FeatureTable:
         X, found = store.read(table.column("digest").to_pylist(), layer)
+        check_complete(table, store, found)
         return cls(**_metadata(table, found), X=X)
 
     def rows(self, mask: np.ndarray) -> Rows:
@@ -129,6 +146,7 @@ class StreamedFeatures(_Frames):
     def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> StreamedFeatures:
         keys = store.keys()
         found = np.array([d in keys for d in table.column("digest").to_pylist()], dtype=bool)
+        check_complete(table, store, found)
         return cls(**_metadata(table, found), store=store, layer=layer)
 
     def fit(self, datasets: list[str], spec, splits: np.ndarray | None = None):

@@ -7,6 +7,10 @@ centre crop, rescale by 1/255 in float64 then cast to float32, and (x - mean) / 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# Refuse decompression bombs: at most this many pixels (a 16k x 8k frame is already absurd).
+# Refuse decompression bombs: at most this many pixels (a 16k x 8k frame is already absurd),
+# decoded or after the resize (a 1 x 2,000,000 strip would become 224 x 448,000,000).
 MAX_PIXELS = 128_000_000
+# The reason recorded for a file whose bytes are not the ones the manifest hashed.
+CHANGED = "changed since the manifest was built"
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,15 @@ class Preprocess:
             "rescale_factor": self.rescale_factor,
         }
 
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> float32 array (3, crop_h, crop_w)."""
         w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        new_w, new_h = self.resized_size(w, h)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=self.resample)
         arr = np.asarray(image)
@@ -104,19 +114,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load(path: Path, preprocess: Preprocess) -> tuple[np.ndarray | None, str | None]:
-    """Decode and preprocess one file -> (array, None) or (None, reason it failed)."""
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; a FIFO or device named like an image is refused, never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+def load(path: Path, preprocess: Preprocess, digest: str | None = None) -> tuple[np.ndarray | None, str | None]:
+    """Decode and preprocess one file -> (array, None) or (None, reason it failed).
+
+    With `digest`, the bytes decoded are the bytes hashed: a file whose sha256 is not `digest`
+    (it changed after the manifest hashed it) comes back as the reason CHANGED, not decoded."""
+    try:
+        data = read_regular_file(path)
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            return None, CHANGED
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_PIXELS:
                     return None, f"image too large ({im.width}x{im.height} pixels)"
+                new_w, new_h = preprocess.resized_size(im.width, im.height)
+                if new_w * new_h > MAX_PIXELS:
+                    return None, f"extreme aspect ratio ({im.width}x{im.height} pixels would resize to {new_w}x{new_h})"
                 im.load()
                 rgb = to_rgb(im)
         return preprocess(rgb), None
     except FileNotFoundError:
         return None, "file not found"
+    except IsADirectoryError:
+        return None, "not a regular file"
+    except MemoryError:
+        return None, "image too large to decode in memory"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "image too large (decompression bomb)"
     except Image.UnidentifiedImageError:

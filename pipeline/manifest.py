@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ SCHEMA = pa.schema(
         ("split", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),  # with size and mtime, says whether the stat cache may reuse the digest
         ("digest", pa.string()),  # sha256 of the file bytes, hex
         # Header facts, for the shortcut audit (-1 / "unknown" when the header is unreadable).
         ("format", pa.string()),
@@ -70,9 +72,80 @@ class ImageFile:
     video: str
     size: int
     mtime_ns: int
+    ctime_ns: int = 0  # changes on every write, even one that restores the mtime
 
 
 # --------------------------------------------------------------------------- scanning
+
+
+def check_folders(settings: Settings) -> dict[str, Path]:
+    """Each dataset's folder, resolved; an error for a missing folder or two datasets that share
+    files (the same folder, or one inside the other: every image would be counted twice)."""
+    folders: dict[str, Path] = {}
+    for name in sorted(settings.data.datasets):
+        folder = settings.dataset_dir(name)
+        if not folder.is_dir():
+            raise ConfigError(
+                f"dataset '{name}' folder {folder} does not exist; fix data.datasets.{name}.path "
+                "or data.root in params.yaml (or run `python -m pipeline demo` for the demo data)."
+            )
+        folders[name] = folder.resolve()
+    for a, fa in folders.items():
+        for b, fb in folders.items():
+            if a < b and (fa == fb or fa in fb.parents or fb in fa.parents):
+                how = "the same folder" if fa == fb else "folders inside one another"
+                raise ConfigError(
+                    f"datasets '{a}' and '{b}' point at {how} ({fa} and {fb}); give each dataset its own folder "
+                    "in data.datasets."
+                )
+    return folders
+
+
+def walk_images(folder: Path, problems: list[str]) -> Iterable[tuple[Path, os.stat_result]]:
+    """(path, stat) of every regular image file under `folder`, following links but never a loop
+    or a folder twice. What is skipped goes into `problems` (unreadable folders, FIFOs and
+    devices named like images, names that are not valid UTF-8), so nothing is left out silently."""
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(exc: OSError) -> None:
+        problems.append(f"{exc.filename}: folder not readable ({exc.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked: a loop
+            problems.append(f"{dirpath}: a link to a folder already scanned (a loop?), skipped")
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for d in list(dirnames):
+            if not _utf8(d):
+                problems.append(f"{Path(dirpath) / d!r}: folder name is not valid UTF-8; rename it")
+                dirnames.remove(d)
+        dirnames.sort()
+        for fname in sorted(filenames):
+            if Path(fname).suffix.lower() not in IMAGE_SUFFIXES or fname.startswith("."):
+                continue
+            full = Path(dirpath) / fname
+            if not _utf8(fname):
+                problems.append(f"{full!r}: file name is not valid UTF-8; rename it")
+                continue
+            try:
+                st = full.stat()
+            except OSError as exc:  # a broken link, a permission problem: skip, never stop
+                problems.append(f"{full}: {exc.strerror}")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{full}: not a regular file (a FIFO, socket or device)")
+                continue
+            yield full, st
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates
+        return False
+    return True
 
 
 def scan(settings: Settings) -> list[ImageFile]:
@@ -82,29 +155,15 @@ def scan(settings: Settings) -> list[ImageFile]:
     files: list[ImageFile] = []
     unmatched: dict[str, int] = {}
     unreadable: list[str] = []
+    check_folders(settings)
     for name in sorted(settings.data.datasets):
         folder = settings.dataset_dir(name)
-        if not folder.is_dir():
-            raise ConfigError(
-                f"dataset '{name}' folder {folder} does not exist; fix data.datasets.{name}.path "
-                "or data.root in params.yaml (or run `python -m pipeline demo` for the demo data)."
-            )
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                if Path(fname).suffix.lower() not in IMAGE_SUFFIXES or fname.startswith("."):
-                    continue
-                full = Path(dirpath) / fname
-                try:
-                    st = full.stat()
-                except OSError as exc:  # a broken link, a permission problem: skip, never stop
-                    unreadable.append(f"{full}: {exc.strerror}")
-                    continue
-                video = video_id(full.relative_to(folder), pattern)
-                if video is None:
-                    unmatched[name] = unmatched.get(name, 0) + 1
-                    video = full.stem
-                files.append(ImageFile(_display_path(full, root), name, video, st.st_size, st.st_mtime_ns))
+        for full, st in walk_images(folder, unreadable):
+            video = video_id(full.relative_to(folder), pattern)
+            if video is None:
+                unmatched[name] = unmatched.get(name, 0) + 1
+                video = full.stem
+            files.append(ImageFile(_display_path(full, root), name, video, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         if not any(f.dataset == name for f in files):
             log.warning("dataset '%s' (%s) holds no image files", name, folder)
     for name, count in unmatched.items():
@@ -121,10 +180,12 @@ def scan(settings: Settings) -> list[ImageFile]:
 
 def warn_unreadable(problems: list[str]) -> None:
     if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         log.warning(
-            "%d files could not be read and are left out of the manifest:\n%s",
+            "%d files or folders could not be read and are left out of the manifest:\n%s%s",
             len(problems),
             "\n".join(f"  {p}" for p in problems[:10]),
+            more,
         )
 
 
@@ -158,7 +219,11 @@ class FileFacts:
 def inspect_file(path: Path) -> FileFacts | None:
     """sha256 of the file's bytes plus its header facts; None if it cannot be read at all."""
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO that replaced the file never blocks
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with os.fdopen(fd, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
             fh.seek(0)
             try:
@@ -181,16 +246,16 @@ def jpeg_quality(tables: dict) -> int:
 
 
 def inspect_files(
-    files: list[ImageFile], root: Path, previous: dict[str, tuple[int, int, FileFacts]]
+    files: list[ImageFile], root: Path, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]
 ) -> list[FileFacts | None]:
-    """Facts of each file (None if unreadable), reusing `previous[path] = (size, mtime_ns, facts)`
-    when size and mtime are unchanged, so unchanged files are not read again."""
+    """Facts of each file (None if unreadable), reusing `previous[path] = ((size, mtime_ns,
+    ctime_ns), facts)` when all three are unchanged, so unchanged files are not read again."""
     out: list[FileFacts | None] = []
     todo: list[int] = []
     for i, f in enumerate(files):
         prev = previous.get(f.path)
-        if prev is not None and prev[0] == f.size and prev[1] == f.mtime_ns:
-            out.append(prev[2])
+        if prev is not None and prev[0] == (f.size, f.mtime_ns, f.ctime_ns):
+            out.append(prev[1])
         else:
             out.append(None)
             todo.append(i)
@@ -209,18 +274,19 @@ def absolute_path(path: str, root: Path) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def read_previous(path: Path) -> dict[str, tuple[int, int, FileFacts]]:
-    """The stat cache: path -> (size, mtime_ns, facts) from an earlier manifest, if readable."""
+def read_previous(path: Path) -> dict[str, tuple[tuple[int, int, int], FileFacts]]:
+    """The stat cache: path -> ((size, mtime_ns, ctime_ns), facts) from an earlier manifest, if readable."""
     if not path.exists():
         return {}
     try:
-        t = pq.read_table(path, columns=["path", "size", "mtime_ns", *CONTENT_COLUMNS])
+        t = pq.read_table(path, columns=["path", "size", "mtime_ns", "ctime_ns", *CONTENT_COLUMNS])
     except (pa.ArrowInvalid, OSError, KeyError):
         log.warning("previous manifest %s is unreadable or from an older version; hashing every file again", path)
         return {}
     cols = t.to_pydict()
     facts = [FileFacts(*values) for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)]
-    return {p: (s, m, f) for p, s, m, f in zip(cols["path"], cols["size"], cols["mtime_ns"], facts, strict=True)}
+    stats = zip(cols["size"], cols["mtime_ns"], cols["ctime_ns"], strict=True)
+    return {p: (st, f) for p, st, f in zip(cols["path"], stats, facts, strict=True)}
 
 
 # --------------------------------------------------------------------------- splits
@@ -329,7 +395,39 @@ def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] |
 # --------------------------------------------------------------------------- stage
 
 
-def build(settings: Settings, previous: dict[str, tuple[int, int, FileFacts]]) -> pa.Table:
+# --------------------------------------------------------------------------- honest labels and splits
+
+
+def check_label_conflicts(paths: list[str], digests: list[str], labels: list[int]) -> None:
+    """The same bytes labelled real in one place and fake in another cannot both be true."""
+    first: dict[str, int] = {}
+    conflicts = []
+    for i, (d, y) in enumerate(zip(digests, labels, strict=True)):
+        j = first.setdefault(d, i)
+        if labels[j] != y:
+            conflicts.append((j, i))
+    if conflicts:
+        j, i = conflicts[0]
+        n = len({digests[i] for _, i in conflicts})
+        raise ConfigError(
+            f"{n} images have identical bytes labelled both real and fake, e.g. {paths[j]} "
+            f"({'real' if labels[j] == 0 else 'fake'}) and {paths[i]} ({'real' if labels[i] == 0 else 'fake'}); "
+            "remove the copies from the wrong dataset folder."
+        )
+
+
+def cross_split_duplicates(digests: list[str], splits: list[str]) -> list[int]:
+    """Rows to drop so that the same bytes sit in one split only: the copy in test wins, then val
+    (the held-out sets stay whole; a training copy of a test image would leak it)."""
+    rank = {"test": 0, "val": 1, "train": 2}
+    best: dict[str, str] = {}
+    for d, sp in zip(digests, splits, strict=True):
+        if d not in best or rank[sp] < rank[best[d]]:
+            best[d] = sp
+    return [i for i, (d, sp) in enumerate(zip(digests, splits, strict=True)) if sp != best[d]]
+
+
+def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]) -> pa.Table:
     """The manifest table for the current folders (a pure function of files + settings)."""
     files = scan(settings)
     if not files:
@@ -353,9 +451,24 @@ def build(settings: Settings, previous: dict[str, tuple[int, int, FileFacts]]) -
         "split": [split_of[f.video] for f in files],
         "size": [f.size for f in files],
         "mtime_ns": [f.mtime_ns for f in files],
+        "ctime_ns": [f.ctime_ns for f in files],
         **{c: [getattr(x, c) for x in facts] for c in CONTENT_COLUMNS},
     }
-    return pa.table(columns, schema=SCHEMA)
+    check_label_conflicts(columns["path"], columns["digest"], columns["label"])
+    table = pa.table(columns, schema=SCHEMA)
+    drop = cross_split_duplicates(columns["digest"], columns["split"])
+    if drop:
+        example = drop[0]
+        log.warning(
+            "%d images repeat the bytes of an image in another split (e.g. %s, %s); each is kept only in the "
+            "held-out split (test, then val) so nothing leaks between splits",
+            len(drop),
+            columns["path"][example],
+            columns["split"][example],
+        )
+        keep = sorted(set(range(table.num_rows)) - set(drop))
+        table = table.take(keep)
+    return table
 
 
 def write(table: pa.Table, path: Path) -> None:

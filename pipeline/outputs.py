@@ -22,6 +22,11 @@ class Outputs:
         return self.root / "cache" / "embeddings"
 
     @property
+    def predict_embeddings(self) -> Path:
+        """Embeddings of images that `predict` scored: beside the DVC-tracked cache, never in it."""
+        return self.root / "cache" / "predict"
+
+    @property
     def extract_summary(self) -> Path:
         return self.root / "cache" / "extract.json"
 

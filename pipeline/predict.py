@@ -2,14 +2,20 @@
 
 Images already in the probe's cache (same bytes = same digest) are not embedded again; the
 others are embedded with the model in params.yaml, which must give the cache the probe was
-trained on, and added to that cache. Writes a CSV: path, digest, score, label, error.
+trained on. They go to a separate, untracked layer (`cache/predict/<cache>/`), never into the
+DVC-tracked cache: predict never makes `dvc repro` rerun anything, and the absolute paths of
+this machine's files never reach a file that teammates pull. Writes a CSV: path, digest,
+score, label, error.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from pipeline import atomic, manifest
 from pipeline.config import ConfigError, Settings
@@ -43,12 +49,28 @@ def cache_for(outputs: Outputs, fingerprint: str) -> EmbeddingStore:
     )
 
 
-def embed_missing(settings: Settings, store: EmbeddingStore, files: list[Path], digests: list[str | None]) -> None:
+def predict_layer(outputs: Outputs, store: EmbeddingStore) -> EmbeddingStore:
+    """The untracked layer beside `store` for predict's own images (the same card, so the same numbers)."""
+    directory = outputs.predict_embeddings / store.directory.name
+    if not (directory / "card.json").exists():
+        (directory / "shards").mkdir(parents=True, exist_ok=True)
+        atomic.write_json(directory / "card.json", store.card)
+    return EmbeddingStore.open(directory, expect_fingerprint=store.header.fingerprint)
+
+
+def embed_missing(
+    settings: Settings, store: EmbeddingStore, layer: EmbeddingStore, files: list[Path], digests: list[str | None]
+) -> None:
     from pipeline import extract
 
-    todo = extract.plan((d for d in digests if d), store.keys(), set(store.failures()))
+    done = store.keys() | layer.keys()
+    failed = set(store.failures()) | set(layer.failures())
+    todo = extract.plan((d for d in digests if d), done, failed)
     if not todo:
         return
+    if settings.extract.precision == "auto":  # the probe's cache decides, whatever this machine's default
+        precision = store.card["description"]["precision"]
+        settings = dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
     embedder = extract.LocalEmbedder(settings)
     if embedder.description != store.card["description"]:
         raise ConfigError(
@@ -58,8 +80,9 @@ def embed_missing(settings: Settings, store: EmbeddingStore, files: list[Path], 
     path_of = {d: f for f, d in zip(files, digests, strict=True) if d}
     n_known = len(set(filter(None, digests)))
     log.info("embedding %d images not in the cache (%d already there)", len(todo), n_known - len(todo))
-    with store.writer_lock():
-        embedder.embed([extract.Item(d, str(path_of[d]), path_of[d]) for d in todo], store)
+    with layer.writer_lock():
+        embedder.embed([extract.Item(d, str(path_of[d]), path_of[d]) for d in todo], layer)
+        EmbeddingStore.open(layer.directory).write_index()
 
 
 def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path | None, out: Path) -> list[dict]:
@@ -70,14 +93,19 @@ def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path
     facts = [manifest.inspect_file(f) for f in files]
     digests = [x.digest if x else None for x in facts]
     store = cache_for(outputs, card["fingerprint"])
-    embed_missing(settings, store, files, digests)
+    layer = predict_layer(outputs, store)
+    embed_missing(settings, store, layer, files, digests)
 
-    store = EmbeddingStore.open(store.directory)  # re-read: new shards
+    layer = EmbeddingStore.open(layer.directory)  # re-read: new shards
     known = [d for d in digests if d]
     X, found = store.read(known, card["layer"])
+    if not found.all():
+        X_new, found_new = layer.read(known, card["layer"])
+        X = np.where(found[:, None], X, X_new)
+        found = found | found_new
     scores = dict(zip(known, probe.predict_proba(X), strict=True))
     found_of = dict(zip(known, found, strict=True))
-    failures = store.failures()
+    failures = {**layer.failures(), **store.failures()}
     threshold = card.get("threshold", 0.5)
     rows = []
     for f, d in zip(files, digests, strict=True):

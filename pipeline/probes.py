@@ -79,19 +79,18 @@ class LinearProbe:
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: Path, card: dict) -> dict:
-        """Write weights.safetensors + card.json; returns the card as written."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write weights.safetensors + card.json, replacing the directory as a whole (never new
+        weights beside an old card); returns the card as written."""
         tensors = {
             "coef": self.coef_,
             "intercept": np.array([self.intercept_]),
             "mean": self.mean_,
             "scale": self.scale_,
         }
-        with atomic.atomic_path(directory / "weights.safetensors") as tmp:
-            save_file(tensors, str(tmp))
         card = {**card, "probe": self.kind, "C": self.C, "normalize": self.normalize, "max_iter": self.max_iter}
-        atomic.write_json(directory / "card.json", card)
+        with atomic.atomic_dir(Path(directory)) as tmp:
+            save_file(tensors, str(tmp / "weights.safetensors"))
+            (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n")
         return card
 
     @classmethod

@@ -46,6 +46,7 @@ def demo_params(data_root: Path, model_dir: Path, **overrides) -> dict:
     params["model"]["name"] = str(model_dir)
     params["extract"]["num_workers"] = 0
     params["extract"]["batch_size"] = 16
+    params["extract"]["precision"] = "fp32"  # tests compare numbers: never let a CPU's features decide
     for section, values in overrides.items():
         params[section].update(values)
     return params

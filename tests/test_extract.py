@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel
 
-from pipeline import cli, config, demo, evaluate, extract, manifest, train
+from pipeline import backbones, cli, config, demo, evaluate, extract, manifest, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore
@@ -90,6 +90,13 @@ def png_claiming_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def strip_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1, 2_000_000), 128).save(buf, "PNG")
+    assert len(buf.getvalue()) < 10_000
+    return buf.getvalue()
+
+
 def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(project, caplog):
     folder = project / "data" / "Train_Real" / "Real_youtube" / "000"
     good = (folder / "0000.png").read_bytes()
@@ -99,6 +106,7 @@ def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(
         "9002.png": good[: len(good) // 3],  # truncated
         "9003.png": png_claiming_size(60_000, 60_000),  # decompression bomb
         "9004.png": None,  # listed in the manifest, gone (unreadable) by extract time
+        "9005.png": strip_png(),  # 1 x 2,000,000 pixels: the resize alone would need gigabytes
     }
     for name, content in bad.items():
         (folder / name).write_bytes(content if content is not None else good[:100] + b"x")
@@ -117,22 +125,23 @@ def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(
     (folder / "9004.png").unlink()
     caplog.set_level(logging.INFO)
     summary = extract.run(settings, outputs)
-    assert summary["failed"] == 5
-    assert summary["embedded"] == summary["images"] - 5
-    assert "5 images could not be embedded" in caplog.text
+    assert summary["failed"] == 6
+    assert summary["embedded"] == summary["images"] - 6
+    assert "6 images could not be embedded" in caplog.text
     store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
     reasons = {path.rsplit("/", 1)[-1]: reason for path, reason in store.failures().values()}
     assert "unrecognised format" in reasons["9000.png"] and "unrecognised format" in reasons["9001.png"]
     assert "unreadable image" in reasons["9002.png"]
     assert "too large" in reasons["9003.png"]
     assert reasons["9004.png"] == "file not found"
+    assert "extreme aspect ratio (1x2000000" in reasons["9005.png"]
 
     caplog.clear()
     extract.run(settings, outputs)
     assert "0 to embed" in caplog.text, "failed images are not retried by default"
     caplog.clear()
     extract.run(settings, outputs, retry_failed=True)
-    assert "5 to embed" in caplog.text
+    assert "6 to embed" in caplog.text
 
 
 def test_batches_larger_than_a_shard_make_several_atomic_shards(project):
@@ -198,6 +207,9 @@ def test_moving_images_and_switching_models_back_re_embed_nothing(project, tmp_p
     assert len(list(outputs.embeddings.iterdir())) == 2
 
 
+@pytest.mark.skipif(
+    not backbones.cpu_supports_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slow"
+)
 def test_bf16_embeddings_stay_close_to_fp32(project):
     summary32, outputs = run_stages(project)
     update_params(project, "extract", precision="bf16")
@@ -241,4 +253,4 @@ def test_cache_info_and_verify_commands(project, capsys):
     shard.write_bytes(bytes(data))
     assert cli.main(["cache", "verify", "--params", params]) == 1
     out = capsys.readouterr().out
-    assert shard.name in out and "hash mismatch" in out
+    assert shard.name in out and "do not match the checksum in its name" in out

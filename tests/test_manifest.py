@@ -148,15 +148,17 @@ def test_flat_folders_take_the_video_from_the_file_name(tmp_path, tiny_clip):
 
     folder = tmp_path / "flat"
     folder.mkdir()
-    for name in ("000_0012.jpg", "000_0013.JPEG", "000_003_0007.webp", "notes.txt"):
+    (tmp_path / "flat_fake").mkdir()
+    for i, name in enumerate(("000_0012.jpg", "000_0013.JPEG", "000_003_0007.webp", "notes.txt")):
         if name.endswith(".txt"):
             (folder / name).write_text("not an image")
         else:
-            Image.new("RGB", (8, 8)).save(folder / name)
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / name)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "flat_fake" / "001_002_0001.png")
     params = {
         "data": {
             "root": str(tmp_path),
-            "datasets": {"r": {"path": "flat", "label": "real"}, "f": {"path": "flat", "label": "fake"}},
+            "datasets": {"r": {"path": "flat", "label": "real"}, "f": {"path": "flat_fake", "label": "fake"}},
         },
         "model": {"name": str(tiny_clip)},
         "extract": {},
@@ -165,18 +167,22 @@ def test_flat_folders_take_the_video_from_the_file_name(tmp_path, tiny_clip):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     df = build(tmp_path)
-    assert sorted(set(df.video)) == ["000", "000_003"]
-    assert len(df) == 6  # three images, listed under both datasets; the .txt is ignored
+    assert sorted(set(df.video)) == ["000", "000_003", "001_002"]
+    assert len(df) == 4  # the .txt is ignored
 
 
-def test_unchanged_files_are_not_read_again_and_output_is_byte_identical(project):
+def test_unchanged_files_are_not_read_again_and_output_is_byte_identical(project, monkeypatch):
     build(project)
     out = project / "cache" / "manifest.parquet"
     first = out.read_bytes()
+    reads = []
+    real_inspect = manifest.inspect_file
+    monkeypatch.setattr(manifest, "inspect_file", lambda path: reads.append(path) or real_inspect(path))
     build(project)
     assert out.read_bytes() == first, "nothing changed, so the manifest must be byte-identical"
+    assert reads == [], "unchanged files are not read again"
 
-    # Change a file's bytes but keep its size and mtime: the stat cache must reuse the old digest.
+    # Change a file's bytes but keep its size and mtime: the ctime still moves, so it is hashed again.
     victim = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0000.png"
     st = victim.stat()
     data = bytearray(victim.read_bytes())
@@ -184,14 +190,9 @@ def test_unchanged_files_are_not_read_again_and_output_is_byte_identical(project
     victim.write_bytes(bytes(data))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     df = build(project)
+    assert reads == [victim]
     row = df[df.path == "Train_Real/Real_youtube/000/0000.png"].iloc[0]
-    assert row.digest != hashlib.sha256(bytes(data)).hexdigest(), "the file was re-read"
-
-    # A real change (new mtime) is hashed again.
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    df = build(project)
-    row = df[df.path == "Train_Real/Real_youtube/000/0000.png"].iloc[0]
-    assert row.digest == hashlib.sha256(bytes(data)).hexdigest()
+    assert row.digest == hashlib.sha256(bytes(data)).hexdigest(), "a stale digest would poison the cache"
 
 
 def test_broken_links_are_left_out_with_a_warning_not_a_crash(project, caplog):

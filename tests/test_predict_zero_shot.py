@@ -29,7 +29,7 @@ def trained(project):
     return project
 
 
-def test_predict_reuses_the_cache_and_adds_new_images_to_it(trained, tmp_path, caplog):
+def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(trained, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -39,8 +39,8 @@ def test_predict_reuses_the_cache_and_adds_new_images_to_it(trained, tmp_path, c
     Image.new("RGB", (80, 70), (200, 10, 10)).save(folder / "new.jpg")
     (folder / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "predictions.csv"
-    (store,) = caches(trained / "cache" / "embeddings")
-    before = store.count()
+    tracked = sorted(p.relative_to(trained) for p in (trained / "cache").rglob("*") if p.is_file())
+    tracked_bytes = [(trained / p).read_bytes() for p in tracked]
 
     code = cli.main(["predict", str(folder), "--params", str(trained / "params.yaml"), "--out", str(out)])
     assert code == 0
@@ -50,8 +50,11 @@ def test_predict_reuses_the_cache_and_adds_new_images_to_it(trained, tmp_path, c
     for name in ("renamed_0.png", "new.jpg"):
         assert 0.0 <= float(rows[name]["score"]) <= 1.0 and rows[name]["label"] in ("real", "fake")
     assert rows["broken.png"]["score"] == "" and "not an image" in rows["broken.png"]["error"]
-    (store,) = caches(trained / "cache" / "embeddings")
-    assert store.count() == before + 1, "the new image joined the cache"
+    now = sorted(p.relative_to(trained) for p in (trained / "cache").rglob("*") if p.is_file())
+    assert [p for p in now if p.parts[1] != "predict"] == tracked, "the DVC-tracked cache is untouched"
+    assert [(trained / p).read_bytes() for p in tracked] == tracked_bytes, "so `dvc repro` reruns nothing"
+    (layer,) = caches(trained / "cache" / "predict")
+    assert layer.count() == 1, "the new image went to the untracked predict layer"
 
     caplog.clear()
     assert cli.main(["predict", str(folder), "--params", str(trained / "params.yaml"), "--out", str(out)]) == 0

@@ -5,13 +5,17 @@ Every test runs against both shard formats (Parquet and HDF5).
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import FORMATS, EmbeddingStore, StoreError, directory_name, fingerprint
+from pipeline import cache_report
+from pipeline.outputs import Outputs
+from pipeline.store import FORMATS, EmbeddingStore, StoreError, directory_name, fingerprint, text
 from pipeline.store.shard import ShardData
 
 DESCRIPTION = {"model": {"weights_sha256": "abc"}, "layers": ["projection", "pooled"], "dtype": "float32"}
@@ -191,3 +195,91 @@ def test_the_lock_dies_with_its_process_even_if_a_forked_child_lives_on(store):
             pass
     finally:
         os.kill(child, 9)
+
+
+# --------------------------------------------------------------------------- integrity on every read
+
+
+def damage(shard, how: str) -> None:
+    data = bytearray(shard.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    else:  # truncate
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_every_reader_refuses_a_damaged_shard_naming_it(store, fmt, how):
+    store.commit(rows(["a", "b"]), fmt)
+    victim = store.commit(rows(["c", "d"], seed=2), fmt)
+    damage(victim, how)
+    fresh = EmbeddingStore.open(store.directory)  # a new reader, as train or evaluate would be
+    for read in (fresh.keys, lambda: fresh.read(["a", "c"], "projection"), lambda: fresh.read_shard(victim, "pooled")):
+        with pytest.raises(StoreError, match=r"cache repair") as exc:
+            read()
+        assert str(victim) in str(exc.value) and "damaged" in str(exc.value)
+
+
+def test_a_shard_the_index_lists_but_the_disk_lacks_is_an_error_and_repair_drops_it(store, fmt):
+    store.commit(rows(["a", "b"]), fmt)
+    lost = store.commit(rows(["c", "d"], seed=2), fmt)
+    store.write_index()
+    lost.unlink()
+    fresh = EmbeddingStore.open(store.directory)
+    with pytest.raises(StoreError, match=rf"{lost.name}.*not on disk"):
+        fresh.keys()
+    assert any(lost.name in p and "missing" in p for p in fresh.verify())
+
+    with fresh.writer_lock():
+        done = fresh.repair()
+    assert any(lost.name in d for d in done)
+    repaired = EmbeddingStore.open(store.directory)
+    assert repaired.verify() == [] and repaired.keys() == {"a", "b"}, "the next extract re-embeds c and d only"
+
+
+def test_repair_removes_a_damaged_shard_and_keeps_the_sound_ones(store, fmt):
+    store.commit(rows(["a", "b"]), fmt)
+    victim = store.commit(rows(["c"], seed=2), fmt)
+    store.write_index()
+    damage(victim, "flip")
+    with store.writer_lock():
+        done = store.repair()
+    assert len(done) == 1 and victim.name in done[0] and not victim.exists()
+    assert EmbeddingStore.open(store.directory).keys() == {"a", "b"}
+
+
+def test_verify_never_crashes_on_a_damaged_card_or_prompt_table(fmt, tmp_path, capsys):
+    outputs = Outputs(tmp_path)
+    good = EmbeddingStore.create(outputs.embeddings, "org/model", DESCRIPTION, DIMS)
+    good.commit(rows(["a"]), fmt)
+    text.add(good.directory, {"a real face": np.ones(4, np.float32)}, 100.0)
+    bad = EmbeddingStore.create(outputs.embeddings, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
+    (bad.directory / "card.json").write_text('{"fingerprint": "trunc')
+    damage(good.directory / text.FILENAME, "truncate")
+
+    assert cache_report.run(outputs, "verify") == 1
+    out = capsys.readouterr().out
+    assert f"{bad.directory / 'card.json'} is damaged" in out
+    assert f"{good.directory / text.FILENAME}: unreadable" in out
+    with pytest.raises(StoreError, match=r"card\.json is damaged"):
+        EmbeddingStore.open(bad.directory)
+
+
+def test_writing_a_shard_never_leaves_a_partial_file(store, fmt, tmp_path):
+    """A write that fails (here: the shard folder became read-only) leaves nothing behind."""
+    store.commit(rows(["a"]), fmt)
+    shards = store.directory / "shards"
+    before = sorted(shards.iterdir())
+    real_write = Path.write_bytes
+
+    def full_disk(self, data):
+        real_write(self, data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_bytes", full_disk)
+        with pytest.raises(OSError) as exc:
+            store.commit(rows(["b"], seed=1), fmt)
+    assert exc.value.errno == errno.ENOSPC and str(shards) in exc.value.filename
+    assert sorted(shards.iterdir()) == before, "no temp file or torn shard is left"

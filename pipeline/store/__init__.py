@@ -4,12 +4,20 @@ Layout of one model's cache::
 
     cache/embeddings/<model-slug>-<fingerprint>/
         card.json                 what produced the numbers (model, preprocessing, layers, ...)
+        index.json                the shards this cache holds (written by the extract that holds the lock)
         shards/<time_ns>-<sha256 of the file, 16 hex>.parquet | .h5
 
-A shard is visible only once complete (temp file, fsync, rename), so a crash loses at most the
-shard being written. Keys are sha256 digests of image bytes; a digest held by any shard is
-done. Shard files are read by their suffix, so one cache may hold shards of several formats.
-A shard's name ends in the hash of its bytes, so `verify` detects any change to a shard.
+A shard is visible only once complete (built in memory, written to a temp file, fsync, rename),
+so a crash loses at most the shard being written. Keys are sha256 digests of image bytes; a
+digest held by any shard is done. Shard files are read by their suffix, so one cache may hold
+shards of several formats.
+
+Integrity on every read: a shard's name ends in the hash of its bytes, and every reader checks
+it (once per process and file) before trusting a number; a damaged or truncated shard, or one
+that `index.json` lists and the disk lacks, is a `StoreError` naming the file and the fix
+(`python -m pipeline cache repair` drops it, so the next extract re-embeds just its rows).
+Shards on disk that the index does not list yet (committed by a run killed before it wrote the
+index) are read like any other: their checksum vouches for them.
 """
 
 from __future__ import annotations
@@ -28,16 +36,29 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.config import ConfigError
-from pipeline.store import hdf5, parquet
+from pipeline.store import hdf5, parquet, text
 from pipeline.store.shard import ShardData, ShardHeader
 
 FORMAT_VERSION = 1
 FORMATS = {"parquet": parquet, "hdf5": hdf5}
 _BY_SUFFIX = {module.SUFFIX: module for module in FORMATS.values()}
+INDEX = "index.json"
+REPAIR_HINT = "run `python -m pipeline cache repair` to drop it, then `dvc repro` (extract re-embeds only its rows)"
+
+# Shard files whose bytes matched their checksum in this process: (path, size, mtime_ns).
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 class StoreError(ConfigError):
     """The cache on disk does not match what the caller expects."""
+
+
+class DamagedShard(StoreError):
+    """A shard that cannot be trusted: changed bytes, truncated, unreadable or missing."""
+
+    def __init__(self, shard: Path, why: str):
+        self.shard, self.why = shard, why
+        super().__init__(f"shard {shard} is damaged ({why}); {REPAIR_HINT}.")
 
 
 # flock locks belong to the open file, which forked children (DataLoader workers) share: a
@@ -113,7 +134,14 @@ class EmbeddingStore:
         card_path = directory / "card.json"
         if not card_path.exists():
             raise StoreError(f"{directory} is not an embedding cache (no card.json); run the extract stage first.")
-        card = json.loads(card_path.read_text())
+        try:
+            card = json.loads(card_path.read_text())
+            ShardHeader.from_dict(card)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise StoreError(
+                f"{card_path} is damaged; restore it (`dvc checkout cache/embeddings`, or `dvc pull`) "
+                f"or delete {directory} and re-run extract."
+            ) from None
         if expect_fingerprint is not None and card.get("fingerprint") != expect_fingerprint:
             raise StoreError(
                 f"{directory} holds embeddings with fingerprint {card.get('fingerprint')}, not {expect_fingerprint}; "
@@ -139,12 +167,64 @@ class EmbeddingStore:
             p for p in shards.iterdir() if p.suffix in _BY_SUFFIX and not p.name.startswith(atomic.TEMP_PREFIX)
         )
 
+    def listed_shards(self) -> set[str]:
+        """Names of the shards `index.json` says this cache holds."""
+        path = self.directory / INDEX
+        if not path.exists():
+            return set()
+        try:
+            return set(json.loads(path.read_text())["shards"])
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(f"{path} is damaged; run `python -m pipeline cache repair` to rebuild it.") from None
+
+    def missing_shards(self) -> list[Path]:
+        """Shards the index lists that are not on disk (deleted, or not pulled)."""
+        present = {p.name for p in self.shard_paths()}
+        return [self.directory / "shards" / name for name in sorted(self.listed_shards() - present)]
+
+    def write_index(self) -> None:
+        """List every shard on disk (and keep listing missing ones: only `repair` forgets them).
+        Call while holding the writer lock."""
+        names = self.listed_shards() | {p.name for p in self.shard_paths()}
+        atomic.write_json(self.directory / INDEX, {"shards": sorted(names)})
+
+    def _check_complete(self) -> None:
+        missing = self.missing_shards()
+        if missing:
+            raise DamagedShard(
+                missing[0],
+                f"listed in {INDEX} but not on disk{f', with {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                "`dvc checkout`/`dvc pull` may restore it",
+            )
+
+    def _checked(self, shard: Path, read, *args):
+        """read(shard, *args) once the shard's bytes match the checksum in its name (checked once
+        per process and file version) and its header matches this cache; any failure to read is a
+        DamagedShard naming the file."""
+        try:
+            st = shard.stat()
+        except FileNotFoundError:
+            raise DamagedShard(shard, "the file is gone") from None
+        key = (str(shard), st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            expected = shard.stem.rsplit("-", 1)[-1]
+            if len(expected) != 16 or _file_sha256(shard)[:16] != expected:
+                raise DamagedShard(shard, "its bytes do not match the checksum in its name")
+            _VERIFIED.add(key)
+        try:
+            self._check_header(shard)
+            return read(shard, *args)
+        except StoreError:
+            raise
+        except Exception as exc:  # a format library's error on bad bytes: name the file instead
+            raise DamagedShard(shard, f"unreadable: {type(exc).__name__}: {exc}") from None
+
     def _load_index(self) -> dict[str, tuple[str | None, str | None]]:
         if self._index is None:
+            self._check_complete()
             index: dict[str, tuple[str | None, str | None]] = {}
             for shard in self.shard_paths():
-                self._check_header(shard)
-                digests, paths, errors = _BY_SUFFIX[shard.suffix].read_keys(shard)
+                digests, paths, errors = self._checked(shard, _BY_SUFFIX[shard.suffix].read_keys)
                 for d, p, e in zip(digests, paths, errors, strict=True):
                     if e is None or d not in index:  # a success anywhere wins over a failure
                         index[d] = (p, e)
@@ -164,12 +244,12 @@ class EmbeddingStore:
 
     def read_shard(self, shard: Path, layer: str) -> tuple[list[str], np.ndarray]:
         """Digests and float32 embeddings of one shard's rows that embedded fine."""
-        self._check_header(shard)
-        return _BY_SUFFIX[shard.suffix].read_layer(shard, layer, self.dimension(layer))
+        return self._checked(shard, _BY_SUFFIX[shard.suffix].read_layer, layer, self.dimension(layer))
 
     def read(self, digests: list[str], layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of `layer` for `digests` -> (array (n, dim) float32, found mask (n,))."""
         dim = self.dimension(layer)
+        self._check_complete()
         found_digests: list[str] = []
         blocks: list[np.ndarray] = []
         for shard in self.shard_paths():
@@ -192,7 +272,10 @@ class EmbeddingStore:
             )
 
     def _check_header(self, shard: Path) -> None:
-        header = _BY_SUFFIX[shard.suffix].read_header(shard)
+        try:
+            header = _BY_SUFFIX[shard.suffix].read_header(shard)
+        except Exception as exc:
+            raise DamagedShard(shard, f"unreadable header: {type(exc).__name__}: {exc}") from None
         if header.fingerprint != self.header.fingerprint or header.layers != self.header.layers:
             raise StoreError(
                 f"shard {shard} was written for fingerprint {header.fingerprint} (layers {header.layers}), "
@@ -206,15 +289,11 @@ class EmbeddingStore:
         if not len(data):
             return None
         module = FORMATS[fmt]
-        shards = self.directory / "shards"
-        tmp = atomic.temp_path(shards, f"shard{module.SUFFIX}")
-        try:
-            module.write(tmp, self.header, data)
-            # Named by its content: unique across concurrent writers, and checkable by verify.
-            target = shards / f"{time.time_ns():020d}-{_file_sha256(tmp)[:16]}{module.SUFFIX}"
-            atomic.commit_file(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        payload = module.to_bytes(self.header, data)
+        # Named by its content: unique across concurrent writers, and checked by every reader.
+        name = f"{time.time_ns():020d}-{hashlib.sha256(payload).hexdigest()[:16]}{module.SUFFIX}"
+        target = self.directory / "shards" / name
+        atomic.write_bytes(target, payload)
         if self._index is not None:
             for d, p, e in zip(data.digests, data.paths, data.errors, strict=True):
                 if e is None or d not in self._index:
@@ -249,26 +328,66 @@ class EmbeddingStore:
                 fh.truncate()
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def shard_problem(self, shard: Path) -> str | None:
+        """Why this shard cannot be trusted (re-hashed and read in full), or None if it is sound."""
+        _VERIFIED.difference_update({k for k in _VERIFIED if k[0] == str(shard)})
+        try:
+            module = _BY_SUFFIX[shard.suffix]
+            digests, _, _ = self._checked(shard, module.read_keys)
+            for layer in self.layers:
+                self._checked(shard, module.read_layer, layer, self.header.dims[layer])
+        except DamagedShard as exc:
+            return exc.why
+        except StoreError as exc:  # a shard of another cache
+            return str(exc)
+        if len(set(digests)) != len(digests):
+            return "it repeats a digest"
+        return None
+
     def verify(self) -> list[str]:
-        """Problems found re-checking every shard (empty when the cache is sound)."""
+        """Problems found re-checking every shard, the index and the prompt table (empty when sound)."""
         problems = []
+        try:
+            problems += [f"{p}: listed in {INDEX} but missing" for p in self.missing_shards()]
+        except StoreError as exc:
+            problems.append(str(exc))
         for shard in self.shard_paths():
-            expected = shard.stem.rsplit("-", 1)[-1]
-            if _file_sha256(shard)[: len(expected)] != expected:
-                problems.append(f"{shard}: contents changed since it was written (hash mismatch)")
-                continue
+            problem = self.shard_problem(shard)
+            if problem:
+                problems.append(f"{shard}: {problem}")
+        if (self.directory / text.FILENAME).exists():
             try:
-                self._check_header(shard)
-                module = _BY_SUFFIX[shard.suffix]
-                digests, _, _ = module.read_keys(shard)
-                for layer in self.layers:
-                    module.read_layer(shard, layer, self.header.dims[layer])
-            except Exception as exc:  # any failure to read is a finding, not a crash
-                problems.append(f"{shard}: unreadable ({exc})")
-                continue
-            if len(set(digests)) != len(digests):
-                problems.append(f"{shard}: repeats a digest")
+                text.read_all(self.directory)
+            except Exception as exc:
+                problems.append(f"{self.directory / text.FILENAME}: unreadable ({type(exc).__name__}: {exc})")
         return problems
+
+    def repair(self) -> list[str]:
+        """Drop what cannot be trusted, so the next extract re-embeds exactly its rows; returns what
+        was done. Call while holding the writer lock."""
+        done = []
+        try:
+            listed = self.listed_shards()
+        except StoreError:
+            listed = set()
+            done.append(f"rebuilt the damaged {INDEX}")
+        for name in sorted(listed - {p.name for p in self.shard_paths()}):
+            done.append(f"forgot the missing shard {name}")
+        for shard in self.shard_paths():
+            problem = self.shard_problem(shard)
+            if problem:
+                shard.unlink()
+                done.append(f"removed {shard} ({problem})")
+        atomic.write_json(self.directory / INDEX, {"shards": sorted(p.name for p in self.shard_paths())})
+        prompts = self.directory / text.FILENAME
+        if prompts.exists():
+            try:
+                text.read_all(self.directory)
+            except Exception:
+                prompts.unlink()
+                done.append(f"removed the damaged {prompts} (extract embeds the prompts again)")
+        self._index = None
+        return done
 
     def remove_leftovers(self) -> int:
         """Delete temp files of interrupted writers (call only while holding the writer lock)."""
@@ -286,8 +405,13 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def caches(parent: Path) -> list[EmbeddingStore]:
-    """Every model cache under `parent` (cache/embeddings)."""
+def cache_dirs(parent: Path) -> list[Path]:
+    """Every model cache directory under `parent` (cache/embeddings), readable or not."""
     if not Path(parent).is_dir():
         return []
-    return [EmbeddingStore.open(d) for d in sorted(Path(parent).iterdir()) if (d / "card.json").exists()]
+    return [d for d in sorted(Path(parent).iterdir()) if (d / "card.json").exists()]
+
+
+def caches(parent: Path) -> list[EmbeddingStore]:
+    """Every model cache under `parent` (cache/embeddings)."""
+    return [EmbeddingStore.open(d) for d in cache_dirs(parent)]

@@ -8,6 +8,7 @@ checksums. The shard header is the JSON attribute `pipeline.shard` of the root g
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -21,8 +22,11 @@ _META_KEY = "pipeline.shard"
 _STR = h5py.string_dtype("utf-8")
 
 
-def write(path: Path, header: ShardHeader, data: ShardData) -> None:
-    with h5py.File(path, "w") as f:
+def to_bytes(header: ShardHeader, data: ShardData) -> bytes:
+    """The shard file's bytes, built in memory: the HDF5 library never writes to disk itself, so a
+    full disk is a plain OSError from the store's atomic write (HDF5 itself can crash on one)."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         f.attrs[_META_KEY] = json.dumps(header.to_dict(), sort_keys=True)
         f.create_dataset("digest", data=np.array(data.digests, dtype="S64"))
         f.create_dataset("path", data=np.array(data.paths, dtype=object), dtype=_STR)
@@ -33,6 +37,7 @@ def write(path: Path, header: ShardHeader, data: ShardData) -> None:
             layers.create_dataset(
                 layer, data=array, fletcher32=True, chunks=(max(1, min(len(array), 1024)), array.shape[1])
             )
+    return buffer.getvalue()
 
 
 def read_header(path: Path) -> ShardHeader:

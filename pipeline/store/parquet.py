@@ -22,7 +22,8 @@ SUFFIX = ".parquet"
 _META_KEY = b"pipeline.shard"
 
 
-def write(path: Path, header: ShardHeader, data: ShardData) -> None:
+def to_bytes(header: ShardHeader, data: ShardData) -> bytes:
+    """The shard file's bytes, built in memory (the store writes them out atomically)."""
     fields = [("digest", pa.string()), ("path", pa.string()), ("error", pa.string())]
     columns = [
         pa.array(data.digests, pa.string()),
@@ -38,7 +39,9 @@ def write(path: Path, header: ShardHeader, data: ShardData) -> None:
         fields.append((layer, pa.list_(value_type, dim)))
         columns.append(arr)
     schema = pa.schema(fields, metadata={_META_KEY: json.dumps(header.to_dict(), sort_keys=True).encode()})
-    pq.write_table(pa.Table.from_arrays(columns, schema=schema), path, compression="zstd", write_page_checksum=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), sink, compression="zstd", write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
 
 
 def read_header(path: Path) -> ShardHeader:

@@ -1,11 +1,14 @@
 """Text prompt embeddings for zero-shot scoring, stored beside a model's image embeddings.
 
 `<cache>/text.parquet`: one row per prompt (prompt, L2-normalised projected embedding), and the
-model's CLIP logit scale in the file metadata. Rewritten atomically when prompts are added.
+model's CLIP logit scale in the file metadata. Rewritten atomically when prompts are added;
+page checksums are written and checked on every read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,27 +23,45 @@ _META_KEY = b"pipeline.text"
 
 
 def prompts_in(directory: Path) -> set[str]:
-    path = Path(directory) / FILENAME
-    return set(pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()) if path.exists() else set()
+    """The prompts stored (none when the table is missing or damaged: extract then re-embeds them)."""
+    try:
+        return set(read_all(directory)[0]) if (Path(directory) / FILENAME).exists() else set()
+    except Exception:
+        return set()
 
 
 def add(directory: Path, embeddings: dict[str, np.ndarray], logit_scale: float) -> None:
     """Store these prompt embeddings (merged with those already stored)."""
     path = Path(directory) / FILENAME
     rows = {}
-    if path.exists():
-        t = pq.read_table(path)
-        rows = dict(zip(t.column("prompt").to_pylist(), t.column("embedding").to_pylist(), strict=True))
+    with contextlib.suppress(Exception):  # a damaged table is replaced, not merged
+        rows = read_all(directory)[0] if path.exists() else {}
     rows.update({p: np.asarray(e, dtype=np.float32).tolist() for p, e in embeddings.items()})
     prompts = sorted(rows)
     dim = len(rows[prompts[0]])
-    schema = pa.schema(
-        [("prompt", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
-        metadata={_META_KEY: json.dumps({"logit_scale": logit_scale}).encode()},
-    )
+    schema = pa.schema([("prompt", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
     table = pa.table({"prompt": prompts, "embedding": [rows[p] for p in prompts]}, schema=schema)
+    meta = {"logit_scale": logit_scale, "sha256": _content_hash(prompts, [rows[p] for p in prompts], logit_scale)}
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     with atomic.atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
+
+
+def _content_hash(prompts: list[str], embeddings: list, logit_scale: float) -> str:
+    h = hashlib.sha256(json.dumps([prompts, logit_scale]).encode())
+    h.update(np.asarray(embeddings, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def read_all(directory: Path) -> tuple[dict[str, list[float]], float]:
+    """Every stored prompt with its embedding, and the logit scale; raises on a damaged file (the
+    checksum of the content, kept in the file's metadata, must match)."""
+    t = pq.read_table(Path(directory) / FILENAME, page_checksum_verification=True)
+    meta = json.loads(t.schema.metadata[_META_KEY])
+    prompts, embeddings = t.column("prompt").to_pylist(), t.column("embedding").to_pylist()
+    if _content_hash(prompts, embeddings, meta["logit_scale"]) != meta["sha256"]:
+        raise ValueError(f"{Path(directory) / FILENAME} does not match its checksum")
+    return dict(zip(prompts, embeddings, strict=True)), float(meta["logit_scale"])
 
 
 def read(directory: Path, real: list[str], fake: list[str]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -48,10 +69,11 @@ def read(directory: Path, real: list[str], fake: list[str]) -> tuple[np.ndarray,
     path = Path(directory) / FILENAME
     if not path.exists():
         raise KeyError("the cache holds no text prompt embeddings (the model may have no text tower or tokenizer)")
-    t = pq.read_table(path)
-    rows = dict(zip(t.column("prompt").to_pylist(), t.column("embedding").to_pylist(), strict=True))
+    try:
+        rows, scale = read_all(directory)
+    except Exception as exc:
+        raise KeyError(f"{path} is damaged ({type(exc).__name__}); run `python -m pipeline cache repair`") from None
     for p in real + fake:
         if p not in rows:
             raise KeyError(f"the prompt {p!r} has not been embedded")
-    scale = json.loads(t.schema.metadata[_META_KEY])["logit_scale"]
     return (np.array([rows[p] for p in real], np.float32), np.array([rows[p] for p in fake], np.float32), float(scale))

@@ -1,0 +1,220 @@
+"""Faults injected into real runs: the cache never serves wrong numbers, a failing disk never
+hangs the extractor, and nothing already committed is lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import cli, config, extract, manifest, train
+from pipeline.outputs import Outputs
+from pipeline.store import EmbeddingStore, caches
+from tests.conftest import contents, make_project, run_to_end, start_extract, update_params
+
+
+def cli_in_thread(argv: list[str], timeout: float = 120) -> int:
+    """Run the CLI in-process, failing the test (instead of hanging it) if it does not return."""
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(cli.main(argv)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"`{' '.join(argv[:1])}` hung for {timeout} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
+def test_a_writer_failing_at_shard_k_stops_the_run_in_seconds_and_keeps_finished_shards(
+    tmp_path, many_images, tiny_clip, reference, capsys, monkeypatch, fmt
+):
+    project = make_project(tmp_path, many_images, tiny_clip, fmt)
+    real_write = EmbeddingStore.commit
+    calls = []
+
+    def fail_at_third_shard(self, data, fmt="parquet"):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "shards" / ".tmp-x"))
+        return real_write(self, data, fmt)
+
+    monkeypatch.setattr(EmbeddingStore, "commit", fail_at_third_shard)
+    started = time.monotonic()
+    code = cli_in_thread(["extract", "--params", str(project / "params.yaml")])
+    err = capsys.readouterr().err
+    assert code == 1 and time.monotonic() - started < 60
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on device while writing") and "finished shards" in last
+    assert "Traceback" not in err
+
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.count() == 2 * 8, "the two shards committed before the failure are kept"
+    assert store.verify() == [] and not list(store.directory.glob("shards/.tmp-*"))
+    monkeypatch.undo()
+    run_to_end(project)
+    keys, embeddings = contents(project)
+    assert keys == reference[0]
+    np.testing.assert_array_equal(embeddings, reference[1])
+
+
+def mount_tmpfs(path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here to fill a real disk ({done.stderr.decode().strip() or 'not root'})")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
+def test_a_really_full_disk_is_one_clear_line_and_the_rerun_completes(tmp_path, many_images, tiny_clip, reference, fmt):
+    project = make_project(tmp_path, many_images, tiny_clip, fmt)
+    cache = project / "cache" / "embeddings"
+    mount_tmpfs(cache, "48k")  # room for the card and a few shards of the 20 this run writes
+    try:
+        proc = start_extract(project)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("extract hung on a full disk")
+        assert proc.returncode == 1, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: no space left on device") and "rerun" in last, err
+        assert "Traceback" not in err and "Segmentation" not in err
+        (store,) = caches(cache)
+        committed = store.count()
+        assert 0 < committed < len(reference[0])
+        assert store.verify() == [] and not list(cache.glob("*/shards/.tmp-*")), "no partial shard is visible"
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(cache)], check=True)
+        log = run_to_end(project)
+        assert f"{len(reference[0]) - committed} to embed" in log
+        keys, embeddings = contents(project)
+        assert keys == reference[0]
+        np.testing.assert_array_equal(embeddings, reference[1])
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_a_file_rewritten_after_the_manifest_is_never_cached_under_its_old_digest(project, capsys):
+    params = str(project / "params.yaml")
+    settings = config.load(params)
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    victim = project / "data" / "Train_Fake" / "FaceSwap" / "000_001" / "0000.png"
+    other = project / "data" / "Train_Fake" / "FaceSwap" / "000_001" / "0001.png"
+    old_digest = manifest.inspect_file(victim).digest
+    st = victim.stat()
+    payload = other.read_bytes()[: st.st_size].ljust(st.st_size, b"\0")  # other bytes, same size
+    victim.write_bytes(payload)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime: only the bytes differ
+
+    assert cli.main(["extract", "--params", params]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 image files changed since the manifest was built" in err and "rerun the manifest stage" in err
+    (store,) = caches(outputs.embeddings)
+    assert old_digest not in store.keys() | set(store.failures()), "nothing stored under the old key"
+    unique = len(set(manifest.read(outputs.manifest).column("digest").to_pylist()))
+    assert store.count() == unique - 1, "everything else is cached"
+
+    manifest.run(settings, outputs)  # the stat cache notices the rewrite (ctime), so the file is hashed again
+    new_digest = manifest.inspect_file(victim).digest
+    assert new_digest in manifest.read(outputs.manifest).column("digest").to_pylist()
+    summary = extract.run(settings, outputs)
+    assert summary["embedded"] + summary["failed"] == summary["images"]
+
+
+def test_train_refuses_a_cache_with_a_deleted_or_damaged_shard_and_repair_fixes_it(project, capsys, caplog):
+    params = str(project / "params.yaml")
+    yaml_params = yaml.safe_load((project / "params.yaml").read_text())
+    yaml_params["extract"].update(shard_size=40, batch_size=8)  # 40 rows a shard
+    (project / "params.yaml").write_text(yaml.safe_dump(yaml_params))
+    for stage in ("manifest", "extract", "train"):
+        assert cli.main([stage, "--params", params]) == 0
+    (store,) = caches(project / "cache" / "embeddings")
+    first, second = store.shard_paths()[:2]
+    second.unlink()
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    first.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert cli.main(["train", "--params", params]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: shard ") and err.count("\n") == 1 and "cache repair" in err
+    assert cli.main(["cache", "verify", "--params", params]) == 1
+    out = capsys.readouterr().out
+    assert first.name in out and second.name in out and "missing" in out
+
+    assert cli.main(["cache", "repair", "--params", params]) == 0
+    assert cli.main(["train", "--params", params]) == 2, "rows are still missing: train says so, never fits on less"
+    assert "neither embedded nor recorded as failed" in capsys.readouterr().err
+    caplog.set_level("INFO")
+    assert cli.main(["extract", "--params", params]) == 0
+    assert "80 to embed" in caplog.text, "extract re-embeds exactly the rows of the two shards dropped"
+    assert cli.main(["train", "--params", params]) == 0
+    assert cli.main(["cache", "verify", "--params", params]) == 0
+
+
+def test_a_fifo_that_replaced_an_image_is_recorded_not_waited_on(project):
+    settings = config.load(project / "params.yaml")
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    victim = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0000.png"
+    victim.unlink()
+    os.mkfifo(victim)
+    done: list[dict] = []
+    thread = threading.Thread(target=lambda: done.append(extract.run(settings, outputs)), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "extract blocked on a FIFO"
+    (store,) = caches(outputs.embeddings)
+    assert "not a regular file" in [reason for _, reason in store.failures().values()]
+
+
+def test_a_second_machine_with_other_cpu_features_extends_the_same_cache(project, monkeypatch, caplog):
+    """Teammate A made the cache in bf16; B's CPU differs and B's params say `auto`: B adds one
+    image to A's cache (same fingerprint) instead of re-embedding everything, and predict agrees."""
+    from pipeline import backbones
+
+    params = project / "params.yaml"
+    settings = config.load(params)
+    outputs = Outputs(project)
+    manifest.run(settings, outputs)
+    for native in (True, False):  # auto on a fresh project never depends on the CPU's features
+        monkeypatch.setattr(backbones, "cpu_supports_bf16", lambda native=native: native)
+        auto = config.load(params)
+        assert extract.run(dataclass_replace_precision(auto, "auto"), outputs)["precision"] == "fp32"
+        shutil.rmtree(outputs.embeddings)
+        outputs.extract_summary.unlink()
+
+    a = extract.run(dataclass_replace_precision(settings, "bf16"), outputs)  # A, on a machine with native bf16
+    new = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0100.png"
+    shutil.copy(project / "data" / "Train_Real" / "Real_youtube" / "001" / "0000.png", new)
+    with new.open("ab") as fh:
+        fh.write(b"\0")  # other bytes, still a valid PNG: a new image
+    manifest.run(settings, outputs)
+    monkeypatch.setattr(backbones, "cpu_supports_bf16", lambda: False)  # B: an AVX2-only CPU
+    caplog.set_level("INFO")
+    b = extract.run(dataclass_replace_precision(settings, "auto"), outputs)
+    assert "1 to embed" in caplog.text
+    assert b["fingerprint"] == a["fingerprint"] and b["precision"] == "bf16"
+    assert len(list(outputs.embeddings.iterdir())) == 1, "one cache, not a second one per CPU"
+
+    train.run(settings, outputs)
+    update_params(project, "extract", precision="auto")
+    caplog.clear()
+    out = project / "predictions.csv"
+    assert cli.main(["predict", str(new), "--params", str(params), "--out", str(out)]) == 0, "B's predict agrees"
+    assert "not in the cache" not in caplog.text, "the image is in A's cache: nothing to embed"
+
+
+def dataclass_replace_precision(settings, precision):
+    import dataclasses
+
+    return dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
