@@ -182,7 +182,7 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
         else:
             vision_config = CLIPVisionConfig.from_pretrained(directory)
         net = CLIPVisionModelWithProjection.from_pretrained(directory, config=vision_config, use_safetensors=True)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # any failure to build the model from these files is a problem with the files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"model '{model.name}' could not be loaded from {directory} ({first}); "

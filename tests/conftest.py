@@ -3,6 +3,7 @@ through the same code (`save_pretrained`, PNG files) a user's run goes through."
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,15 +91,38 @@ def make_project(path, images, tiny_clip, fmt="parquet", workers=0):
     return path
 
 
-def start_extract(project) -> subprocess.Popen:
+# With PAUSE_AFTER_IMAGES=N in the environment, `tests/pause/sitecustomize.py` makes every Python
+# process of a run (the extractor, its DataLoader workers, dask workers) stop reading images for
+# good after N and say "paused" on stdout: a test then interrupts a run that is certainly still
+# going, at a known point, with no sleep and no race. The extractor's own code is untouched.
+PAUSE_DIR = Path(__file__).parent / "pause"
+
+
+def paused_env(pause_after_images: int | None) -> dict:
+    if pause_after_images is None:
+        return dict(os.environ)
+    path = os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PAUSE_AFTER_IMAGES": str(pause_after_images), "PYTHONPATH": path}
+
+
+def start_extract(project, pause_after_images: int | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
+        env=paused_env(pause_after_images),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, like a job in a terminal
     )
+
+
+def wait_until_paused(proc, timeout=120.0) -> None:
+    """Block until a `start_extract(..., pause_after_images=N)` run has read its N images."""
+    deadline = time.monotonic() + timeout
+    while (line := proc.stdout.readline()) != "paused\n":
+        assert line, f"extract ended before pausing:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for the pause"
 
 
 def shard_count(project) -> int:

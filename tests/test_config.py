@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -44,6 +45,12 @@ def test_default_params_file_is_valid():
         (lambda p: p.pop("model"), "missing the required key 'model'"),
         (lambda p: p["train"].update(layer="block_3"), "add it to model.layers and re-run extract"),
         (lambda p: p["data"].update(video_pattern="(.*)"), "named group (?P<video>"),
+        (lambda p: p["train"].update(C=[float("nan")]), "train.C[0] is nan; it must be a finite number"),
+        (lambda p: p["train"].update(C=[float("inf")]), "train.C[0] is inf; it must be a finite number"),
+        (lambda p: p["train"].update(max_iter=-5), "train.max_iter is -5; it must be at least 1"),
+        (lambda p: p["train"].update(epochs=0), "train.epochs is 0; it must be at least 1"),
+        (lambda p: p["extract"].update(device="meta"), "extract.device is 'meta'; use auto, cpu, cuda"),
+        (lambda p: p["model"].update(layers=["projection", "projection"]), "names 'projection' more than once"),
     ],
 )
 def test_bad_params_give_one_clear_sentence(tmp_path, capsys, tiny_clip, mutate, expected):
@@ -84,6 +91,30 @@ def test_missing_model_directory_says_how_to_get_it(project, capsys):
     code, err = run_cli(capsys, "extract", "--params", path)
     assert code == 2
     assert "huggingface-cli download no-such-org/no-such-model" in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda d: (d / "config.json").write_text('{"model_type": "clip", '), "config.json is not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "clip", "vision_config": 7}'), "could not be loaded"),
+        (
+            lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+            "has only pytorch_model.bin (pickle files, never loaded here); convert it",
+        ),
+    ],
+)
+def test_a_broken_model_directory_is_one_clear_sentence(project, tiny_clip, capsys, damage, expected):
+    model = project / "model"
+    shutil.copytree(tiny_clip, model)
+    damage(model)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["name"] = str(model)
+    path = write(project, params)
+    assert run_cli(capsys, "manifest", "--params", path)[0] == 0
+    code, err = run_cli(capsys, "extract", "--params", path)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err
 
 
 def test_stage_before_its_inputs_exist_says_which_stage_to_run(project, capsys):

@@ -6,9 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import psutil
@@ -18,7 +15,15 @@ import yaml
 from pipeline import config, extract, manifest
 from pipeline.outputs import Outputs
 from pipeline.store import caches
-from tests.conftest import REPO, contents, make_project, run_to_end, update_params
+from tests.conftest import (
+    contents,
+    make_project,
+    run_to_end,
+    start_extract,
+    update_params,
+    wait_for_shards,
+    wait_until_paused,
+)
 
 
 def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project):
@@ -59,26 +64,17 @@ def test_killing_a_worker_mid_run_then_rerunning_redoes_no_committed_shard(tmp_p
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["extract"].update(scheduler="dask", dask={"address": "", "n_workers": 2}, shard_size=16)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
+    # Each worker reads 32 images (two partitions, committed) and then pauses in its third.
+    proc = start_extract(project, pause_after_images=32)
+    wait_until_paused(proc, timeout=180)
     shards = project / "cache" / "embeddings"
-    while len([p for p in shards.glob("*/shards/*") if not p.name.startswith(".tmp")]) < 5:
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_shards(proc, project, 2)
     victims = worker_processes(proc.pid)
     assert victims, "expected dask worker processes"
     os.kill(victims[0].pid, signal.SIGKILL)
-    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # then stop the whole run, as a crash or a cancelled job would
     proc.wait()
+    proc.stdout.close()
     proc.stderr.close()
 
     (store,) = caches(shards)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +15,7 @@ import yaml
 
 from pipeline import config, manifest
 from pipeline.outputs import Outputs
-from tests.conftest import FFPP_SPLITS, update_params
+from tests.conftest import FFPP_SPLITS, REPO, update_params
 
 
 def settings_of(project):
@@ -201,3 +204,75 @@ def test_broken_links_are_left_out_with_a_warning_not_a_crash(project, caplog):
     df = build(project)
     assert "9999.png" not in " ".join(df.path)
     assert "could not be read and are left out" in caplog.text
+
+
+# --------------------------------------------------------------------------- honest labels, splits and folders
+
+
+def test_the_same_bytes_labelled_real_and_fake_is_an_error_naming_both_paths(project):
+    real = project / "data" / "Train_Real" / "Real_youtube" / "003" / "0001.png"
+    copy = project / "data" / "Test_Fake" / "Deepfakes" / "000_001" / "0099.png"
+    copy.write_bytes(real.read_bytes())
+    with pytest.raises(config.ConfigError) as exc:
+        build(project)
+    message = str(exc.value)
+    assert "labelled both real and fake" in message
+    assert "Train_Real/Real_youtube/003/0001.png (real)" in message and "000_001/0099.png (fake)" in message
+
+
+def test_the_same_bytes_in_two_splits_are_kept_in_the_held_out_one_only(project, caplog):
+    df = build(project)
+    train_frame = df[(df.split == "train") & (df.dataset == "real_youtube")].iloc[0]
+    test_video = df[(df.split == "test") & (df.dataset == "real_youtube")].video.iloc[0]
+    leaked = project / "data" / "Train_Real" / "Real_youtube" / test_video / "0099.png"
+    leaked.write_bytes((project / "data" / train_frame.path).read_bytes())
+
+    df = build(project)
+    copies = df[df.digest == train_frame.digest]
+    assert copies.split.tolist() == ["test"], "one split only: the held-out one"
+    assert df.groupby("digest").split.nunique().max() == 1
+    assert "repeat the bytes of an image in another split" in caplog.text
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_two_datasets_on_the_same_or_nested_folders_are_refused(project, nested):
+    path = "Test_Fake/Deepfakes" + ("/000_001" if nested else "")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["datasets"]["face2face"]["path"] = path
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(config.ConfigError, match="give each dataset its own folder"):
+        build(project)
+
+
+def test_links_loops_fifos_and_undecodable_names_are_reported_never_followed_or_waited_on(project, caplog):
+    before = len(build(project))
+    video = project / "data" / "Train_Real" / "Real_youtube" / "000"
+    (video / "loop").symlink_to(".")
+    (video / "loop2").symlink_to("..")
+    os.mkfifo(video / "9999.png")
+    os.close(os.open(os.fsencode(video) + b"/\xff\xfe.png", os.O_CREAT | os.O_WRONLY))
+    df = build(project)  # would repeat every frame through the loops, block on the FIFO, or crash
+    assert len(df) == before and df.path.is_unique
+    for reason in ("a link to a folder already scanned", "not a regular file", "not valid UTF-8"):
+        assert reason in caplog.text
+
+
+def test_an_unreadable_folder_is_reported_not_skipped_silently(project):
+    locked = project / "data" / "Train_Real" / "Real_youtube" / "000"
+    locked.chmod(0o000)
+    # root reads any folder: run the stage without the capabilities that let it
+    drop = "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"
+    prefix = ["setpriv", *drop] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv (util-linux): no folder is unreadable to root")
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "pipeline", "manifest", "--params", str(project / "params.yaml")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert f"{locked}: folder not readable (Permission denied)" in done.stderr

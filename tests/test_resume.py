@@ -7,26 +7,37 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
 
 from pipeline.store import caches
-from tests.conftest import REPO, contents, make_project, run_to_end, start_extract, wait_for_shards
+from tests.conftest import (
+    REPO,
+    contents,
+    make_project,
+    run_to_end,
+    start_extract,
+    wait_for_shards,
+    wait_until_paused,
+)
 
 
+# 160 images, batches of 4, shards of 8 rows. A reader pauses after `pause` images (each of the
+# two DataLoader workers reads every other batch), then the run is killed once `shards` are
+# committed: early, late, and with worker processes.
 @pytest.mark.parametrize(
-    ("kill_after_shards", "fmt", "workers"),
-    [(2, "parquet", 0), (15, "hdf5", 0), (40, "parquet", 2)],
+    ("pause", "shards", "fmt", "workers"),
+    [(24, 2, "parquet", 0), (124, 15, "hdf5", 0), (60, 12, "parquet", 2)],
 )
 def test_sigkill_then_resume_gives_the_uninterrupted_result(
-    tmp_path, many_images, tiny_clip, reference, kill_after_shards, fmt, workers
+    tmp_path, many_images, tiny_clip, reference, pause, shards, fmt, workers
 ):
     project = make_project(tmp_path, many_images, tiny_clip, fmt, workers)
-    proc = start_extract(project)
-    wait_for_shards(proc, project, kill_after_shards)
+    proc = start_extract(project, pause_after_images=pause)
+    wait_until_paused(proc)
+    wait_for_shards(proc, project, shards)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
@@ -50,11 +61,8 @@ def test_ctrl_c_commits_what_is_buffered_and_exits_cleanly(tmp_path, many_images
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["extract"]["shard_size"] = 10_000  # everything stays buffered until the end
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = start_extract(project)
-    deadline = time.monotonic() + 120
-    while "embedding:" not in (line := proc.stderr.readline()) or "img/s" not in line:
-        assert proc.poll() is None and time.monotonic() < deadline
-    time.sleep(0.3)
+    proc = start_extract(project, pause_after_images=40)
+    wait_until_paused(proc)  # 10 batches embedded and buffered; the 11th is being read
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -62,7 +70,7 @@ def test_ctrl_c_commits_what_is_buffered_and_exits_cleanly(tmp_path, many_images
     assert "Traceback" not in err
 
     (store,) = caches(project / "cache" / "embeddings")
-    assert 0 < store.count() < len(reference[0]), "the buffered rows were committed on Ctrl-C"
+    assert store.count() == 40, "the buffered rows were committed on Ctrl-C"
     run_to_end(project)
     keys, embeddings = contents(project)
     assert keys == reference[0]
@@ -71,7 +79,8 @@ def test_ctrl_c_commits_what_is_buffered_and_exits_cleanly(tmp_path, many_images
 
 def test_a_second_extractor_on_the_same_cache_is_refused(tmp_path, many_images, tiny_clip, reference):
     project = make_project(tmp_path, many_images, tiny_clip)
-    proc = start_extract(project)
+    proc = start_extract(project, pause_after_images=8)
+    wait_until_paused(proc)
     wait_for_shards(proc, project, 1)
     os.killpg(proc.pid, signal.SIGKILL)  # leaves a partly filled cache, as a first run would
     proc.wait()
