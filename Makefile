@@ -18,7 +18,6 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	python -m pipeline demo
 	dvc repro
 	python -m pipeline show
 
@@ -34,4 +33,4 @@ bench: venv
 	python benchmarks/evaluate_bench.py
 
 clean-demo:
-	rm -rf data/demo data/tiny-clip cache/manifest.parquet cache/embeddings cache/extract.json models metrics plots
+	rm -rf data/demo data/tiny-clip cache/manifest.parquet cache/embeddings cache/predict cache/extract.json models metrics plots

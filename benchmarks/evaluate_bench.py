@@ -52,6 +52,7 @@ def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None
                 rows["video"].append(video)
                 rows["size"].append(100_000)
                 rows["mtime_ns"].append(0)
+                rows["ctime_ns"].append(0)
                 rows["digest"].append(f"{len(arrays):064x}")
                 rows["format"].append("png")
                 rows["width"].append(256)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, demo_params
+from tests.conftest import DEMO_FRAMES, DEMO_VIDEOS, REPO, demo_params
 
 PROJECT_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
 
@@ -31,10 +31,10 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@pytest.fixture
-def repo(tmp_path, demo_images, tiny_clip) -> Path:
-    root = tmp_path / "repo"
-    root.mkdir()
+def copy_project(root: Path, **extract) -> Path:
+    """A copy of this project in `root` (a new git + DVC repo) whose demo stage builds a smaller
+    demo (the size the other tests use), with the test params."""
+    root.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = REPO / name
         dst = root / name
@@ -43,14 +43,21 @@ def repo(tmp_path, demo_images, tiny_clip) -> Path:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
-    shutil.copytree(demo_images, root / "data" / "demo")
-    shutil.copytree(tiny_clip, root / "data" / "tiny-clip")
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    pipeline["stages"]["demo"]["cmd"] += f" --videos {DEMO_VIDEOS} --frames {DEMO_FRAMES}"
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     params = demo_params("data/demo", "data/tiny-clip")
+    params["extract"].update(extract)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(root, "git", "init", "-q")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
     sh(root, "dvc", "init", "-q", "--force")
     return root
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    return copy_project(tmp_path / "repo")
 
 
 def commit(repo: Path, message: str) -> None:
@@ -60,7 +67,7 @@ def commit(repo: Path, message: str) -> None:
 
 def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     first = sh(repo, "dvc", "repro")
-    assert ran(first) == ["manifest", "extract", "train", "evaluate"]
+    assert ran(first) == ["demo", "manifest", "extract", "train", "evaluate"]
     commit(repo, "baseline")
 
     assert ran(sh(repo, "dvc", "repro")) == [], "a second repro must run nothing"
@@ -84,7 +91,7 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     for i in range(3):
         Image.new("RGB", (72, 64), (200, 30 * i, 90)).save(new / f"{i:04d}.png")
     out = sh(repo, "dvc", "repro")
-    assert ran(out)[:2] == ["manifest", "extract"]
+    assert ran(out)[:3] == ["demo", "manifest", "extract"], "demo only records the new images (persist)"
     assert "3 to embed" in out, "extract must embed only the new images"
     commit(repo, "more images")
 
@@ -92,3 +99,17 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     assert ran(out) == ["train", "evaluate"]
     assert json.loads((repo / "models" / "probe" / "card.json").read_text())["probe"] == "linear_svm"
     assert "linear_svm" in sh(repo, "dvc", "exp", "show", "--json"), "the experiment is recorded with its params"
+
+
+def test_queued_experiments_run_in_their_own_workspace(repo):
+    """`dvc exp run --queue` runs each experiment in a temporary copy of the repo: the demo data
+    must come with it (it is a DVC output), or every queued experiment fails."""
+    sh(repo, "dvc", "repro")
+    commit(repo, "baseline")
+    for C in ("[0.5]", "[5.0]"):
+        sh(repo, "dvc", "exp", "run", "--queue", "-S", f"train.C={C}")
+    sh(repo, "dvc", "exp", "run", "--run-all")
+    status = sh(repo, "dvc", "queue", "status")
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    shown = sh(repo, "dvc", "exp", "show", "--csv")
+    assert "0.5" in shown and "5.0" in shown, "both experiments are recorded with their params"

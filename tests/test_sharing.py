@@ -19,8 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, demo_params
-from tests.test_dvc import PROJECT_FILES, commit, ran, sh
+from tests.test_dvc import commit, copy_project, ran, sh
 
 BUCKET = "embeddings"
 
@@ -79,21 +78,9 @@ def md5(path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_a_teammate_trains_and_evaluates_from_pulled_embeddings_only(kind, tmp_path, demo_images, tiny_clip, request):
+def test_a_teammate_trains_and_evaluates_from_pulled_embeddings_only(kind, tmp_path, request):
     # ---- machine A: the images, the model, the GPU
-    a = tmp_path / "A"
-    a.mkdir()
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, a / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
-    shutil.copytree(demo_images, a / "data" / "demo")
-    shutil.copytree(tiny_clip, a / "data" / "tiny-clip")
-    params = demo_params("data/demo", "data/tiny-clip")
-    params["extract"]["shard_size"] = 24  # several shards, so "only the new shard" is visible
-    (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(a, "git", "init", "-q")
-    sh(a, "dvc", "init", "-q", "--force")
+    a = copy_project(tmp_path / "A", shard_size=24)  # several shards, so "only the new shard" is visible
     if kind == "local":
         location = tmp_path / "remote"
         sh(a, "dvc", "remote", "add", "-d", "shared", str(location))
@@ -101,7 +88,7 @@ def test_a_teammate_trains_and_evaluates_from_pulled_embeddings_only(kind, tmp_p
         location = request.getfixturevalue("s3_endpoint")
         sh(a, "dvc", "remote", "add", "-d", "shared", f"s3://{BUCKET}/cache")
         sh(a, "dvc", "remote", "modify", "shared", "endpointurl", location)
-    assert ran(sh(a, "dvc", "repro")) == ["manifest", "extract", "train", "evaluate"]
+    assert ran(sh(a, "dvc", "repro")) == ["demo", "manifest", "extract", "train", "evaluate"]
     commit(a, "results")
     sh(a, "dvc", "push")
     pushed_first = remote_objects(kind, location)
