@@ -60,7 +60,7 @@ class LinearProbe:
             self.mean_ = np.zeros(X.shape[1])
             self.scale_ = np.ones(X.shape[1])
         if self.kind == "logreg":
-            clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
+            clf = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=1e-8)
         else:
             clf = LinearSVC(C=self.C, max_iter=self.max_iter)
         clf.fit((X - self.mean_) / self.scale_, np.asarray(y))
