@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import atomic, config, evaluate, features, manifest, train
+from pipeline import atomic, config, evaluate, features, manifest_table, report, splits, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore
@@ -31,7 +31,7 @@ METHODS = ["faceswap", "neuraltextures", "deepfakes", "face2face"]
 def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     directions = {m: rng.normal(size=dim) / np.sqrt(dim) for m in METHODS}
-    rows = {k: [] for k in manifest.SCHEMA.names}
+    rows = {k: [] for k in manifest_table.SCHEMA.names}
     arrays = []
     for dataset in ["real_youtube", *METHODS]:
         ids = [f"{v:03d}" for v in range(videos)]
@@ -58,10 +58,10 @@ def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None
                 rows["width"].append(256)
                 rows["height"].append(256)
                 rows["jpeg_quality"].append(-1)
-    split_of = manifest.assign_splits(rows["video"], config.SplitSpec())
+    split_of = splits.assign_splits(rows["video"], config.SplitSpec())
     rows["split"] = [split_of[v] for v in rows["video"]]
     outputs = Outputs(work)
-    manifest.write(pa.table(rows, schema=manifest.SCHEMA), outputs.manifest)
+    manifest_table.write(pa.table(rows, schema=manifest_table.SCHEMA), outputs.manifest)
 
     description = {"model": {"synthetic": True}, "layers": ["projection"], "dtype": "float16", "precision": "fp32"}
     store = EmbeddingStore.create(outputs.embeddings, "synthetic", description, {"projection": dim})
@@ -106,7 +106,7 @@ def main() -> None:
     build(work, args.videos, args.frames, args.dim)
     settings = config.load(work / "params.yaml")
     outputs = Outputs(work)
-    table = manifest.read(outputs.manifest)
+    table = manifest_table.read(outputs.manifest)
     store = features.open_cache(outputs)
 
     t_read, frames = timed(features.FeatureTable.load, table, store, "projection")
@@ -134,7 +134,7 @@ def main() -> None:
     for name, seconds in rows:
         print(f"{name:<{width}}  {seconds:7.2f} s  {seconds / t_fit:6.1f}x baseline")
     print()
-    print(evaluate.matrix_text(matrix))
+    print(report.matrix_text(matrix))
 
 
 def baseline_fit(frames: features.FeatureTable) -> LinearProbe:

@@ -30,7 +30,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import backbones, config, extract, manifest
+from pipeline import backbones, config, embedder, extract, manifest
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 
@@ -136,7 +136,7 @@ def forward_only(backbone, n: int, batch_size: int) -> float:
 def timed_extract(settings, outputs, backbone) -> tuple[float, int]:
     before = sum(s.count() for s in caches(outputs.embeddings))
     start = time.perf_counter()
-    extract.run(settings, outputs, backbone=backbone)
+    extract.run(settings, outputs, embedder=embedder.LocalEmbedder(settings, backbone))
     seconds = time.perf_counter() - start
     after = sum(s.count() for s in caches(outputs.embeddings))
     return seconds, after - before

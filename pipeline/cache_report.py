@@ -3,12 +3,14 @@ sound, and dropping what is not (so the next extract re-embeds exactly those row
 
 from __future__ import annotations
 
-import json
+import contextlib
 
 import pyarrow.parquet as pq
 
+from pipeline.config import ConfigError
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, StoreError, cache_dirs
+from pipeline.store.summary import ExtractSummary
 
 
 def _manifest_digests(outputs: Outputs) -> set[str] | None:
@@ -18,9 +20,9 @@ def _manifest_digests(outputs: Outputs) -> set[str] | None:
 
 
 def _current(outputs: Outputs) -> str | None:
-    if not outputs.extract_summary.exists():
-        return None
-    return json.loads(outputs.extract_summary.read_text()).get("fingerprint")
+    with contextlib.suppress(ConfigError, OSError):
+        return ExtractSummary.read(outputs.extract_summary).fingerprint
+    return None
 
 
 def describe(store: EmbeddingStore, wanted: set[str] | None, current: str | None) -> str:

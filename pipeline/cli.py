@@ -75,9 +75,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return cache_report.run(outputs, args.action)
     if args.command == "show":
-        from pipeline import evaluate
+        from pipeline import report
 
-        for title, text in evaluate.summaries(evaluate.read_metrics(outputs)).items():
+        for title, text in report.summaries(report.read_metrics(outputs)).items():
             print(f"{title}\n{text}\n")
         return 0
     stage = importlib.import_module(f"pipeline.{args.command}")

@@ -58,33 +58,30 @@ def _describe(model: ModelSettings, extract: ExtractSettings) -> tuple[dict, dic
 
 
 def _embed_text(model: ModelSettings, extract: ExtractSettings, prompts: list[str]):
-    from pipeline import backbones
-
-    tower = backbones.load_text(model, _backbone(model, extract).device)
-    return None if tower is None else (tower.embed(prompts), tower.logit_scale)
+    return _backbone(model, extract).embed_text(prompts)
 
 
 def embed_partition(items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings) -> tuple[int, list]:
     """Runs on a worker: embed `items` and commit them as shard(s) of the cache at `store_dir`;
     returns (items done, paths of files that changed since the manifest)."""
-    from pipeline import extract as extract_mod
+    from pipeline import embedder
     from pipeline.store import EmbeddingStore
 
     backbone = _backbone(model, extract)
     store = EmbeddingStore.open(Path(store_dir))
     if backbone.description != store.card["description"]:
         raise RuntimeError(f"worker {os.getpid()} computes another fingerprint than the cache {store_dir}")
-    writer = extract_mod.ShardWriter(store, extract.shard_size, extract.format)
+    writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
         # Decode in the task's thread: dask worker processes are daemonic and cannot fork loaders.
-        changed = extract_mod.embed_items(items, backbone, writer, extract.batch_size, num_workers=0, progress=False)
+        changed = embedder.embed_items(items, backbone, writer, extract.batch_size, num_workers=0, progress=False)
     finally:
         writer.close()
     return len(items), changed
 
 
 class DaskEmbedder:
-    """Embeds on a dask.distributed cluster; the same interface as extract.LocalEmbedder."""
+    """Embeds on a dask.distributed cluster; the same interface as embedder.LocalEmbedder."""
 
     def __init__(self, settings: Settings):
         self.extract = settings.extract

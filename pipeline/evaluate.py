@@ -19,15 +19,14 @@ splits. A protocol not listed writes `{}`, so DVC always finds its file.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import atomic, features, manifest, shortcut
-from pipeline.config import PROTOCOLS, ConfigError, Settings, SplitSpec
+from pipeline import atomic, features, manifest_table, probes, report, shortcut, splits
+from pipeline.config import PROTOCOLS, ConfigError, Settings, TrainSettings
 from pipeline.metrics import binary_metrics, bootstrap_auc, roc_points, video_level
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
@@ -63,14 +62,14 @@ def score_set(s: Scored, val_threshold: float | None, bootstrap: int, name: str)
 
 
 def redraw_train_val(frames: Frames, datasets: list[str], seed: int) -> np.ndarray:
-    """Each row's split with train/val re-drawn by video group for `seed` (test untouched)."""
-    pool = np.isin(frames.dataset, datasets) & np.isin(frames.split, ["train", "val"])
-    videos = [str(v).split("/", 1)[1] for v in frames.video[pool]]
-    n_val = int((frames.split[pool] == "val").sum())
-    assignment = manifest.assign_splits(videos, SplitSpec(val=n_val / max(len(videos), 1), test=0.0, seed=seed))
-    split = frames.split.copy()
-    split[pool] = [assignment[v] for v in videos]
-    return split
+    """Each row's split with the train/val rows of `datasets` re-drawn by video group for `seed`."""
+    video_ids = np.array([str(v).split("/", 1)[1] for v in frames.video])
+    return splits.redraw_train_val(frames.split, video_ids, np.isin(frames.dataset, datasets), seed)
+
+
+def fit(frames: Frames, datasets: list[str], spec: TrainSettings, split: np.ndarray | None = None) -> probes.Fitted:
+    """A probe on the train rows of `datasets`, C and threshold chosen on their val rows."""
+    return probes.fit_and_select(*frames.training_data(datasets, split), spec, what="+".join(datasets))
 
 
 # --------------------------------------------------------------------------- protocols
@@ -88,7 +87,7 @@ def heldout(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, 
     if len(ev.seeds) > 1:
         per_seed = {name: [] for name in ev.datasets}
         for seed in ev.seeds:
-            fitted = frames.fit(card["datasets"], settings.train, redraw_train_val(frames, card["datasets"], seed))
+            fitted = fit(frames, card["datasets"], settings.train, redraw_train_val(frames, card["datasets"], seed))
             for name in ev.datasets:
                 s = scored(frames, reals, name, fitted.probe.predict_proba)
                 per_seed[name].append(binary_metrics(s.y, s.scores)["auc"])
@@ -114,7 +113,7 @@ def cross_manipulation(settings: Settings, frames: Frames, reals: list[str]) -> 
     fakes = fake_sets(settings, frames)
     auc, video_auc = {}, {}
     for trained_on in fakes:
-        probe = frames.fit([*reals, trained_on], settings.train).probe
+        probe = fit(frames, [*reals, trained_on], settings.train).probe
         auc[trained_on], video_auc[trained_on] = {}, {}
         for tested_on in fakes:
             s = scored(frames, reals, tested_on, probe.predict_proba)
@@ -139,15 +138,15 @@ def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
         return {}
     results = {}
     for left_out in fakes:
-        fitted = frames.fit([*reals, *(f for f in fakes if f != left_out)], settings.train)
+        fitted = fit(frames, [*reals, *(f for f in fakes if f != left_out)], settings.train)
         s = scored(frames, reals, left_out, fitted.probe.predict_proba)
         results[left_out] = score_set(s, fitted.threshold, settings.evaluate.bootstrap, left_out)
     return results
 
 
 def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> dict:
-    """Score = softmax over (best real prompt, best fake prompt) of scale * cosine similarity.
-    `frames` must hold the `projection` layer (the space the text embeddings live in)."""
+    """Scored by similarity to text prompts (`probes.ZeroShotProbe`). `frames` must hold the
+    `projection` layer (the space the text embeddings live in)."""
     from pipeline.store import text
 
     prompts = settings.evaluate.zero_shot.prompts
@@ -156,13 +155,7 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
     except KeyError as exc:
         raise ConfigError(f"{exc.args[0]}; re-run extract (`dvc repro extract`) to embed the prompts.") from None
 
-    def fn(X: np.ndarray) -> np.ndarray:
-        img = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-        logits = scale * np.stack([(img @ real_t.T).max(1), (img @ fake_t.T).max(1)], axis=1)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        return p[:, 1] / p.sum(1)
-
+    fn = probes.ZeroShotProbe(real_t, fake_t, scale).predict_proba
     return {
         name: score_set(scored(frames, reals, name, fn), None, settings.evaluate.bootstrap, f"{name} (zero-shot)")
         for name in settings.evaluate.datasets
@@ -174,7 +167,7 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 
 def run(settings: Settings, outputs: Outputs) -> dict:
     probe, card = LinearProbe.load(outputs.probe)
-    table = manifest.read(outputs.manifest)
+    table = manifest_table.read(outputs.manifest)
     store = features.open_cache(outputs)
     if store.header.fingerprint != card["fingerprint"]:
         log.warning(
@@ -216,84 +209,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     for name, points in curves.items():
         atomic.write_json(outputs.roc_plots / f"{name}.json", points)
 
-    from pipeline import report
-
     report.write(outputs.reports, results, curves, scored, audit)
-    for protocol, text_ in summaries(results).items():
+    for protocol, text_ in report.summaries(results).items():
         log.info("%s:\n%s", protocol, text_)
     return results
-
-
-# --------------------------------------------------------------------------- text tables
-
-
-# (metrics key, column label); video_auc is the video-level AUC, auc_ci the frame AUC's 95 % CI.
-COLUMNS = [
-    ("n_real", "real"),
-    ("n_fake", "fake"),
-    ("auc", "auc"),
-    ("auc_ci", "auc 95% ci"),
-    ("ap", "ap"),
-    ("eer", "eer"),
-    ("tpr_at_fpr_5", "tpr@5%fpr"),
-    ("balanced_accuracy", "bal_acc"),
-    ("fake_accuracy", "fake_acc"),
-    ("video_auc", "video_auc"),
-]
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.3f}"
-
-
-def table_text(results: dict) -> str:
-    """Per test set: frame-level metrics (AUC with its 95 % CI) and the video-level AUC."""
-    header = "".join(f"{label:>17}" if key == "auc_ci" else f"{label:>10}" for key, label in COLUMNS)
-    lines = [f"{'dataset':<16}{header}"]
-    for name, m in results.items():
-        f, v = m["frame"], m["video"]
-        cells = []
-        for key, _ in COLUMNS:
-            if key == "auc_ci":
-                ci = "-" if f.get("auc_ci_low") is None else f"[{f['auc_ci_low']:.3f}, {f['auc_ci_high']:.3f}]"
-                cells.append(f"{ci:>17}")
-            else:
-                cells.append(f"{_cell(v['auc'] if key == 'video_auc' else f.get(key)):>10}")
-        lines.append(f"{name:<16}" + "".join(cells))
-    return "\n".join(lines)
-
-
-def matrix_text(matrix: dict) -> str:
-    names = matrix["datasets"]
-    width = max(14, *(len(n) + 2 for n in names))
-    lines = ["train \\ test".ljust(width) + "".join(n.rjust(width) for n in names)]
-    for a in names:
-        lines.append(a.ljust(width) + "".join(_cell(matrix["auc"][a][b]).rjust(width) for b in names))
-    return "\n".join(lines)
-
-
-def summaries(results: dict) -> dict[str, str]:
-    out = {}
-    if results.get("heldout"):
-        out["held-out test sets (frame level; video_auc = video level)"] = table_text(results["heldout"])
-    if results.get("cross_manipulation"):
-        out["cross-manipulation AUC (frame level)"] = matrix_text(results["cross_manipulation"])
-    if results.get("leave_one_out"):
-        out["leave one out (tested on the dataset left out)"] = table_text(results["leave_one_out"])
-    if results.get("zero_shot"):
-        out["zero-shot baseline (no training)"] = table_text(results["zero_shot"])
-    return out
-
-
-def read_metrics(outputs: Outputs) -> dict:
-    if not outputs.metrics.exists():
-        raise ConfigError(f"{outputs.metrics} does not exist; run the evaluate stage first (`dvc repro`).")
-    return {
-        p: json.loads(outputs.protocol_metrics(p).read_text())
-        for p in PROTOCOLS
-        if outputs.protocol_metrics(p).exists()
-    }

@@ -1,38 +1,36 @@
 """Cached features for manifest rows: what train and evaluate read (never images, never torch).
 
 `FeatureTable` reads one layer for every manifest row once; protocols then select rows with
-boolean masks, so a cross-manipulation matrix costs one read of the cache.
+boolean masks, so a cross-manipulation matrix costs one read of the cache. `StreamedFeatures`
+is the same view for caches larger than memory: it reads shard by shard on use. Both only
+read, mask and score; fitting belongs to `pipeline.probes`, which takes what `train_val` gives.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError
 from pipeline.outputs import Outputs
+from pipeline.probes import Labelled
 from pipeline.store import EmbeddingStore, StoreError
+from pipeline.store.summary import ExtractSummary
 
 log = logging.getLogger(__name__)
 
 
 def open_cache(outputs: Outputs) -> EmbeddingStore:
     """The cache the last extract run filled, as recorded in cache/extract.json."""
-    if not outputs.extract_summary.exists():
-        raise ConfigError(
-            f"{outputs.extract_summary} does not exist; run the extract stage first (`dvc repro extract`)."
-        )
-    summary = json.loads(outputs.extract_summary.read_text())
-    return EmbeddingStore.open(outputs.embeddings / summary["embeddings"], expect_fingerprint=summary["fingerprint"])
+    summary = ExtractSummary.read(outputs.extract_summary)
+    return EmbeddingStore.open(outputs.embeddings / summary.embeddings, expect_fingerprint=summary.fingerprint)
 
 
 @dataclass
-class Rows:
+class Rows(Labelled):
     """Selected rows with features (rows without an embedding already dropped)."""
 
     X: np.ndarray
@@ -69,9 +67,15 @@ class _Frames:
         return m
 
     def train_val(self, datasets: list[str], splits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Masks of the train and val rows of `datasets` (with `splits` instead of the manifest's)."""
         split = self.split if splits is None else splits
         base = np.isin(self.dataset, datasets) & self.found
         return base & (split == "train"), base & (split == "val")
+
+    def training_data(self, datasets: list[str], splits: np.ndarray | None = None):
+        """(train, val) of `datasets` in the shape `probes.fit_and_select` takes."""
+        tr, va = self.train_val(datasets, splits)
+        return self.labelled(tr), self.labelled(va)
 
 
 def check_complete(table: pa.Table, store: EmbeddingStore, found: np.ndarray) -> None:
@@ -123,12 +127,9 @@ class FeatureTable(_Frames):
     def select(self, datasets: list[str], splits: list[str], labels: list[int] | None = None) -> Rows:
         return self.rows(self.mask(datasets, splits, labels))
 
-    def fit(self, datasets: list[str], spec, splits: np.ndarray | None = None):
-        """A probe on the train rows of `datasets`, C and threshold chosen on their val rows."""
-        from pipeline import train
-
-        tr, va = self.train_val(datasets, splits)
-        return train.fit_and_select(self.rows(tr), self.rows(va), spec, what="+".join(datasets))
+    def labelled(self, mask: np.ndarray) -> Rows:
+        """The rows in `mask` for fitting a probe (`probes.fit_and_select`)."""
+        return self.rows(mask)
 
     def score(self, fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray) -> np.ndarray:
         """fn(features) of the rows in `mask` (which must hold only rows with an embedding)."""
@@ -149,21 +150,42 @@ class StreamedFeatures(_Frames):
         check_complete(table, store, found)
         return cls(**_metadata(table, found), store=store, layer=layer)
 
-    def fit(self, datasets: list[str], spec, splits: np.ndarray | None = None):
-        from pipeline import streaming
-        from pipeline.train import check_both_classes
-
-        tr, va = self.train_val(datasets, splits)
-        what = "+".join(datasets)
-        check_both_classes(self.label[tr], self.label[va], what)
-        as_map = lambda m: dict(zip(self.digest[m], self.label[m], strict=True))  # noqa: E731
-        return streaming.fit_and_select(self.store, self.layer, as_map(tr), as_map(va), spec)
+    def labelled(self, mask: np.ndarray) -> ShardRows:
+        """The rows in `mask` for fitting a probe, read shard by shard (`probes.Chunked`)."""
+        mask = mask & self.found
+        return ShardRows(self.store, self.layer, dict(zip(self.digest[mask], self.label[mask], strict=True)))
 
     def score(self, fn: Callable[[np.ndarray], np.ndarray], mask: np.ndarray) -> np.ndarray:
-        from pipeline import streaming
-
-        by_digest = streaming.score(self.store, self.layer, set(self.digest[mask]), fn)
+        by_digest: dict[str, float] = {}
+        for X, _, digests in ShardRows(self.store, self.layer, dict.fromkeys(self.digest[mask], 0)).chunks():
+            by_digest.update(zip(digests, fn(X).tolist(), strict=True))
         return np.array([by_digest[d] for d in self.digest[mask]])
+
+
+class ShardRows:
+    """Rows of a cache (digest -> label), read one shard at a time: a `probes.Chunked` source."""
+
+    def __init__(self, store: EmbeddingStore, layer: str, wanted: dict[str, int]):
+        self.store, self.layer, self.wanted = store, layer, wanted
+        self.y = np.array(list(wanted.values()), dtype=int)
+        self.dim = store.dimension(layer)
+
+    def parts(self) -> int:
+        return len(self.store.shard_paths())
+
+    def chunks(self, order=None) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """(X, y, digests) of the wanted rows, one shard at a time (in `order`, or shard order)."""
+        shards = self.store.shard_paths()
+        for i in order if order is not None else range(len(shards)):
+            digests, X = self.store.read_shard(shards[i], self.layer)
+            keep = [j for j, d in enumerate(digests) if d in self.wanted]
+            if keep:
+                picked = [digests[j] for j in keep]
+                yield X[keep], np.array([self.wanted[d] for d in picked]), picked
+
+    def read(self, order=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for X, y, _ in self.chunks(order):
+            yield X, y
 
 
 def load(table: pa.Table, store: EmbeddingStore, layer: str, stream: bool = False) -> FeatureTable | StreamedFeatures:

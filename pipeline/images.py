@@ -1,8 +1,8 @@
-"""Safe image decoding and the backbone's preprocessing; failures are values, not exceptions.
+"""Image files, read safely: digests and header facts (`inspect_file`), and decoding to RGB
+(`load`) with every failure a value, never an exception that stops a run.
 
-`Preprocess` reproduces the Hugging Face CLIP image processor (PIL backend) bit for bit:
-RGB conversion (transparency composited onto white), bicubic resize of the shortest edge,
-centre crop, rescale by 1/255 in float64 then cast to float32, and (x - mean) / std.
+Preprocessing belongs to the backbone (`pipeline.backbones`): `load` hands the decoded RGB
+image to the backbone's preprocess callable, which may refuse it by raising `Rejected`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,82 +24,57 @@ from PIL import Image
 MAX_PIXELS = 128_000_000
 # The reason recorded for a file whose bytes are not the ones the manifest hashed.
 CHANGED = "changed since the manifest was built"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+class Rejected(Exception):
+    """Raised by a preprocess callable for an image it cannot use; the message is the reason."""
+
+
+# IJG's standard luminance quantisation table (quality 50), for estimating JPEG quality.
+_IJG_LUMINANCE_SUM = sum(
+    (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    shortest_edge: int
-    crop_height: int
-    crop_width: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resample: int = Image.Resampling.BICUBIC
-    rescale_factor: float = 1 / 255
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> Preprocess:
-        """From a `preprocessor_config.json` dict (CLIP-style processors)."""
-        size = cfg.get("size", {})
-        shortest = size.get("shortest_edge") if isinstance(size, dict) else size
-        crop = cfg.get("crop_size", {})
-        if not isinstance(crop, dict):
-            crop = {"height": crop, "width": crop}
-        unsupported = [k for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize") if cfg.get(k) is False]
-        if shortest is None or "height" not in crop or unsupported:
-            raise ValueError(
-                "only CLIP-style preprocessing (resize shortest edge, centre crop, rescale, normalise) is supported"
-            )
-        return cls(
-            shortest_edge=int(shortest),
-            crop_height=int(crop["height"]),
-            crop_width=int(crop["width"]),
-            mean=tuple(float(x) for x in cfg["image_mean"]),
-            std=tuple(float(x) for x in cfg["image_std"]),
-            resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-        )
-
-    def describe(self) -> dict:
-        """The part of the cache fingerprint that preprocessing contributes."""
-        return {
-            "shortest_edge": self.shortest_edge,
-            "crop": [self.crop_height, self.crop_width],
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resample": self.resample,
-            "rescale_factor": self.rescale_factor,
-        }
-
-    def resized_size(self, w: int, h: int) -> tuple[int, int]:
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-        return (new_short, new_long) if w <= h else (new_long, new_short)
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> float32 array (3, crop_h, crop_w)."""
-        w, h = image.size
-        new_w, new_h = self.resized_size(w, h)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), resample=self.resample)
-        arr = np.asarray(image)
-        arr = _center_crop(arr, self.crop_height, self.crop_width)
-        arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        arr = (arr - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+class FileFacts:
+    digest: str
+    format: str = "unknown"
+    width: int = -1
+    height: int = -1
+    jpeg_quality: int = -1
 
 
-def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    h, w = arr.shape[:2]
-    top, left = (h - ch) // 2, (w - cw) // 2
-    if top >= 0 and left >= 0:
-        return arr[top : top + ch, left : left + cw]
-    # Smaller than the crop: zero-pad around it, as the HF processor does.
-    nh, nw = max(ch, h), max(cw, w)
-    padded = np.zeros((nh, nw, *arr.shape[2:]), dtype=arr.dtype)
-    tp, lp = -(-(nh - h) // 2), -(-(nw - w) // 2)
-    padded[tp : tp + h, lp : lp + w] = arr
-    top, left = top + tp, left + lp
-    return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+def inspect_file(path: Path) -> FileFacts | None:
+    """sha256 of the file's bytes plus its header facts; None if it cannot be read at all."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO that replaced the file never blocks
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            fh.seek(0)
+            try:
+                with Image.open(fh) as im:  # reads the header only
+                    quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
+                    return FileFacts(digest, im.format.lower(), im.width, im.height, quality)
+            except Exception:  # not an image, or a header PIL cannot parse: extract records why
+                return FileFacts(digest)
+    except OSError:
+        return None
+
+
+def jpeg_quality(tables: dict) -> int:
+    """IJG quality (1-100) that would produce this luminance quantisation table, estimated."""
+    if not tables or 0 not in tables:
+        return -1
+    scale = 100.0 * sum(tables[0]) / _IJG_LUMINANCE_SUM
+    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return round(min(max(quality, 1.0), 100.0))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -126,8 +102,10 @@ def read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def load(path: Path, preprocess: Preprocess, digest: str | None = None) -> tuple[np.ndarray | None, str | None]:
-    """Decode and preprocess one file -> (array, None) or (None, reason it failed).
+def load(
+    path: Path, preprocess: Callable[[Image.Image], np.ndarray], digest: str | None = None
+) -> tuple[np.ndarray | None, str | None]:
+    """Decode one file to RGB and preprocess it -> (array, None) or (None, reason it failed).
 
     With `digest`, the bytes decoded are the bytes hashed: a file whose sha256 is not `digest`
     (it changed after the manifest hashed it) comes back as the reason CHANGED, not decoded."""
@@ -140,12 +118,11 @@ def load(path: Path, preprocess: Preprocess, digest: str | None = None) -> tuple
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_PIXELS:
                     return None, f"image too large ({im.width}x{im.height} pixels)"
-                new_w, new_h = preprocess.resized_size(im.width, im.height)
-                if new_w * new_h > MAX_PIXELS:
-                    return None, f"extreme aspect ratio ({im.width}x{im.height} pixels would resize to {new_w}x{new_h})"
                 im.load()
                 rgb = to_rgb(im)
         return preprocess(rgb), None
+    except Rejected as exc:
+        return None, str(exc)
     except FileNotFoundError:
         return None, "file not found"
     except IsADirectoryError:

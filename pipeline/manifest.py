@@ -1,16 +1,14 @@
 """manifest stage: scan dataset folders into one row per image, with digests and splits.
 
-Splits are assigned to *groups* of linked videos: a fake `000_003` is made from real videos
-`000` and `003`, so all three (and `003_000`, and the same ids in every other method) land in
-the same split. Digests of files whose size and mtime are unchanged are taken from the
-previous manifest instead of re-reading the file, and the output is byte-identical when
-nothing changed, so DVC skips every downstream stage.
+Splits are assigned to *groups* of linked videos (`pipeline.splits`): a fake `000_003` is made
+from real videos `000` and `003`, so all three land in the same split. Digests of files whose
+size, mtime and ctime are unchanged are taken from the previous manifest instead of re-reading
+the file, and the output is byte-identical when nothing changed, so DVC skips every
+downstream stage. The table's schema and reader live in `pipeline.manifest_table`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -22,47 +20,16 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic
-from pipeline.config import ConfigError, Settings, SplitSpec
+from pipeline import images
+from pipeline.config import ConfigError, Settings
+from pipeline.images import IMAGE_SUFFIXES, FileFacts
+from pipeline.manifest_table import CONTENT_COLUMNS, LABELS, SCHEMA, absolute_path, summary, write
 from pipeline.outputs import Outputs
+from pipeline.splits import assign_splits, cross_split_duplicates, read_split_dir
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-SPLITS = ("train", "val", "test")
-LABELS = {"real": 0, "fake": 1}
-
-SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),  # relative to data.root (posix), or absolute if outside it
-        ("dataset", pa.string()),
-        ("label", pa.int8()),  # 0 real, 1 fake
-        ("method", pa.string()),
-        ("video", pa.string()),
-        ("split", pa.string()),
-        ("size", pa.int64()),
-        ("mtime_ns", pa.int64()),
-        ("ctime_ns", pa.int64()),  # with size and mtime, says whether the stat cache may reuse the digest
-        ("digest", pa.string()),  # sha256 of the file bytes, hex
-        # Header facts, for the shortcut audit (-1 / "unknown" when the header is unreadable).
-        ("format", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("jpeg_quality", pa.int16()),  # estimated from the quantisation tables; -1 if not JPEG
-    ]
-)
-# Facts that depend only on a file's bytes: reused while its size and mtime are unchanged.
-CONTENT_COLUMNS = ("digest", "format", "width", "height", "jpeg_quality")
-
-# IJG's standard luminance quantisation table (quality 50), for estimating JPEG quality.
-_IJG_LUMINANCE_SUM = sum(
-    (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -207,44 +174,6 @@ def _display_path(full: Path, root: Path) -> str:
 # --------------------------------------------------------------------------- digests
 
 
-@dataclass(frozen=True)
-class FileFacts:
-    digest: str
-    format: str = "unknown"
-    width: int = -1
-    height: int = -1
-    jpeg_quality: int = -1
-
-
-def inspect_file(path: Path) -> FileFacts | None:
-    """sha256 of the file's bytes plus its header facts; None if it cannot be read at all."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO that replaced the file never blocks
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            fh.seek(0)
-            try:
-                with Image.open(fh) as im:  # reads the header only
-                    quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
-                    return FileFacts(digest, im.format.lower(), im.width, im.height, quality)
-            except Exception:  # not an image, or a header PIL cannot parse: extract records why
-                return FileFacts(digest)
-    except OSError:
-        return None
-
-
-def jpeg_quality(tables: dict) -> int:
-    """IJG quality (1-100) that would produce this luminance quantisation table, estimated."""
-    if not tables or 0 not in tables:
-        return -1
-    scale = 100.0 * sum(tables[0]) / _IJG_LUMINANCE_SUM
-    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
-    return round(min(max(quality, 1.0), 100.0))
-
-
 def inspect_files(
     files: list[ImageFile], root: Path, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]
 ) -> list[FileFacts | None]:
@@ -262,16 +191,11 @@ def inspect_files(
     if todo:
         log.info("hashing %d new or changed files (%d reused)", len(todo), len(files) - len(todo))
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-            jobs = pool.map(lambda i: inspect_file(absolute_path(files[i].path, root)), todo)
+            jobs = pool.map(lambda i: images.inspect_file(absolute_path(files[i].path, root)), todo)
             bar = tqdm(jobs, total=len(todo), desc="hashing", unit="img", leave=False)
             for i, facts in zip(todo, bar, strict=True):
                 out[i] = facts
     return out
-
-
-def absolute_path(path: str, root: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else root / p
 
 
 def read_previous(path: Path) -> dict[str, tuple[tuple[int, int, int], FileFacts]]:
@@ -287,112 +211,6 @@ def read_previous(path: Path) -> dict[str, tuple[tuple[int, int, int], FileFacts
     facts = [FileFacts(*values) for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)]
     stats = zip(cols["size"], cols["mtime_ns"], cols["ctime_ns"], strict=True)
     return {p: (st, f) for p, st, f in zip(cols["path"], stats, facts, strict=True)}
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def identities(video: str) -> list[str]:
-    """The source identities a video id refers to.
-
-    `000` -> [000]; `000_003` -> [000, 003] (FF++ target_source); `01_02__scene__X` (DeepFake
-    Detection) -> [01, 02]; anything else is its own identity.
-    """
-    head = video.split("__", 1)[0]
-    parts = head.split("_")
-    if all(p.isdigit() for p in parts):
-        return parts
-    return [video]
-
-
-def group_videos(videos: Iterable[str]) -> dict[str, str]:
-    """Map each video id to a group key; linked videos (shared identities) share a group."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    videos = sorted(set(videos))
-    for v in videos:
-        ids = identities(v)
-        for other in ids[1:]:
-            a, b = find(ids[0]), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return {v: find(identities(v)[0]) for v in videos}
-
-
-def read_split_dir(split_dir: Path) -> dict[str, str]:
-    """FF++ official split files: identity -> split, from `{train,val,test}.json` lists of pairs."""
-    assignment: dict[str, str] = {}
-    for split in SPLITS:
-        f = split_dir / f"{split}.json"
-        if not f.is_file():
-            raise ConfigError(f"data.split.split_dir {split_dir} has no {split}.json; it needs train/val/test.json.")
-        try:
-            pairs = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError(f"{f} is not valid JSON; it should be a list of [id, id] pairs.") from None
-        if not isinstance(pairs, list):
-            raise ConfigError(f"{f} should be a list of [id, id] pairs.")
-        for pair in pairs:
-            for ident in pair if isinstance(pair, list) else [pair]:
-                ident = str(ident)
-                if assignment.get(ident, split) != split:
-                    raise ConfigError(f"video {ident} appears in both {assignment[ident]}.json and {split}.json.")
-                assignment[ident] = split
-    return assignment
-
-
-def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] | None = None) -> dict[str, str]:
-    """Split per video group -> {video: split}; `videos` has one entry per image (the shares
-    are shares of images).
-
-    Groups named by the official split files take that split. The rest are ordered by a hash
-    of (seed, group) and filled into test, then val, up to their share of images; the rest is
-    train. Hash order keeps assignments stable when new videos are added.
-    """
-    groups = group_videos(videos)
-    images_per_group: dict[str, int] = {}
-    for v in videos:
-        images_per_group[groups[v]] = images_per_group.get(groups[v], 0) + 1
-
-    split_of_group: dict[str, str] = {}
-    if official:
-        members: dict[str, set[str]] = {}
-        for v, g in groups.items():
-            for ident in identities(v):
-                if ident in official:
-                    members.setdefault(g, set()).add(official[ident])
-        for g, found in members.items():
-            if len(found) > 1:
-                raise ConfigError(
-                    f"the split files put linked videos (group {g}) in different splits: {sorted(found)}."
-                )
-            split_of_group[g] = found.pop()
-        uncovered = sorted(set(images_per_group) - set(split_of_group))
-        if uncovered:
-            log.warning(
-                "%d video groups are not in the official split files; assigning them by the val/test ratios",
-                len(uncovered),
-            )
-    rest = [g for g in images_per_group if g not in split_of_group]
-    rest.sort(key=lambda g: hashlib.sha256(f"{spec.seed}:{g}".encode()).hexdigest())
-    total = sum(images_per_group[g] for g in rest)
-    quota = {"test": spec.test * total, "val": spec.val * total}
-    filled = {"test": 0, "val": 0}
-    for g in rest:
-        split = next((s for s in ("test", "val") if filled[s] < quota[s]), "train")
-        if split != "train":
-            filled[split] += images_per_group[g]
-        split_of_group[g] = split
-    return {v: split_of_group[g] for v, g in groups.items()}
-
-
-# --------------------------------------------------------------------------- stage
 
 
 # --------------------------------------------------------------------------- honest labels and splits
@@ -414,17 +232,6 @@ def check_label_conflicts(paths: list[str], digests: list[str], labels: list[int
             f"({'real' if labels[j] == 0 else 'fake'}) and {paths[i]} ({'real' if labels[i] == 0 else 'fake'}); "
             "remove the copies from the wrong dataset folder."
         )
-
-
-def cross_split_duplicates(digests: list[str], splits: list[str]) -> list[int]:
-    """Rows to drop so that the same bytes sit in one split only: the copy in test wins, then val
-    (the held-out sets stay whole; a training copy of a test image would leak it)."""
-    rank = {"test": 0, "val": 1, "train": 2}
-    best: dict[str, str] = {}
-    for d, sp in zip(digests, splits, strict=True):
-        if d not in best or rank[sp] < rank[best[d]]:
-            best[d] = sp
-    return [i for i, (d, sp) in enumerate(zip(digests, splits, strict=True)) if sp != best[d]]
 
 
 def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]) -> pa.Table:
@@ -469,27 +276,6 @@ def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], Fi
         keep = sorted(set(range(table.num_rows)) - set(drop))
         table = table.take(keep)
     return table
-
-
-def write(table: pa.Table, path: Path) -> None:
-    with atomic.atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
-def read(path: Path) -> pa.Table:
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist; run the manifest stage first (`dvc repro manifest`).")
-    return pq.read_table(path)
-
-
-def summary(table: pa.Table) -> str:
-    rows = table.select(["dataset", "split"]).to_pylist()
-    counts: dict[str, dict[str, int]] = {}
-    for r in rows:
-        counts.setdefault(r["dataset"], dict.fromkeys(SPLITS, 0))[r["split"]] += 1
-    lines = [f"{'dataset':<20} {'train':>7} {'val':>7} {'test':>7}"]
-    lines += [f"{d:<20} {c['train']:>7} {c['val']:>7} {c['test']:>7}" for d, c in sorted(counts.items())]
-    return "\n".join(lines)
 
 
 def run(settings: Settings, outputs: Outputs) -> pa.Table:

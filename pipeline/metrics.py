@@ -15,6 +15,39 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 log = logging.getLogger(__name__)
 
+# The name of every number a test set gets: key in metrics/*.json -> (column of the text tables,
+# column of the HTML report). `binary_metrics` writes the first group; the evaluate stage adds
+# the rest (`auc_ci` stands for the pair auc_ci_low/auc_ci_high, `video_auc` for the video
+# level's auc, `seeds` for the AUC over re-drawn splits).
+NAMES: dict[str, tuple[str, str]] = {
+    "n_real": ("real", "real"),
+    "n_fake": ("fake", "fake"),
+    "auc": ("auc", "AUC"),
+    "ap": ("ap", "AP"),
+    "eer": ("eer", "EER"),
+    "tpr_at_fpr_1": ("tpr@1%fpr", "TPR@1%FPR"),
+    "tpr_at_fpr_5": ("tpr@5%fpr", "TPR@5%FPR"),
+    "accuracy": ("acc", "acc@0.5"),
+    "real_accuracy": ("real_acc", "real acc"),
+    "fake_accuracy": ("fake_acc", "fake acc (detection rate)"),
+    "balanced_accuracy": ("bal_acc", "bal. acc@0.5"),
+    "accuracy_at_val_threshold": ("acc@val", "acc@val thr."),
+    "real_accuracy_at_val_threshold": ("real_acc@val", "real acc@val thr."),
+    "fake_accuracy_at_val_threshold": ("fake_acc@val", "fake acc@val thr."),
+    "balanced_accuracy_at_val_threshold": ("bal_acc@val", "bal. acc@val thr."),
+    "auc_ci": ("auc 95% ci", "AUC 95% CI (videos resampled)"),
+    "video_auc": ("video_auc", "video AUC"),
+    "seeds": ("auc over seeds", "AUC over seeds"),
+}
+# Which of them each table shows, in order.
+TEXT_COLUMNS = (
+    "n_real", "n_fake", "auc", "auc_ci", "ap", "eer", "tpr_at_fpr_5", "balanced_accuracy", "fake_accuracy", "video_auc",
+)  # fmt: skip
+HTML_COLUMNS = (
+    "n_real", "n_fake", "auc", "ap", "eer", "tpr_at_fpr_1", "tpr_at_fpr_5", "accuracy", "balanced_accuracy",
+    "real_accuracy", "fake_accuracy", "balanced_accuracy_at_val_threshold",
+)  # fmt: skip
+
 # Fewer samples of a class than this and the metrics of a test set get a warning (once).
 MIN_PER_CLASS = 10
 _warned: set[str] = set()

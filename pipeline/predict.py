@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, manifest
+from pipeline import atomic, images
 from pipeline.config import ConfigError, Settings
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
@@ -31,7 +31,7 @@ def collect(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in manifest.IMAGE_SUFFIXES)
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in images.IMAGE_SUFFIXES)
         elif p.exists():
             found.append(p)
         else:
@@ -61,17 +61,17 @@ def predict_layer(outputs: Outputs, store: EmbeddingStore) -> EmbeddingStore:
 def embed_missing(
     settings: Settings, store: EmbeddingStore, layer: EmbeddingStore, files: list[Path], digests: list[str | None]
 ) -> None:
-    from pipeline import extract
+    from pipeline import embedder as embedder_mod
 
     done = store.keys() | layer.keys()
     failed = set(store.failures()) | set(layer.failures())
-    todo = extract.plan((d for d in digests if d), done, failed)
+    todo = embedder_mod.plan((d for d in digests if d), done, failed)
     if not todo:
         return
     if settings.extract.precision == "auto":  # the probe's cache decides, whatever this machine's default
         precision = store.card["description"]["precision"]
         settings = dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
-    embedder = extract.LocalEmbedder(settings)
+    embedder = embedder_mod.LocalEmbedder(settings)
     if embedder.description != store.card["description"]:
         raise ConfigError(
             f"params.yaml's model settings do not reproduce the probe's cache {store.directory.name}; "
@@ -81,7 +81,7 @@ def embed_missing(
     n_known = len(set(filter(None, digests)))
     log.info("embedding %d images not in the cache (%d already there)", len(todo), n_known - len(todo))
     with layer.writer_lock():
-        embedder.embed([extract.Item(d, str(path_of[d]), path_of[d]) for d in todo], layer)
+        embedder.embed([embedder_mod.Item(d, str(path_of[d]), path_of[d]) for d in todo], layer)
         EmbeddingStore.open(layer.directory).write_index()
 
 
@@ -90,7 +90,7 @@ def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path
     files = collect(paths)
     if not files:
         raise ConfigError("no image files found in the given paths.")
-    facts = [manifest.inspect_file(f) for f in files]
+    facts = [images.inspect_file(f) for f in files]
     digests = [x.digest if x else None for x in facts]
     store = cache_for(outputs, card["fingerprint"])
     layer = predict_layer(outputs, store)

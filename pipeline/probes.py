@@ -1,69 +1,132 @@
-"""Linear probes on cached embeddings, saved without pickle (safetensors weights + JSON card).
+"""Every probe on cached embeddings: normalisation, fitting (in memory or streamed), the choice
+of C and of a decision threshold on the val split, and saving without pickle.
 
 Kinds: `logreg` (scikit-learn's LogisticRegression, the original script's probe) and
 `linear_svm` (LinearSVC). Both end as a weight vector and a bias on normalised features, so
 one class scores them: score = sigmoid(w . normalise(x) + b), which is P(fake) for logreg and
-a monotone squashing of the margin for the SVM (0.5 <=> margin 0 either way).
+a monotone squashing of the margin for the SVM (0.5 <=> margin 0 either way). The zero-shot
+baseline (`ZeroShotProbe`) scores by cosine similarity to text prompts instead.
 
-The estimator follows scikit-learn's contract: `__init__` stores settings, `fit` returns self,
+Training data comes in two shapes: `Labelled` rows in memory, or a `Chunked` source that is
+read one part (shard) at a time for caches larger than memory (`train.stream: true`), fitted
+with SGDClassifier.partial_fit (log loss for `logreg`, hinge for `linear_svm`; C maps to
+alpha = 1 / (C * n)). `fit_and_select` takes either; the data views in `features` only read.
+
+`LinearProbe` follows scikit-learn's contract: `__init__` stores settings, `fit` returns self,
 learned attributes end in `_`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import LinearSVC
 
 from pipeline import atomic
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, TrainSettings
+
+log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
 KINDS = ("logreg", "linear_svm")
+BUFFER_ROWS = 32_768  # streamed fitting: rows shuffled together before minibatches (bounds memory)
+MINIBATCH = 1024
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (rows of zeros stay zero), in X's own dtype."""
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+class Normalizer:
+    """`normalize` as the probes apply it: optional L2 per row, then optional standardisation per
+    feature with statistics of the training rows (exact, or accumulated part by part)."""
+
+    def __init__(self, normalize: str):
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}")
+        self.normalize = normalize
+        self._n, self._total, self._squares = 0, None, None
+
+    def rows(self, X: np.ndarray) -> np.ndarray:
+        """The per-row step (L2 if asked), in float64."""
+        X = np.asarray(X, dtype=np.float64)
+        return l2_normalize(X) if "l2" in self.normalize else X
+
+    def fit(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, scale) of the rows of X after the per-row step."""
+        Z = self.rows(X)
+        if "standardize" not in self.normalize:
+            return np.zeros(Z.shape[1]), np.ones(Z.shape[1])
+        std = Z.std(axis=0)
+        return Z.mean(axis=0), np.where(std > 1e-12, std, 1.0)
+
+    def add(self, X: np.ndarray) -> None:
+        """Accumulate the moments of one part of the training rows (see `fitted`)."""
+        Z = self.rows(X)
+        self._total = Z.sum(0) if self._total is None else self._total + Z.sum(0)
+        self._squares = (Z**2).sum(0) if self._squares is None else self._squares + (Z**2).sum(0)
+        self._n += len(Z)
+
+    def fitted(self, dim: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(mean, scale, n) from the parts added so far."""
+        n = self._n
+        if "standardize" not in self.normalize or n == 0:
+            return np.zeros(dim), np.ones(dim), n
+        mean = self._total / n
+        std = np.sqrt(np.maximum(self._squares / n - mean**2, 0.0))
+        return mean, np.where(std > 1e-12, std, 1.0), n
+
+
+# --------------------------------------------------------------------------- linear probes
 
 
 class LinearProbe:
     def __init__(self, kind: str = "logreg", C: float = 1.0, normalize: str = "standardize", max_iter: int = 2000):
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}")
         self.kind = kind
         self.C = C
         self.normalize = normalize
         self.max_iter = max_iter
 
-    # ------------------------------------------------------------------ features
+    @classmethod
+    def from_weights(
+        cls, settings: dict, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float
+    ) -> LinearProbe:
+        """A fitted probe from its settings (kind, C, normalize, max_iter) and learned weights."""
+        probe = cls(**settings)
+        probe.mean_, probe.scale_ = mean, scale
+        probe.coef_, probe.intercept_ = np.asarray(coef, dtype=np.float64), float(intercept)
+        return probe
 
-    def _l2(self, X: np.ndarray) -> np.ndarray:
-        if "l2" not in self.normalize:
-            return X
-        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    def settings(self) -> dict:
+        return {"kind": self.kind, "C": self.C, "normalize": self.normalize, "max_iter": self.max_iter}
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        X = self._l2(np.asarray(X, dtype=np.float64))
-        return (X - self.mean_) / self.scale_
-
-    # ------------------------------------------------------------------ estimator
+        return (Normalizer(self.normalize).rows(X) - self.mean_) / self.scale_
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
-        X = self._l2(np.asarray(X, dtype=np.float64))
-        if "standardize" in self.normalize:
-            self.mean_ = X.mean(axis=0)
-            std = X.std(axis=0)
-            self.scale_ = np.where(std > 1e-12, std, 1.0)
-        else:
-            self.mean_ = np.zeros(X.shape[1])
-            self.scale_ = np.ones(X.shape[1])
+        self.mean_, self.scale_ = Normalizer(self.normalize).fit(X)
         if self.kind == "logreg":
             clf = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=1e-8)
         else:
             clf = LinearSVC(C=self.C, max_iter=self.max_iter)
-        clf.fit((X - self.mean_) / self.scale_, np.asarray(y))
+        clf.fit(self.transform(X), np.asarray(y))
         self.coef_ = clf.coef_.ravel().astype(np.float64)
         self.intercept_ = float(clf.intercept_[0])
         return self
@@ -99,10 +162,146 @@ class LinearProbe:
         if not (directory / "card.json").exists() or not (directory / "weights.safetensors").exists():
             raise ConfigError(f"no probe in {directory}; run the train stage first (`dvc repro train`).")
         card = json.loads((directory / "card.json").read_text())
-        tensors = load_file(str(directory / "weights.safetensors"))
-        probe = cls(kind=card["probe"], C=card["C"], normalize=card["normalize"], max_iter=card["max_iter"])
-        probe.coef_ = tensors["coef"]
-        probe.intercept_ = float(tensors["intercept"][0])
-        probe.mean_ = tensors["mean"]
-        probe.scale_ = tensors["scale"]
-        return probe, card
+        t = load_file(str(directory / "weights.safetensors"))
+        settings = {"kind": card["probe"], "C": card["C"], "normalize": card["normalize"], "max_iter": card["max_iter"]}
+        return cls.from_weights(settings, t["mean"], t["scale"], t["coef"], float(t["intercept"][0])), card
+
+
+class ZeroShotProbe:
+    """No training: softmax over (best real prompt, best fake prompt) of scale x cosine similarity
+    between an image's projected embedding and the prompts' text embeddings."""
+
+    def __init__(self, real: np.ndarray, fake: np.ndarray, scale: float):
+        self.real, self.fake, self.scale = real, fake, scale
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        img = l2_normalize(X)
+        logits = self.scale * np.stack([(img @ self.real.T).max(1), (img @ self.fake.T).max(1)], axis=1)
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p[:, 1] / p.sum(1)
+
+
+# --------------------------------------------------------------------------- training data
+
+
+@dataclass
+class Labelled:
+    """Rows in memory: features X (n, dim) and labels y (n,)."""
+
+    X: np.ndarray
+    y: np.ndarray
+
+
+@runtime_checkable
+class Chunked(Protocol):
+    """Rows read one part at a time (a cache larger than memory): labels are known up front."""
+
+    y: np.ndarray  # every row's label (the order of `read` may differ)
+    dim: int
+
+    def parts(self) -> int: ...
+
+    def read(self, order: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(X, y) of each part, in `order` (part indices) or part order."""
+        ...
+
+
+# --------------------------------------------------------------------------- fitting and selection
+
+
+@dataclass
+class Fitted:
+    probe: LinearProbe
+    val_auc: dict[float, float]  # C -> val AUC
+    threshold: float  # the val threshold with the best balanced accuracy
+
+
+def choose_threshold(y: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold that maximises balanced accuracy (Youden's J) on these samples."""
+    fpr, tpr, thr = roc_curve(y, scores)
+    return float(min(thr[int(np.argmax(tpr - fpr))], 1.0))
+
+
+def best_C(val_auc: dict[float, float]) -> float:
+    """The C with the best val AUC; the smaller C on ties (the simpler probe)."""
+    return max(val_auc, key=lambda C: (val_auc[C], -C))
+
+
+def check_both_classes(train_y: np.ndarray, val_y: np.ndarray, what: str) -> None:
+    for y, split in ((train_y, "train"), (val_y, "val")):
+        if set(np.unique(y)) != {0, 1}:
+            raise ConfigError(
+                f"the {split} split of {what} needs both real and fake images (it has {len(y)} images); "
+                "add data or change data.split."
+            )
+
+
+def fit_and_select(
+    train: Labelled | Chunked, val: Labelled | Chunked, spec: TrainSettings, what: str = "train.datasets"
+) -> Fitted:
+    """One probe per C in `spec.C` fitted on train; the best val AUC wins (the smaller C on
+    ties) and the decision threshold is chosen on val. Streamed when the data is `Chunked`."""
+    check_both_classes(train.y, val.y, what)
+    fitted = _fit_streamed(train, val, spec) if isinstance(train, Chunked) else _fit_in_memory(train, val, spec)
+    for C, auc in fitted.val_auc.items():
+        log.debug("%s C=%g: val AUC %.4f", what, C, auc)
+    return fitted
+
+
+def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitted:
+    probes, aucs = {}, {}
+    for C in sorted(spec.C):
+        probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
+        probe.fit(train.X, train.y)
+        probes[C], aucs[C] = probe, float(roc_auc_score(val.y, probe.decision_function(val.X)))
+    best = probes[best_C(aucs)]
+    return Fitted(best, aucs, choose_threshold(val.y, best.predict_proba(val.X)))
+
+
+def _fit_streamed(train: Chunked, val: Chunked, spec: TrainSettings, seed: int = 0) -> Fitted:
+    """SGD probes, one per C, trained in the same passes. Parts (shards) are often one dataset
+    each, so every epoch visits them in a random order and shuffles a bounded buffer of rows
+    before the minibatches; normalisation statistics come from a first pass. Peak memory is
+    bounded by the buffer and one part, not by the size of the data."""
+    normalizer = Normalizer(spec.normalize)
+    for X, _ in train.read():
+        normalizer.add(X)
+    mean, scale, n = normalizer.fitted(train.dim)
+    loss = "log_loss" if spec.probe == "logreg" else "hinge"
+    models = {C: SGDClassifier(loss=loss, alpha=1.0 / (C * n), random_state=seed) for C in sorted(spec.C)}
+    rng = np.random.default_rng(seed)
+
+    def train_on(X: np.ndarray, y: np.ndarray) -> None:
+        perm = rng.permutation(len(y))
+        Z = (normalizer.rows(X[perm]) - mean) / scale
+        for start in range(0, len(y), MINIBATCH):
+            for model in models.values():
+                model.partial_fit(Z[start : start + MINIBATCH], y[perm][start : start + MINIBATCH], classes=[0, 1])
+
+    for _ in range(spec.epochs):
+        buffer_X, buffer_y, rows = [], [], 0
+        for X, y in train.read(order=rng.permutation(train.parts())):
+            buffer_X.append(X)
+            buffer_y.append(y)
+            rows += len(y)
+            if rows >= BUFFER_ROWS:
+                train_on(np.concatenate(buffer_X), np.concatenate(buffer_y))
+                buffer_X, buffer_y, rows = [], [], 0
+        if rows:
+            train_on(np.concatenate(buffer_X), np.concatenate(buffer_y))
+
+    settings = {"kind": spec.probe, "normalize": spec.normalize, "max_iter": spec.max_iter}
+    probes = {
+        C: LinearProbe.from_weights({**settings, "C": C}, mean, scale, m.coef_.ravel(), m.intercept_[0])
+        for C, m in models.items()
+    }
+    val_y, val_scores = [], {C: [] for C in probes}
+    for X, y in val.read():
+        val_y.append(y)
+        for C, probe in probes.items():
+            val_scores[C].append(probe.predict_proba(X))
+    y = np.concatenate(val_y)
+    aucs = {C: float(roc_auc_score(y, np.concatenate(s))) for C, s in val_scores.items()}
+    best = best_C(aucs)
+    return Fitted(probes[best], aucs, choose_threshold(y, np.concatenate(val_scores[best])))

@@ -1,14 +1,20 @@
-"""Reports for people: ROC curves, score histograms and the cross-manipulation heatmap as PNGs,
-and `reports/index.html` showing them with the metric tables."""
+"""Reports for people: the metric tables as text (the evaluate log, `python -m pipeline show`),
+ROC curves, score histograms and the cross-manipulation heatmap as PNGs, and
+`reports/index.html` showing them with the same tables. Column names come from
+`pipeline.metrics` (NAMES), so the text, the HTML and the metrics files agree."""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import atomic
+from pipeline.config import PROTOCOLS, ConfigError
+from pipeline.metrics import HTML_COLUMNS, NAMES, TEXT_COLUMNS
+from pipeline.outputs import Outputs
 
 
 def _pyplot():
@@ -70,22 +76,67 @@ def heatmap_figure(matrix: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- HTML
+# --------------------------------------------------------------------------- text tables
 
-_METRICS = [
-    ("n_real", "real"),
-    ("n_fake", "fake"),
-    ("auc", "AUC"),
-    ("ap", "AP"),
-    ("eer", "EER"),
-    ("tpr_at_fpr_1", "TPR@1%FPR"),
-    ("tpr_at_fpr_5", "TPR@5%FPR"),
-    ("accuracy", "acc@0.5"),
-    ("balanced_accuracy", "bal. acc@0.5"),
-    ("real_accuracy", "real acc"),
-    ("fake_accuracy", "fake acc (detection rate)"),
-    ("balanced_accuracy_at_val_threshold", "bal. acc@val thr."),
-]
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}"
+
+
+def table_text(results: dict) -> str:
+    """Per test set: frame-level metrics (AUC with its 95 % CI) and the video-level AUC."""
+    header = "".join(f"{NAMES[key][0]:>17}" if key == "auc_ci" else f"{NAMES[key][0]:>10}" for key in TEXT_COLUMNS)
+    lines = [f"{'dataset':<16}{header}"]
+    for name, m in results.items():
+        f, v = m["frame"], m["video"]
+        cells = []
+        for key in TEXT_COLUMNS:
+            if key == "auc_ci":
+                ci = "-" if f.get("auc_ci_low") is None else f"[{f['auc_ci_low']:.3f}, {f['auc_ci_high']:.3f}]"
+                cells.append(f"{ci:>17}")
+            else:
+                cells.append(f"{_cell(v['auc'] if key == 'video_auc' else f.get(key)):>10}")
+        lines.append(f"{name:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def matrix_text(matrix: dict) -> str:
+    names = matrix["datasets"]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = ["train \\ test".ljust(width) + "".join(n.rjust(width) for n in names)]
+    for a in names:
+        lines.append(a.ljust(width) + "".join(_cell(matrix["auc"][a][b]).rjust(width) for b in names))
+    return "\n".join(lines)
+
+
+def summaries(results: dict) -> dict[str, str]:
+    out = {}
+    if results.get("heldout"):
+        out["held-out test sets (frame level; video_auc = video level)"] = table_text(results["heldout"])
+    if results.get("cross_manipulation"):
+        out["cross-manipulation AUC (frame level)"] = matrix_text(results["cross_manipulation"])
+    if results.get("leave_one_out"):
+        out["leave one out (tested on the dataset left out)"] = table_text(results["leave_one_out"])
+    if results.get("zero_shot"):
+        out["zero-shot baseline (no training)"] = table_text(results["zero_shot"])
+    return out
+
+
+def read_metrics(outputs: Outputs) -> dict:
+    if not outputs.metrics.exists():
+        raise ConfigError(f"{outputs.metrics} does not exist; run the evaluate stage first (`dvc repro`).")
+    return {
+        p: json.loads(outputs.protocol_metrics(p).read_text())
+        for p in PROTOCOLS
+        if outputs.protocol_metrics(p).exists()
+    }
+
+
+# --------------------------------------------------------------------------- HTML
 
 
 def _fmt(v) -> str:
@@ -95,12 +146,12 @@ def _fmt(v) -> str:
 
 
 def metrics_table(results: dict) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in _METRICS)
+    head = "".join(f"<th>{html.escape(NAMES[key][1])}</th>" for key in HTML_COLUMNS)
     rows = []
     for name, m in results.items():
         for level in ("frame", "video"):
             vals = m[level]
-            cells = "".join(f"<td>{_fmt(vals.get(k))}</td>" for k, _ in _METRICS)
+            cells = "".join(f"<td>{_fmt(vals.get(k))}</td>" for k in HTML_COLUMNS)
             ci = ""
             if level == "frame" and vals.get("auc_ci_low") is not None:
                 ci = f"[{vals['auc_ci_low']:.3f}, {vals['auc_ci_high']:.3f}]"
@@ -112,8 +163,8 @@ def metrics_table(results: dict) -> str:
             )
             rows.append(f"<tr><th>{html.escape(name)}</th><td>{level}</td>{cells}<td>{ci}</td><td>{spread}</td></tr>")
     return (
-        f"<table><tr><th>test set</th><th>level</th>{head}<th>AUC 95% CI (videos resampled)</th>"
-        f"<th>AUC over seeds</th></tr>{''.join(rows)}</table>"
+        f"<table><tr><th>test set</th><th>level</th>{head}<th>{html.escape(NAMES['auc_ci'][1])}</th>"
+        f"<th>{html.escape(NAMES['seeds'][1])}</th></tr>{''.join(rows)}</table>"
     )
 
 

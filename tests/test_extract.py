@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel
 
-from pipeline import backbones, cli, config, demo, evaluate, extract, manifest, train
+from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, manifest, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore
@@ -33,17 +33,17 @@ def run_stages(project, **kwargs):
 
 def test_plan_is_wanted_minus_done_minus_failed():
     wanted = ["a", "b", "a", "c", "d"]
-    assert extract.plan(wanted, done={"b"}, failed={"d"}) == ["a", "c"]
-    assert extract.plan(wanted, done={"b"}, failed={"d"}, retry_failed=True) == ["a", "c", "d"]
+    assert embedder.plan(wanted, done={"b"}, failed={"d"}) == ["a", "c"]
+    assert embedder.plan(wanted, done={"b"}, failed={"d"}, retry_failed=True) == ["a", "c", "d"]
 
 
 def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip):
     summary, outputs = run_stages(project)
     table = pq.read_table(outputs.manifest).to_pandas()
-    assert summary["images"] == summary["embedded"] == table.digest.nunique()
-    assert summary["failed"] == 0
+    assert summary.images == summary.embedded == table.digest.nunique()
+    assert summary.failed == 0
 
-    store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
     sample = table.iloc[[0, 7, len(table) - 1]]
     got, found = store.read(sample.digest.tolist(), "projection")
     assert found.all()
@@ -76,7 +76,7 @@ def test_a_rerun_embeds_nothing_and_new_images_only_themselves(project, caplog):
     caplog.clear()
     summary, _ = run_stages(project)
     assert "3 to embed" in caplog.text
-    assert summary["embedded"] == summary["images"]
+    assert summary.embedded == summary.images
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -125,10 +125,10 @@ def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(
     (folder / "9004.png").unlink()
     caplog.set_level(logging.INFO)
     summary = extract.run(settings, outputs)
-    assert summary["failed"] == 6
-    assert summary["embedded"] == summary["images"] - 6
+    assert summary.failed == 6
+    assert summary.embedded == summary.images - 6
     assert "6 images could not be embedded" in caplog.text
-    store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
     reasons = {path.rsplit("/", 1)[-1]: reason for path, reason in store.failures().values()}
     assert "unrecognised format" in reasons["9000.png"] and "unrecognised format" in reasons["9001.png"]
     assert "unreadable image" in reasons["9002.png"]
@@ -147,9 +147,9 @@ def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(
 def test_batches_larger_than_a_shard_make_several_atomic_shards(project):
     update_params(project, "extract", shard_size=40)
     summary, outputs = run_stages(project)
-    store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
     shards = store.shard_paths()
-    assert len(shards) >= summary["images"] // 48
+    assert len(shards) >= summary.images // 48
     assert not [p for p in (store.directory / "shards").iterdir() if p.name.startswith(".tmp")]
     card = json.loads((store.directory / "card.json").read_text())
     assert card["layers"] == ["projection"] and card["dims"] == {"projection": 32}
@@ -159,7 +159,7 @@ def test_several_layers_in_one_pass(project):
     update_params(project, "model", layers=["projection", "pooled", "block_1"])
     assert config.load(project / "params.yaml").model.layers == ["projection", "pooled", "block_1"]
     summary, outputs = run_stages(project)
-    store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
     assert store.header.dims == {"projection": 32, "pooled": 128, "block_1": 128}
     digest = pq.read_table(outputs.manifest).column("digest")[0].as_py()
     pooled, _ = store.read([digest], "pooled")
@@ -170,13 +170,13 @@ def test_several_layers_in_one_pass(project):
 @pytest.mark.parametrize("workers", [2])
 def test_worker_processes_give_the_same_embeddings(project, workers):
     summary, outputs = run_stages(project)
-    store = EmbeddingStore.open(outputs.embeddings / summary["embeddings"])
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
     digests = sorted(store.keys())
     single, _ = store.read(digests, "projection")
     shutil.rmtree(outputs.embeddings)
     update_params(project, "extract", num_workers=workers)
     summary, outputs = run_stages(project)
-    multi, _ = EmbeddingStore.open(outputs.embeddings / summary["embeddings"]).read(digests, "projection")
+    multi, _ = EmbeddingStore.open(outputs.embeddings / summary.embeddings).read(digests, "projection")
     np.testing.assert_array_equal(single, multi)
 
 
@@ -203,7 +203,7 @@ def test_moving_images_and_switching_models_back_re_embed_nothing(project, tmp_p
     caplog.clear()
     summary_a, _ = run_stages(project)
     assert "0 to embed" in caplog.text, "switching back finds the first cache"
-    assert summary_a["fingerprint"] != summary_b["fingerprint"]
+    assert summary_a.fingerprint != summary_b.fingerprint
     assert len(list(outputs.embeddings.iterdir())) == 2
 
 
@@ -214,10 +214,10 @@ def test_bf16_embeddings_stay_close_to_fp32(project):
     summary32, outputs = run_stages(project)
     update_params(project, "extract", precision="bf16")
     summary16, _ = run_stages(project)
-    assert summary16["fingerprint"] != summary32["fingerprint"], "precision is part of the fingerprint"
-    digests = sorted(EmbeddingStore.open(outputs.embeddings / summary32["embeddings"]).keys())
-    a, _ = EmbeddingStore.open(outputs.embeddings / summary32["embeddings"]).read(digests, "projection")
-    b, _ = EmbeddingStore.open(outputs.embeddings / summary16["embeddings"]).read(digests, "projection")
+    assert summary16.fingerprint != summary32.fingerprint, "precision is part of the fingerprint"
+    digests = sorted(EmbeddingStore.open(outputs.embeddings / summary32.embeddings).keys())
+    a, _ = EmbeddingStore.open(outputs.embeddings / summary32.embeddings).read(digests, "projection")
+    b, _ = EmbeddingStore.open(outputs.embeddings / summary16.embeddings).read(digests, "projection")
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.99
 

@@ -85,7 +85,7 @@ def test_the_numbers_only_change_with_the_embedding_version(tmp_path):
                 f"the '{layer}' embeddings of the golden images changed (max difference "
                 f"{np.abs(np.array(got[layer]) - expected).max():.3g}) while EMBEDDING_VERSION stayed "
                 f"{backbones.EMBEDDING_VERSION}: caches made before this change would be read as if made by it. "
-                "Bump EMBEDDING_VERSION in pipeline/backbones.py, then `python -m tests.test_golden`."
+                "Bump EMBEDDING_VERSION in pipeline/backbones/base.py, then `python -m tests.test_golden`."
             )
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from pipeline import images
+from pipeline.backbones.clip import Preprocess
 
 
 def random_image(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -26,7 +27,7 @@ def random_image(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image
 @pytest.mark.parametrize("size", [(72, 64), (64, 72), (200, 90), (64, 64), (40, 30)])
 def test_preprocessing_is_bit_exact_with_the_hf_processor(tiny_clip, tmp_path, mode, size):
     hf = AutoImageProcessor.from_pretrained(tiny_clip)
-    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    ours = Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
     im = random_image(mode, size)
     suffix = ".jpg" if mode == "CMYK" else ".png"
     path = tmp_path / f"x{suffix}"
@@ -40,7 +41,7 @@ def test_preprocessing_is_bit_exact_with_the_hf_processor(tiny_clip, tmp_path, m
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tiny_clip, tmp_path):
-    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    ours = Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
     Image.fromarray(ramp).save(tmp_path / "16bit.png")
     array, error = images.load(tmp_path / "16bit.png", ours)
@@ -57,7 +58,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tiny_clip, tmp_path):
     ],
 )
 def test_bad_files_come_back_as_reasons(tiny_clip, tmp_path, content, reason):
-    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    ours = Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
     path = tmp_path / "bad.png"
     if content == "truncated":
         random_image("RGB", (64, 64)).save(path)
@@ -70,7 +71,7 @@ def test_bad_files_come_back_as_reasons(tiny_clip, tmp_path, content, reason):
 
 
 def test_decompression_bombs_are_refused(tiny_clip, tmp_path, monkeypatch):
-    ours = images.Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
+    ours = Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
     random_image("RGB", (100, 100)).save(tmp_path / "big.png")
     monkeypatch.setattr(images, "MAX_PIXELS", 5_000)
     array, error = images.load(tmp_path / "big.png", ours)

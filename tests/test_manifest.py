@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import config, manifest
+from pipeline import config, images, manifest, splits
 from pipeline.outputs import Outputs
 from tests.conftest import FFPP_SPLITS, REPO, update_params
 
@@ -45,7 +45,7 @@ def test_linked_videos_always_share_a_split(project):
     split_of_identity = {}
     for video, split in df.groupby("video").split.first().items():
         assert df[df.video == video].split.nunique() == 1
-        for ident in manifest.identities(video):
+        for ident in splits.identities(video):
             assert split_of_identity.setdefault(ident, split) == split, f"{video} leaks across splits"
     assert set(df.split) == {"train", "val", "test"}
 
@@ -60,11 +60,11 @@ def test_splits_follow_the_ratios_and_the_seed(project):
 
 
 def test_group_videos_links_chains_and_keeps_strangers_apart():
-    groups = manifest.group_videos(["000", "003", "000_003", "003_000", "005_007", "007", "010", "clip_a"])
+    groups = splits.group_videos(["000", "003", "000_003", "003_000", "005_007", "007", "010", "clip_a"])
     assert groups["000"] == groups["003"] == groups["000_003"] == groups["003_000"]
     assert groups["005_007"] == groups["007"]
     assert len({groups["000"], groups["007"], groups["010"], groups["clip_a"]}) == 4
-    dfd = manifest.group_videos(["01_02__meeting__X1Y2", "01__meeting", "02__walk"])
+    dfd = splits.group_videos(["01_02__meeting__X1Y2", "01__meeting", "02__walk"])
     assert len(set(dfd.values())) == 1
 
 
@@ -73,7 +73,7 @@ def test_random_fake_pairs_never_split_a_group():
     for trial in range(20):
         reals = [f"{i:03d}" for i in range(rng.randint(5, 60))]
         fakes = [f"{rng.choice(reals)}_{rng.choice(reals)}" for _ in range(rng.randint(0, 80))]
-        split = manifest.assign_splits(reals + fakes, config.SplitSpec(val=0.2, test=0.2, seed=trial))
+        split = splits.assign_splits(reals + fakes, config.SplitSpec(val=0.2, test=0.2, seed=trial))
         for fake in fakes:
             a, b = fake.split("_")
             assert split[fake] == split[a] == split[b]
@@ -81,8 +81,8 @@ def test_random_fake_pairs_never_split_a_group():
 
 def test_adding_videos_keeps_existing_assignments_mostly_stable():
     videos = [f"{i:03d}" for i in range(200)]
-    before = manifest.assign_splits(videos, config.SplitSpec())
-    after = manifest.assign_splits(videos + [f"{i:03d}" for i in range(200, 204)], config.SplitSpec())
+    before = splits.assign_splits(videos, config.SplitSpec())
+    after = splits.assign_splits(videos + [f"{i:03d}" for i in range(200, 204)], config.SplitSpec())
     moved = sum(before[v] != after[v] for v in videos)
     assert moved <= 4  # only groups at the quota boundaries may move
 
@@ -114,7 +114,7 @@ def make_tree(root, relative_paths) -> None:
 
 @pytest.mark.skipif(not FFPP_SPLITS.is_dir(), reason="shared/ffpp-splits is not beside the repo")
 def test_official_ffpp_split_files_win(tmp_path, tiny_clip):
-    official = manifest.read_split_dir(FFPP_SPLITS)
+    official = splits.read_split_dir(FFPP_SPLITS)
     assert len(official) == 1000  # 720 + 140 + 140 videos
     paths = []
     for split in ("train", "val", "test"):
@@ -127,7 +127,7 @@ def test_official_ffpp_split_files_win(tmp_path, tiny_clip):
     df = build(tmp_path)
     assert len(df) == 36
     for video, split in df.groupby("video").split.first().items():
-        assert split == official[manifest.identities(video)[0]], video
+        assert split == official[splits.identities(video)[0]], video
     assert df.split.value_counts().to_dict() == {"train": 12, "val": 12, "test": 12}
 
 
@@ -179,8 +179,8 @@ def test_unchanged_files_are_not_read_again_and_output_is_byte_identical(project
     out = project / "cache" / "manifest.parquet"
     first = out.read_bytes()
     reads = []
-    real_inspect = manifest.inspect_file
-    monkeypatch.setattr(manifest, "inspect_file", lambda path: reads.append(path) or real_inspect(path))
+    real_inspect = images.inspect_file
+    monkeypatch.setattr(images, "inspect_file", lambda path: reads.append(path) or real_inspect(path))
     build(project)
     assert out.read_bytes() == first, "nothing changed, so the manifest must be byte-identical"
     assert reads == [], "unchanged files are not read again"

@@ -105,7 +105,7 @@ def test_a_model_without_tokenizer_files_still_extracts_and_stores_no_prompts(pr
     outputs = Outputs(project)
     manifest.run(settings, outputs)
     summary = extract.run(settings, outputs)
-    assert summary["embedded"] == summary["images"]
+    assert summary.embedded == summary.images
     assert "has no tokenizer files" in caplog.text
     (store,) = caches(outputs.embeddings)
     assert text.prompts_in(store.directory) == set()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import cli, config, extract, manifest, train
+from pipeline import cli, config, extract, images, manifest, manifest_table, train
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
 from tests.conftest import contents, make_project, run_to_end, start_extract, update_params
@@ -108,7 +108,7 @@ def test_a_file_rewritten_after_the_manifest_is_never_cached_under_its_old_diges
     manifest.run(settings, outputs)
     victim = project / "data" / "Train_Fake" / "FaceSwap" / "000_001" / "0000.png"
     other = project / "data" / "Train_Fake" / "FaceSwap" / "000_001" / "0001.png"
-    old_digest = manifest.inspect_file(victim).digest
+    old_digest = images.inspect_file(victim).digest
     st = victim.stat()
     payload = other.read_bytes()[: st.st_size].ljust(st.st_size, b"\0")  # other bytes, same size
     victim.write_bytes(payload)
@@ -119,14 +119,14 @@ def test_a_file_rewritten_after_the_manifest_is_never_cached_under_its_old_diges
     assert "1 image files changed since the manifest was built" in err and "rerun the manifest stage" in err
     (store,) = caches(outputs.embeddings)
     assert old_digest not in store.keys() | set(store.failures()), "nothing stored under the old key"
-    unique = len(set(manifest.read(outputs.manifest).column("digest").to_pylist()))
+    unique = len(set(manifest_table.read(outputs.manifest).column("digest").to_pylist()))
     assert store.count() == unique - 1, "everything else is cached"
 
     manifest.run(settings, outputs)  # the stat cache notices the rewrite (ctime), so the file is hashed again
-    new_digest = manifest.inspect_file(victim).digest
-    assert new_digest in manifest.read(outputs.manifest).column("digest").to_pylist()
+    new_digest = images.inspect_file(victim).digest
+    assert new_digest in manifest_table.read(outputs.manifest).column("digest").to_pylist()
     summary = extract.run(settings, outputs)
-    assert summary["embedded"] + summary["failed"] == summary["images"]
+    assert summary.embedded + summary.failed == summary.images
 
 
 def test_train_refuses_a_cache_with_a_deleted_or_damaged_shard_and_repair_fixes_it(project, capsys, caplog):
@@ -189,7 +189,7 @@ def test_a_second_machine_with_other_cpu_features_extends_the_same_cache(project
     for native in (True, False):  # auto on a fresh project never depends on the CPU's features
         monkeypatch.setattr(backbones, "cpu_supports_bf16", lambda native=native: native)
         auto = config.load(params)
-        assert extract.run(dataclass_replace_precision(auto, "auto"), outputs)["precision"] == "fp32"
+        assert extract.run(dataclass_replace_precision(auto, "auto"), outputs).precision == "fp32"
         shutil.rmtree(outputs.embeddings)
         outputs.extract_summary.unlink()
 
@@ -203,7 +203,7 @@ def test_a_second_machine_with_other_cpu_features_extends_the_same_cache(project
     caplog.set_level("INFO")
     b = extract.run(dataclass_replace_precision(settings, "auto"), outputs)
     assert "1 to embed" in caplog.text
-    assert b["fingerprint"] == a["fingerprint"] and b["precision"] == "bf16"
+    assert b.fingerprint == a.fingerprint and b.precision == "bf16"
     assert len(list(outputs.embeddings.iterdir())) == 1, "one cache, not a second one per CPU"
 
     train.run(settings, outputs)

@@ -25,6 +25,13 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def registry_entry(node: ast.AST) -> str | None:
+    """A string constant naming a pipeline module (a registry entry, imported with importlib)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("pipeline."):
+        return node.value if module_file(node.value) else None
+    return None
+
+
 def imported_modules(file: Path, module_level_only: bool) -> set[str]:
     """Names of the pipeline modules `file` imports (anywhere in it, or only at module level)."""
     tree = ast.parse(file.read_text())
@@ -36,6 +43,8 @@ def imported_modules(file: Path, module_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}")}
+        elif not module_level_only and registry_entry(node):
+            found.add(node.value)
     # importing pipeline.a.b runs pipeline/__init__.py and pipeline/a/__init__.py too
     return {".".join(m.split(".")[: i + 1]) for m in found for i in range(len(m.split(".")))}
 
@@ -73,8 +82,9 @@ def test_every_module_a_stage_imports_is_a_dependency_of_that_stage():
 
 def test_the_import_walk_sees_lazy_imports():
     """The check above is only as good as this walk: it must follow imports inside functions."""
-    extract = {f.name for f in stage_modules("extract")}
-    assert {"distributed.py", "backbones.py", "images.py", "atomic.py", "config.py", "outputs.py"} <= extract
+    extract = {str(f.relative_to(PACKAGE)) for f in stage_modules("extract")}
+    assert {"distributed.py", "embedder.py", "images.py", "atomic.py", "config.py", "outputs.py"} <= extract
+    assert "backbones/clip.py" in extract, "a family named in the backbone registry is a dependency"
     assert "report.py" in {f.name for f in stage_modules("evaluate")}
 
 

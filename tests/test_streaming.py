@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import config, evaluate, extract, features, manifest, streaming, train
+from pipeline import config, evaluate, extract, features, manifest, probes, train
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore
 from pipeline.store.shard import ShardData
@@ -49,8 +49,8 @@ def test_a_streamed_probe_matches_the_in_memory_one(tmp_path):
     table, store = write_cache(tmp_path, memory, shard_rows=97)
     streamed = features.StreamedFeatures.load(table, store, "projection")
     spec = synthetic_settings().train
-    a = memory.fit(["real", "fs"], spec)
-    b = streamed.fit(["real", "fs"], spec)
+    a = evaluate.fit(memory, ["real", "fs"], spec)
+    b = evaluate.fit(streamed, ["real", "fs"], spec)
     test = memory.mask(["real"], ["test"], labels=[0]) | memory.mask(["fs"], ["test"], labels=[1])
     y = memory.label[test]
     auc_memory = roc_auc_score(y, memory.score(a.probe.predict_proba, test))
@@ -85,7 +85,7 @@ def peak_bytes(fn) -> int:
 def test_peak_memory_stays_flat_as_the_cache_grows(tmp_path, monkeypatch):
     # Memory is bounded by the shuffle buffer once the cache is larger than it: make it small,
     # so that both caches here are (the default is 32k rows).
-    monkeypatch.setattr(streaming, "BUFFER_ROWS", 256)
+    monkeypatch.setattr(probes, "BUFFER_ROWS", 256)
     spec = synthetic_settings().train
     peaks_stream, peaks_memory = [], []
     for videos in (100, 400):  # 4x more frames, same shard size
@@ -96,7 +96,7 @@ def test_peak_memory_stays_flat_as_the_cache_grows(tmp_path, monkeypatch):
         test = streamed.mask(["real", "fs"], ["test"])
 
         def stream_train_and_score(streamed=streamed, test=test):
-            fitted = streamed.fit(["real", "fs"], spec)
+            fitted = evaluate.fit(streamed, ["real", "fs"], spec)
             streamed.score(fitted.probe.predict_proba, test)
 
         peaks_stream.append(peak_bytes(stream_train_and_score))

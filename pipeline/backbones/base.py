@@ -1,0 +1,201 @@
+"""The backbone interface and what every family shares: finding the checkpoint (local directory
+or Hugging Face cache), refusing pickle-only weights, device and precision policy, and the
+description that becomes the cache fingerprint.
+
+Layers a cache can store, chosen by `model.layers`:
+  projection   the projected image embedding (CLIP's `image_embeds`), the default
+  pooled       the pooled CLS token before the projection
+  block_<i>    the CLS token after transformer block i (0-based; before the final layer norm)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import ConfigError, ModelSettings
+
+log = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"^block_(\d+)$")
+WEIGHT_SUFFIXES = (".safetensors",)
+
+# The version of the embedding code: bump it whenever a change alters the numbers an unchanged
+# model gives for unchanged images (preprocessing, pooling, layer definitions, autocast policy).
+# It is part of every cache fingerprint, so old caches are never read as new ones; the golden
+# test (tests/test_golden.py) fails when the numbers move without a bump.
+EMBEDDING_VERSION = 1
+
+
+def resolve_directory(model: ModelSettings) -> Path:
+    """A local directory holding the model: the path itself, or its Hugging Face cache snapshot."""
+    local = Path(model.name).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model.name, revision=model.revision, local_files_only=True))
+    except Exception:
+        raise ConfigError(
+            f"model.name '{model.name}' is neither a local directory nor in the Hugging Face cache; "
+            f"download it first (`huggingface-cli download {model.name}`) or point model.name at a local copy."
+        ) from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files; a clear error (before anything is loaded) if it has none."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only {', '.join(pickled)} (pickle files, never loaded here)" if pickled else "no weight files"
+        raise ConfigError(
+            f"model directory {directory} has {found}; convert it once to safetensors where you trust it: "
+            '`python -c "from transformers import CLIPModel; '
+            "CLIPModel.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"`."
+        )
+    return files
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the model's weight files (names and bytes), in name order."""
+    h = hashlib.sha256()
+    for p in weight_files(directory):
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"extract.device '{device}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("extract.device asks for CUDA but no CUDA GPU is visible; use device: auto or cpu.")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is one fixed precision per device class: bf16 (fp16 where the GPU lacks bf16) on
+    CUDA, fp32 on CPU and MPS. On CPU it never depends on the processor's features, so teammates
+    with and without native bf16 fill the same cache (bf16 on CPU is there to ask for).
+    `extract.run` resolves `auto` to the precision of the cache already shared, when there is one."""
+    if precision != "auto":
+        if device.type == "cpu" and precision in ("bf16", "fp16") and not cpu_supports_bf16():
+            log.warning("this CPU has no native bf16/fp16: %s is emulated and slower than fp32", precision)
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class Backbone(ABC):
+    """A loaded vision tower that turns preprocessed batches into {layer: embeddings}.
+
+    A family implements `forward` (and `embed_text` where it has a text tower); `preprocess`
+    is a picklable callable (it runs in DataLoader workers) from an RGB PIL image to a float32
+    array (3, h, w), raising `images.Rejected` for an image it cannot use."""
+
+    def __init__(
+        self,
+        name: str,
+        preprocess: Callable[[Image.Image], np.ndarray],
+        layers: list[str],
+        dims: dict[str, int],
+        device: torch.device,
+        precision: str,
+        description: dict,
+    ):
+        self.name = name
+        self.preprocess = preprocess
+        self.layers = layers
+        self.dims = dims
+        self.device = device
+        self.precision = precision
+        self.description = description  # everything that changes the numbers -> the cache fingerprint
+
+    @abstractmethod
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A batch on the device -> {layer: (n, dim) tensor}, for every layer in `self.layers`."""
+
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
+        """(L2-normalised text embeddings (n, dim) in the `projection` space, logit scale), or
+        None when the family or checkpoint has no text tower."""
+        return None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def embed(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        """A batch (n, 3, h, w) float32 -> {layer: float32 array (n, dim)}."""
+        pixels = pixels.to(self.device, non_blocking=self.device.type == "cuda")
+        with self.autocast():
+            result = self.forward(pixels)
+        return {k: v.float().cpu().numpy() for k, v in result.items()}
+
+
+def block_index(layer: str) -> int | None:
+    """i for `block_<i>`, None for any other layer name."""
+    m = _BLOCK.match(layer)
+    return int(m.group(1)) if m else None
+
+
+def describe(directory: Path, config: dict, preprocess: dict, model: ModelSettings, precision: str) -> dict:
+    """What the cache fingerprint hashes: the embedding code's version, the weights and config,
+    the preprocessing, the layers, the compute precision and the storage dtype."""
+    return {
+        "embedding_version": EMBEDDING_VERSION,
+        "model": {"weights_sha256": weights_digest(directory), "config": config_digest(config)},
+        "preprocess": preprocess,
+        "layers": list(model.layers),
+        "precision": precision,
+        "dtype": model.dtype,
+    }
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; a model directory needs config.json and preprocessor_config.json.")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); restore it from the model's original files.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} is not a JSON object; restore it from the model's original files.")
+    return value
+
+
+def config_digest(config: dict) -> str:
+    # Version stamps do not change the numbers; everything else in config.json might.
+    stable = {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,228 @@
+"""CLIP (Hugging Face transformers `clip` and `clip_vision_model` checkpoints).
+
+Layers: `projection` (the image embedding in the joint image-text space, CLIP's
+`image_embeds`), `pooled` (the CLS token after the final layer norm, before the projection),
+`block_<i>` (the CLS token after transformer block i, before the final layer norm).
+
+`Preprocess` reproduces the Hugging Face CLIP image processor (PIL backend) bit for bit: RGB
+conversion (done by `images.load`: transparency composited onto white), bicubic resize of the
+shortest edge, centre crop, rescale by 1/255 in float64 then cast to float32, (x - mean) / std.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import images
+from pipeline.backbones.base import Backbone, block_index, describe, read_json
+from pipeline.config import ConfigError, ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> Preprocess:
+        """From a `preprocessor_config.json` dict (CLIP-style processors)."""
+        size = cfg.get("size", {})
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else size
+        crop = cfg.get("crop_size", {})
+        if not isinstance(crop, dict):
+            crop = {"height": crop, "width": crop}
+        unsupported = [k for k in ("do_resize", "do_center_crop", "do_rescale", "do_normalize") if cfg.get(k) is False]
+        if shortest is None or "height" not in crop or unsupported:
+            raise ValueError(
+                "only CLIP-style preprocessing (resize shortest edge, centre crop, rescale, normalise) is supported"
+            )
+        return cls(
+            shortest_edge=int(shortest),
+            crop_height=int(crop["height"]),
+            crop_width=int(crop["width"]),
+            mean=tuple(float(x) for x in cfg["image_mean"]),
+            std=tuple(float(x) for x in cfg["image_std"]),
+            resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+        )
+
+    def describe(self) -> dict:
+        """The part of the cache fingerprint that preprocessing contributes."""
+        return {
+            "shortest_edge": self.shortest_edge,
+            "crop": [self.crop_height, self.crop_width],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+        }
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> float32 array (3, crop_h, crop_w)."""
+        w, h = image.size
+        new_w, new_h = self.resized_size(w, h)
+        if new_w * new_h > images.MAX_PIXELS:
+            raise images.Rejected(f"extreme aspect ratio ({w}x{h} pixels would resize to {new_w}x{new_h})")
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample=self.resample)
+        arr = np.asarray(image)
+        arr = _center_crop(arr, self.crop_height, self.crop_width)
+        arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        arr = (arr - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return arr[top : top + ch, left : left + cw]
+    # Smaller than the crop: zero-pad around it, as the HF processor does.
+    nh, nw = max(ch, h), max(cw, w)
+    padded = np.zeros((nh, nw, *arr.shape[2:]), dtype=arr.dtype)
+    tp, lp = -(-(nh - h) // 2), -(-(nw - w) // 2)
+    padded[tp : tp + h, lp : lp + w] = arr
+    top, left = top + tp, left + lp
+    return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+
+
+class ClipBackbone(Backbone):
+    def __init__(self, net: torch.nn.Module, directory: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.model = net
+        self.directory = directory
+        self._text: tuple | None = None
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks = [i for layer in self.layers if (i := block_index(layer)) is not None]
+        out = self.model.vision_model(pixel_values=pixels, output_hidden_states=bool(blocks))
+        pooled = out.pooler_output
+        result: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            if layer == "projection":
+                result[layer] = self.model.visual_projection(pooled)
+            elif layer == "pooled":
+                result[layer] = pooled
+            else:
+                result[layer] = out.hidden_states[block_index(layer) + 1][:, 0]
+        return result
+
+    @torch.inference_mode()
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
+        if self._text is None:
+            self._text = _load_text(self.name, self.directory, self.device) or (None,)
+        if self._text[0] is None:
+            return None
+        net, tokenizer, scale = self._text
+        limit = net.config.max_position_embeddings  # the tower's limit, whatever the tokenizer says
+        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        tokens = tokens.to(self.device)
+        out = net(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
+        return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy(), scale
+
+
+def load(directory: Path, config: dict, model: ModelSettings, device: torch.device, precision: str) -> ClipBackbone:
+    """The vision tower with its projection, from safetensors."""
+    from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    try:
+        preprocess = Preprocess.from_hf_config(read_json(directory / "preprocessor_config.json"))
+    except ValueError as exc:
+        raise ConfigError(f"model '{model.name}': {exc}.") from None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the text tower's unused weights are expected, not news
+    try:
+        if config["model_type"] == "clip":
+            # The projection width lives on the full config; the vision sub-config may not carry it.
+            full = CLIPConfig.from_pretrained(directory)
+            vision_config = full.vision_config
+            vision_config.projection_dim = full.projection_dim
+        else:
+            vision_config = CLIPVisionConfig.from_pretrained(directory)
+        net = CLIPVisionModelWithProjection.from_pretrained(directory, config=vision_config, use_safetensors=True)
+    except Exception as exc:  # any failure to build the model from these files is a problem with the files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model '{model.name}' could not be loaded from {directory} ({first}); "
+            "check its config.json and weights against the original checkpoint."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    net = net.eval().to(device)
+
+    vision = net.config
+    n_blocks = vision.num_hidden_layers
+    dims: dict[str, int] = {}
+    for layer in model.layers:
+        block = block_index(layer)
+        if layer == "projection":
+            dims[layer] = net.config.projection_dim
+        elif layer == "pooled" or (block is not None and block < n_blocks):
+            dims[layer] = vision.hidden_size
+        else:
+            raise ConfigError(f"model.layers has '{layer}'; use projection, pooled or block_0 .. block_{n_blocks - 1}.")
+    return ClipBackbone(
+        net,
+        directory,
+        name=model.name,
+        preprocess=preprocess,
+        layers=list(model.layers),
+        dims=dims,
+        device=device,
+        precision=precision,
+        description=describe(directory, config, preprocess.describe(), model, precision),
+    )
+
+
+def _load_text(name: str, directory: Path, device: torch.device) -> tuple | None:
+    """(text tower with projection, tokenizer, logit scale), or None when the checkpoint has no
+    text tower or no tokenizer."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    if read_json(directory / "config.json").get("model_type") != "clip":
+        return None
+    if not any((directory / n).exists() for n in ("tokenizer.json", "vocab.json")):
+        # Without its files AutoTokenizer would build an empty-vocabulary tokenizer: garbage prompts.
+        log.warning("model '%s' has no tokenizer files; zero-shot prompts cannot be embedded", name)
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        log.warning("model '%s' has no tokenizer; zero-shot prompts cannot be embedded", name)
+        return None
+    full = CLIPConfig.from_pretrained(directory)
+    text_config = full.text_config
+    text_config.projection_dim = full.projection_dim
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        net = CLIPTextModelWithProjection.from_pretrained(directory, config=text_config, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    scale = 100.0
+    for weights in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(weights), framework="np") as f:
+            if "logit_scale" in f.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                scale = float(np.exp(f.get_tensor("logit_scale")))
+    return net.eval().to(device), tokenizer, scale

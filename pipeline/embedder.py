@@ -1,0 +1,255 @@
+"""The embedding loop: reader -> mapper -> writer, used by the extract stage, the dask workers
+and predict alike.
+
+reader   decodes and preprocesses items into batches (by default a DataLoader whose worker
+         processes call `images.load` with the backbone's preprocess); failures are values
+mapper   the backbone, batched, in inference mode
+writer   a background thread that buffers rows and commits a shard every `shard_size` rows
+         (atomic, content-named), so the model never waits on the disk
+
+All three are injectable (`LocalEmbedder(settings, backbone=..., reader=..., writer=...)`), so
+tests can swap a tiny model or a writer that fails at shard k. "Done" is whatever committed
+shards hold; `plan` computes what is left, so a crash loses at most the shard in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline import backbones, images
+from pipeline.config import Settings
+from pipeline.store import EmbeddingStore
+from pipeline.store.shard import ShardData
+
+log = logging.getLogger(__name__)
+
+
+def plan(wanted: Iterable[str], done: set[str], failed: set[str], retry_failed: bool = False) -> list[str]:
+    """Digests to embed, in first-seen order: wanted - done (- failed unless retrying)."""
+    skip = done if retry_failed else done | failed
+    seen: set[str] = set()
+    out = []
+    for d in wanted:
+        if d not in skip and d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+@dataclass(frozen=True)
+class Item:
+    digest: str
+    path: str  # as in the manifest
+    file: Path  # where to read it
+
+
+class Batch(NamedTuple):
+    digests: list[str]
+    paths: list[str]
+    pixels: torch.Tensor | None  # the images that decoded, stacked; None if none did
+    errors: list[str | None]  # per item: None, or why it failed
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class ImageDataset(Dataset):
+    """Decodes and preprocesses one image per item; failures come back as values."""
+
+    def __init__(self, items: list[Item], preprocess: Callable):
+        self.items = items
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        array, error = images.load(item.file, self.preprocess, digest=item.digest)
+        return item.digest, item.path, array, error
+
+
+def collate(batch) -> Batch:
+    digests, paths, arrays, errors = zip(*batch, strict=True)
+    good = [a for a in arrays if a is not None]
+    pixels = torch.from_numpy(np.stack(good)) if good else None
+    return Batch(list(digests), list(paths), pixels, list(errors))
+
+
+def read_batches(
+    items: list[Item], preprocess: Callable, batch_size: int, num_workers: int, pin_memory: bool
+) -> Iterable[Batch]:
+    """The default reader: a DataLoader with `num_workers` decoding processes (0: in this thread)."""
+    return DataLoader(
+        ImageDataset(items, preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+Reader = Callable[[list[Item], Callable, int, int, bool], Iterable[Batch]]
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Buffers rows and commits a shard every `shard_size` rows, on a background thread."""
+
+    def __init__(self, store: EmbeddingStore, shard_size: int, fmt: str):
+        self.store, self.shard_size, self.fmt = store, shard_size, fmt
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._buffer: list[ShardData] = []
+        self._buffered = 0
+        self.committed_rows = 0
+        self._thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, data: ShardData) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """Commit what is buffered and stop; re-raises a failure of the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        while True:
+            data = self._queue.get()
+            if self._error is not None:
+                if data is None:
+                    return
+                continue  # drain, so the producer never blocks on a dead writer
+            try:
+                if data is None:
+                    self._flush()
+                    return
+                self._buffer.append(data)
+                self._buffered += len(data)
+                if self._buffered >= self.shard_size:
+                    self._flush()
+            except BaseException as exc:
+                self._error = exc
+                if data is None:
+                    return
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        layers = self.store.layers
+        merged = ShardData(
+            digests=[d for b in self._buffer for d in b.digests],
+            paths=[p for b in self._buffer for p in b.paths],
+            errors=[e for b in self._buffer for e in b.errors],
+            arrays={k: np.concatenate([b.arrays[k] for b in self._buffer]) for k in layers},
+        )
+        self.store.commit(merged, self.fmt)
+        self.committed_rows += len(merged)
+        self._buffer, self._buffered = [], 0
+
+
+Writer = Callable[[EmbeddingStore, int, str], ShardWriter]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def batch_rows(batch: Batch, backbone: backbones.Backbone) -> ShardData:
+    """One batch through the model -> rows (failed images get zero rows and their reason).
+    Files that changed since the manifest get no row at all: their digest is not theirs."""
+    ok = np.array([e is None for e in batch.errors], dtype=bool)
+    embedded = backbone.embed(batch.pixels) if batch.pixels is not None else {}
+    keep = np.array([e != images.CHANGED for e in batch.errors], dtype=bool)
+    arrays = {}
+    for layer in backbone.layers:
+        full = np.zeros((len(batch.digests), backbone.dims[layer]), dtype=np.float32)
+        if ok.any():
+            full[ok] = embedded[layer]
+        arrays[layer] = full[keep]
+    pick = lambda values: [v for v, k in zip(values, keep, strict=True) if k]  # noqa: E731
+    return ShardData(pick(batch.digests), pick(batch.paths), pick(batch.errors), arrays)
+
+
+def embed_items(
+    items: list[Item],
+    backbone: backbones.Backbone,
+    writer: ShardWriter,
+    batch_size: int,
+    num_workers: int,
+    progress: bool = True,
+    reader: Reader = read_batches,
+) -> list[str]:
+    """Run the reader -> model -> writer loop over `items`; returns the paths of files that
+    changed since the manifest (embedded under no key). Per-batch read/model/write times are
+    logged at debug level, so a slow run says where its time goes."""
+    batches = reader(items, backbone.preprocess, batch_size, num_workers, backbone.device.type == "cuda")
+    changed: list[str] = []
+    with tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar:
+        started = time.perf_counter()
+        for batch in batches:
+            read = time.perf_counter()
+            rows = batch_rows(batch, backbone)
+            modelled = time.perf_counter()
+            writer.put(rows)
+            done = time.perf_counter()
+            timings = (len(rows), read - started, modelled - read, done - modelled)
+            log.debug("batch of %d: read %.3f s, model %.3f s, write %.3f s", *timings)
+            changed += [p for p, e in zip(batch.paths, batch.errors, strict=True) if e == images.CHANGED]
+            bar.update(len(batch.digests))
+            started = time.perf_counter()
+    return changed
+
+
+class LocalEmbedder:
+    """Embeds on this machine: the reader -> the backbone -> a background shard writer. The
+    extract stage's local scheduler; `distributed.DaskEmbedder` has the same interface."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backbone: backbones.Backbone | None = None,
+        reader: Reader = read_batches,
+        writer: Writer = ShardWriter,
+    ):
+        self.settings = settings
+        self.backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
+        self.description, self.dims = self.backbone.description, self.backbone.dims
+        self.reader, self.writer = reader, writer
+
+    def __enter__(self) -> LocalEmbedder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def embed(self, items: list[Item], store: EmbeddingStore) -> list[str]:
+        """Embed `items` into `store`; returns the paths of files that changed since the manifest."""
+        ex = self.settings.extract
+        writer = self.writer(store, ex.shard_size, ex.format)
+        try:
+            return embed_items(items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=self.reader)
+        finally:
+            writer.close()  # commits what is buffered, also on Ctrl-C
+
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
+        return self.backbone.embed_text(prompts)

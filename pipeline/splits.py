@@ -1,0 +1,146 @@
+"""Splits by linked video group: the one place that decides which split a video lands in.
+
+A fake `000_003` is made from real videos `000` and `003`, so all three (and `003_000`, and the
+same ids in every other method) form one group and land in the same split. The manifest stage
+assigns splits with it; the evaluate stage re-draws train/val with it for `evaluate.seeds`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ConfigError, SplitSpec
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def identities(video: str) -> list[str]:
+    """The source identities a video id refers to.
+
+    `000` -> [000]; `000_003` -> [000, 003] (FF++ target_source); `01_02__scene__X` (DeepFake
+    Detection) -> [01, 02]; anything else is its own identity.
+    """
+    head = video.split("__", 1)[0]
+    parts = head.split("_")
+    if all(p.isdigit() for p in parts):
+        return parts
+    return [video]
+
+
+def group_videos(videos: Iterable[str]) -> dict[str, str]:
+    """Map each video id to a group key; linked videos (shared identities) share a group."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    videos = sorted(set(videos))
+    for v in videos:
+        ids = identities(v)
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {v: find(identities(v)[0]) for v in videos}
+
+
+def read_split_dir(split_dir: Path) -> dict[str, str]:
+    """FF++ official split files: identity -> split, from `{train,val,test}.json` lists of pairs."""
+    assignment: dict[str, str] = {}
+    for split in SPLITS:
+        f = split_dir / f"{split}.json"
+        if not f.is_file():
+            raise ConfigError(f"data.split.split_dir {split_dir} has no {split}.json; it needs train/val/test.json.")
+        try:
+            pairs = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(f"{f} is not valid JSON; it should be a list of [id, id] pairs.") from None
+        if not isinstance(pairs, list):
+            raise ConfigError(f"{f} should be a list of [id, id] pairs.")
+        for pair in pairs:
+            for ident in pair if isinstance(pair, list) else [pair]:
+                ident = str(ident)
+                if assignment.get(ident, split) != split:
+                    raise ConfigError(f"video {ident} appears in both {assignment[ident]}.json and {split}.json.")
+                assignment[ident] = split
+    return assignment
+
+
+def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] | None = None) -> dict[str, str]:
+    """Split per video group -> {video: split}; `videos` has one entry per image (the shares
+    are shares of images).
+
+    Groups named by the official split files take that split. The rest are ordered by a hash
+    of (seed, group) and filled into test, then val, up to their share of images; the rest is
+    train. Hash order keeps assignments stable when new videos are added.
+    """
+    groups = group_videos(videos)
+    images_per_group: dict[str, int] = {}
+    for v in videos:
+        images_per_group[groups[v]] = images_per_group.get(groups[v], 0) + 1
+
+    split_of_group: dict[str, str] = {}
+    if official:
+        members: dict[str, set[str]] = {}
+        for v, g in groups.items():
+            for ident in identities(v):
+                if ident in official:
+                    members.setdefault(g, set()).add(official[ident])
+        for g, found in members.items():
+            if len(found) > 1:
+                raise ConfigError(
+                    f"the split files put linked videos (group {g}) in different splits: {sorted(found)}."
+                )
+            split_of_group[g] = found.pop()
+        uncovered = sorted(set(images_per_group) - set(split_of_group))
+        if uncovered:
+            log.warning(
+                "%d video groups are not in the official split files; assigning them by the val/test ratios",
+                len(uncovered),
+            )
+    rest = [g for g in images_per_group if g not in split_of_group]
+    rest.sort(key=lambda g: hashlib.sha256(f"{spec.seed}:{g}".encode()).hexdigest())
+    total = sum(images_per_group[g] for g in rest)
+    quota = {"test": spec.test * total, "val": spec.val * total}
+    filled = {"test": 0, "val": 0}
+    for g in rest:
+        split = next((s for s in ("test", "val") if filled[s] < quota[s]), "train")
+        if split != "train":
+            filled[split] += images_per_group[g]
+        split_of_group[g] = split
+    return {v: split_of_group[g] for v, g in groups.items()}
+
+
+def cross_split_duplicates(digests: list[str], splits: list[str]) -> list[int]:
+    """Rows to drop so that the same bytes sit in one split only: the copy in test wins, then val
+    (the held-out sets stay whole; a training copy of a test image would leak it)."""
+    rank = {"test": 0, "val": 1, "train": 2}
+    best: dict[str, str] = {}
+    for d, sp in zip(digests, splits, strict=True):
+        if d not in best or rank[sp] < rank[best[d]]:
+            best[d] = sp
+    return [i for i, (d, sp) in enumerate(zip(digests, splits, strict=True)) if sp != best[d]]
+
+
+def redraw_train_val(split: np.ndarray, videos: np.ndarray, pool: np.ndarray, seed: int) -> np.ndarray:
+    """`split` (one entry per row) with the train/val rows in `pool` re-drawn by video group for
+    `seed`, keeping the share of val images; test rows and rows outside `pool` are untouched.
+    `videos` holds each row's video id."""
+    pool = pool & np.isin(split, ["train", "val"])
+    pooled = [str(v) for v in videos[pool]]
+    n_val = int((split[pool] == "val").sum())
+    assignment = assign_splits(pooled, SplitSpec(val=n_val / max(len(pooled), 1), test=0.0, seed=seed))
+    out = split.copy()
+    out[pool] = [assignment[v] for v in pooled]
+    return out
