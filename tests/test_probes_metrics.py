@@ -15,8 +15,18 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import config, evaluate, extract, features, manifest, shortcut, train
-from pipeline.metrics import binary_metrics, bootstrap_auc, equal_error_rate, rank_auc, roc_points, video_level
+from pipeline import config, evaluate, extract, features, manifest, probes, report, shortcut, train
+from pipeline.metrics import (
+    HTML_COLUMNS,
+    NAMES,
+    TEXT_COLUMNS,
+    binary_metrics,
+    bootstrap_auc,
+    equal_error_rate,
+    rank_auc,
+    roc_points,
+    video_level,
+)
 from pipeline.outputs import Outputs
 from pipeline.probes import KINDS, NORMALIZATIONS, LinearProbe
 
@@ -55,10 +65,28 @@ def test_standardized_logreg_matches_the_original_scripts_sklearn_pipeline():
     np.testing.assert_allclose(probe.predict_proba(X), reference.predict_proba(scaler.transform(X))[:, 1], atol=1e-6)
 
 
+def test_normalisation_from_parts_matches_the_exact_one():
+    """Streamed probes accumulate the statistics shard by shard; in-memory probes compute them at
+    once. One implementation, two routes, the same numbers (random sizes and split points)."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        X = rng.normal(3.0, 2.0, size=(int(rng.integers(2, 300)), int(rng.integers(1, 16)))).astype(np.float32)
+        cuts = np.sort(rng.integers(0, len(X), size=int(rng.integers(0, 5))))
+        for normalize in NORMALIZATIONS:
+            parts = probes.Normalizer(normalize)
+            for part in np.split(X, cuts):
+                parts.add(part)
+            mean, scale, n = parts.fitted(X.shape[1])
+            exact_mean, exact_scale = probes.Normalizer(normalize).fit(X)
+            assert n == len(X)
+            np.testing.assert_allclose(mean, exact_mean, rtol=1e-9, atol=1e-9, err_msg=f"{trial} {normalize}")
+            np.testing.assert_allclose(scale, exact_scale, rtol=1e-6, err_msg=f"{trial} {normalize}")
+
+
 def test_val_threshold_maximises_balanced_accuracy():
     X, y = blobs(seed=2)
     scores = LinearProbe().fit(X, y).predict_proba(X)
-    t = train.choose_threshold(y, scores)
+    t = probes.choose_threshold(y, scores)
     best = binary_metrics(y, scores, threshold=t)["balanced_accuracy"]
     for other in np.linspace(0.01, 0.99, 99):
         assert binary_metrics(y, scores, threshold=other)["balanced_accuracy"] <= best + 1e-12
@@ -91,6 +119,19 @@ def test_metrics_agree_with_scikit_learn():
     points = roc_points(y, scores)
     assert points[0] == {"fpr": 0.0, "tpr": 0.0, "threshold": 1.0}
     assert points[-1]["fpr"] == points[-1]["tpr"] == 1.0
+
+
+def test_every_metric_has_one_name_used_by_every_table():
+    y, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9])
+    written = set(binary_metrics(y, scores, val_threshold=0.5)) | {"auc_ci", "video_auc", "seeds"}
+    assert written == set(NAMES), "a metric without a name, or a name without a metric"
+    assert set(TEXT_COLUMNS) <= set(NAMES) and set(HTML_COLUMNS) <= set(NAMES)
+    m = {"frame": binary_metrics(y, scores), "video": binary_metrics(y, scores)}
+    m["frame"]["auc_ci_low"] = m["frame"]["auc_ci_high"] = None
+    header = report.table_text({"x": m}).splitlines()[0]
+    assert [NAMES[k][0] for k in TEXT_COLUMNS if k != "auc_ci"] == header.replace("auc 95% ci", "").split()[1:]
+    page = report.metrics_table({"x": m})
+    assert all(f"<th>{NAMES[k][1]}</th>" in page for k in HTML_COLUMNS)
 
 
 def test_video_level_is_the_mean_frame_score_per_video():
@@ -275,7 +316,7 @@ def test_demo_evaluation_writes_every_protocol_report_and_table(project, caplog)
     for off in ("cross_manipulation", "leave_one_out", "zero_shot"):
         assert json.loads(outputs.protocol_metrics(off).read_text()) == {}, "a protocol that is off writes {}"
 
-    shown = evaluate.summaries(evaluate.read_metrics(outputs))
+    shown = report.summaries(report.read_metrics(outputs))
     lines = next(iter(shown.values())).splitlines()
     assert lines[0].split()[:4] == ["dataset", "real", "fake", "auc"]
     assert [line.split()[0] for line in lines[1:]] == list(settings.evaluate.datasets)

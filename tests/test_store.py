@@ -283,3 +283,21 @@ def test_writing_a_shard_never_leaves_a_partial_file(store, fmt, tmp_path):
             store.commit(rows(["b"], seed=1), fmt)
     assert exc.value.errno == errno.ENOSPC and str(shards) in exc.value.filename
     assert sorted(shards.iterdir()) == before, "no temp file or torn shard is left"
+
+
+def test_the_extract_summary_round_trips_and_a_damaged_one_is_one_clear_error(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.store.summary import ExtractSummary
+
+    path = tmp_path / "extract.json"
+    summary = ExtractSummary("m", "0123", "m-0123", {"projection": 8}, "fp32", 10, 9, 1)
+    summary.write(path)
+    first = path.read_bytes()
+    assert ExtractSummary.read(path) == summary
+    summary.write(path)
+    assert path.read_bytes() == first, "the same summary, the same bytes (DVC sees no change)"
+    path.write_text('{"model": "m"}')
+    with pytest.raises(ConfigError, match="not an extract summary"):
+        ExtractSummary.read(path)
+    with pytest.raises(ConfigError, match="run the extract stage first"):
+        ExtractSummary.read(tmp_path / "missing.json")
