@@ -3,7 +3,7 @@
 `FeatureTable` reads one layer for every manifest row once; protocols then select rows with
 boolean masks, so a cross-manipulation matrix costs one read of the cache. `StreamedFeatures`
 is the same view for caches larger than memory: it reads shard by shard on use. Both only
-read, mask and score; fitting belongs to `pipeline.probes`, which takes what `train_val` gives.
+read, mask and score; fitting belongs to `pipeline.probes`, which takes what `training_data` gives.
 """
 
 from __future__ import annotations

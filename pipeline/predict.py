@@ -61,18 +61,18 @@ def predict_layer(outputs: Outputs, store: EmbeddingStore) -> EmbeddingStore:
 def embed_missing(
     settings: Settings, store: EmbeddingStore, layer: EmbeddingStore, files: list[Path], digests: list[str | None]
 ) -> None:
-    from pipeline import embedder as embedder_mod
+    from pipeline import embedder
 
     done = store.keys() | layer.keys()
     failed = set(store.failures()) | set(layer.failures())
-    todo = embedder_mod.plan((d for d in digests if d), done, failed)
+    todo = embedder.plan((d for d in digests if d), done, failed)
     if not todo:
         return
     if settings.extract.precision == "auto":  # the probe's cache decides, whatever this machine's default
         precision = store.card["description"]["precision"]
         settings = dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
-    embedder = embedder_mod.LocalEmbedder(settings)
-    if embedder.description != store.card["description"]:
+    local = embedder.LocalEmbedder(settings)
+    if local.description != store.card["description"]:
         raise ConfigError(
             f"params.yaml's model settings do not reproduce the probe's cache {store.directory.name}; "
             "set model (and extract.precision) as they were when the probe's cache was made."
@@ -81,7 +81,7 @@ def embed_missing(
     n_known = len(set(filter(None, digests)))
     log.info("embedding %d images not in the cache (%d already there)", len(todo), n_known - len(todo))
     with layer.writer_lock():
-        embedder.embed([embedder_mod.Item(d, str(path_of[d]), path_of[d]) for d in todo], layer)
+        local.embed([embedder.Item(d, str(path_of[d]), path_of[d]) for d in todo], layer)
         EmbeddingStore.open(layer.directory).write_index()
 
 
