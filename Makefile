@@ -1,18 +1,20 @@
 # The two set-up commands from the README: `make demo` and `make test`.
-# CPU machines get the CPU wheel of torch; GPU users: `make demo TORCH=torch` (PyPI's default
-# Linux wheels are CUDA builds) or install their CUDA build into .venv first.
+# torch 2.14.1 + torchvision 0.29.1 (PyPI's Linux builds, CUDA-enabled; they run on CPU too) with
+# the open_clip and timm extras; constraints.txt keeps any extra from replacing that torch.
+# A light install without torchvision: see the README ("Installing").
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= dev,open_clip,timm
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: venv demo test lint bench clean-demo
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -58,7 +58,7 @@ class Item:
 class Batch(NamedTuple):
     digests: list[str]
     paths: list[str]
-    pixels: torch.Tensor | None  # the images that decoded, stacked; None if none did
+    pixels: torch.Tensor | dict[str, torch.Tensor] | None  # the images that decoded, stacked; None if none did
     errors: list[str | None]  # per item: None, or why it failed
 
 
@@ -84,7 +84,12 @@ class ImageDataset(Dataset):
 def collate(batch) -> Batch:
     digests, paths, arrays, errors = zip(*batch, strict=True)
     good = [a for a in arrays if a is not None]
-    pixels = torch.from_numpy(np.stack(good)) if good else None
+    if not good:
+        pixels = None
+    elif isinstance(good[0], dict):  # a processor with several outputs (SigLIP2: patches, mask, shape)
+        pixels = {k: torch.from_numpy(np.stack([a[k] for a in good])) for k in good[0]}
+    else:
+        pixels = torch.from_numpy(np.stack(good))
     return Batch(list(digests), list(paths), pixels, list(errors))
 
 
@@ -251,5 +256,5 @@ class LocalEmbedder:
         finally:
             writer.close()  # commits what is buffered, also on Ctrl-C
 
-    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:
         return self.backbone.embed_text(prompts)

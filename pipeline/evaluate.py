@@ -151,11 +151,11 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 
     prompts = settings.evaluate.zero_shot.prompts
     try:
-        real_t, fake_t, scale = text.read(store.directory, prompts["real"], prompts["fake"])
+        real_t, fake_t, scoring = text.read(store.directory, prompts["real"], prompts["fake"])
     except KeyError as exc:
         raise ConfigError(f"{exc.args[0]}; re-run extract (`dvc repro extract`) to embed the prompts.") from None
 
-    fn = probes.ZeroShotProbe(real_t, fake_t, scale).predict_proba
+    fn = probes.ZeroShotProbe(real_t, fake_t, **scoring).predict_proba
     return {
         name: score_set(scored(frames, reals, name, fn), None, settings.evaluate.bootstrap, f"{name} (zero-shot)")
         for name in settings.evaluate.datasets

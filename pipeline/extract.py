@@ -129,9 +129,12 @@ def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:
         log.warning("zero-shot prompts could not be embedded (%s); the zero_shot protocol will be unavailable", exc)
         return
     if embedded is None:
+        log.warning(
+            "model '%s' has no text tower (or tokenizer): the zero_shot protocol is unavailable", settings.model.name
+        )
         return
-    vectors, scale = embedded
-    text.add(store.directory, dict(zip(wanted, vectors, strict=True)), scale)
+    vectors, scoring = embedded
+    text.add(store.directory, dict(zip(wanted, vectors, strict=True)), scoring)
     log.info("embedded %d zero-shot prompts", len(wanted))
 
 

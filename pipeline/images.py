@@ -31,6 +31,14 @@ class Rejected(Exception):
     """Raised by a preprocess callable for an image it cannot use; the message is the reason."""
 
 
+def check_resize(size: tuple[int, int], shortest_edge: int) -> None:
+    """Refuse an image whose shortest edge resized to `shortest_edge` would exceed MAX_PIXELS."""
+    w, h = size
+    new_long = int(shortest_edge * max(w, h) / max(min(w, h), 1))
+    if new_long * shortest_edge > MAX_PIXELS:
+        raise Rejected(f"extreme aspect ratio ({w}x{h} pixels would resize to {shortest_edge}x{new_long} or more)")
+
+
 # IJG's standard luminance quantisation table (quality 50), for estimating JPEG quality.
 _IJG_LUMINANCE_SUM = sum(
     (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,

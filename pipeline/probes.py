@@ -168,15 +168,24 @@ class LinearProbe:
 
 
 class ZeroShotProbe:
-    """No training: softmax over (best real prompt, best fake prompt) of scale x cosine similarity
-    between an image's projected embedding and the prompts' text embeddings."""
+    """No training: the model's own image-text scoring of the best real and the best fake prompt.
+    `softmax` (CLIP, MetaCLIP, open_clip): softmax over scale x cosine similarity; `sigmoid`
+    (SigLIP): each prompt's own probability sigmoid(scale x cosine + bias), and the fake score is
+    p_fake / (p_fake + p_real)."""
 
-    def __init__(self, real: np.ndarray, fake: np.ndarray, scale: float):
-        self.real, self.fake, self.scale = real, fake, scale
+    def __init__(self, real: np.ndarray, fake: np.ndarray, logit_scale: float, logit_bias: float = 0.0,
+                 scoring: str = "softmax"):  # fmt: skip
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError("scoring must be softmax or sigmoid")
+        self.real, self.fake = real, fake
+        self.scale, self.bias, self.scoring = logit_scale, logit_bias, scoring
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         img = l2_normalize(X)
         logits = self.scale * np.stack([(img @ self.real.T).max(1), (img @ self.fake.T).max(1)], axis=1)
+        if self.scoring == "sigmoid":
+            log_p = -np.logaddexp(0.0, -(logits + self.bias))  # log sigmoid, per prompt
+            return 1.0 / (1.0 + np.exp(np.clip(log_p[:, 0] - log_p[:, 1], -500, 500)))
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return p[:, 1] / p.sum(1)

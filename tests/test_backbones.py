@@ -46,11 +46,11 @@ def test_a_new_family_is_one_module_and_one_registry_line(project, monkeypatch):
 
 
 def test_an_unknown_family_is_named_with_the_supported_ones(tmp_path):
-    model = tmp_path / "siglip"
+    model = tmp_path / "blip"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "siglip"}))
+    (model / "config.json").write_text(json.dumps({"model_type": "blip"}))
     (model / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError) as err:
         backbones.load(ModelSettings(name=str(model)), "cpu", "fp32")
     message = str(err.value)
-    assert "'siglip'" in message and "clip" in message and "supported model types" in message
+    assert "'blip'" in message and "siglip" in message and "open_clip and timm" in message

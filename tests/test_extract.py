@@ -50,7 +50,7 @@ def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip):
 
     # Reference: the plain Hugging Face way, one image at a time.
     model = CLIPModel.from_pretrained(tiny_clip, use_safetensors=True).eval()
-    processor = AutoImageProcessor.from_pretrained(tiny_clip)
+    processor = AutoImageProcessor.from_pretrained(tiny_clip, backend="pil")  # the reference processor
     for row, embedding in zip(sample.itertuples(), got, strict=True):
         with Image.open(project / "data" / row.path) as im:
             pixels = processor(images=im, return_tensors="pt")["pixel_values"]

@@ -71,11 +71,18 @@ def test_predict_refuses_a_model_that_does_not_match_the_probes_cache(trained, t
     assert "do not reproduce the probe's cache" in capsys.readouterr().err
 
 
-def test_zero_shot_scores_by_the_nearest_prompt(tmp_path):
+@pytest.mark.parametrize(
+    "scoring",
+    [
+        {"logit_scale": 100.0, "logit_bias": 0.0, "scoring": "softmax"},  # CLIP, MetaCLIP, open_clip
+        {"logit_scale": 10.0, "logit_bias": -10.0, "scoring": "sigmoid"},  # SigLIP's initial scale and bias
+    ],
+)
+def test_zero_shot_scores_by_the_nearest_prompt(tmp_path, scoring):
     frames = synthetic_frames(dim=6)
     # Text embeddings: "real" points along feature 5, "fake" along feature 0 (where fs fakes are shifted).
     real_vec, fake_vec = np.eye(6)[5], np.eye(6)[0]
-    text.add(tmp_path, {"a real face": real_vec, "a fake face": fake_vec}, logit_scale=100.0)
+    text.add(tmp_path, {"a real face": real_vec, "a fake face": fake_vec}, scoring)
     settings = synthetic_settings(zero_shot={"prompts": {"real": ["a real face"], "fake": ["a fake face"]}})
     results = evaluate.zero_shot(settings, SimpleNamespace(directory=tmp_path), frames, ["real"])
     assert results["fs"]["frame"]["auc"] > 0.75  # fs fakes lie towards the fake prompt (swapped: ~0.15)
@@ -91,10 +98,11 @@ def test_zero_shot_without_embedded_prompts_says_to_rerun_extract(tmp_path):
 def test_extract_embeds_the_prompts_of_the_demo_model(trained):
     (store,) = caches(trained / "cache" / "embeddings")
     prompts = config.load(trained / "params.yaml").evaluate.zero_shot.prompts
-    real, fake, scale = text.read(store.directory, prompts["real"], prompts["fake"])
+    real, fake, scoring = text.read(store.directory, prompts["real"], prompts["fake"])
     assert real.shape == (1, 32) and fake.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(fake, axis=1), 1.0, rtol=1e-5)
-    assert scale == pytest.approx(np.exp(2.6592), rel=1e-3)  # CLIP's initial logit scale
+    assert scoring["logit_scale"] == pytest.approx(np.exp(2.6592), rel=1e-3)  # CLIP's initial logit scale
+    assert scoring["scoring"] == "softmax" and scoring["logit_bias"] == 0.0
 
 
 def test_a_model_without_tokenizer_files_still_extracts_and_stores_no_prompts(project, tmp_path, tiny_clip, caplog):

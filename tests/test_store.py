@@ -253,7 +253,11 @@ def test_verify_never_crashes_on_a_damaged_card_or_prompt_table(fmt, tmp_path, c
     outputs = Outputs(tmp_path)
     good = EmbeddingStore.create(outputs.embeddings, "org/model", DESCRIPTION, DIMS)
     good.commit(rows(["a"]), fmt)
-    text.add(good.directory, {"a real face": np.ones(4, np.float32)}, 100.0)
+    text.add(
+        good.directory,
+        {"a real face": np.ones(4, np.float32)},
+        {"logit_scale": 100.0, "logit_bias": 0.0, "scoring": "softmax"},
+    )
     bad = EmbeddingStore.create(outputs.embeddings, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
     (bad.directory / "card.json").write_text('{"fingerprint": "trunc')
     damage(good.directory / text.FILENAME, "truncate")

@@ -43,5 +43,5 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
         dims={"pooled": weight.shape[1]},
         device=device,
         precision=precision,
-        description=describe(directory, config, {"side": SIDE}, model, precision),
+        description=describe(directory, config, {"side": SIDE}, model, precision, family="toy", libraries={}),
     )

@@ -53,16 +53,16 @@ def resolve_directory(model: ModelSettings) -> Path:
         ) from None
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The checkpoint's safetensors files; a clear error (before anything is loaded) if it has none."""
+def weight_files(directory: Path, convert: str | None = None) -> list[Path]:
+    """The checkpoint's safetensors files; a clear error (before anything is loaded) if it has
+    none, with `convert` (a command with DIR for the directory) as the fix."""
     files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         found = f"only {', '.join(pickled)} (pickle files, never loaded here)" if pickled else "no weight files"
+        command = (convert or "").replace("DIR", str(directory))
         raise ConfigError(
-            f"model directory {directory} has {found}; convert it once to safetensors where you trust it: "
-            '`python -c "from transformers import CLIPModel; '
-            "CLIPModel.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"`."
+            f"model directory {directory} has {found}; convert it once to safetensors where you trust it: `{command}`."
         )
     return files
 
@@ -144,9 +144,10 @@ class Backbone(ABC):
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """A batch on the device -> {layer: (n, dim) tensor}, for every layer in `self.layers`."""
 
-    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
-        """(L2-normalised text embeddings (n, dim) in the `projection` space, logit scale), or
-        None when the family or checkpoint has no text tower."""
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:
+        """(L2-normalised text embeddings (n, dim) in the `projection` space, the model's scoring
+        {"logit_scale", "logit_bias", "scoring": "softmax" | "sigmoid"}), or None when the family
+        or checkpoint has no text tower."""
         return None
 
     def autocast(self):
@@ -156,9 +157,14 @@ class Backbone(ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     @torch.inference_mode()
-    def embed(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        """A batch (n, 3, h, w) float32 -> {layer: float32 array (n, dim)}."""
-        pixels = pixels.to(self.device, non_blocking=self.device.type == "cuda")
+    def embed(self, pixels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """A batch (n, 3, h, w) float32 (or a dict of such batches, for processors with several
+        outputs) -> {layer: float32 array (n, dim)}."""
+        non_blocking = self.device.type == "cuda"
+        if isinstance(pixels, dict):
+            pixels = {k: v.to(self.device, non_blocking=non_blocking) for k, v in pixels.items()}
+        else:
+            pixels = pixels.to(self.device, non_blocking=non_blocking)
         with self.autocast():
             result = self.forward(pixels)
         return {k: v.float().cpu().numpy() for k, v in result.items()}
@@ -170,17 +176,35 @@ def block_index(layer: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def describe(directory: Path, config: dict, preprocess: dict, model: ModelSettings, precision: str) -> dict:
-    """What the cache fingerprint hashes: the embedding code's version, the weights and config,
-    the preprocessing, the layers, the compute precision and the storage dtype."""
+def describe(
+    directory: Path,
+    config: dict,
+    preprocess: dict,
+    model: ModelSettings,
+    precision: str,
+    family: str,
+    libraries: dict[str, str],
+) -> dict:
+    """What the cache fingerprint hashes: the family, the embedding code's version, the weights
+    and config, the effective preprocessing, the layers, the compute precision, the storage dtype
+    and the versions of the libraries whose code computes the numbers."""
     return {
+        "family": family,
         "embedding_version": EMBEDDING_VERSION,
         "model": {"weights_sha256": weights_digest(directory), "config": config_digest(config)},
         "preprocess": preprocess,
         "layers": list(model.layers),
         "precision": precision,
         "dtype": model.dtype,
+        "libraries": libraries,
     }
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    """major.minor of each library: a minor release may change a model's code or transforms."""
+    from importlib.metadata import version
+
+    return {name: ".".join(version(name).split(".")[:2]) for name in names}
 
 
 def read_json(path: Path) -> dict:

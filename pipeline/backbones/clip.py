@@ -2,7 +2,8 @@
 
 Layers: `projection` (the image embedding in the joint image-text space, CLIP's
 `image_embeds`), `pooled` (the CLS token after the final layer norm, before the projection),
-`block_<i>` (the CLS token after transformer block i, before the final layer norm).
+`block_<i>` (the CLS token after transformer block i, before the final layer norm),
+`patch_mean` (the mean of the last block's patch tokens, as CLIP's last hidden state gives them).
 
 `Preprocess` reproduces the Hugging Face CLIP image processor (PIL backend) bit for bit: RGB
 conversion (done by `images.load`: transparency composited onto white), bicubic resize of the
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, describe, read_json
+from pipeline.backbones.base import Backbone, block_index, describe, library_versions, read_json
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,14 @@ class ClipBackbone(Backbone):
                 result[layer] = self.model.visual_projection(pooled)
             elif layer == "pooled":
                 result[layer] = pooled
+            elif layer == "patch_mean":
+                result[layer] = out.last_hidden_state[:, 1:].mean(1)
             else:
                 result[layer] = out.hidden_states[block_index(layer) + 1][:, 0]
         return result
 
     @torch.inference_mode()
-    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, float] | None:
+    def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:
         if self._text is None:
             self._text = _load_text(self.name, self.directory, self.device) or (None,)
         if self._text[0] is None:
@@ -136,7 +139,8 @@ class ClipBackbone(Backbone):
         tokens = tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
         tokens = tokens.to(self.device)
         out = net(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds
-        return torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy(), scale
+        vectors = torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
+        return vectors, {"logit_scale": scale, "logit_bias": 0.0, "scoring": "softmax"}
 
 
 def load(directory: Path, config: dict, model: ModelSettings, device: torch.device, precision: str) -> ClipBackbone:
@@ -176,10 +180,12 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
         block = block_index(layer)
         if layer == "projection":
             dims[layer] = net.config.projection_dim
-        elif layer == "pooled" or (block is not None and block < n_blocks):
+        elif layer in ("pooled", "patch_mean") or (block is not None and block < n_blocks):
             dims[layer] = vision.hidden_size
         else:
-            raise ConfigError(f"model.layers has '{layer}'; use projection, pooled or block_0 .. block_{n_blocks - 1}.")
+            raise ConfigError(
+                f"model.layers has '{layer}'; use projection, pooled, patch_mean or block_0 .. block_{n_blocks - 1}."
+            )
     return ClipBackbone(
         net,
         directory,
@@ -189,7 +195,15 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
         dims=dims,
         device=device,
         precision=precision,
-        description=describe(directory, config, preprocess.describe(), model, precision),
+        description=describe(
+            directory,
+            config,
+            preprocess.describe(),
+            model,
+            precision,
+            family="clip",
+            libraries=library_versions("transformers"),
+        ),
     )
 
 

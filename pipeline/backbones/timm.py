@@ -1,0 +1,125 @@
+"""timm checkpoints (`config.json` with `architecture` + `model.safetensors`, as timm publishes
+them on the hub), e.g. Perception Encoder, EVA-02 and DINOv2 ViTs. Needs the `timm` extra (and
+torchvision).
+
+Model and transform are built by timm itself from the checkpoint's config
+(`create_model('local-dir:DIR', pretrained=True)`, `resolve_model_data_config`,
+`create_transform`). Layers:
+  pooled       the model's pooled pre-logits features (CLS after the final norm, or the
+               attention-pool output, as the architecture defines it)
+  block_<i>    the CLS token after block i; for models without one, the mean of the patch tokens
+  patch_mean   the mean of the patch tokens after the final norm
+timm checkpoints carry no text tower: there is no `projection` and no zero-shot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import images
+from pipeline.backbones.base import Backbone, block_index, describe, library_versions
+from pipeline.config import ConfigError, ModelSettings
+
+
+def _import():
+    try:
+        import timm
+        import timm.data
+    except ImportError as exc:
+        raise ConfigError(
+            f"this is a timm checkpoint and timm cannot be imported ({exc}); install the extra with the torch you "
+            "have: `pip install -c constraints.txt -e '.[timm]'` (it needs torchvision)."
+        ) from None
+    return timm
+
+
+class Transform:
+    """timm's own eval transform for one RGB image -> float32 array (3, h, w)."""
+
+    def __init__(self, transform, shortest_edge: int):
+        self.transform, self.shortest_edge = transform, shortest_edge
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        images.check_resize(image.size, self.shortest_edge)
+        return self.transform(image).numpy().astype(np.float32, copy=False)
+
+
+class TimmBackbone(Backbone):
+    def __init__(self, net: torch.nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+        self.n_prefix = getattr(net, "num_prefix_tokens", 0)
+        self.has_cls = getattr(net, "cls_token", None) is not None
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks = sorted({i for layer in self.layers if (i := block_index(layer)) is not None})
+        by_block = {}
+        if blocks:
+            hidden = self.net.forward_intermediates(
+                pixels, indices=blocks, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True
+            )
+            for i, (spatial, prefix) in zip(blocks, hidden, strict=True):
+                by_block[i] = prefix[:, 0] if self.has_cls else spatial.mean(1)
+        features = self.net.forward_features(pixels)
+        result = {}
+        for layer in self.layers:
+            if layer == "pooled":
+                result[layer] = self.net.forward_head(features, pre_logits=True)
+            elif layer == "patch_mean":
+                result[layer] = features[:, self.n_prefix :].mean(1)
+            else:
+                result[layer] = by_block[block_index(layer)]
+        return result
+
+
+def load(directory: Path, config: dict, model: ModelSettings, device: torch.device, precision: str) -> TimmBackbone:
+    timm = _import()
+    if not (directory / "model.safetensors").is_file():
+        raise ConfigError(
+            f"timm checkpoint {directory} has no model.safetensors; timm loads its weights from that file."
+        )
+    try:
+        net = timm.create_model(f"local-dir:{directory}", pretrained=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"timm could not build '{model.name}' from {directory} ({first}).") from None
+    net = net.eval().to(device)
+    data_config = timm.data.resolve_model_data_config(net)
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    n_blocks = len(getattr(net, "blocks", []))
+    for layer in model.layers:
+        block = block_index(layer)
+        if not (layer in ("pooled", "patch_mean") or (block is not None and block < n_blocks)):
+            allowed = "pooled, patch_mean" + (f", block_0 .. block_{n_blocks - 1}" if n_blocks else "")
+            raise ConfigError(f"model.layers has '{layer}', which this timm model does not have; use {allowed}.")
+    with torch.inference_mode():  # the widths, as the model computes them
+        sizing = TimmBackbone(net, name=model.name, preprocess=None, layers=list(model.layers), dims={},
+                              device=device, precision="fp32", description={})  # fmt: skip
+        dims = {
+            k: v.shape[-1] for k, v in sizing.forward(torch.zeros(1, *data_config["input_size"], device=device)).items()
+        }
+    return TimmBackbone(
+        net,
+        name=model.name,
+        preprocess=Transform(transform, min(data_config["input_size"][1:])),
+        layers=list(model.layers),
+        dims=dims,
+        device=device,
+        precision=precision,
+        description=describe(
+            directory,
+            config,
+            {
+                "transform": str(transform),
+                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+            },
+            model,
+            precision,
+            family="timm",
+            libraries=library_versions("timm", "torchvision"),
+        ),
+    )
