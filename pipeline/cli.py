@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     show = sub.add_parser("show", help="print the evaluate stage's metrics as tables (one per protocol)")
     show.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    compare = sub.add_parser(
+        "compare", help="compare the workspace and every DVC experiment: AUC per test set, with significance"
+    )
+    compare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    compare.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     demo = sub.add_parser("demo", help="write the synthetic demo dataset and a tiny random-weight CLIP")
     demo.add_argument("--params", default="params.yaml", help="accepted for symmetry; the demo ignores it")
     demo.add_argument("--data-dir", default="data/demo", type=Path, help="where to write images (default: data/demo)")
@@ -74,6 +79,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from pipeline import cache_report
 
         return cache_report.run(outputs, args.action)
+    if args.command == "compare":
+        from pipeline import compare
+
+        print(compare.run(outputs, n=args.resamples))
+        return 0
     if args.command == "show":
         from pipeline import report
 

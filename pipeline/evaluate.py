@@ -19,6 +19,8 @@ splits. A protocol not listed writes `{}`, so DVC always finds its file.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,17 +40,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Scored:
-    """A test set's labels, scores and video keys."""
+    """A test set's labels, scores, video keys and image digests."""
 
     y: np.ndarray
     scores: np.ndarray
     video: np.ndarray
+    digest: np.ndarray
 
 
 def scored(frames: Frames, reals: list[str], fake: str, fn: Callable[[np.ndarray], np.ndarray]) -> Scored:
     """The test split of `fake` together with the test split of the real datasets, scored by fn."""
     mask = frames.mask(reals, ["test"], labels=[0]) | frames.mask([fake], ["test"], labels=[1])
-    return Scored(frames.label[mask], frames.score(fn, mask), frames.video[mask])
+    return Scored(frames.label[mask], frames.score(fn, mask), frames.video[mask], frames.digest[mask])
 
 
 def score_set(s: Scored, val_threshold: float | None, bootstrap: int, name: str) -> dict:
@@ -83,7 +86,7 @@ def heldout(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, 
         s = scored(frames, reals, name, probe.predict_proba)
         results[name] = score_set(s, card.get("threshold"), ev.bootstrap, name)
         curves[name] = roc_points(s.y, s.scores)
-        by_name[name] = (s.y, s.scores)
+        by_name[name] = s
     if len(ev.seeds) > 1:
         per_seed = {name: [] for name in ev.datasets}
         for seed in ev.seeds:
@@ -165,6 +168,22 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 # --------------------------------------------------------------------------- stage
 
 
+SCORE_COLUMNS = ("test_set", "digest", "video", "label", "score")
+
+
+def write_scores(outputs: Outputs, by_name: dict[str, Scored]) -> None:
+    """metrics/scores.csv: every held-out test frame's score (what `compare` pairs across
+    experiments: the same digests scored by two backbones). Header only without heldout."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORE_COLUMNS)
+    for name, s in by_name.items():
+        writer.writerows(
+            (name, d, v, int(y), f"{x:.9g}") for d, v, y, x in zip(s.digest, s.video, s.y, s.scores, strict=True)
+        )
+    atomic.write_bytes(outputs.scores, buffer.getvalue().encode())
+
+
 def run(settings: Settings, outputs: Outputs) -> dict:
     probe, card = LinearProbe.load(outputs.probe)
     table = manifest_table.read(outputs.manifest)
@@ -179,9 +198,9 @@ def run(settings: Settings, outputs: Outputs) -> dict:
 
     results: dict[str, dict] = {}
     curves: dict = {}
-    scored: dict = {}
+    by_name: dict[str, Scored] = {}
     if "heldout" in protocols:
-        results["heldout"], curves, scored = heldout(settings, probe, card, frames, reals)
+        results["heldout"], curves, by_name = heldout(settings, probe, card, frames, reals)
     if "cross_manipulation" in protocols:
         results["cross_manipulation"] = cross_manipulation(settings, frames, reals)
     if "leave_one_out" in protocols:
@@ -209,7 +228,8 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     for name, points in curves.items():
         atomic.write_json(outputs.roc_plots / f"{name}.json", points)
 
-    report.write(outputs.reports, results, curves, scored, audit)
+    write_scores(outputs, by_name)
+    report.write(outputs.reports, results, curves, {n: (s.y, s.scores) for n, s in by_name.items()}, audit)
     for protocol, text_ in report.summaries(results).items():
         log.info("%s:\n%s", protocol, text_)
     return results

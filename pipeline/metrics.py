@@ -171,3 +171,25 @@ def roc_points(y: np.ndarray, scores: np.ndarray) -> list[dict]:
     fpr, tpr, thr = roc_curve(y, scores)
     thr = np.minimum(thr, 1.0)  # the first threshold is +inf ("nothing is fake"); JSON has no inf
     return [{"fpr": float(f), "tpr": float(t), "threshold": float(h)} for f, t, h in zip(fpr, tpr, thr, strict=True)]
+
+
+def paired_bootstrap_auc(
+    y: np.ndarray, a: np.ndarray, b: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
+) -> dict:
+    """AUC(a) - AUC(b) on the same frames, with a 95 % interval and a two-sided p-value from
+    resampling whole videos (within each class), the same resample for both scorers."""
+    y = np.asarray(y).astype(int)
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
+    frames_of = [np.flatnonzero(inverse == k) for k in range(len(keys))]
+    video_label = np.array([y[f[0]] for f in frames_of])
+    by_class = [np.flatnonzero(video_label == c) for c in (0, 1)]
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(n)
+    for i in range(n):
+        chosen = np.concatenate([rng.choice(v, size=len(v), replace=True) for v in by_class])
+        idx = np.concatenate([frames_of[v] for v in chosen])
+        deltas[i] = rank_auc(y[idx], a[idx]) - rank_auc(y[idx], b[idx])
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    p = min(1.0, 2 * min((deltas <= 0).mean(), (deltas >= 0).mean()))
+    return {"delta": rank_auc(y, a) - rank_auc(y, b), "ci_low": float(lo), "ci_high": float(hi), "p": float(p)}

@@ -43,6 +43,11 @@ class Outputs:
         return self.metrics if protocol == "heldout" else self.root / "metrics" / f"{protocol}.json"
 
     @property
+    def scores(self) -> Path:
+        """Every held-out test frame's score, for `compare`."""
+        return self.root / "metrics" / "scores.csv"
+
+    @property
     def shortcut(self) -> Path:
         return self.root / "metrics" / "shortcut.json"
 

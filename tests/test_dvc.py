@@ -113,3 +113,14 @@ def test_queued_experiments_run_in_their_own_workspace(repo):
     assert status.count("Success") == 2 and "Failed" not in status, status
     shown = sh(repo, "dvc", "exp", "show", "--csv")
     assert "0.5" in shown and "5.0" in shown, "both experiments are recorded with their params"
+
+    # One table of every run (workspace + experiments) x test set, with paired significance.
+    table = sh(repo, sys.executable, "-m", "pipeline", "compare", "--resamples", "200")
+    names = [line.split()[0] for line in table.splitlines()[1:4]]
+    assert names[0] == "workspace" and len(set(names)) == 3, table
+    for test_set in ("faceswap", "deepfakes"):
+        block = table.split(f"\n{test_set}: ")[1].split("\n\n")[0].splitlines()[1:]
+        assert len(block) == 3 and sum("best" in line for line in block) == 1, block
+        for p in re.findall(r"p=([0-9.]+)", "\n".join(block)):
+            assert 0.0 <= float(p) <= 1.0
+    assert "paired bootstrap" in (repo / "reports" / "compare.html").read_text()

@@ -23,6 +23,7 @@ from pipeline.metrics import (
     binary_metrics,
     bootstrap_auc,
     equal_error_rate,
+    paired_bootstrap_auc,
     rank_auc,
     roc_points,
     video_level,
@@ -156,6 +157,19 @@ def test_bootstrap_resamples_videos_not_frames():
     assert lo < roc_auc_score(y, scores) < hi
     assert hi - lo > 0.2, "resampling frames would give a far narrower (overconfident) interval"
     assert bootstrap_auc(y, scores, videos, n=0) is None
+
+
+def test_the_paired_bootstrap_tells_a_real_difference_from_none():
+    rng = np.random.default_rng(0)
+    videos = np.repeat(np.arange(60), 4)
+    y = (videos >= 30).astype(int)
+    good = y + rng.normal(0, 0.6, len(y))
+    noisy = y + rng.normal(0, 3.0, len(y))
+    same = paired_bootstrap_auc(y, good, good.copy(), videos, n=300)
+    assert same["delta"] == 0.0 and same["p"] == 1.0
+    better = paired_bootstrap_auc(y, good, noisy, videos, n=300)
+    assert better["delta"] > 0.1 and better["p"] < 0.05 and better["ci_low"] > 0
+    assert better["delta"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noisy))
 
 
 def test_a_one_class_test_set_warns_and_gives_null_not_nan(caplog):
