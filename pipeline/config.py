@@ -46,11 +46,19 @@ DEFAULT_VIDEO_PATTERN = r"^(?P<video>.+?)_\d+$"
 
 
 @dataclass(frozen=True)
+class FramesSettings:
+    per_video: int | None = None  # frames kept per video: evenly spaced; None: every frame of a
+    # frame folder, and 32 frames of a video file
+    sampling: Literal["linspace"] = "linspace"
+
+
+@dataclass(frozen=True)
 class DataSettings:
     root: str
     datasets: dict[str, DatasetSpec]
     split: SplitSpec = SplitSpec()
     video_pattern: str = DEFAULT_VIDEO_PATTERN
+    frames: FramesSettings = FramesSettings()
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("data.video_pattern needs a named group (?P<video>...) that captures the video id.")
     if not s.data.datasets:
         raise ConfigError("data.datasets is empty; define at least one real and one fake dataset folder.")
+    if s.data.frames.per_video is not None and s.data.frames.per_video < 1:
+        raise ConfigError(f"data.frames.per_video is {s.data.frames.per_video}; use at least 1, or leave it out.")
 
     known = sorted(s.data.datasets)
     for section in ("train", "evaluate"):

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import backbones, images
+from pipeline import backbones, frames, images
 from pipeline.config import Settings
 from pipeline.store import EmbeddingStore
 from pipeline.store.shard import ShardData
@@ -50,9 +50,10 @@ def plan(wanted: Iterable[str], done: set[str], failed: set[str], retry_failed: 
 
 @dataclass(frozen=True)
 class Item:
-    digest: str
+    digest: str  # the cache key: the file's sha256, or `<sha256>@<frame>` for a video frame
     path: str  # as in the manifest
     file: Path  # where to read it
+    frame: int = -1  # the frame's index in a video file; -1 for an image
 
 
 class Batch(NamedTuple):
@@ -77,7 +78,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
-        array, error = images.load(item.file, self.preprocess, digest=item.digest)
+        array, error = images.load(item.file, self.preprocess, digest=frames.file_digest(item.digest), frame=item.frame)
         return item.digest, item.path, array, error
 
 

@@ -80,10 +80,12 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     digests = table.column("digest").to_pylist()
     paths = table.column("path").to_pylist()
     todo = plan(digests, store.keys(), set(store.failures()), retry_failed)
-    first_path = {}
-    for d, p in zip(digests, paths, strict=True):
-        first_path.setdefault(d, p)
-    items = [Item(d, first_path[d], manifest_table.absolute_path(first_path[d], settings.data_root)) for d in todo]
+    frame_numbers = table.column("frame").to_pylist()
+    first = {}
+    for d, p, f in zip(digests, paths, frame_numbers, strict=True):
+        first.setdefault(d, (p, f))
+    root = settings.data_root
+    items = [Item(d, first[d][0], manifest_table.absolute_path(first[d][0], root), first[d][1]) for d in todo]
     unique = len(set(digests))
     log.info(
         "extract: %d unique images in the manifest, %d already cached, %d to embed -> %s",

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline import frames
+
 # Refuse decompression bombs: at most this many pixels (a 16k x 8k frame is already absurd),
 # decoded or after the resize (a 1 x 2,000,000 strip would become 224 x 448,000,000).
 MAX_PIXELS = 128_000_000
@@ -54,16 +56,26 @@ class FileFacts:
     width: int = -1
     height: int = -1
     jpeg_quality: int = -1
+    frame_count: int = -1  # frames of a video; -1 for an image
 
 
 def inspect_file(path: Path) -> FileFacts | None:
-    """sha256 of the file's bytes plus its header facts; None if it cannot be read at all."""
+    """sha256 of the file's bytes plus its header facts (and a video's frame count); None if it
+    cannot be read at all."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO that replaced the file never blocks
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             return None
         with os.fdopen(fd, "rb") as fh:
+            if Path(path).suffix.lower() in frames.VIDEO_SUFFIXES:
+                data = fh.read()
+                digest = hashlib.sha256(data).hexdigest()
+                try:
+                    v = frames.inspect(data)
+                except ValueError:  # not a readable video: extract records why, frame by frame
+                    return FileFacts(digest, frame_count=0)
+                return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count)
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
             fh.seek(0)
             try:
@@ -111,9 +123,10 @@ def read_regular_file(path: Path) -> bytes:
 
 
 def load(
-    path: Path, preprocess: Callable[[Image.Image], np.ndarray], digest: str | None = None
+    path: Path, preprocess: Callable[[Image.Image], np.ndarray], digest: str | None = None, frame: int = -1
 ) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file to RGB and preprocess it -> (array, None) or (None, reason it failed).
+    """Decode one file (or frame `frame` of a video) to RGB and preprocess it -> (array, None) or
+    (None, reason it failed).
 
     With `digest`, the bytes decoded are the bytes hashed: a file whose sha256 is not `digest`
     (it changed after the manifest hashed it) comes back as the reason CHANGED, not decoded."""
@@ -121,6 +134,11 @@ def load(
         data = read_regular_file(path)
         if digest is not None and hashlib.sha256(data).hexdigest() != digest:
             return None, CHANGED
+        if frame >= 0:
+            rgb = frames.decode(data, frame)
+            if rgb.width * rgb.height > MAX_PIXELS:
+                return None, f"video frame too large ({rgb.width}x{rgb.height} pixels)"
+            return preprocess(rgb), None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import images
+from pipeline import frames, images
 from pipeline.config import ConfigError, Settings
 from pipeline.images import IMAGE_SUFFIXES, FileFacts
 from pipeline.manifest_table import CONTENT_COLUMNS, LABELS, SCHEMA, absolute_path, summary, write
@@ -30,6 +30,9 @@ from pipeline.outputs import Outputs
 from pipeline.splits import assign_splits, cross_split_duplicates, read_split_dir
 
 log = logging.getLogger(__name__)
+
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
+VIDEO_FRAMES = 32  # frames sampled per video when data.frames.per_video is not set
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class ImageFile:
     size: int
     mtime_ns: int
     ctime_ns: int = 0  # changes on every write, even one that restores the mtime
+
+    @property
+    def is_video(self) -> bool:
+        return Path(self.path).suffix.lower() in frames.VIDEO_SUFFIXES
 
 
 # --------------------------------------------------------------------------- scanning
@@ -90,7 +97,7 @@ def walk_images(folder: Path, problems: list[str]) -> Iterable[tuple[Path, os.st
                 dirnames.remove(d)
         dirnames.sort()
         for fname in sorted(filenames):
-            if Path(fname).suffix.lower() not in IMAGE_SUFFIXES or fname.startswith("."):
+            if Path(fname).suffix.lower() not in MEDIA_SUFFIXES or fname.startswith("."):
                 continue
             full = Path(dirpath) / fname
             if not _utf8(fname):
@@ -126,7 +133,8 @@ def scan(settings: Settings) -> list[ImageFile]:
     for name in sorted(settings.data.datasets):
         folder = settings.dataset_dir(name)
         for full, st in walk_images(folder, unreadable):
-            video = video_id(full.relative_to(folder), pattern)
+            is_video = full.suffix.lower() in frames.VIDEO_SUFFIXES
+            video = full.stem if is_video else video_id(full.relative_to(folder), pattern)  # FF++: 000_003.mp4
             if video is None:
                 unmatched[name] = unmatched.get(name, 0) + 1
                 video = full.stem
@@ -142,7 +150,20 @@ def scan(settings: Settings) -> list[ImageFile]:
         )
     warn_unreadable(unreadable)
     files.sort(key=lambda f: f.path)
-    return files
+    return cap_frames(files, settings.data.frames.per_video)
+
+
+def cap_frames(files: list[ImageFile], per_video: int | None) -> list[ImageFile]:
+    """At most `per_video` frames of each frame folder video, evenly spaced over its sorted
+    frames (the frame count per video changes results, so it is a setting, as for videos)."""
+    if per_video is None:
+        return files
+    by_video: dict[tuple[str, str], list[ImageFile]] = {}
+    for f in files:
+        if not f.is_video:
+            by_video.setdefault((f.dataset, f.video), []).append(f)
+    keep = {id(f) for group in by_video.values() for i in frames.sample(len(group), per_video) for f in [group[i]]}
+    return [f for f in files if f.is_video or id(f) in keep]
 
 
 def warn_unreadable(problems: list[str]) -> None:
@@ -208,7 +229,11 @@ def read_previous(path: Path) -> dict[str, tuple[tuple[int, int, int], FileFacts
         log.warning("previous manifest %s is unreadable or from an older version; hashing every file again", path)
         return {}
     cols = t.to_pydict()
-    facts = [FileFacts(*values) for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)]
+    cols["digest"] = [frames.file_digest(d) for d in cols["digest"]]  # a video frame's key -> the file's
+    facts = [
+        FileFacts(**dict(zip(CONTENT_COLUMNS, values, strict=True)))
+        for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)
+    ]
     stats = zip(cols["size"], cols["mtime_ns"], cols["ctime_ns"], strict=True)
     return {p: (st, f) for p, st, f in zip(cols["path"], stats, facts, strict=True)}
 
@@ -234,32 +259,48 @@ def check_label_conflicts(paths: list[str], digests: list[str], labels: list[int
         )
 
 
+def expand(files: list[ImageFile], facts: list[FileFacts], per_video: int | None) -> list[tuple]:
+    """One (file, facts, frame) per manifest row: an image file is one row (frame -1), a video
+    file one row per sampled frame (`data.frames.per_video`, else VIDEO_FRAMES). A video whose
+    frames cannot be counted keeps one row, so extract records why it fails instead of dropping it."""
+    rows = []
+    for f, x in zip(files, facts, strict=True):
+        if not f.is_video:
+            rows.append((f, x, -1))
+            continue
+        indices = frames.sample(x.frame_count, per_video or VIDEO_FRAMES) if x.frame_count > 0 else [0]
+        rows += [(f, x, i) for i in indices]
+    return rows
+
+
 def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]) -> pa.Table:
     """The manifest table for the current folders (a pure function of files + settings)."""
     files = scan(settings)
     if not files:
         raise ConfigError(
-            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under the data.datasets folders."
+            f"no image or video files ({', '.join(sorted(MEDIA_SUFFIXES))}) found under the data.datasets folders."
         )
     facts = inspect_files(files, settings.data_root, previous)
     warn_unreadable([f.path for f, x in zip(files, facts, strict=True) if x is None])
     readable = [i for i, x in enumerate(facts) if x is not None]
-    files, facts = [files[i] for i in readable], [facts[i] for i in readable]
+    rows = expand([files[i] for i in readable], [facts[i] for i in readable], settings.data.frames.per_video)
     spec = settings.data.split
     official = read_split_dir(settings.resolve(spec.split_dir)) if spec.split_dir else None
-    split_of = assign_splits([f.video for f in files], spec, official)
+    split_of = assign_splits([f.video for f, _, _ in rows], spec, official)
     datasets = settings.data.datasets
     columns = {
-        "path": [f.path for f in files],
-        "dataset": [f.dataset for f in files],
-        "label": [LABELS[datasets[f.dataset].label] for f in files],
-        "method": [datasets[f.dataset].method or f.dataset for f in files],
-        "video": [f.video for f in files],
-        "split": [split_of[f.video] for f in files],
-        "size": [f.size for f in files],
-        "mtime_ns": [f.mtime_ns for f in files],
-        "ctime_ns": [f.ctime_ns for f in files],
-        **{c: [getattr(x, c) for x in facts] for c in CONTENT_COLUMNS},
+        "path": [f.path for f, _, _ in rows],
+        "dataset": [f.dataset for f, _, _ in rows],
+        "label": [LABELS[datasets[f.dataset].label] for f, _, _ in rows],
+        "method": [datasets[f.dataset].method or f.dataset for f, _, _ in rows],
+        "video": [f.video for f, _, _ in rows],
+        "split": [split_of[f.video] for f, _, _ in rows],
+        "size": [f.size for f, _, _ in rows],
+        "mtime_ns": [f.mtime_ns for f, _, _ in rows],
+        "ctime_ns": [f.ctime_ns for f, _, _ in rows],
+        **{c: [getattr(x, c) for _, x, _ in rows] for c in CONTENT_COLUMNS},
+        "digest": [x.digest if i < 0 else frames.key(x.digest, i) for _, x, i in rows],
+        "frame": [i for _, _, i in rows],
     }
     check_label_conflicts(columns["path"], columns["digest"], columns["label"])
     table = pa.table(columns, schema=SCHEMA)

@@ -26,16 +26,18 @@ SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("ctime_ns", pa.int64()),  # with size and mtime, says whether the stat cache may reuse the digest
-        ("digest", pa.string()),  # sha256 of the file bytes, hex
+        ("digest", pa.string()),  # the cache key: sha256 of the file bytes (hex); `<sha256>@<frame>` for a video frame
         # Header facts, for the shortcut audit (-1 / "unknown" when the header is unreadable).
         ("format", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("jpeg_quality", pa.int16()),  # estimated from the quantisation tables; -1 if not JPEG
+        ("frame", pa.int32()),  # the frame's index in its video file; -1 for an image file
+        ("frame_count", pa.int32()),  # frames in the video file; -1 for an image file
     ]
 )
-# Facts that depend only on a file's bytes: reused while its size and mtime are unchanged.
-CONTENT_COLUMNS = ("digest", "format", "width", "height", "jpeg_quality")
+# Facts that depend only on a file's bytes: reused while its size, mtime and ctime are unchanged.
+CONTENT_COLUMNS = ("digest", "format", "width", "height", "jpeg_quality", "frame_count")
 
 
 def absolute_path(path: str, root: Path) -> Path:

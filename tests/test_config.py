@@ -49,6 +49,8 @@ def test_default_params_file_is_valid():
         (lambda p: p["train"].update(C=[float("inf")]), "train.C[0] is inf; it must be a finite number"),
         (lambda p: p["train"].update(max_iter=-5), "train.max_iter is -5; it must be at least 1"),
         (lambda p: p["train"].update(epochs=0), "train.epochs is 0; it must be at least 1"),
+        (lambda p: p["data"].update(frames={"per_video": 0}), "data.frames.per_video is 0; use at least 1"),
+        (lambda p: p["data"].update(frames={"sampling": "random"}), "data.frames.sampling"),
         (lambda p: p["extract"].update(device="meta"), "extract.device is 'meta'; use auto, cpu, cuda"),
         (lambda p: p["model"].update(layers=["projection", "projection"]), "names 'projection' more than once"),
     ],

@@ -1,0 +1,96 @@
+"""Videos as frames: N evenly spaced frames per video, decoded with exact seeks (PyAV, which
+bundles FFmpeg in its wheel).
+
+A sampled frame is identified by the video file's sha256 and the frame's index: its cache key
+is `<sha256>@<index>`. Frame i is the frame whose presentation time is i / fps from the first
+frame (constant frame rate, as FF++, Celeb-DF and DFDC videos are); it is found by seeking to
+the keyframe before it and decoding forward, never by decoding the whole video.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+KEY_SEPARATOR = "@"
+
+
+def key(file_digest: str, index: int) -> str:
+    """The cache key of frame `index` of the video whose bytes hash to `file_digest`."""
+    return f"{file_digest}{KEY_SEPARATOR}{index}"
+
+
+def file_digest(row_key: str) -> str:
+    """The sha256 of the file a manifest row's key refers to (the key itself for an image)."""
+    return row_key.split(KEY_SEPARATOR, 1)[0]
+
+
+def sample(count: int, per_video: int | None) -> list[int]:
+    """`per_video` frame indices evenly spaced over `count` frames, first and last included
+    (DeepfakeBench's `np.linspace(0, count - 1, n, dtype=int)`); all of them when there are no
+    more than `per_video`, or `per_video` is None."""
+    if per_video is None or count <= per_video:
+        return list(range(count))
+    return sorted({int(i) for i in np.linspace(0, count - 1, per_video, dtype=int)})
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    format: str
+    width: int
+    height: int
+    frame_count: int
+
+
+def inspect(data: bytes) -> VideoFacts:
+    """Header facts and the number of frames (from the container, or by demuxing packets, which
+    decodes nothing); ValueError if the bytes are not a video with a video stream."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            fmt = container.format.name.split(",")[0]
+            return VideoFacts(fmt, stream.codec_context.width, stream.codec_context.height, int(count))
+    except av.FFmpegError as exc:
+        raise ValueError(f"not a readable video ({exc})") from None
+
+
+def decode(data: bytes, index: int) -> Image.Image:
+    """Frame `index` of the video in `data`, as an RGB image; ValueError if it has no such frame."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            start = stream.start_time or 0
+            position = lambda frame: round((frame.pts - start) * stream.time_base * rate)  # noqa: E731
+            target = start + round(index / (rate * stream.time_base))
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            first = True
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                at = position(frame)
+                if first and at > index:  # the seek overshot (a container without a usable index)
+                    break
+                first = False
+                if at == index:
+                    return frame.to_image()
+                if at > index:
+                    break
+            container.seek(start, stream=stream, backward=True, any_frame=False)  # from the start, exactly
+            for frame in container.decode(stream):
+                if frame.pts is not None and position(frame) == index:
+                    return frame.to_image()
+    except av.FFmpegError as exc:
+        raise ValueError(f"unreadable video ({exc})") from None
+    raise ValueError(f"the video has no frame {index}")

@@ -1,0 +1,140 @@
+"""Video datasets: N evenly spaced frames per video, exact seeks, one manifest row per sampled
+frame keyed by the video's digest and the frame index, and the pipeline end to end on real .mp4
+files written with PyAV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import backbones, embedder, evaluate, extract, frames, images, manifest, manifest_table, train
+from pipeline.config import ConfigError, load
+from pipeline.outputs import Outputs
+from pipeline.store import EmbeddingStore
+from tests.conftest import demo_params, update_params
+
+av = pytest.importorskip("av")
+
+FRAMES = 30
+
+
+def level(i: int) -> int:
+    """The grey level painted into frame i (steps of 6 survive lossy compression)."""
+    return 20 + 6 * i
+
+
+def write_video(path, n: int = FRAMES, size=(64, 48), gop: int = 10, seed: int = 0) -> None:
+    """An H.264 .mp4 whose frame i is flat grey at level(i) with a little noise, keyframe every `gop`."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.options = {"crf": "18", "bf": "2"}
+        for i in range(n):
+            pixels = np.full((size[1], size[0], 3), level(i), np.int16) + rng.integers(-2, 3, (size[1], size[0], 3))
+            frame = av.VideoFrame.from_ndarray(pixels.clip(0, 255).astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_frame_sampling_is_evenly_spaced_with_both_ends():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        count, n = int(rng.integers(1, 500)), int(rng.integers(1, 64))
+        picked = frames.sample(count, n)
+        assert picked == sorted(set(picked)) and all(0 <= i < count for i in picked)
+        if count <= n:
+            assert picked == list(range(count))
+        else:
+            assert picked[0] == 0 and len(picked) <= n and (n == 1 or picked[-1] == count - 1)
+            assert picked == sorted({int(i) for i in np.linspace(0, count - 1, n, dtype=int)})  # DeepfakeBench's
+    assert frames.sample(10, None) == list(range(10))
+
+
+def test_seeks_return_exactly_the_frame_asked_for(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path)
+    data = path.read_bytes()
+    facts = frames.inspect(data)
+    assert (facts.frame_count, facts.width, facts.height, facts.format) == (FRAMES, 64, 48, "mov")
+    for i in [FRAMES - 1, 0, 17, 9, 10, 11, 3, 29, 22]:  # across keyframes, backwards and forwards
+        image = frames.decode(data, i)
+        assert image.mode == "RGB" and image.size == (64, 48)
+        assert abs(np.asarray(image, dtype=float).mean() - level(i)) < 2.5, i
+    with pytest.raises(ValueError, match="no frame 30"):
+        frames.decode(data, FRAMES)
+
+
+@pytest.fixture
+def video_project(tmp_path, tiny_clip):
+    """10 real videos and 10 fakes (000_001 and 001_000 from 000 and 001, ...), 30 frames each."""
+    data = tmp_path / "data"
+    for i in range(10):
+        write_video(data / "original" / "videos" / f"{i:03d}.mp4", seed=i)
+        partner = i + 1 if i % 2 == 0 else i - 1
+        write_video(data / "fake" / "videos" / f"{i:03d}_{partner:03d}.mp4", seed=100 + i)
+    params = demo_params(data, tiny_clip)
+    params["data"]["datasets"] = {
+        "real": {"path": "original/videos", "label": "real"},
+        "fake": {"path": "fake/videos", "label": "fake"},
+    }
+    params["data"]["frames"] = {"per_video": 4}
+    params["train"]["datasets"] = ["real", "fake"]
+    params["evaluate"].update(datasets=["fake"], protocols=["heldout"], bootstrap=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def test_a_video_dataset_runs_end_to_end_one_row_per_sampled_frame(video_project):
+    settings, outputs = load(video_project / "params.yaml"), Outputs(video_project)
+    table = manifest.run(settings, outputs).to_pandas()
+    assert len(table) == 20 * 4 and set(table.frame_count) == {FRAMES}
+    for _, rows in table.groupby("path"):
+        assert list(rows.frame) == frames.sample(FRAMES, 4) == [0, 9, 19, 29]
+        file_digest = images.inspect_file(manifest_table.absolute_path(rows.path.iloc[0], settings.data_root)).digest
+        assert list(rows.digest) == [f"{file_digest}@{i}" for i in rows.frame]
+    assert set(table.video) == {f"{i:03d}" for i in range(10)} | {
+        f"{i:03d}_{i + 1 - 2 * (i % 2):03d}" for i in range(10)
+    }
+    for i in range(0, 10, 2):  # a fake and the reals it was made from share a split
+        group = table[table.video.isin([f"{i:03d}", f"{i + 1:03d}", f"{i:03d}_{i + 1:03d}", f"{i + 1:03d}_{i:03d}"])]
+        assert group.split.nunique() == 1
+
+    summary = extract.run(settings, outputs)
+    assert summary.embedded == summary.images == 80 and summary.failed == 0
+    train.run(settings, outputs)
+    assert set(evaluate.run(settings, outputs)["heldout"]) == {"fake"}
+
+    # The cached vector of frame 19 is the model's output on exactly that decoded frame.
+    row = table[table.frame == 19].iloc[0]
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
+    cached, found = store.read([row.digest], "projection")
+    assert found.all()
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    file = manifest_table.absolute_path(row.path, settings.data_root)
+    pixels = backbone.preprocess(frames.decode(file.read_bytes(), 19))
+    expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
+    np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)  # batched vs alone: last bits
+
+    # A video rewritten after the manifest is never embedded under its old key.
+    update_params(video_project, "data", frames={"per_video": 5})
+    settings = load(video_project / "params.yaml")
+    manifest.run(settings, outputs)
+    write_video(file, seed=999)
+    with pytest.raises(ConfigError, match="changed since the manifest"):
+        extract.run(settings, outputs)
+
+
+def test_per_video_caps_the_frames_of_frame_folders_evenly(project):
+    update_params(project, "data", frames={"per_video": 1})
+    table = manifest.run(load(project / "params.yaml"), Outputs(project)).to_pandas()
+    assert (table.groupby(["dataset", "video"]).size() == 1).all()
+    assert set(table.frame) == {-1}
+    item = embedder.Item("d", "p", project / "x.png")
+    assert item.frame == -1
