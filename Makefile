@@ -1,10 +1,10 @@
 # The two set-up commands from the README: `make demo` and `make test`.
 # torch 2.14.1 + torchvision 0.29.1 (PyPI's Linux builds, CUDA-enabled; they run on CPU too) with
-# the open_clip and timm extras; constraints.txt keeps any extra from replacing that torch.
+# the open_clip, timm and faces extras; constraints.txt keeps any extra from replacing that torch.
 # A light install without torchvision: see the README ("Installing").
 PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,open_clip,timm
+EXTRAS ?= dev,open_clip,timm,faces
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet $(TORCH)
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	$(VENV)/bin/pip install --quiet --no-deps facenet-pytorch  # MTCNN; its torch<2.3 pin is stale
 	touch $@
 
 venv: $(VENV)/.installed

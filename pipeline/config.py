@@ -53,12 +53,22 @@ class FramesSettings:
 
 
 @dataclass(frozen=True)
+class FacesSettings:
+    detector: Literal["dlib_hog", "dlib_cnn", "mtcnn"] = "dlib_hog"
+    scale: float = 1.3  # the crop's side, as a multiple of the face box's longer side
+    size: int = 256  # the crop is resized to size x size pixels
+    align: bool = False
+    no_face: Literal["skip", "full_frame"] = "skip"
+
+
+@dataclass(frozen=True)
 class DataSettings:
     root: str
     datasets: dict[str, DatasetSpec]
     split: SplitSpec = SplitSpec()
     video_pattern: str = DEFAULT_VIDEO_PATTERN
     frames: FramesSettings = FramesSettings()
+    faces: FacesSettings | None = None  # None: embed whole frames
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,11 @@ def _check(s: Settings) -> None:
         raise ConfigError("data.video_pattern needs a named group (?P<video>...) that captures the video id.")
     if not s.data.datasets:
         raise ConfigError("data.datasets is empty; define at least one real and one fake dataset folder.")
+    faces = s.data.faces
+    if faces is not None and (faces.scale <= 0 or faces.size < 8):
+        raise ConfigError("data.faces needs scale > 0 (e.g. 1.3) and size of at least 8 pixels (e.g. 256).")
+    if faces is not None and faces.align:
+        raise ConfigError("data.faces.align is not available yet; set align: false (crops are not rotated).")
     if s.data.frames.per_video is not None and s.data.frames.per_video < 1:
         raise ConfigError(f"data.frames.per_video is {s.data.frames.per_video}; use at least 1, or leave it out.")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ExtractSettings, ModelSettings, Settings
+from pipeline.config import ConfigError, ExtractSettings, ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ class DaskEmbedder:
     """Embeds on a dask.distributed cluster; the same interface as embedder.LocalEmbedder."""
 
     def __init__(self, settings: Settings):
+        if settings.data.faces is not None:
+            raise ConfigError(
+                "data.faces is not available with extract.scheduler: dask yet; use scheduler: local for face crops."
+            )
         self.extract = settings.extract
         # Workers resolve the model themselves: a relative model path must mean the same to them.
         local = Path(settings.model.name).expanduser()

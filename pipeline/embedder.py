@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import backbones, frames, images
+from pipeline import backbones, faces, frames, images
 from pipeline.config import Settings
 from pipeline.store import EmbeddingStore
 from pipeline.store.shard import ShardData
@@ -61,6 +61,7 @@ class Batch(NamedTuple):
     paths: list[str]
     pixels: torch.Tensor | dict[str, torch.Tensor] | None  # the images that decoded, stacked; None if none did
     errors: list[str | None]  # per item: None, or why it failed
+    detections: tuple | list = ()  # per item, with data.faces: the face detection used (cached or new)
 
 
 # --------------------------------------------------------------------------- reader
@@ -78,12 +79,14 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         item = self.items[i]
-        array, error = images.load(item.file, self.preprocess, digest=frames.file_digest(item.digest), frame=item.frame)
-        return item.digest, item.path, array, error
+        per_item = getattr(self.preprocess, "for_item", None)  # face crops: one detection per item
+        preprocess = per_item(item.digest) if per_item else self.preprocess
+        array, error = images.load(item.file, preprocess, digest=frames.file_digest(item.digest), frame=item.frame)
+        return item.digest, item.path, array, error, getattr(preprocess, "detection", None)
 
 
 def collate(batch) -> Batch:
-    digests, paths, arrays, errors = zip(*batch, strict=True)
+    digests, paths, arrays, errors, detections = zip(*batch, strict=True)
     good = [a for a in arrays if a is not None]
     if not good:
         pixels = None
@@ -91,7 +94,7 @@ def collate(batch) -> Batch:
         pixels = {k: torch.from_numpy(np.stack([a[k] for a in good])) for k in good[0]}
     else:
         pixels = torch.from_numpy(np.stack(good))
-    return Batch(list(digests), list(paths), pixels, list(errors))
+    return Batch(list(digests), list(paths), pixels, list(errors), list(detections))
 
 
 def read_batches(
@@ -204,25 +207,33 @@ def embed_items(
     num_workers: int,
     progress: bool = True,
     reader: Reader = read_batches,
+    crops: faces.FaceStage | None = None,
 ) -> list[str]:
-    """Run the reader -> model -> writer loop over `items`; returns the paths of files that
-    changed since the manifest (embedded under no key). Per-batch read/model/write times are
-    logged at debug level, so a slow run says where its time goes."""
-    batches = reader(items, backbone.preprocess, batch_size, num_workers, backbone.device.type == "cuda")
+    """Run the reader -> model -> writer loop over `items` (face crops first, with `crops`);
+    returns the paths of files that changed since the manifest (embedded under no key). Per-batch
+    read/model/write times are logged at debug level, so a slow run says where its time goes."""
+    preprocess = crops.preprocess if crops else backbone.preprocess
+    batches = reader(items, preprocess, batch_size, num_workers, backbone.device.type == "cuda")
     changed: list[str] = []
     with tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar:
         started = time.perf_counter()
-        for batch in batches:
-            read = time.perf_counter()
-            rows = batch_rows(batch, backbone)
-            modelled = time.perf_counter()
-            writer.put(rows)
-            done = time.perf_counter()
-            timings = (len(rows), read - started, modelled - read, done - modelled)
-            log.debug("batch of %d: read %.3f s, model %.3f s, write %.3f s", *timings)
-            changed += [p for p, e in zip(batch.paths, batch.errors, strict=True) if e == images.CHANGED]
-            bar.update(len(batch.digests))
-            started = time.perf_counter()
+        try:
+            for batch in batches:
+                read = time.perf_counter()
+                rows = batch_rows(batch, backbone)
+                modelled = time.perf_counter()
+                writer.put(rows)
+                if crops:
+                    crops.found(batch.digests, batch.detections)
+                done = time.perf_counter()
+                timings = (len(rows), read - started, modelled - read, done - modelled)
+                log.debug("batch of %d: read %.3f s, model %.3f s, write %.3f s", *timings)
+                changed += [p for p, e in zip(batch.paths, batch.errors, strict=True) if e == images.CHANGED]
+                bar.update(len(batch.digests))
+                started = time.perf_counter()
+        finally:
+            if crops:
+                crops.commit()  # detections made so far are kept, also when the run stops early
     return changed
 
 
@@ -239,7 +250,9 @@ class LocalEmbedder:
     ):
         self.settings = settings
         self.backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
-        self.description, self.dims = self.backbone.description, self.backbone.dims
+        self.crops = faces.FaceStage.create(settings, self.backbone.preprocess) if settings.data.faces else None
+        self.description = {**self.backbone.description, **({"faces": self.crops.spec} if self.crops else {})}
+        self.dims = self.backbone.dims
         self.reader, self.writer = reader, writer
 
     def __enter__(self) -> LocalEmbedder:
@@ -253,7 +266,9 @@ class LocalEmbedder:
         ex = self.settings.extract
         writer = self.writer(store, ex.shard_size, ex.format)
         try:
-            return embed_items(items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=self.reader)
+            return embed_items(
+                items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=self.reader, crops=self.crops
+            )
         finally:
             writer.close()  # commits what is buffered, also on Ctrl-C
 

@@ -1,0 +1,132 @@
+"""Face crops on a real face photograph (scikit-image's astronaut, shipped in its wheel): every
+detector finds the face where it was pasted, crops are squares of scale x the box, frames
+without a face follow `no_face`, and re-cropping never runs the detector again."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline import backbones, extract, faces, manifest, manifest_table
+from pipeline.config import FacesSettings, load
+from pipeline.outputs import Outputs
+from pipeline.store import caches
+from tests.conftest import demo_params
+
+skimage_data = pytest.importorskip("skimage.data")
+
+REGION = (120, 20, 320, 230)  # x0, y0, x1, y1 of the astronaut photo around her face
+FACE = (175, 76, 265, 166)  # dlib HOG's box of the face in the photo
+
+
+def face_frame(x: int, y: int, seed: int = 0, size=(400, 300)) -> tuple[Image.Image, tuple]:
+    """A frame with the face region pasted at (x, y) on dim noise, and the face's known box."""
+    rng = np.random.default_rng(seed)
+    canvas = (rng.integers(0, 255, (size[1], size[0], 3)) * 0.3 + 60).astype(np.uint8)
+    x0, y0, x1, y1 = REGION
+    canvas[y : y + y1 - y0, x : x + x1 - x0] = skimage_data.astronaut()[y0:y1, x0:x1]
+    box = (FACE[0] - x0 + x, FACE[1] - y0 + y, FACE[2] - x0 + x, FACE[3] - y0 + y)
+    return Image.fromarray(canvas), box
+
+
+def noise_frame(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+
+
+def iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.parametrize("name", ["dlib_hog", "dlib_cnn", "mtcnn"])
+def test_every_detector_finds_the_face_where_it_was_pasted_and_none_in_noise(name):
+    if importlib.util.find_spec(faces.REQUIRES[name]) is None:
+        pytest.skip(f"{faces.REQUIRES[name]} is not installed (`{faces.INSTALL[faces.REQUIRES[name]]}`)")
+    found = faces.detector(FacesSettings(detector=name))
+    for x, y in ((30, 40), (170, 60)):
+        frame, box = face_frame(x, y)
+        detection = found.detect(np.asarray(frame))
+        assert detection.box is not None and iou(detection.box, box) >= 0.5, (name, detection, box)
+    assert found.detect(np.asarray(noise_frame(1))).box is None
+
+
+def test_a_crop_is_a_square_of_scale_times_the_box_padded_black_outside_the_frame():
+    frame = Image.new("RGB", (100, 80), (255, 255, 255))
+    out = faces.crop(frame, (10, 10, 50, 30), scale=1.5, size=32)
+    assert out.size == (32, 32)
+    pixels = np.asarray(out)
+    assert pixels[0, 0].sum() == 0 and pixels[16, 16].min() == 255  # the corner lies outside the frame
+
+
+@pytest.fixture
+def face_project(tmp_path, tiny_clip):
+    """8 real and 8 fake two-frame videos with the face at varying places (fakes blurred), and
+    two fake frames without any face."""
+    data = tmp_path / "data"
+    for i in range(8):
+        partner = i + 1 if i % 2 == 0 else i - 1
+        for j in range(2):
+            frame, _ = face_frame(20 + 20 * i, 10 + 30 * j, seed=i * 10 + j)
+            (data / "real" / f"{i:03d}").mkdir(parents=True, exist_ok=True)
+            frame.save(data / "real" / f"{i:03d}" / f"{j:04d}.png")
+            fake, _ = face_frame(40 + 15 * i, 20 + 25 * j, seed=100 + i * 10 + j)
+            fake = Image.fromarray((np.asarray(fake) * 0.8 + 30).astype(np.uint8))
+            (data / "fake" / f"{i:03d}_{partner:03d}").mkdir(parents=True, exist_ok=True)
+            fake.save(data / "fake" / f"{i:03d}_{partner:03d}" / f"{j:04d}.png")
+    noise_frame(7).save(data / "fake" / "000_001" / "0002.png")
+    noise_frame(8).save(data / "fake" / "003_002" / "0002.png")
+    params = demo_params(data, tiny_clip)
+    params["data"]["datasets"] = {"real": {"path": "real", "label": "real"}, "fake": {"path": "fake", "label": "fake"}}
+    params["data"]["faces"] = {"detector": "dlib_hog", "scale": 1.3, "size": 64, "no_face": "skip"}
+    params["train"]["datasets"] = ["real", "fake"]
+    params["evaluate"].update(datasets=["fake"], protocols=["heldout"], bootstrap=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def set_faces(project, **values) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["data"]["faces"].update(values)
+    path.write_text(yaml.safe_dump(params))
+
+
+def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detects_again(face_project, monkeypatch):
+    settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
+    table = manifest.run(settings, outputs)
+    summary = extract.run(settings, outputs)
+    assert summary.images == 34 and summary.failed == 2 and summary.embedded == 32
+    (store,) = caches(outputs.embeddings)
+    reasons = {reason for _, reason in store.failures().values()}
+    assert reasons == {faces.NO_FACE}, "frames without a face are recorded, never dropped silently"
+    assert store.card["description"]["faces"]["detector"] == "dlib_hog"
+
+    # The cached vector is the model's output on the crop around the detected face.
+    row = table.to_pandas().iloc[0]
+    frame = Image.open(manifest_table.absolute_path(row.path, settings.data_root)).convert("RGB")
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    detection = faces.detector(settings.data.faces).detect(np.asarray(frame))
+    pixels = backbone.preprocess(faces.crop(frame, detection.box, 1.3, 64))
+    expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
+    cached, found = store.read([row.digest], "projection")
+    assert found.all()
+    np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+    # Another scale, then another no_face policy: new caches, and not one detection more.
+    def no_detecting(self, rgb):
+        raise AssertionError("the detector ran although every frame's detection is cached")
+
+    monkeypatch.setattr(faces.DlibHog, "detect", no_detecting)
+    set_faces(face_project, scale=1.6)
+    assert extract.run(load(face_project / "params.yaml"), outputs).embedded == 32
+    set_faces(face_project, no_face="full_frame")
+    full = extract.run(load(face_project / "params.yaml"), outputs)
+    assert full.embedded == 34 and full.failed == 0
+    assert len(caches(outputs.embeddings)) == 3, "each crop spec is its own cache; the first is untouched"
