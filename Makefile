@@ -8,7 +8,7 @@ EXTRAS ?= dev,open_clip,timm,faces
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test lint bench clean-demo
+.PHONY: venv demo demo-video test lint bench clean-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ venv: $(VENV)/.installed
 demo: venv
 	dvc repro
 	python -m pipeline show
+
+# The video demo: FF++'s video layout, a real face photograph, face crops (examples/video/params.yaml).
+demo-video: venv
+	python -m pipeline demo --video --data-dir data/demo-video
+	for stage in manifest extract train evaluate; do python -m pipeline $$stage --params examples/video/params.yaml || exit 1; done
+	python -m pipeline show --params examples/video/params.yaml
 
 lint: venv
 	ruff check .

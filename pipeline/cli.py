@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--videos", type=int, default=40, help="real videos (default: 40)")
     demo.add_argument("--frames", type=int, default=8, help="frames per video (default: 8)")
     demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    demo.add_argument(
+        "--video", action="store_true", help="write the video demo (FF++'s video layout, a real face) to --data-dir"
+    )
     return parser
 
 
@@ -66,7 +69,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from pipeline import demo
 
-        demo.run(args.data_dir, args.model_dir, n_videos=args.videos, frames=args.frames, force=args.force)
+        if args.video:
+            demo.run_video(args.data_dir, args.model_dir, force=args.force)
+        else:
+            demo.run(args.data_dir, args.model_dir, n_videos=args.videos, frames=args.frames, force=args.force)
         return 0
     settings = load(args.params)
     outputs = Outputs(settings.base_dir)

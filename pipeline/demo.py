@@ -210,3 +210,108 @@ def run(data_dir: Path, model_dir: Path, n_videos: int = 40, frames: int = 8, fo
         log.info("tiny random-weight CLIP -> %s", model_dir)
     else:
         log.info("tiny CLIP already in %s", model_dir)
+
+
+# --------------------------------------------------------------------------- the video demo
+
+VIDEO_SIZE = (320, 240)
+FACE_REGION = (120, 20, 320, 230)  # x0, y0, x1, y1 of the face in scikit-image's astronaut photograph
+VIDEO_METHODS = ("Deepfakes", "FaceSwap")
+
+
+def _face_photo() -> np.ndarray:
+    try:
+        from skimage import data
+    except ImportError:
+        from pipeline.config import ConfigError
+
+        raise ConfigError("the video demo uses scikit-image's astronaut photo: `pip install scikit-image`.") from None
+    x0, y0, x1, y1 = FACE_REGION
+    return data.astronaut()[y0:y1, x0:x1]
+
+
+def _video_frame(face: np.ndarray, i: int, n: int, rng: np.random.Generator, look: dict) -> np.ndarray:
+    """A 320x240 frame: the face photograph moving across a per-video background; the last two
+    frames of every video show no face (the camera looks away)."""
+    w, h = VIDEO_SIZE
+    t = np.linspace(0, 1, w)[None, :, None]
+    frame = (look["bg"][0] * (1 - t) + look["bg"][1] * t) * np.ones((h, 1, 1)) * 255
+    frame = frame + rng.normal(0, 6, frame.shape)
+    if i < n - 2:
+        side = int(look["scale"] * face.shape[0])
+        patch = np.asarray(Image.fromarray(face).resize((int(side * face.shape[1] / face.shape[0]), side)))
+        x = int(look["x"] + (w - patch.shape[1] - 2 * look["x"]) * i / max(n - 3, 1))
+        y = int(look["y"] + 8 * np.sin(i / 3))
+        frame[y : y + patch.shape[0], x : x + patch.shape[1]] = patch * look["light"]
+    return frame.clip(0, 255).astype(np.uint8)
+
+
+def _manipulate(frame: np.ndarray, method: str, rng: np.random.Generator) -> np.ndarray:
+    """The face region changed the way the method's artefact looks (Deepfakes: blurred and
+    re-tinted; FaceSwap: colour-shifted with a hard seam)."""
+    img = Image.fromarray(frame)
+    if method == "Deepfakes":
+        soft = np.asarray(img.filter(ImageFilter.GaussianBlur(1.2))).astype(float) * [1.05, 0.95, 0.9]
+        return soft.clip(0, 255).astype(np.uint8)
+    shifted = frame.astype(float) * [0.9, 1.0, 1.12] + rng.normal(0, 3, frame.shape)
+    return shifted.clip(0, 255).astype(np.uint8)
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = VIDEO_SIZE[0], VIDEO_SIZE[1], "yuv420p"
+        stream.codec_context.gop_size = 12
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_video_dataset(root: Path, n_videos: int = 12, frames: int = 48, seed: int = 0) -> int:
+    """FF++'s video layout with a real face photograph in every video:
+    `original_sequences/youtube/c23/videos/000.mp4` and
+    `manipulated_sequences/<Method>/c23/videos/000_001.mp4`; returns the number of videos."""
+    face = _face_photo()
+    rng = np.random.default_rng(seed)
+    looks = [
+        {
+            "bg": rng.uniform(0.15, 0.85, size=(2, 3)),
+            "scale": rng.uniform(0.75, 0.95),
+            "x": int(rng.integers(5, 40)),
+            "y": int(rng.integers(5, 40)),
+            "light": rng.uniform(0.8, 1.1),
+        }
+        for _ in range(n_videos)
+    ]
+    ids = [f"{i:03d}" for i in range(n_videos)]
+    written = 0
+    for i, vid in enumerate(ids):
+        frame_rng = np.random.default_rng([seed, i])
+        clip = [_video_frame(face, f, frames, frame_rng, looks[i]) for f in range(frames)]
+        _write_video(root / "original_sequences" / "youtube" / "c23" / "videos" / f"{vid}.mp4", clip)
+        written += 1
+    pairs = [(ids[i], ids[i + 1]) for i in range(0, n_videos - 1, 2)]
+    for m, method in enumerate(VIDEO_METHODS):
+        for a, b in pairs + [(b, a) for a, b in pairs]:
+            frame_rng = np.random.default_rng([seed, 100 + m, int(a), int(b)])
+            clip = [_manipulate(_video_frame(face, f, frames, frame_rng, looks[int(a)]), method, frame_rng)
+                    for f in range(frames)]  # fmt: skip
+            _write_video(root / "manipulated_sequences" / method / "c23" / "videos" / f"{a}_{b}.mp4", clip)
+            written += 1
+    return written
+
+
+def run_video(data_dir: Path, model_dir: Path, force: bool = False) -> None:
+    if force or not any(data_dir.glob("**/*.mp4")):
+        n = make_video_dataset(data_dir)
+        log.info("video demo: %d videos -> %s", n, data_dir)
+    else:
+        log.info("video demo already in %s (pass --force to rebuild)", data_dir)
+    if force or not (model_dir / "config.json").exists():
+        make_tiny_clip(model_dir)
+        log.info("tiny random-weight CLIP -> %s", model_dir)

@@ -130,3 +130,16 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
     full = extract.run(load(face_project / "params.yaml"), outputs)
     assert full.embedded == 34 and full.failed == 0
     assert len(caches(outputs.embeddings)) == 3, "each crop spec is its own cache; the first is untouched"
+
+
+def test_the_video_demo_has_the_face_in_every_frame_but_the_last_two(tmp_path):
+    from pipeline import demo, frames
+
+    assert demo.make_video_dataset(tmp_path, n_videos=2, frames=6) == 2 + 2 * 2
+    videos = sorted(tmp_path.rglob("*.mp4"))
+    assert [v.relative_to(tmp_path).parts[:2] for v in videos].count(("original_sequences", "youtube")) == 2
+    data = (tmp_path / "manipulated_sequences" / "FaceSwap" / "c23" / "videos" / "000_001.mp4").read_bytes()
+    assert frames.inspect(data).frame_count == 6
+    found = faces.detector(FacesSettings())
+    assert found.detect(np.asarray(frames.decode(data, 0))).box is not None
+    assert found.detect(np.asarray(frames.decode(data, 5))).box is None
