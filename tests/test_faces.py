@@ -5,6 +5,9 @@ without a face follow `no_face`, and re-cropping never runs the detector again."
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -12,11 +15,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import backbones, extract, faces, manifest, manifest_table
+from pipeline import backbones, demo, extract, faces, frames, manifest, manifest_table
 from pipeline.config import FacesSettings, load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
-from tests.conftest import demo_params
+from tests.conftest import demo_params, run_to_end, start_extract, update_params, wait_for_shards, wait_until_paused
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -133,8 +136,6 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
 
 
 def test_the_video_demo_has_the_face_in_every_frame_but_the_last_two(tmp_path):
-    from pipeline import demo, frames
-
     assert demo.make_video_dataset(tmp_path, n_videos=2, frames=6) == 2 + 2 * 2
     videos = sorted(tmp_path.rglob("*.mp4"))
     assert [v.relative_to(tmp_path).parts[:2] for v in videos].count(("original_sequences", "youtube")) == 2
@@ -143,3 +144,34 @@ def test_the_video_demo_has_the_face_in_every_frame_but_the_last_two(tmp_path):
     found = faces.detector(FacesSettings())
     assert found.detect(np.asarray(frames.decode(data, 0))).box is not None
     assert found.detect(np.asarray(frames.decode(data, 5))).box is None
+
+
+def test_sigkill_during_face_detection_then_resume_gives_the_uninterrupted_result(face_project, tmp_path):
+    update_params(face_project, "extract", shard_size=4, batch_size=4)
+    reference_project = tmp_path / "reference"
+    shutil.copytree(face_project, reference_project, ignore=shutil.ignore_patterns("cache"))
+    # The reference runs in its own folder, whose params point at the same images.
+    manifest.run(load(reference_project / "params.yaml"), Outputs(reference_project))
+    run_to_end(reference_project)
+
+    manifest.run(load(face_project / "params.yaml"), Outputs(face_project))
+    proc = start_extract(face_project, pause_after_images=14)
+    wait_until_paused(proc)
+    wait_for_shards(proc, face_project, 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    (killed,) = caches(face_project / "cache" / "embeddings")
+    assert 0 < killed.count() < 34 and killed.verify() == []
+    run_to_end(face_project)
+
+    def contents(project):
+        (store,) = caches(project / "cache" / "embeddings")
+        keys = sorted(store.keys())
+        return keys, store.read(keys, "projection")[0], store.failures()
+
+    keys, vectors, failures = contents(face_project)
+    ref_keys, ref_vectors, ref_failures = contents(reference_project)
+    assert keys == ref_keys and {k: v[1] for k, v in failures.items()} == {k: v[1] for k, v in ref_failures.items()}
+    np.testing.assert_array_equal(vectors, ref_vectors)
