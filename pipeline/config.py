@@ -58,7 +58,7 @@ class FacesSettings:
     scale: float = 1.3  # the crop's side, as a multiple of the face box's longer side
     size: int = 256  # the crop is resized to size x size pixels
     align: bool = False
-    no_face: Literal["skip", "full_frame"] = "skip"
+    no_face: Literal["skip", "full_frame", "nearest"] = "skip"
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,11 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     for d, p, f in zip(digests, paths, frame_numbers, strict=True):
         first.setdefault(d, (p, f))
     root = settings.data_root
-    items = [Item(d, first[d][0], manifest_table.absolute_path(first[d][0], root), first[d][1]) for d in todo]
+
+    def items_of(keys: list[str]) -> list[Item]:
+        return [Item(d, first[d][0], manifest_table.absolute_path(first[d][0], root), first[d][1]) for d in keys]
+
+    items = items_of(todo)
     unique = len(set(digests))
     log.info(
         "extract: %d unique images in the manifest, %d already cached, %d to embed -> %s",
@@ -106,6 +110,8 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     seconds = time.perf_counter() - started
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
+    if settings.data.faces is not None and settings.data.faces.no_face == "nearest":
+        store = embed_nearest(table, items_of, embedder, store)
     if changed:
         raise ConfigError(
             f"{len(changed)} image files changed since the manifest was built (e.g. {changed[0]}) and were not "
@@ -117,6 +123,31 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     report_failures(store, set(digests))
     summary.write(outputs.extract_summary)
     return summary
+
+
+def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> EmbeddingStore:
+    """`data.faces.no_face: nearest`: the frames recorded without a face are embedded again,
+    cropped with the box of the nearest frame of their video that has one (a later success
+    replaces a recorded failure)."""
+    from pipeline import faces
+
+    crops = embedder.crops
+    videos: dict[str, list[str]] = {}
+    for key, dataset, video in zip(*(table.column(c).to_pylist() for c in ("digest", "dataset", "video")), strict=True):
+        videos.setdefault(f"{dataset}/{video}", []).append(key)
+    lent = faces.nearest_boxes(videos, faces.read_cache(crops.directory))
+    todo = [k for k, (_, reason) in store.failures().items() if reason == faces.NO_FACE and k in lent]
+    if not todo:
+        return store
+    log.info("no_face nearest: %d frames without a face take the box of the nearest frame with one", len(todo))
+    crops.preprocess.borrowed = lent
+    try:
+        embedder.embed(items_of(todo), store)
+    finally:
+        crops.preprocess.borrowed = {}
+        store = EmbeddingStore.open(store.directory)
+        store.write_index()
+    return store
 
 
 def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:

@@ -9,7 +9,9 @@ The most confident box is kept; frames where a second box scores above half of t
 counted and reported (HOG also fires on non-faces). The crop is a square of `scale` x the box's
 longer side around the box's centre (padded with black where it leaves the frame), resized to
 `size` px (bicubic). A frame without a face follows `no_face`: `skip` records it as a failure
-with its reason, like a bad image; `full_frame` embeds the whole frame.
+with its reason, like a bad image; `full_frame` embeds the whole frame; `nearest` crops it with
+the box of the nearest frame of the same video that has a face (a second pass after the others;
+a video without any face keeps its frames recorded as `no face found`).
 
 Detections are cached per (frame key, detector) in `cache/faces/<detector>/` (Parquet shards
 written atomically), so changing `scale` or `size` re-crops without detecting again; the crop
@@ -185,9 +187,25 @@ class FacePreprocess:
 
     def __init__(self, settings: FacesSettings, found: Detector, preprocess, cached: dict[str, Detection]):
         self.settings, self.found, self.preprocess, self.cached = settings, found, preprocess, cached
+        self.borrowed: dict[str, Detection] = {}  # `nearest`: boxes lent by other frames (never cached)
 
     def for_item(self, key: str) -> FaceCrop:
-        return FaceCrop(self.settings, self.found, self.preprocess, self.cached.get(key))
+        return FaceCrop(self.settings, self.found, self.preprocess, self.borrowed.get(key) or self.cached.get(key))
+
+
+def nearest_boxes(videos: dict[str, list[str]], detections: dict[str, Detection]) -> dict[str, Detection]:
+    """For every frame key without a face: the detection of the nearest frame of the same video
+    (`videos`: video -> its frame keys in order) that has one; ties go to the earlier frame."""
+    lent: dict[str, Detection] = {}
+    for keys in videos.values():
+        with_face = [i for i, k in enumerate(keys) if detections.get(k) and detections[k].box is not None]
+        if not with_face:
+            continue
+        for i, k in enumerate(keys):
+            if k in detections and detections[k].box is None:
+                j = min(with_face, key=lambda j, i=i: (abs(j - i), j))
+                lent[k] = detections[keys[j]]
+    return lent
 
 
 # --------------------------------------------------------------------------- the detection cache

@@ -134,6 +134,30 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
     assert full.embedded == 34 and full.failed == 0
     assert len(caches(outputs.embeddings)) == 3, "each crop spec is its own cache; the first is untouched"
 
+    # nearest: a frame without a face is cropped with the box of the nearest frame of its video.
+    set_faces(face_project, no_face="nearest", scale=1.3)
+    nearest = extract.run(load(face_project / "params.yaml"), outputs)
+    assert nearest.embedded == 34 and nearest.failed == 0
+    rows = table.to_pandas()
+    lonely = rows[rows.path.str.endswith("000_001/0002.png")].iloc[0]
+    neighbour = rows[rows.path.str.endswith("000_001/0001.png")].iloc[0]
+    (store,) = [s for s in caches(outputs.embeddings) if s.card["description"]["faces"]["no_face"] == "nearest"]
+    box = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))[neighbour.digest].box
+    frame = Image.open(manifest_table.absolute_path(lonely.path, settings.data_root)).convert("RGB")
+    pixels = backbone.preprocess(faces.crop(frame, box, 1.3, 64))
+    cached, found = store.read([lonely.digest], "projection")
+    assert found.all()
+    expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
+    np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nearest_takes_the_closest_frame_with_a_face_and_the_earlier_on_ties():
+    face, none = faces.Detection((0, 0, 10, 10), 1.0, 1), faces.Detection(None, 0.0, 0)
+    other = faces.Detection((5, 5, 15, 15), 2.0, 1)
+    detections = {"a": none, "b": face, "c": none, "d": none, "e": other, "x": none, "p": face, "q": none, "r": other}
+    lent = faces.nearest_boxes({"v": ["a", "b", "c", "d", "e"], "w": ["x"], "t": ["p", "q", "r"]}, detections)
+    assert lent == {"a": face, "c": face, "d": other, "q": face}, "a video without a face lends nothing"
+
 
 def test_the_video_demo_has_the_face_in_every_frame_but_the_last_two(tmp_path):
     assert demo.make_video_dataset(tmp_path, n_videos=2, frames=6) == 2 + 2 * 2
