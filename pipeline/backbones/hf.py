@@ -119,11 +119,15 @@ class HFBackbone(Backbone):
             self._text = _tokenizer(self.name, self.directory) or False
         if self._text is False:
             return None
-        if self.kind.zero_shot == "sigmoid":  # SigLIP was trained on prompts padded to 64 tokens
+        if self.kind.zero_shot == "sigmoid":
+            # SigLIP was trained on prompts padded to 64 tokens, the padding attended (its processor
+            # passes no attention mask): embed them the same way.
             tokens = self._text(prompts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+            keep = ("input_ids",)
         else:
             tokens = self._text(prompts, padding=True, truncation=True, return_tensors="pt")
-        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+            keep = ("input_ids", "attention_mask")
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in keep}
         out = self.net.get_text_features(**tokens)
         features = out.pooler_output if hasattr(out, "pooler_output") else out
         scale = float(self.net.logit_scale.exp())
