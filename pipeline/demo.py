@@ -145,6 +145,20 @@ def make_dataset(root: Path, n_videos: int = 40, frames: int = 8, seed: int = 0)
     return count
 
 
+# A tiny text tower for `tiny_tokenizer`'s 514-token vocabulary (also used by tests/checkpoints.py).
+TINY_TEXT = {
+    "vocab_size": 514,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "bos_token_id": 512,
+    "eos_token_id": 513,
+    "pad_token_id": 513,
+}
+
+
 def make_tiny_clip(directory: Path, seed: int = 0) -> None:
     """A tiny CLIP with random weights, saved with save_pretrained (safetensors)."""
     import torch
@@ -152,17 +166,7 @@ def make_tiny_clip(directory: Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={
-            "vocab_size": 514,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": 512,
-            "eos_token_id": 513,
-            "pad_token_id": 513,
-        },
+        text_config=TINY_TEXT,
         vision_config={
             "image_size": 64,
             "patch_size": 8,

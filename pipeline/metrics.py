@@ -141,24 +141,27 @@ def rank_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def bootstrap_auc(
-    y: np.ndarray, scores: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
-) -> tuple[float, float] | None:
-    """95 % percentile interval of the frame-level AUC, resampling whole videos (within each
-    class, so every resample has both), never single frames."""
-    y = np.asarray(y).astype(int)
-    if n <= 0 or len(np.unique(y)) < 2:
-        return None
+def video_resamples(y: np.ndarray, videos: np.ndarray, n: int, seed: int = 0):
+    """`n` bootstrap resamples of frame indices that draw whole videos with replacement, within
+    each class (so every resample has both), never single frames."""
     keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
     frames_of = [np.flatnonzero(inverse == k) for k in range(len(keys))]
     video_label = np.array([y[f[0]] for f in frames_of])
     by_class = [np.flatnonzero(video_label == c) for c in (0, 1)]
     rng = np.random.default_rng(seed)
-    aucs = np.empty(n)
-    for b in range(n):
+    for _ in range(n):
         chosen = np.concatenate([rng.choice(v, size=len(v), replace=True) for v in by_class])
-        idx = np.concatenate([frames_of[v] for v in chosen])
-        aucs[b] = rank_auc(y[idx], scores[idx])
+        yield np.concatenate([frames_of[v] for v in chosen])
+
+
+def bootstrap_auc(
+    y: np.ndarray, scores: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95 % percentile interval of the frame-level AUC over video resamples (`video_resamples`)."""
+    y = np.asarray(y).astype(int)
+    if n <= 0 or len(np.unique(y)) < 2:
+        return None
+    aucs = np.array([rank_auc(y[idx], scores[idx]) for idx in video_resamples(y, videos, n, seed)])
     lo, hi = np.percentile(aucs, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -176,20 +179,13 @@ def roc_points(y: np.ndarray, scores: np.ndarray) -> list[dict]:
 def paired_bootstrap_auc(
     y: np.ndarray, a: np.ndarray, b: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
 ) -> dict:
-    """AUC(a) - AUC(b) on the same frames, with a 95 % interval and a two-sided p-value from
-    resampling whole videos (within each class), the same resample for both scorers."""
+    """AUC(a) - AUC(b) on the same frames, with a 95 % interval and a two-sided p-value from video
+    resamples (`video_resamples`), the same resample for both scorers."""
     y = np.asarray(y).astype(int)
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
-    frames_of = [np.flatnonzero(inverse == k) for k in range(len(keys))]
-    video_label = np.array([y[f[0]] for f in frames_of])
-    by_class = [np.flatnonzero(video_label == c) for c in (0, 1)]
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(n)
-    for i in range(n):
-        chosen = np.concatenate([rng.choice(v, size=len(v), replace=True) for v in by_class])
-        idx = np.concatenate([frames_of[v] for v in chosen])
-        deltas[i] = rank_auc(y[idx], a[idx]) - rank_auc(y[idx], b[idx])
+    deltas = np.array(
+        [rank_auc(y[idx], a[idx]) - rank_auc(y[idx], b[idx]) for idx in video_resamples(y, videos, n, seed)]
+    )
     lo, hi = np.percentile(deltas, [2.5, 97.5])
     p = min(1.0, 2 * min((deltas <= 0).mean(), (deltas >= 0).mean()))
     return {"delta": rank_auc(y, a) - rank_auc(y, b), "ci_low": float(lo), "ci_high": float(hi), "p": float(p)}

@@ -10,19 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.demo import tiny_tokenizer
+from pipeline.demo import TINY_TEXT, tiny_tokenizer
 
-TEXT = {
-    "vocab_size": 514,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 77,
-    "bos_token_id": 512,
-    "eos_token_id": 513,
-    "pad_token_id": 513,
-}
+TEXT = TINY_TEXT
 VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 # ViT-B/16 shapes (random weights: speed does not depend on them), for benchmarks/families_bench.py
 BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}

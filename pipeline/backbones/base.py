@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import images
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,31 @@ class Backbone(ABC):
         with self.autocast():
             result = self.forward(pixels)
         return {k: v.float().cpu().numpy() for k, v in result.items()}
+
+
+class LibraryTransform:
+    """A library's own image transform (open_clip's, timm's: torchvision) for one RGB image ->
+    float32 array (3, h, w); an image whose resize would be absurd is refused first."""
+
+    def __init__(self, transform, shortest_edge: int):
+        self.transform, self.shortest_edge = transform, shortest_edge
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        images.check_resize(image.size, self.shortest_edge)
+        return self.transform(image).numpy().astype(np.float32, copy=False)
+
+
+def require(module: str, kind: str, extra: str):
+    """Import an optional family's library, or one clear sentence on how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"this is {kind} checkpoint and {module} cannot be imported ({exc}); install the extra with the torch "
+            f"you have: `pip install -c constraints.txt -e '.[{extra}]'` (it needs torchvision)."
+        ) from None
 
 
 def block_index(layer: str) -> int | None:

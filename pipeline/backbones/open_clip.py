@@ -18,35 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, describe, library_versions
+from pipeline.backbones.base import Backbone, LibraryTransform, block_index, describe, library_versions, require
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
 
 
 def _import():
-    try:
-        import open_clip
-    except ImportError as exc:
-        raise ConfigError(
-            f"this is an open_clip checkpoint and open_clip cannot be imported ({exc}); install the extra with the "
-            "torch you have: `pip install -c constraints.txt -e '.[open_clip]'` (it needs torchvision)."
-        ) from None
-    return open_clip
-
-
-class Transform:
-    """open_clip's own transform for one RGB image -> float32 array (3, h, w)."""
-
-    def __init__(self, transform, shortest_edge: int):
-        self.transform, self.shortest_edge = transform, shortest_edge
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        images.check_resize(image.size, self.shortest_edge)
-        return self.transform(image).numpy().astype(np.float32, copy=False)
+    return require("open_clip", "an open_clip", "open_clip")
 
 
 class OpenClipBackbone(Backbone):
@@ -147,7 +127,7 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
         net,
         directory,
         name=model.name,
-        preprocess=Transform(transform, size),
+        preprocess=LibraryTransform(transform, size),
         layers=list(model.layers),
         dims=dims,
         device=device,

@@ -16,36 +16,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, describe, library_versions
+from pipeline.backbones.base import Backbone, LibraryTransform, block_index, describe, library_versions, require
 from pipeline.config import ConfigError, ModelSettings
 
 
 def _import():
-    try:
-        import timm
-        import timm.data
-    except ImportError as exc:
-        raise ConfigError(
-            f"this is a timm checkpoint and timm cannot be imported ({exc}); install the extra with the torch you "
-            "have: `pip install -c constraints.txt -e '.[timm]'` (it needs torchvision)."
-        ) from None
+    timm = require("timm", "a timm", "timm")
+    require("timm.data", "a timm", "timm")
     return timm
-
-
-class Transform:
-    """timm's own eval transform for one RGB image -> float32 array (3, h, w)."""
-
-    def __init__(self, transform, shortest_edge: int):
-        self.transform, self.shortest_edge = transform, shortest_edge
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        images.check_resize(image.size, self.shortest_edge)
-        return self.transform(image).numpy().astype(np.float32, copy=False)
 
 
 class TimmBackbone(Backbone):
@@ -105,7 +85,7 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
     return TimmBackbone(
         net,
         name=model.name,
-        preprocess=Transform(transform, min(data_config["input_size"][1:])),
+        preprocess=LibraryTransform(transform, min(data_config["input_size"][1:])),
         layers=list(model.layers),
         dims=dims,
         device=device,
