@@ -136,6 +136,7 @@ class EvaluateSettings:
     )
     seeds: list[int] = field(default_factory=lambda: [0])
     bootstrap: int = 1000
+    video_pooling: Literal["mean", "median", "max"] = "mean"  # a video's score from its frames' scores
     zero_shot: ZeroShotSettings = ZeroShotSettings()
 
 

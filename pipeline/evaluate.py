@@ -54,12 +54,13 @@ def scored(frames: Frames, reals: list[str], fake: str, fn: Callable[[np.ndarray
     return Scored(frames.label[mask], frames.score(fn, mask), frames.video[mask], frames.digest[mask])
 
 
-def score_set(s: Scored, val_threshold: float | None, bootstrap: int, name: str) -> dict:
-    """Frame- and video-level metrics of one scored test set (real + fake rows)."""
+def score_set(s: Scored, val_threshold: float | None, bootstrap: int, name: str, pooling: str = "mean") -> dict:
+    """Frame- and video-level metrics of one scored test set (real + fake rows); a video's score
+    pools its frames' scores (`evaluate.video_pooling`)."""
     frame = binary_metrics(s.y, s.scores, val_threshold=val_threshold, name=name)
     ci = bootstrap_auc(s.y, s.scores, s.video, n=bootstrap)
     frame["auc_ci_low"], frame["auc_ci_high"] = ci if ci else (None, None)
-    v_scores, v_labels, _ = video_level(s.scores, s.y, s.video)
+    v_scores, v_labels, _ = video_level(s.scores, s.y, s.video, pooling)
     video = binary_metrics(v_labels, v_scores, val_threshold=val_threshold, name=f"{name} (videos)")
     return {"frame": frame, "video": video}
 
@@ -84,7 +85,7 @@ def heldout(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, 
     results, curves, by_name = {}, {}, {}
     for name in ev.datasets:
         s = scored(frames, reals, name, probe.predict_proba)
-        results[name] = score_set(s, card.get("threshold"), ev.bootstrap, name)
+        results[name] = score_set(s, card.get("threshold"), ev.bootstrap, name, ev.video_pooling)
         curves[name] = roc_points(s.y, s.scores)
         by_name[name] = s
     if len(ev.seeds) > 1:
@@ -121,7 +122,7 @@ def cross_manipulation(settings: Settings, frames: Frames, reals: list[str]) -> 
         for tested_on in fakes:
             s = scored(frames, reals, tested_on, probe.predict_proba)
             auc[trained_on][tested_on] = binary_metrics(s.y, s.scores, name=tested_on)["auc"]
-            v_scores, v_labels, _ = video_level(s.scores, s.y, s.video)
+            v_scores, v_labels, _ = video_level(s.scores, s.y, s.video, settings.evaluate.video_pooling)
             video_auc[trained_on][tested_on] = binary_metrics(v_labels, v_scores, name=f"{tested_on} (videos)")["auc"]
     off = [auc[a][b] for a in fakes for b in fakes if a != b and auc[a][b] is not None]
     diag = [auc[a][a] for a in fakes if auc[a][a] is not None]
@@ -143,7 +144,8 @@ def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
     for left_out in fakes:
         fitted = fit(frames, [*reals, *(f for f in fakes if f != left_out)], settings.train)
         s = scored(frames, reals, left_out, fitted.probe.predict_proba)
-        results[left_out] = score_set(s, fitted.threshold, settings.evaluate.bootstrap, left_out)
+        ev = settings.evaluate
+        results[left_out] = score_set(s, fitted.threshold, ev.bootstrap, left_out, ev.video_pooling)
     return results
 
 
@@ -160,7 +162,13 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 
     fn = probes.ZeroShotProbe(real_t, fake_t, **scoring).predict_proba
     return {
-        name: score_set(scored(frames, reals, name, fn), None, settings.evaluate.bootstrap, f"{name} (zero-shot)")
+        name: score_set(
+            scored(frames, reals, name, fn),
+            None,
+            settings.evaluate.bootstrap,
+            f"{name} (zero-shot)",
+            settings.evaluate.video_pooling,
+        )
         for name in settings.evaluate.datasets
     }
 

@@ -1,8 +1,8 @@
 """Detection metrics for real (0) vs fake (1) scores, where a higher score means "more fake".
 
-Frame level scores each image; video level scores each video by the mean of its frames
-(`video_level`). A metric that needs both classes is None (JSON null) when one is missing,
-so outputs never hold NaN.
+Frame level scores each image; video level scores each video by the mean (or median, or max:
+`evaluate.video_pooling`) of its frames (`video_level`). A metric that needs both classes is
+None (JSON null) when one is missing, so outputs never hold NaN.
 """
 
 from __future__ import annotations
@@ -121,14 +121,26 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     return float(tpr[fpr <= target].max()) if (fpr <= target).any() else 0.0
 
 
-def video_level(scores: np.ndarray, y: np.ndarray, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean frame score per video -> (video scores, video labels, video keys)."""
+POOLINGS = ("mean", "median", "max")
+
+
+def video_level(
+    scores: np.ndarray, y: np.ndarray, videos: np.ndarray, pooling: str = "mean"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One score per video from its frames' scores (mean, median or max) -> (video scores,
+    video labels, video keys)."""
     keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
-    sums = np.bincount(inverse, weights=scores, minlength=len(keys))
-    counts = np.bincount(inverse, minlength=len(keys))
     labels = np.zeros(len(keys), dtype=int)
     labels[inverse] = y
-    return sums / counts, labels, keys
+    if pooling == "mean":
+        sums = np.bincount(inverse, weights=scores, minlength=len(keys))
+        return sums / np.bincount(inverse, minlength=len(keys)), labels, keys
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}")
+    pool = np.median if pooling == "median" else np.max
+    order = np.argsort(inverse, kind="stable")
+    groups = np.split(np.asarray(scores, dtype=float)[order], np.cumsum(np.bincount(inverse))[:-1])
+    return np.array([pool(g) for g in groups]), labels, keys
 
 
 def rank_auc(y: np.ndarray, scores: np.ndarray) -> float:

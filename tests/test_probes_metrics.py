@@ -146,6 +146,18 @@ def test_video_level_is_the_mean_frame_score_per_video():
     assert dict(zip(keys, v_labels, strict=True)) == {"real/000": 0, "fs/000_001": 1, "nt/000_001": 1}
 
 
+@pytest.mark.parametrize("pooling", ["median", "max"])
+def test_video_pooling_by_median_or_max_matches_a_per_video_loop(pooling):
+    rng = np.random.default_rng(3)
+    videos = rng.choice([f"v{i}" for i in range(9)], size=60)
+    scores = rng.random(60)
+    y = np.isin(videos, ["v5", "v6", "v7", "v8"]).astype(int)
+    v_scores, v_labels, keys = video_level(scores, y, videos, pooling)
+    pool = np.median if pooling == "median" else np.max
+    for key, value, label in zip(keys, v_scores, v_labels, strict=True):
+        assert value == pool(scores[videos == key]) and label == y[videos == key][0]
+
+
 def test_bootstrap_resamples_videos_not_frames():
     rng = np.random.default_rng(0)
     # 20 videos per class, 50 identical-score frames each: the frame count must not shrink the CI.
