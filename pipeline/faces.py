@@ -20,6 +20,7 @@ spec is part of the embedding cache's fingerprint, so full-frame and face caches
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -250,8 +251,6 @@ def write_cache(directory: Path, detections: dict[str, Detection]) -> None:
         },
         schema=_SCHEMA,
     )
-    import hashlib
-
     name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
     with atomic.atomic_path(directory / f"part-{name}.parquet") as tmp:
         pq.write_table(table, tmp)
