@@ -216,3 +216,24 @@ def test_two_families_never_share_a_cache_directory(checkpoint_dir):
 
         names.add(fingerprint(description))
     assert len(names) == 3
+
+
+def test_an_open_clip_model_on_a_timm_tower_as_eva_clip_is_built(tmp_path):
+    """EVA-CLIP and other open_clip releases put a timm trunk under a linear head."""
+    skip_unless_installed("open_clip")
+    import open_clip
+    from safetensors.torch import save_file
+
+    vision = {"timm_model_name": "vit_tiny_patch16_224", "timm_pool": "", "timm_proj": "linear", "image_size": 224}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}, "preprocess_cfg": {}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    backbone = backbones.load(ModelSettings(name=str(tmp_path), layers=["projection", "pooled"]), "cpu", "fp32")
+    x = torch.randn(2, 3, 224, 224)
+    out = backbone.embed(x)
+    with torch.inference_mode():
+        np.testing.assert_allclose(out["projection"], model.encode_image(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert out["pooled"].shape == (2, 192) and backbone.dims == {"projection": 16, "pooled": 192}
