@@ -57,7 +57,7 @@ class FacesSettings:
     detector: Literal["dlib_hog", "dlib_cnn", "mtcnn"] = "dlib_hog"
     scale: float = 1.3  # the crop's side, as a multiple of the face box's longer side
     size: int = 256  # the crop is resized to size x size pixels
-    align: bool = False
+    align: bool = False  # DeepfakeBench's 5-landmark similarity alignment before the crop
     no_face: Literal["skip", "full_frame", "nearest"] = "skip"
 
 
@@ -209,8 +209,6 @@ def _check(s: Settings) -> None:
     faces = s.data.faces
     if faces is not None and (faces.scale <= 0 or faces.size < 8):
         raise ConfigError("data.faces needs scale > 0 (e.g. 1.3) and size of at least 8 pixels (e.g. 256).")
-    if faces is not None and faces.align:
-        raise ConfigError("data.faces.align is not available yet; set align: false (crops are not rotated).")
     if s.data.frames.per_video is not None and s.data.frames.per_video < 1:
         raise ConfigError(f"data.frames.per_video is {s.data.frames.per_video}; use at least 1, or leave it out.")
 

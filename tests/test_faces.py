@@ -133,6 +133,9 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
     full = extract.run(load(face_project / "params.yaml"), outputs)
     assert full.embedded == 34 and full.failed == 0
     assert len(caches(outputs.embeddings)) == 3, "each crop spec is its own cache; the first is untouched"
+    set_faces(face_project, no_face="skip", align=True)  # the cached landmarks align: still no detection
+    assert extract.run(load(face_project / "params.yaml"), outputs).embedded == 32
+    set_faces(face_project, align=False)
 
     # nearest: a frame without a face is cropped with the box of the nearest frame of its video.
     set_faces(face_project, no_face="nearest", scale=1.3)
@@ -199,3 +202,35 @@ def test_sigkill_during_face_detection_then_resume_gives_the_uninterrupted_resul
     ref_keys, ref_vectors, ref_failures = contents(reference_project)
     assert keys == ref_keys and {k: v[1] for k, v in failures.items()} == {k: v[1] for k, v in ref_failures.items()}
     np.testing.assert_array_equal(vectors, ref_vectors)
+
+
+def test_the_similarity_estimate_recovers_a_known_transform():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        angle, scale, shift = rng.uniform(-1, 1), rng.uniform(0.3, 3), rng.uniform(-50, 50, 2)
+        rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        src = rng.uniform(0, 200, (5, 2))
+        m = faces.similarity(src, src @ rotation.T + shift)
+        np.testing.assert_allclose(m, np.hstack([rotation, shift[:, None]]), atol=1e-9)
+
+
+def test_alignment_levels_a_tilted_face_as_deepfakebench_does():
+    """A face tilted by 12 degrees: the plain crop keeps the tilt; the aligned crop (5 landmarks onto
+    DeepfakeBench's template) levels the eyes, measured by landmarks found on each crop."""
+    canvas = np.full((300, 400, 3), 90, np.uint8)
+    x0, y0, x1, y1 = REGION
+    canvas[40:250, 100:300] = skimage_data.astronaut()[y0:y1, x0:x1]
+    frame = Image.fromarray(canvas).rotate(12, resample=Image.Resampling.BICUBIC, fillcolor=(90, 90, 90))
+    found = faces.detector(FacesSettings(detector="dlib_hog"))
+    detection = found.detect(np.asarray(frame))
+    assert detection.points is not None and len(detection.points) == 5
+
+    def eye_angle(image: Image.Image) -> float:
+        (lx, ly), (rx, ry) = found.detect(np.asarray(image)).points[:2]
+        return float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+
+    plain = eye_angle(faces.crop(frame, detection.box, 1.3, 128))
+    aligned_image = faces.aligned_crop(frame, detection.points, 1.3, 128)
+    assert aligned_image.size == (128, 128)
+    aligned = eye_angle(aligned_image)
+    assert abs(aligned) < 5.0 and abs(plain) > abs(aligned) + 4.0, (plain, aligned)
