@@ -14,7 +14,7 @@ as .npy.
 
 This pipeline: the extractor's own reader (`embedder.read_batches`: DataLoader worker processes,
 `--workers` of them) over the manifest's frame items: an exact seek per frame (PyAV), the same HOG
-detector, a square crop of 1.3 x the box resized to 256 px, kept in memory (no model: the
+detector and 5 landmarks, the same aligned crop (1.3, 256 px), kept in memory (no model: the
 reader alone, as the extractor feeds its model). Prints both rates and their ratio.
 """
 
@@ -100,7 +100,7 @@ def ours(videos: list[Path], per_video: int, workers: int) -> tuple[float, int]:
         digest = hashlib.sha256(data).hexdigest()
         count = frames.inspect(data).frame_count
         items += [embedder.Item(frames.key(digest, i), str(v), v, i) for i in frames.sample(count, per_video)]
-    settings = FacesSettings(detector="dlib_hog", scale=1.3, size=256, no_face="skip")
+    settings = FacesSettings(detector="dlib_hog", scale=1.3, size=256, align=True, no_face="skip")
     crop = faces.FacePreprocess(settings, faces.detector(settings), np.asarray, {})
     crops = 0
     for batch in embedder.read_batches(items, crop, 32, workers, False):
