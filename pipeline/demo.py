@@ -209,6 +209,10 @@ def run(data_dir: Path, model_dir: Path, n_videos: int = 40, frames: int = 8, fo
         log.info("demo dataset: %d images -> %s", n, data_dir)
     else:
         log.info("demo dataset already in %s (pass --force to rebuild)", data_dir)
+    ensure_tiny_clip(model_dir, force)
+
+
+def ensure_tiny_clip(model_dir: Path, force: bool = False) -> None:
     if force or not (model_dir / "config.json").exists():
         make_tiny_clip(model_dir)
         log.info("tiny random-weight CLIP -> %s", model_dir)
@@ -316,6 +320,4 @@ def run_video(data_dir: Path, model_dir: Path, force: bool = False) -> None:
         log.info("video demo: %d videos -> %s", n, data_dir)
     else:
         log.info("video demo already in %s (pass --force to rebuild)", data_dir)
-    if force or not (model_dir / "config.json").exists():
-        make_tiny_clip(model_dir)
-        log.info("tiny random-weight CLIP -> %s", model_dir)
+    ensure_tiny_clip(model_dir, force)
