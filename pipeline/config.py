@@ -100,7 +100,7 @@ class ExtractSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     datasets: list[str]
-    probe: Literal["logreg", "linear_svm"] = "logreg"
+    probe: Literal["logreg", "linear_svm", "mlp"] = "logreg"
     C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     normalize: Literal["none", "l2", "standardize", "l2+standardize"] = "standardize"
     layer: str = "projection"
@@ -108,6 +108,8 @@ class TrainSettings:
     # Caches larger than memory: read shard by shard and fit with SGD (partial_fit) instead.
     stream: bool = False
     epochs: int = 5  # SGD passes over the training rows when streaming
+    hidden: int = 256  # mlp: width of its one hidden layer
+    seed: int = 0  # mlp: weight initialisation and minibatch order (deterministic for a seed)
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,10 @@ def _check(s: Settings) -> None:
             f"train.layer '{s.train.layer}' is not in model.layers {s.model.layers}; "
             "add it to model.layers and re-run extract."
         )
+    if s.train.probe == "mlp" and s.train.stream:
+        raise ConfigError("train.probe mlp reads the cache in memory; set train.stream: false (or use logreg).")
+    if s.train.hidden < 1:
+        raise ConfigError(f"train.hidden is {s.train.hidden}; it must be at least 1.")
     if not s.train.C or any(c <= 0 for c in s.train.C):
         raise ConfigError("train.C must be a non-empty list of positive numbers, e.g. [0.01, 0.1, 1.0].")
     at_least_one = {"extract": ("batch_size", "shard_size"), "train": ("max_iter", "epochs")}

@@ -193,7 +193,7 @@ def write_scores(outputs: Outputs, by_name: dict[str, Scored]) -> None:
 
 
 def run(settings: Settings, outputs: Outputs) -> dict:
-    probe, card = LinearProbe.load(outputs.probe)
+    probe, card = probes.load(outputs.probe)
     table = manifest_table.read(outputs.manifest)
     store = features.open_cache(outputs)
     if store.header.fingerprint != card["fingerprint"]:

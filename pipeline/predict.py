@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, images
+from pipeline import atomic, images, probes
 from pipeline.config import ConfigError, Settings
 from pipeline.outputs import Outputs
-from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore, caches
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def embed_missing(
 
 
 def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path | None, out: Path) -> list[dict]:
-    probe, card = LinearProbe.load(probe_dir or outputs.probe)
+    probe, card = probes.load(probe_dir or outputs.probe)
     files = collect(paths)
     if not files:
         raise ConfigError("no image files found in the given paths.")

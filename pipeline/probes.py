@@ -1,8 +1,9 @@
 """Every probe on cached embeddings: normalisation, fitting (in memory or streamed), the choice
 of C and of a decision threshold on the val split, and saving without pickle.
 
-Kinds: `logreg` (scikit-learn's LogisticRegression, the original script's probe) and
-`linear_svm` (LinearSVC). Both end as a weight vector and a bias on normalised features, so
+Kinds: `logreg` (scikit-learn's LogisticRegression, the original script's probe),
+`linear_svm` (LinearSVC) and `mlp` (scikit-learn's MLPClassifier with one hidden layer, early
+stopping on the val split; `MLPProbe`). Both end as a weight vector and a bias on normalised features, so
 one class scores them: score = sigmoid(w . normalise(x) + b), which is P(fake) for logreg and
 a monotone squashing of the margin for the SVM (0.5 <=> margin 0 either way). The zero-shot
 baseline (`ZeroShotProbe`) scores by cosine similarity to text prompts instead.
@@ -37,7 +38,11 @@ from pipeline.config import ConfigError, TrainSettings
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
-KINDS = ("logreg", "linear_svm")
+KINDS = ("logreg", "linear_svm")  # the linear ones; `mlp` is MLPProbe
+MLP_PATIENCE = 10  # epochs without a better val AUC before an MLP stops
+MLP_MAX_EPOCHS = 200
+MLP_BATCH = 32  # adam minibatch (rows)
+MLP_LEARNING_RATE = 0.01  # adam; early stopping on val keeps the best epoch
 BUFFER_ROWS = 32_768  # streamed fitting: rows shuffled together before minibatches (bounds memory)
 MINIBATCH = 1024
 
@@ -167,6 +172,90 @@ class LinearProbe:
         return cls.from_weights(settings, t["mean"], t["scale"], t["coef"], float(t["intercept"][0])), card
 
 
+class MLPProbe:
+    """One hidden layer (ReLU) on normalised features, fitted by scikit-learn's MLPClassifier
+    (adam, minibatches of MLP_BATCH, L2 penalty alpha = 1 / (C * n)) one epoch at a time; the
+    epoch with the best val AUC is kept (early stopping on the val split, after MLP_PATIENCE
+    epochs without improvement).
+    Deterministic for a seed. Saved as safetensors + JSON like the linear probes."""
+
+    kind = "mlp"
+
+    def __init__(self, C: float = 1.0, normalize: str = "standardize", hidden: int = 256, seed: int = 0,
+                 max_iter: int = MLP_MAX_EPOCHS):  # fmt: skip
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}")
+        self.C, self.normalize, self.hidden, self.seed, self.max_iter = C, normalize, hidden, seed, max_iter
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (Normalizer(self.normalize).rows(X) - self.mean_) / self.scale_
+
+    def fit(self, X: np.ndarray, y: np.ndarray, val_X: np.ndarray, val_y: np.ndarray) -> MLPProbe:
+        from sklearn.neural_network import MLPClassifier
+
+        self.mean_, self.scale_ = Normalizer(self.normalize).fit(X)
+        Z, val_Z, y = self.transform(X), self.transform(val_X), np.asarray(y)
+        net = MLPClassifier(
+            hidden_layer_sizes=(self.hidden,),
+            alpha=1.0 / (self.C * len(y)),
+            batch_size=min(MLP_BATCH, len(y)),
+            learning_rate_init=MLP_LEARNING_RATE,
+            random_state=self.seed,
+        )
+        best, waited = (-1.0, None), 0
+        for epoch in range(min(self.max_iter, MLP_MAX_EPOCHS)):
+            net.partial_fit(Z, y, classes=[0, 1])
+            auc = float(roc_auc_score(val_y, net.predict_proba(val_Z)[:, 1]))
+            if auc > best[0]:
+                best, waited = (auc, ([w.copy() for w in net.coefs_], [b.copy() for b in net.intercepts_], epoch)), 0
+            else:
+                waited += 1
+                if waited >= MLP_PATIENCE:
+                    break
+        (self.w1_, self.w2_), (self.b1_, self.b2_), self.epochs_ = best[1]
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        hidden = np.maximum(self.transform(X) @ self.w1_ + self.b1_, 0.0)
+        return (hidden @ self.w2_ + self.b2_).ravel()
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        z = np.clip(self.decision_function(X), -500, 500)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def save(self, directory: Path, card: dict) -> dict:
+        tensors = {
+            "w1": self.w1_,
+            "b1": self.b1_,
+            "w2": self.w2_,
+            "b2": self.b2_,
+            "mean": self.mean_,
+            "scale": self.scale_,
+        }
+        card = {**card, "probe": "mlp", "C": self.C, "normalize": self.normalize, "hidden": self.hidden,
+                "seed": self.seed, "max_iter": self.max_iter, "epochs": int(self.epochs_) + 1}  # fmt: skip
+        with atomic.atomic_dir(Path(directory)) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+            (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        return card
+
+
+def load(directory: Path) -> tuple[LinearProbe | MLPProbe, dict]:
+    """The probe saved in `directory` (whichever kind), and its card."""
+    directory = Path(directory)
+    if not (directory / "card.json").exists() or not (directory / "weights.safetensors").exists():
+        raise ConfigError(f"no probe in {directory}; run the train stage first (`dvc repro train`).")
+    card = json.loads((directory / "card.json").read_text())
+    if card.get("probe") != "mlp":
+        return LinearProbe.load(directory)
+    t = load_file(str(directory / "weights.safetensors"))
+    probe = MLPProbe(C=card["C"], normalize=card["normalize"], hidden=card["hidden"], seed=card["seed"],
+                     max_iter=card["max_iter"])  # fmt: skip
+    probe.w1_, probe.b1_, probe.w2_, probe.b2_ = t["w1"], t["b1"], t["w2"], t["b2"]
+    probe.mean_, probe.scale_, probe.epochs_ = t["mean"], t["scale"], card["epochs"] - 1
+    return probe, card
+
+
 class ZeroShotProbe:
     """No training: the model's own image-text scoring of the best real and the best fake prompt.
     `softmax` (CLIP, MetaCLIP, open_clip): softmax over scale x cosine similarity; `sigmoid`
@@ -221,7 +310,7 @@ class Chunked(Protocol):
 
 @dataclass
 class Fitted:
-    probe: LinearProbe
+    probe: LinearProbe | MLPProbe
     val_auc: dict[float, float]  # C -> val AUC
     threshold: float  # the val threshold with the best balanced accuracy
 
@@ -252,7 +341,14 @@ def fit_and_select(
     """One probe per C in `spec.C` fitted on train; the best val AUC wins (the smaller C on
     ties) and the decision threshold is chosen on val. Streamed when the data is `Chunked`."""
     check_both_classes(train.y, val.y, what)
-    fitted = _fit_streamed(train, val, spec) if isinstance(train, Chunked) else _fit_in_memory(train, val, spec)
+    if spec.probe == "mlp":
+        if isinstance(train, Chunked):
+            raise ConfigError("train.probe mlp reads the cache in memory; set train.stream: false.")
+        fitted = _fit_mlp(train, val, spec)
+    elif isinstance(train, Chunked):
+        fitted = _fit_streamed(train, val, spec)
+    else:
+        fitted = _fit_in_memory(train, val, spec)
     for C, auc in fitted.val_auc.items():
         log.debug("%s C=%g: val AUC %.4f", what, C, auc)
     return fitted
@@ -263,6 +359,16 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     for C in sorted(spec.C):
         probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
         probe.fit(train.X, train.y)
+        probes[C], aucs[C] = probe, float(roc_auc_score(val.y, probe.decision_function(val.X)))
+    best = probes[best_C(aucs)]
+    return Fitted(best, aucs, choose_threshold(val.y, best.predict_proba(val.X)))
+
+
+def _fit_mlp(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitted:
+    probes, aucs = {}, {}
+    for C in sorted(spec.C):
+        probe = MLPProbe(C=C, normalize=spec.normalize, hidden=spec.hidden, seed=spec.seed, max_iter=spec.max_iter)
+        probe.fit(train.X, train.y, val.X, val.y)
         probes[C], aucs[C] = probe, float(roc_auc_score(val.y, probe.decision_function(val.X)))
     best = probes[best_C(aucs)]
     return Fitted(best, aucs, choose_threshold(val.y, best.predict_proba(val.X)))

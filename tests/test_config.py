@@ -50,6 +50,7 @@ def test_default_params_file_is_valid():
         (lambda p: p["train"].update(max_iter=-5), "train.max_iter is -5; it must be at least 1"),
         (lambda p: p["train"].update(epochs=0), "train.epochs is 0; it must be at least 1"),
         (lambda p: p["data"].update(frames={"per_video": 0}), "data.frames.per_video is 0; use at least 1"),
+        (lambda p: p["train"].update(probe="mlp", stream=True), "train.probe mlp reads the cache in memory"),
         (lambda p: p["data"].update(frames={"sampling": "random"}), "data.frames.sampling"),
         (lambda p: p["extract"].update(device="meta"), "extract.device is 'meta'; use auto, cpu, cuda"),
         (lambda p: p["model"].update(layers=["projection", "projection"]), "names 'projection' more than once"),

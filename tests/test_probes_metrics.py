@@ -3,6 +3,7 @@ caches give the answers their construction implies; the demo's evaluation is com
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -82,6 +83,31 @@ def test_normalisation_from_parts_matches_the_exact_one():
             assert n == len(X)
             np.testing.assert_allclose(mean, exact_mean, rtol=1e-9, atol=1e-9, err_msg=f"{trial} {normalize}")
             np.testing.assert_allclose(scale, exact_scale, rtol=1e-6, err_msg=f"{trial} {normalize}")
+
+
+def test_the_mlp_head_is_deterministic_stops_on_val_and_round_trips_without_pickle(tmp_path):
+    X, y = blobs(n=300, dim=8, seed=1)
+    val_X, val_y = blobs(n=120, dim=8, seed=2)
+    a = probes.MLPProbe(C=1.0, hidden=16, seed=3).fit(X, y, val_X, val_y)
+    b = probes.MLPProbe(C=1.0, hidden=16, seed=3).fit(X, y, val_X, val_y)
+    np.testing.assert_array_equal(a.w1_, b.w1_)  # the same seed, the same net
+    assert 0 <= a.epochs_ < probes.MLP_MAX_EPOCHS, "early stopping on the val split ended it"
+    assert roc_auc_score(val_y, a.predict_proba(val_X)) > 0.8
+    card = a.save(tmp_path / "mlp", {"layer": "projection"})
+    assert card["probe"] == "mlp" and card["hidden"] == 16
+    assert set(load_file(str(tmp_path / "mlp" / "weights.safetensors"))) == {"w1", "b1", "w2", "b2", "mean", "scale"}
+    loaded, _ = probes.load(tmp_path / "mlp")
+    np.testing.assert_array_equal(loaded.predict_proba(val_X), a.predict_proba(val_X))
+
+
+def test_train_and_evaluate_with_the_mlp_head(tmp_path):
+    frames = synthetic_frames(videos=30, frames=4, dim=6)
+    settings = synthetic_settings()
+    spec = dataclasses.replace(settings.train, probe="mlp", hidden=8, C=[1.0])
+    fitted = probes.fit_and_select(*frames.training_data(["real", "fs"]), spec)
+    assert isinstance(fitted.probe, probes.MLPProbe) and set(fitted.val_auc) == {1.0}
+    test = frames.mask(["real"], ["test"], labels=[0]) | frames.mask(["fs"], ["test"], labels=[1])
+    assert roc_auc_score(frames.label[test], frames.score(fitted.probe.predict_proba, test)) > 0.8
 
 
 def test_val_threshold_maximises_balanced_accuracy():
@@ -346,3 +372,18 @@ def test_demo_evaluation_writes_every_protocol_report_and_table(project, caplog)
     lines = next(iter(shown.values())).splitlines()
     assert lines[0].split()[:4] == ["dataset", "real", "fake", "auc"]
     assert [line.split()[0] for line in lines[1:]] == list(settings.evaluate.datasets)
+
+
+def test_the_mlp_head_runs_through_the_train_and_evaluate_stages(project):
+    from tests.conftest import update_params
+
+    update_params(project, "train", probe="mlp", hidden=16, C=[1.0])
+    update_params(project, "evaluate", protocols=["heldout", "cross_manipulation"], bootstrap=0)
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    extract.run(settings, outputs)
+    card = train.run(settings, outputs)
+    assert card["probe"] == "mlp" and card["hidden"] == 16 and card["epochs"] >= 1
+    results = evaluate.run(settings, outputs)
+    assert set(results["heldout"]) == set(settings.evaluate.datasets)
+    assert results["cross_manipulation"]["mean_in_domain_auc"] is not None
