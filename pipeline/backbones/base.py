@@ -196,6 +196,26 @@ def require(module: str, kind: str, extra: str):
         ) from None
 
 
+@contextlib.contextmanager
+def building(name: str, directory: Path):
+    """Around building a transformers model from checkpoint files: its warnings about weights the
+    vision side leaves unused (the text tower) silenced, and any failure one error naming the files."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    except Exception as exc:  # any failure to build the model from these files is a problem with the files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model '{name}' could not be loaded from {directory} ({first}); "
+            "check its config.json and weights against the original checkpoint."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def block_index(layer: str) -> int | None:
     """i for `block_<i>`, None for any other layer name."""
     m = _BLOCK.match(layer)
@@ -223,6 +243,35 @@ def describe(
         "precision": precision,
         "dtype": model.dtype,
         "libraries": libraries,
+    }
+
+
+def fields(
+    directory: Path,
+    config: dict,
+    model: ModelSettings,
+    device: torch.device,
+    precision: str,
+    preprocess: Callable[[Image.Image], np.ndarray],
+    preprocess_description: dict,
+    dims: dict[str, int],
+    family: str,
+    libraries: tuple[str, ...],
+) -> dict:
+    """The keyword arguments of `Backbone.__init__` that every family passes the same way,
+    with the fingerprint description (`describe`) and the libraries' versions."""
+    description = describe(
+        directory, config, preprocess_description, model, precision, family=family,
+        libraries=library_versions(*libraries),
+    )  # fmt: skip
+    return {
+        "name": model.name,
+        "preprocess": preprocess,
+        "layers": list(model.layers),
+        "dims": dims,
+        "device": device,
+        "precision": precision,
+        "description": description,
     }
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, describe, library_versions, read_json
+from pipeline.backbones.base import Backbone, block_index, building, fields, read_json
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,12 @@ class ClipBackbone(Backbone):
 def load(directory: Path, config: dict, model: ModelSettings, device: torch.device, precision: str) -> ClipBackbone:
     """The vision tower with its projection, from safetensors."""
     from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.utils import logging as hf_logging
 
     try:
         preprocess = Preprocess.from_hf_config(read_json(directory / "preprocessor_config.json"))
     except ValueError as exc:
         raise ConfigError(f"model '{model.name}': {exc}.") from None
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the text tower's unused weights are expected, not news
-    try:
+    with building(model.name, directory):
         if config["model_type"] == "clip":
             # The projection width lives on the full config; the vision sub-config may not carry it.
             full = CLIPConfig.from_pretrained(directory)
@@ -163,14 +160,6 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
         else:
             vision_config = CLIPVisionConfig.from_pretrained(directory)
         net = CLIPVisionModelWithProjection.from_pretrained(directory, config=vision_config, use_safetensors=True)
-    except Exception as exc:  # any failure to build the model from these files is a problem with the files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"model '{model.name}' could not be loaded from {directory} ({first}); "
-            "check its config.json and weights against the original checkpoint."
-        ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     net = net.eval().to(device)
 
     vision = net.config
@@ -186,25 +175,11 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
             raise ConfigError(
                 f"model.layers has '{layer}'; use projection, pooled, patch_mean or block_0 .. block_{n_blocks - 1}."
             )
-    return ClipBackbone(
-        net,
-        directory,
-        name=model.name,
-        preprocess=preprocess,
-        layers=list(model.layers),
-        dims=dims,
-        device=device,
-        precision=precision,
-        description=describe(
-            directory,
-            config,
-            preprocess.describe(),
-            model,
-            precision,
-            family="clip",
-            libraries=library_versions("transformers"),
-        ),
-    )
+    common = fields(
+        directory, config, model, device, precision, preprocess, preprocess.describe(), dims,
+        family="clip", libraries=("transformers",),
+    )  # fmt: skip
+    return ClipBackbone(net, directory, **common)
 
 
 def _load_text(name: str, directory: Path, device: torch.device) -> tuple | None:
@@ -212,7 +187,6 @@ def _load_text(name: str, directory: Path, device: torch.device) -> tuple | None
     text tower or no tokenizer."""
     from safetensors import safe_open
     from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection
-    from transformers.utils import logging as hf_logging
 
     if read_json(directory / "config.json").get("model_type") != "clip":
         return None
@@ -228,12 +202,8 @@ def _load_text(name: str, directory: Path, device: torch.device) -> tuple | None
     full = CLIPConfig.from_pretrained(directory)
     text_config = full.text_config
     text_config.projection_dim = full.projection_dim
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with building(name, directory):
         net = CLIPTextModelWithProjection.from_pretrained(directory, config=text_config, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     scale = 100.0
     for weights in sorted(directory.glob("*.safetensors")):
         with safe_open(str(weights), framework="np") as f:

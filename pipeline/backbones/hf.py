@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, describe, library_versions
+from pipeline.backbones.base import Backbone, block_index, building, fields
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,6 @@ def _tokenizer(name: str, directory: Path):
 
 def load(directory: Path, config: dict, model: ModelSettings, device: torch.device, precision: str) -> HFBackbone:
     import transformers
-    from transformers.utils import logging as hf_logging
 
     kind = KINDS[config["model_type"]]
     try:
@@ -161,18 +160,8 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
             f"model '{model.name}': its image processor could not be built from {directory} ({exc}); "
             "check preprocessor_config.json against the original checkpoint."
         ) from None
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with building(model.name, directory):
         net = getattr(transformers, kind.model_class).from_pretrained(directory, use_safetensors=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"model '{model.name}' could not be loaded from {directory} ({first}); "
-            "check its config.json and weights against the original checkpoint."
-        ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     net = net.eval().to(device)
     vision_config = getattr(net.config, "vision_config", net.config)
     n_blocks, width = vision_config.num_hidden_layers, vision_config.hidden_size
@@ -191,24 +180,8 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
                 f"model.layers has '{layer}', which a {config['model_type']} model does not have; "
                 f"use {', '.join(allowed)}."
             )
-    return HFBackbone(
-        net,
-        kind,
-        directory,
-        n_prefix,
-        name=model.name,
-        preprocess=preprocess,
-        layers=list(model.layers),
-        dims=dims,
-        device=device,
-        precision=precision,
-        description=describe(
-            directory,
-            config,
-            preprocess.describe(),
-            model,
-            precision,
-            family=config["model_type"],
-            libraries=library_versions("transformers"),
-        ),
-    )
+    common = fields(
+        directory, config, model, device, precision, preprocess, preprocess.describe(), dims,
+        family=config["model_type"], libraries=("transformers",),
+    )  # fmt: skip
+    return HFBackbone(net, kind, directory, n_prefix, **common)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbones.base import Backbone, LibraryTransform, block_index, describe, library_versions, require
+from pipeline.backbones.base import Backbone, LibraryTransform, block_index, fields, require
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -123,22 +123,8 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
             raise ConfigError(
                 f"model.layers has '{layer}', which this open_clip model does not have; use {', '.join(allowed)}."
             )
-    return OpenClipBackbone(
-        net,
-        directory,
-        name=model.name,
-        preprocess=LibraryTransform(transform, size),
-        layers=list(model.layers),
-        dims=dims,
-        device=device,
-        precision=precision,
-        description=describe(
-            directory,
-            config,
-            {"transform": str(transform)},
-            model,
-            precision,
-            family="open_clip",
-            libraries=library_versions("open_clip_torch", "timm", "torchvision"),
-        ),
-    )
+    common = fields(
+        directory, config, model, device, precision, LibraryTransform(transform, size), {"transform": str(transform)},
+        dims, family="open_clip", libraries=("open_clip_torch", "timm", "torchvision"),
+    )  # fmt: skip
+    return OpenClipBackbone(net, directory, **common)

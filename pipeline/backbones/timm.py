@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbones.base import Backbone, LibraryTransform, block_index, describe, library_versions, require
+from pipeline.backbones.base import Backbone, LibraryTransform, block_index, fields, require
 from pipeline.config import ConfigError, ModelSettings
 
 
@@ -82,24 +82,13 @@ def load(directory: Path, config: dict, model: ModelSettings, device: torch.devi
         dims = {
             k: v.shape[-1] for k, v in sizing.forward(torch.zeros(1, *data_config["input_size"], device=device)).items()
         }
-    return TimmBackbone(
-        net,
-        name=model.name,
-        preprocess=LibraryTransform(transform, min(data_config["input_size"][1:])),
-        layers=list(model.layers),
-        dims=dims,
-        device=device,
-        precision=precision,
-        description=describe(
-            directory,
-            config,
-            {
-                "transform": str(transform),
-                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-            },
-            model,
-            precision,
-            family="timm",
-            libraries=library_versions("timm", "torchvision"),
-        ),
-    )
+    described = {
+        "transform": str(transform),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+    }
+    preprocess = LibraryTransform(transform, min(data_config["input_size"][1:]))
+    common = fields(
+        directory, config, model, device, precision, preprocess, described, dims,
+        family="timm", libraries=("timm", "torchvision"),
+    )  # fmt: skip
+    return TimmBackbone(net, **common)
