@@ -59,6 +59,11 @@ class FacesSettings:
     size: int = 256  # the crop is resized to size x size pixels
     align: bool = False  # DeepfakeBench's 5-landmark similarity alignment before the crop
     no_face: Literal["skip", "full_frame", "nearest"] = "skip"
+    # dlib detectors: times the frame is upsampled before detection (1: DeepfakeBench's, finds
+    # faces from about 40 px); auto: not upsampled (faces from about 80 px), and once where that
+    # finds no face
+    upsample: Literal[0, 1, 2, "auto"] = 1
+    save_crops: bool = False  # also write each embedded crop as a PNG under cache/crops/
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
 from pipeline import backbones, faces, frames, images
@@ -68,7 +68,9 @@ class Batch(NamedTuple):
 
 
 class ImageDataset(Dataset):
-    """Decodes and preprocesses one image per item; failures come back as values."""
+    """Decodes and preprocesses one batch of items per call; failures come back as values. The
+    frames of one video within a batch are read, hashed and decoded together (one pass), and
+    face detection (`preprocess.detect_missing`, with data.faces) sees the whole batch at once."""
 
     def __init__(self, items: list[Item], preprocess: Callable):
         self.items = items
@@ -77,12 +79,29 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
-        item = self.items[i]
-        per_item = getattr(self.preprocess, "for_item", None)  # face crops: one detection per item
-        preprocess = per_item(item.digest) if per_item else self.preprocess
-        array, error = images.load(item.file, preprocess, digest=frames.file_digest(item.digest), frame=item.frame)
-        return item.digest, item.path, array, error, getattr(preprocess, "detection", None)
+    def __getitem__(self, indices: list[int]) -> Batch:
+        items = [self.items[i] for i in indices]
+        decoded: list = []
+        start = 0
+        while start < len(items):  # runs of items from the same file: a video's frames
+            end = start + 1
+            if items[start].frame >= 0:
+                while end < len(items) and items[end].file == items[start].file and items[end].frame >= 0:
+                    end += 1
+                run = items[start:end]
+                decoded += images.decode_frames(run[0].file, frames.file_digest(run[0].digest), [i.frame for i in run])
+            else:
+                decoded.append(images.decode(items[start].file, items[start].digest))
+            start = end
+        per_item = getattr(self.preprocess, "for_items", None)  # face crops: one detection per item
+        preprocesses = per_item(items, decoded) if per_item else [self.preprocess] * len(items)
+        results = [images.apply(p, rgb) for p, rgb in zip(preprocesses, decoded, strict=True)]
+        return collate(
+            [
+                (item.digest, item.path, array, error, getattr(p, "detection", None))
+                for item, p, (array, error) in zip(items, preprocesses, results, strict=True)
+            ]
+        )
 
 
 def collate(batch) -> Batch:
@@ -100,14 +119,16 @@ def collate(batch) -> Batch:
 def read_batches(
     items: list[Item], preprocess: Callable, batch_size: int, num_workers: int, pin_memory: bool
 ) -> Iterable[Batch]:
-    """The default reader: a DataLoader with `num_workers` decoding processes (0: in this thread)."""
+    """The default reader: a DataLoader with `num_workers` decoding processes (0: in this thread),
+    each call of the dataset one batch."""
     return DataLoader(
         ImageDataset(items, preprocess),
-        batch_size=batch_size,
+        batch_size=None,  # the dataset makes whole batches
+        sampler=BatchSampler(SequentialSampler(range(len(items))), batch_size, drop_last=False),
         num_workers=num_workers,
-        collate_fn=collate,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
+        multiprocessing_context=getattr(preprocess, "multiprocessing_context", None) if num_workers else None,
     )
 
 
@@ -250,7 +271,11 @@ class LocalEmbedder:
     ):
         self.settings = settings
         self.backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
-        self.crops = faces.FaceStage.create(settings, self.backbone.preprocess) if settings.data.faces else None
+        self.crops = (
+            faces.FaceStage.create(settings, self.backbone.preprocess, str(self.backbone.device))
+            if settings.data.faces
+            else None
+        )
         self.description = {**self.backbone.description, **({"faces": self.crops.spec} if self.crops else {})}
         self.dims = self.backbone.dims
         self.reader, self.writer = reader, writer

@@ -53,12 +53,17 @@ class Detector:
     """One detector: `detect(rgb array) -> Detection`, built lazily in each process."""
 
     name = ""
+    device = "cpu"  # where it runs: "cpu", or a CUDA device for detectors that can use one
 
     def describe(self) -> dict:
         return {"detector": self.name}
 
     def detect(self, rgb: np.ndarray) -> Detection:
         raise NotImplementedError
+
+    def detect_many(self, rgbs: list[np.ndarray]) -> list[Detection]:
+        """Several frames at once (detectors that batch override this)."""
+        return [self.detect(rgb) for rgb in rgbs]
 
 
 def _best(boxes: list, scores: list, points: list | None = None) -> tuple[Detection, int]:
@@ -92,9 +97,13 @@ class DlibLandmarks:
 
 
 class DlibHog(Detector):
+    """dlib's HOG frontal detector; `upsample` times upsampled first (1: DeepfakeBench's), or
+    "auto": not upsampled, and once where that finds no face (a quarter of the pixels for every
+    face of 80 px or more, which is most faces of FF++-sized frames)."""
+
     name = "dlib_hog"
 
-    def __init__(self, upsample: int = 1):
+    def __init__(self, upsample: int | str = 1):
         self.upsample = upsample
         self._detector = None
         self._landmarks = DlibLandmarks()
@@ -105,41 +114,46 @@ class DlibHog(Detector):
         landmarks = f"dlib 68-point predictor, points {list(KEY_POINTS)}"
         return {"detector": self.name, "upsample": self.upsample, "dlib": dlib.__version__, "landmarks": landmarks}
 
-    def with_points(self, rgb: np.ndarray, detection: Detection) -> Detection:
+    def detect(self, rgb: np.ndarray) -> Detection:
+        rgb = np.ascontiguousarray(rgb)
+        for times in (0, 1) if self.upsample == "auto" else (self.upsample,):
+            detection = self._run(rgb, times)
+            if detection.box is not None:
+                break
         if detection.box is None:
             return detection
         return Detection(detection.box, detection.score, detection.boxes, self._landmarks(rgb, detection.box))
 
-    def detect(self, rgb: np.ndarray) -> Detection:
+    def _run(self, rgb: np.ndarray, upsample: int) -> Detection:
         if self._detector is None:
             import dlib
 
             self._detector = dlib.get_frontal_face_detector()
-        rgb = np.ascontiguousarray(rgb)
-        rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
-        return self.with_points(
-            rgb, _best([(r.left(), r.top(), r.right(), r.bottom()) for r in rects], list(scores))[0]
-        )
+        rects, scores, _ = self._detector.run(rgb, upsample, 0.0)
+        return _best([(r.left(), r.top(), r.right(), r.bottom()) for r in rects], list(scores))[0]
 
 
 class DlibCnn(DlibHog):
     name = "dlib_cnn"
 
-    def detect(self, rgb: np.ndarray) -> Detection:
+    def _run(self, rgb: np.ndarray, upsample: int) -> Detection:
         if self._detector is None:
             import dlib
 
             self._detector = dlib.cnn_face_detection_model_v1(model_file("mmod_human_face_detector.dat"))
-        rgb = np.ascontiguousarray(rgb)
-        found = self._detector(rgb, self.upsample)
+        found = self._detector(rgb, upsample)
         boxes = [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in found]
-        return self.with_points(rgb, _best(boxes, [d.confidence for d in found])[0])
+        return _best(boxes, [d.confidence for d in found])[0]
 
 
 class Mtcnn(Detector):
+    """facenet-pytorch's MTCNN; frames of one size are detected as one batch, on `device` (a
+    GPU when the extractor has one: its reader processes are then spawned, not forked)."""
+
     name = "mtcnn"
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        self.device = device
         self._detector = None
 
     def describe(self) -> dict:
@@ -147,18 +161,34 @@ class Mtcnn(Detector):
 
         return {"detector": self.name, "facenet_pytorch": version("facenet-pytorch")}
 
-    def detect(self, rgb: np.ndarray) -> Detection:
+    def _mtcnn(self):
         if self._detector is None:
             import torch
             from facenet_pytorch import MTCNN
 
             if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 6):
                 raise ConfigError("mtcnn needs torch >= 2.6 (whose torch.load reads weights only, never pickles).")
-            self._detector = MTCNN(keep_all=True, device="cpu")
-        boxes, probs, points = self._detector.detect(Image.fromarray(rgb), landmarks=True)
-        if boxes is None:
-            return Detection(None, 0.0, 0)
-        return _best([tuple(b) for b in boxes], [float(p) for p in probs], [list(p) for p in points])[0]
+            self._detector = MTCNN(keep_all=True, device=self.device)
+        return self._detector
+
+    def detect(self, rgb: np.ndarray) -> Detection:
+        return self.detect_many([rgb])[0]
+
+    def detect_many(self, rgbs: list[np.ndarray]) -> list[Detection]:
+        out: list[Detection | None] = [None] * len(rgbs)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, rgb in enumerate(rgbs):
+            by_shape.setdefault(rgb.shape, []).append(i)
+        for members in by_shape.values():
+            batch = np.stack([rgbs[i] for i in members])
+            boxes, probs, points = self._mtcnn().detect(batch, landmarks=True)
+            for i, b, p, pts in zip(members, boxes, probs, points, strict=True):
+                out[i] = (
+                    Detection(None, 0.0, 0)
+                    if b is None
+                    else _best([tuple(x) for x in b], [float(v) for v in p], [list(x) for x in pts])[0]
+                )
+        return out
 
 
 def model_file(name: str) -> str:
@@ -178,11 +208,14 @@ INSTALL = {
 }
 
 
-def detector(settings: FacesSettings) -> Detector:
+def detector(settings: FacesSettings, device: str = "cpu") -> Detector:
+    """The detector `settings` name; `device` is used by those that can run on a GPU (mtcnn)."""
     module = REQUIRES[settings.detector]
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"data.faces.detector {settings.detector} needs {module}: `{INSTALL[module]}`.")
-    return DETECTORS[settings.detector]()
+    if settings.detector == "mtcnn":
+        return Mtcnn(device)
+    return DETECTORS[settings.detector](settings.upsample)
 
 
 def crop(rgb: Image.Image, box: tuple[float, float, float, float], scale: float, size: int) -> Image.Image:
@@ -224,40 +257,57 @@ def aligned_crop(rgb: Image.Image, points, scale: float, size: int) -> Image.Ima
 
 
 def spec(settings: FacesSettings) -> dict:
-    """The part of the embedding fingerprint that face cropping contributes."""
-    return {**asdict(settings), **detector(settings).describe()}
+    """The part of the embedding fingerprint that face cropping contributes: the crop and the
+    detector (`upsample` only through the detectors that use it; `save_crops` changes nothing)."""
+    crop_spec = {k: v for k, v in asdict(settings).items() if k not in ("upsample", "save_crops")}
+    return {**crop_spec, **detector(settings).describe()}
 
 
 class FaceCrop:
-    """A preprocess callable for one item: detect (or reuse the cached detection), crop, then the
-    backbone's own preprocessing. `detection` holds what was found, for the detection cache."""
+    """A preprocess callable for one item: crop around its detection, then the backbone's own
+    preprocessing. `detection` is what was found (cached, borrowed or new), for the cache."""
 
-    def __init__(self, settings: FacesSettings, found: Detector, preprocess, cached: Detection | None):
-        self.settings, self.found, self.preprocess, self.detection = settings, found, preprocess, cached
+    def __init__(self, settings: FacesSettings, preprocess, detection: Detection | None):
+        self.settings, self.preprocess, self.detection = settings, preprocess, detection
 
     def __call__(self, rgb: Image.Image) -> np.ndarray:
-        if self.detection is None:
-            self.detection = self.found.detect(np.asarray(rgb))
-        if self.detection.box is None:
-            if self.settings.no_face == "full_frame":
+        s = self.settings
+        if self.detection is None or self.detection.box is None:
+            if s.no_face == "full_frame":
                 return self.preprocess(rgb)
             raise images.Rejected(NO_FACE)
-        s = self.settings
         if s.align and self.detection.points is not None:
-            return self.preprocess(aligned_crop(rgb, self.detection.points, s.scale, s.size))
-        return self.preprocess(crop(rgb, self.detection.box, s.scale, s.size))
+            face = aligned_crop(rgb, self.detection.points, s.scale, s.size)
+        else:
+            face = crop(rgb, self.detection.box, s.scale, s.size)
+        return self.preprocess(face)
 
 
 class FacePreprocess:
-    """The preprocess the reader gets when `data.faces` is set: one `FaceCrop` per item, with the
-    item's cached detection when there is one (read once, before the reader's processes start)."""
+    """The preprocess the reader gets when `data.faces` is set: for a batch of decoded frames, the
+    cached detection of each (read once, before the reader's processes start) or a new one (the
+    frames without one detected together, as one batch), then one `FaceCrop` per item."""
 
     def __init__(self, settings: FacesSettings, found: Detector, preprocess, cached: dict[str, Detection]):
         self.settings, self.found, self.preprocess, self.cached = settings, found, preprocess, cached
         self.borrowed: dict[str, Detection] = {}  # `nearest`: boxes lent by other frames (never cached)
 
-    def for_item(self, key: str) -> FaceCrop:
-        return FaceCrop(self.settings, self.found, self.preprocess, self.borrowed.get(key) or self.cached.get(key))
+    @property
+    def multiprocessing_context(self) -> str | None:
+        """CUDA cannot be used in a forked process: a detector on the GPU needs spawned readers."""
+        return "spawn" if self.found.device.startswith("cuda") else None
+
+    def for_items(self, items: list, decoded: list) -> list[FaceCrop]:
+        """`items`: the reader's items; `decoded`: per item, its RGB image or the reason it failed
+        to decode. The frames without a known detection are detected together, as one batch."""
+        known = [self.borrowed.get(i.digest) or self.cached.get(i.digest) for i in items]
+        todo = [
+            n for n, (d, rgb) in enumerate(zip(known, decoded, strict=True)) if d is None and not isinstance(rgb, str)
+        ]
+        if todo:
+            for n, detection in zip(todo, self.found.detect_many([np.asarray(decoded[n]) for n in todo]), strict=True):
+                known[n] = detection
+        return [FaceCrop(self.settings, self.preprocess, d) for d in known]
 
 
 def nearest_boxes(videos: dict[str, list[str]], detections: dict[str, Detection]) -> dict[str, Detection]:
@@ -339,8 +389,8 @@ class FaceStage:
 
     COMMIT_EVERY = 1024
 
-    def __init__(self, settings: FacesSettings, preprocess, directory: Path):
-        found = detector(settings)
+    def __init__(self, settings: FacesSettings, preprocess, directory: Path, device: str = "cpu"):
+        found = detector(settings, device)
         self.spec = spec(settings)
         self.directory = cache_dir(directory, found)
         cached = read_cache(self.directory)
@@ -349,8 +399,9 @@ class FaceStage:
         self.competing = self.missing = 0
 
     @classmethod
-    def create(cls, settings, preprocess) -> FaceStage:
-        return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces")
+    def create(cls, settings, preprocess, device: str = "cpu") -> FaceStage:
+        """`device`: the extractor's; a detector that can use a GPU runs there too."""
+        return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces", device)
 
     def found(self, keys: list[str], detections: list) -> None:
         for key, detection in zip(keys, detections, strict=True):

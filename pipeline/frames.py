@@ -4,12 +4,18 @@ bundles FFmpeg in its wheel).
 A sampled frame is identified by the video file's sha256 and the frame's index: its cache key
 is `<sha256>@<index>`. Frame i is the frame whose presentation time is i / fps from the first
 frame (constant frame rate, as FF++, Celeb-DF and DFDC videos are); it is found by seeking to
-the keyframe before it and decoding forward, never by decoding the whole video.
+the keyframe before it and decoding forward, never by decoding the whole video. Several frames
+of one video (`decode_many`) come from one pass: the file is opened once, and the decoder only
+seeks when the next frame lies past a keyframe it has not reached yet (decoding through a short
+gap is cheaper than seeking back to the same keyframe for every frame).
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,3 +100,46 @@ def decode(data: bytes, index: int) -> Image.Image:
     except av.FFmpegError as exc:
         raise ValueError(f"unreadable video ({exc})") from None
     raise ValueError(f"the video has no frame {index}")
+
+
+def decode_many(data: bytes, indices: Iterable[int]) -> dict[int, Image.Image]:
+    """Frames `indices` of the video in `data`, as RGB images, decoded in one pass (one open, one
+    demux of the packet index, a seek only past an unreached keyframe); an index the video does
+    not have is absent from the result. ValueError if the bytes are not a readable video."""
+    import av
+
+    wanted = sorted(set(indices))
+    out: dict[int, Image.Image] = {}
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            start = stream.start_time or 0
+            position = lambda pts: round((pts - start) * stream.time_base * rate)  # noqa: E731
+            keyframes = sorted(position(p.pts) for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
+            at, decoder = None, None  # the position of the last decoded frame; the running decoder
+            for index in wanted:
+                k = bisect.bisect_right(keyframes, index) - 1
+                keyframe = keyframes[k] if k >= 0 else 0
+                if decoder is None or at is None or at >= index or keyframe > at:
+                    container.seek(start + round(index / (rate * stream.time_base)), stream=stream, backward=True)
+                    decoder, at = container.decode(stream), None
+                for frame in decoder:
+                    if frame.pts is None:
+                        continue
+                    first, at = at is None, position(frame.pts)
+                    if first and at > index:  # the seek overshot (a container without a usable index)
+                        break
+                    if at == index:
+                        out[index] = frame.to_image()
+                    if at >= index:
+                        break
+                else:
+                    decoder, at = None, None  # the end of the video
+    except av.FFmpegError as exc:
+        raise ValueError(f"unreadable video ({exc})") from None
+    for index in wanted:  # what one pass missed, frame by frame (decode() falls back to the start)
+        if index not in out:
+            with contextlib.suppress(ValueError):  # the video has no such frame
+                out[index] = decode(data, index)
+    return out

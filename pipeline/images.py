@@ -122,42 +122,90 @@ def read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def load(
-    path: Path, preprocess: Callable[[Image.Image], np.ndarray], digest: str | None = None, frame: int = -1
-) -> tuple[np.ndarray | None, str | None]:
-    """Decode one file (or frame `frame` of a video) to RGB and preprocess it -> (array, None) or
-    (None, reason it failed).
+def failure(exc: BaseException) -> str:
+    """The reason recorded for a file that could not be decoded (re-raises anything unexpected)."""
+    if isinstance(exc, Rejected):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "not a regular file"
+    if isinstance(exc, MemoryError):
+        return "image too large to decode in memory"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "image too large (decompression bomb)"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image (unrecognised format)"
+    if isinstance(exc, (OSError, ValueError, SyntaxError)):  # truncated or corrupt data
+        return f"unreadable image ({exc})"
+    raise exc
 
-    With `digest`, the bytes decoded are the bytes hashed: a file whose sha256 is not `digest`
-    (it changed after the manifest hashed it) comes back as the reason CHANGED, not decoded."""
+
+def _read(path: Path, digest: str | None) -> bytes | None:
+    """The file's bytes; None if they are not the bytes the manifest hashed (`digest`)."""
+    data = read_regular_file(path)
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        return None
+    return data
+
+
+def decode(path: Path, digest: str | None = None) -> Image.Image | str:
+    """One image file decoded to RGB, or the reason it failed. With `digest`, the bytes decoded are
+    the bytes hashed: a file whose sha256 is not `digest` (it changed after the manifest hashed
+    it) comes back as the reason CHANGED, not decoded."""
     try:
-        data = read_regular_file(path)
-        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-            return None, CHANGED
-        if frame >= 0:
-            rgb = frames.decode(data, frame)
-            if rgb.width * rgb.height > MAX_PIXELS:
-                return None, f"video frame too large ({rgb.width}x{rgb.height} pixels)"
-            return preprocess(rgb), None
+        data = _read(path, digest)
+        if data is None:
+            return CHANGED
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    return None, f"image too large ({im.width}x{im.height} pixels)"
+                    return f"image too large ({im.width}x{im.height} pixels)"
                 im.load()
-                rgb = to_rgb(im)
+                return to_rgb(im)
+    except Exception as exc:
+        return failure(exc)
+
+
+def decode_frames(path: Path, digest: str | None, indices: list[int]) -> list[Image.Image | str]:
+    """Frames `indices` of one video file, read, hashed and decoded once (one pass, exact
+    seeks), each an RGB image or the reason it failed (CHANGED for all if the bytes changed)."""
+    try:
+        data = _read(path, digest)
+        if data is None:
+            return [CHANGED] * len(indices)
+        decoded = frames.decode_many(data, indices)
+    except Exception as exc:
+        return [failure(exc)] * len(indices)
+    out: list[Image.Image | str] = []
+    for i in indices:
+        rgb = decoded.get(i)
+        if rgb is None:
+            out.append(f"unreadable image (the video has no frame {i})")
+        elif rgb.width * rgb.height > MAX_PIXELS:
+            out.append(f"video frame too large ({rgb.width}x{rgb.height} pixels)")
+        else:
+            out.append(rgb)
+    return out
+
+
+def apply(
+    preprocess: Callable[[Image.Image], np.ndarray], rgb: Image.Image | str
+) -> tuple[np.ndarray | None, str | None]:
+    """A decoded image through `preprocess` -> (array, None), or (None, why it failed)."""
+    if isinstance(rgb, str):
+        return None, rgb
+    try:
         return preprocess(rgb), None
-    except Rejected as exc:
-        return None, str(exc)
-    except FileNotFoundError:
-        return None, "file not found"
-    except IsADirectoryError:
-        return None, "not a regular file"
-    except MemoryError:
-        return None, "image too large to decode in memory"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "image too large (decompression bomb)"
-    except Image.UnidentifiedImageError:
-        return None, "not an image (unrecognised format)"
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        return None, f"unreadable image ({exc})"
+    except Exception as exc:
+        return None, failure(exc)
+
+
+def load(
+    path: Path, preprocess: Callable[[Image.Image], np.ndarray], digest: str | None = None, frame: int = -1
+) -> tuple[np.ndarray | None, str | None]:
+    """Decode one file (or frame `frame` of a video) to RGB and preprocess it -> (array, None) or
+    (None, reason it failed); see `decode` for `digest`."""
+    rgb = decode(path, digest) if frame < 0 else decode_frames(path, digest, [frame])[0]
+    return apply(preprocess, rgb)

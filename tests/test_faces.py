@@ -15,8 +15,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import backbones, demo, extract, faces, frames, manifest, manifest_table
-from pipeline.config import FacesSettings, load
+from pipeline import backbones, demo, extract, faces, frames, images, manifest, manifest_table
+from pipeline.config import FacesSettings, ModelSettings, load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from tests.conftest import demo_params, run_to_end, start_extract, update_params, wait_for_shards, wait_until_paused
@@ -53,11 +53,29 @@ def test_every_detector_finds_the_face_where_it_was_pasted_and_none_in_noise(nam
     if importlib.util.find_spec(faces.REQUIRES[name]) is None:
         pytest.skip(f"{faces.REQUIRES[name]} is not installed (`{faces.INSTALL[faces.REQUIRES[name]]}`)")
     found = faces.detector(FacesSettings(detector=name))
-    for x, y in ((30, 40), (170, 60)):
-        frame, box = face_frame(x, y)
+    pasted = [face_frame(x, y) for x, y in ((30, 40), (170, 60))]
+    for frame, box in pasted:
         detection = found.detect(np.asarray(frame))
         assert detection.box is not None and iou(detection.box, box) >= 0.5, (name, detection, box)
     assert found.detect(np.asarray(noise_frame(1))).box is None
+    # A batch (what the reader hands over: mtcnn runs it as one) finds what one frame at a time does.
+    batch = [np.asarray(f) for f, _ in pasted] + [np.asarray(noise_frame(1))]
+    for one, many in zip(map(found.detect, batch), found.detect_many(batch), strict=True):
+        assert (one.box is None) == (many.box is None) and one.boxes == many.boxes, name
+        if one.box is not None:
+            np.testing.assert_allclose(many.box, one.box, atol=0.5)
+            np.testing.assert_allclose(many.points, one.points, atol=0.5)
+
+
+def test_upsample_auto_skips_upsampling_for_big_faces_and_falls_back_for_small_ones():
+    pytest.importorskip("dlib")
+    auto = faces.detector(FacesSettings(detector="dlib_hog", upsample="auto"))
+    big, _ = face_frame(60, 40)
+    assert auto.detect(np.asarray(big)).box == auto._run(np.asarray(big), 0).box != auto._run(np.asarray(big), 1).box
+    small = big.resize((200, 150))  # the face is ~45 px: found only when upsampled
+    assert auto._run(np.asarray(small), 0).box is None
+    found = auto.detect(np.asarray(small))
+    assert found.box == auto._run(np.asarray(small), 1).box and found.points is not None
 
 
 def test_a_crop_is_a_square_of_scale_times_the_box_padded_black_outside_the_frame():
@@ -66,6 +84,35 @@ def test_a_crop_is_a_square_of_scale_times_the_box_padded_black_outside_the_fram
     assert out.size == (32, 32)
     pixels = np.asarray(out)
     assert pixels[0, 0].sum() == 0 and pixels[16, 16].min() == 255  # the corner lies outside the frame
+
+
+class SpawnedReaders(faces.FacePreprocess):
+    """What a detector on a GPU gets (spawned reader processes), exercised on the CPU."""
+
+    multiprocessing_context = "spawn"
+
+
+def test_a_gpu_detector_gets_spawned_readers_and_they_crop_as_forked_ones_do(tmp_path, tiny_clip):
+    from pipeline import embedder
+
+    if importlib.util.find_spec("facenet_pytorch") is None:
+        pytest.skip("facenet-pytorch is not installed (`pip install --no-deps facenet-pytorch`)")
+    settings = FacesSettings(detector="mtcnn")
+    found = faces.detector(settings)
+    assert faces.FacePreprocess(settings, found, None, {}).multiprocessing_context is None
+    assert faces.FacePreprocess(settings, faces.detector(settings, "cuda"), None, {}).multiprocessing_context == "spawn"
+    items = []
+    for i, (x, y) in enumerate(((30, 40), (170, 60), (90, 20))):
+        face_frame(x, y)[0].save(tmp_path / f"{i}.png")
+        digest = images.inspect_file(tmp_path / f"{i}.png").digest
+        items.append(embedder.Item(digest, f"{i}.png", tmp_path / f"{i}.png"))
+    preprocess = backbones.load(ModelSettings(name=str(tiny_clip)), "cpu", "fp32").preprocess
+    batches = {}
+    for kind in (faces.FacePreprocess, SpawnedReaders):
+        (batch,) = embedder.read_batches(items, kind(settings, found, preprocess, {}), 4, 1, False)
+        assert batch.errors == [None] * 3
+        batches[kind] = batch
+    assert torch.equal(batches[faces.FacePreprocess].pixels, batches[SpawnedReaders].pixels)
 
 
 @pytest.fixture

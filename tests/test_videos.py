@@ -69,6 +69,32 @@ def test_seeks_return_exactly_the_frame_asked_for(tmp_path):
         assert abs(np.asarray(image, dtype=float).mean() - level(i)) < 2.5, i
     with pytest.raises(ValueError, match="no frame 30"):
         frames.decode(data, FRAMES)
+    # Many frames in one pass (decoding through gaps, seeking past unreached keyframes) are the
+    # frames single seeks give, bit for bit; frames the video lacks are absent.
+    for wanted in ([0, 9, 19, 29], [3, 4, 5, 27], list(range(FRAMES)), [29, 1, 12, 31, 40]):
+        many = frames.decode_many(data, wanted)
+        assert sorted(many) == sorted(i for i in set(wanted) if i < FRAMES)
+        for i, image in many.items():
+            assert np.array_equal(np.asarray(image), np.asarray(frames.decode(data, i))), (wanted, i)
+
+
+def test_a_batch_reads_and_hashes_each_video_once(tmp_path, monkeypatch):
+    from pipeline import embedder
+
+    paths = [tmp_path / f"{i}.mp4" for i in range(2)]
+    for i, path in enumerate(paths):
+        write_video(path, seed=i)
+    items = []
+    for path in paths:
+        digest = images.inspect_file(path).digest
+        items += [embedder.Item(frames.key(digest, i), str(path), path, i) for i in (0, 9, 19, 29)]
+    reads = []
+    original = images.read_regular_file
+    monkeypatch.setattr(images, "read_regular_file", lambda path: reads.append(path) or original(path))
+    (batch,) = embedder.read_batches(items, np.asarray, 8, 0, False)
+    assert batch.errors == [None] * 8 and sorted(reads) == paths
+    for k, i in enumerate((0, 9, 19, 29)):
+        assert abs(batch.pixels[k].float().mean().item() - level(i)) < 2.5
 
 
 @pytest.fixture

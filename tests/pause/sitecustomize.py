@@ -1,5 +1,6 @@
 """Test helper (see tests/conftest.py): with PAUSE_AFTER_IMAGES=N set, the image reader of this
-process stops for good after N images and prints "paused"; without it, this file does nothing."""
+process (`images.apply`, called once per image) stops for good after N images and prints
+"paused"; without it, this file does nothing."""
 
 import os
 
@@ -9,7 +10,7 @@ if os.environ.get("PAUSE_AFTER_IMAGES"):
 
     from pipeline import images
 
-    _limit, _calls, _load = int(os.environ["PAUSE_AFTER_IMAGES"]), [0], images.load
+    _limit, _calls, _load = int(os.environ["PAUSE_AFTER_IMAGES"]), [0], images.apply
 
     def _pausing_load(*args, **kwargs):
         _calls[0] += 1
@@ -19,4 +20,4 @@ if os.environ.get("PAUSE_AFTER_IMAGES"):
                 time.sleep(3600)
         return _load(*args, **kwargs)
 
-    images.load = _pausing_load
+    images.apply = _pausing_load
