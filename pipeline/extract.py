@@ -112,6 +112,8 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
     if settings.data.faces is not None and settings.data.faces.no_face == "nearest":
         store = embed_nearest(table, items_of, embedder, store)
+    if settings.data.faces is not None and settings.data.faces.save_crops:
+        save_missing_crops(settings, table, items_of, embedder, store)
     if changed:
         raise ConfigError(
             f"{len(changed)} image files changed since the manifest was built (e.g. {changed[0]}) and were not "
@@ -132,10 +134,7 @@ def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> Embedding
     from pipeline import faces
 
     crops = embedder.crops
-    videos: dict[str, list[str]] = {}
-    for key, dataset, video in zip(*(table.column(c).to_pylist() for c in ("digest", "dataset", "video")), strict=True):
-        videos.setdefault(f"{dataset}/{video}", []).append(key)
-    lent = faces.nearest_boxes(videos, faces.read_cache(crops.directory))
+    lent = lent_boxes(table, crops)
     todo = [k for k, (_, reason) in store.failures().items() if reason == faces.NO_FACE and k in lent]
     if not todo:
         return store
@@ -148,6 +147,34 @@ def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> Embedding
         store = EmbeddingStore.open(store.directory)
         store.write_index()
     return store
+
+
+def lent_boxes(table, crops) -> dict:
+    """`no_face: nearest`: per frame without a face, the detection of the nearest frame with one."""
+    from pipeline import faces
+
+    videos: dict[str, list[str]] = {}
+    for key, dataset, video in zip(*(table.column(c).to_pylist() for c in ("digest", "dataset", "video")), strict=True):
+        videos.setdefault(f"{dataset}/{video}", []).append(key)
+    return faces.nearest_boxes(videos, faces.read_cache(crops.directory))
+
+
+def save_missing_crops(settings: Settings, table, items_of, embedder, store: EmbeddingStore) -> None:
+    """`data.faces.save_crops`: crops are written as frames are embedded; the crops of frames
+    embedded before it was set are written here (no model runs, no detector for cached frames)."""
+    crops = embedder.crops
+    embedded = store.keys()
+    keys = [d for d in dict.fromkeys(table.column("digest").to_pylist()) if d in embedded]
+    missing = crops.missing_crops(items_of(keys))
+    if not missing:
+        return
+    log.info("data.faces.save_crops: writing %d crops of frames embedded earlier -> %s", len(missing), crops.crops)
+    if settings.data.faces.no_face == "nearest":
+        crops.preprocess.borrowed = lent_boxes(table, crops)
+    try:
+        crops.save_crops(missing, embedder.reader, settings.extract.batch_size, settings.extract.num_workers)
+    finally:
+        crops.preprocess.borrowed = {}
 
 
 def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
 from pipeline import atomic, images
 from pipeline.config import ConfigError, FacesSettings
@@ -267,19 +268,23 @@ class FaceCrop:
     """A preprocess callable for one item: crop around its detection, then the backbone's own
     preprocessing. `detection` is what was found (cached, borrowed or new), for the cache."""
 
-    def __init__(self, settings: FacesSettings, preprocess, detection: Detection | None):
-        self.settings, self.preprocess, self.detection = settings, preprocess, detection
+    def __init__(self, settings: FacesSettings, preprocess, detection: Detection | None, save_to: Path | None = None):
+        self.settings, self.preprocess, self.detection, self.save_to = settings, preprocess, detection, save_to
 
     def __call__(self, rgb: Image.Image) -> np.ndarray:
         s = self.settings
         if self.detection is None or self.detection.box is None:
-            if s.no_face == "full_frame":
-                return self.preprocess(rgb)
-            raise images.Rejected(NO_FACE)
-        if s.align and self.detection.points is not None:
+            if s.no_face != "full_frame":
+                raise images.Rejected(NO_FACE)
+            face = rgb
+        elif s.align and self.detection.points is not None:
             face = aligned_crop(rgb, self.detection.points, s.scale, s.size)
         else:
             face = crop(rgb, self.detection.box, s.scale, s.size)
+        if self.save_to is not None:  # data.faces.save_crops: what is embedded, as a PNG
+            self.save_to.parent.mkdir(parents=True, exist_ok=True)
+            with atomic.atomic_path(self.save_to) as tmp:
+                face.save(tmp, format="PNG")
         return self.preprocess(face)
 
 
@@ -288,8 +293,16 @@ class FacePreprocess:
     cached detection of each (read once, before the reader's processes start) or a new one (the
     frames without one detected together, as one batch), then one `FaceCrop` per item."""
 
-    def __init__(self, settings: FacesSettings, found: Detector, preprocess, cached: dict[str, Detection]):
+    def __init__(
+        self,
+        settings: FacesSettings,
+        found: Detector,
+        preprocess,
+        cached: dict[str, Detection],
+        crops: Path | None = None,
+    ):
         self.settings, self.found, self.preprocess, self.cached = settings, found, preprocess, cached
+        self.crops = crops  # data.faces.save_crops: the folder the crops are written to
         self.borrowed: dict[str, Detection] = {}  # `nearest`: boxes lent by other frames (never cached)
 
     @property
@@ -307,7 +320,22 @@ class FacePreprocess:
         if todo:
             for n, detection in zip(todo, self.found.detect_many([np.asarray(decoded[n]) for n in todo]), strict=True):
                 known[n] = detection
-        return [FaceCrop(self.settings, self.preprocess, d) for d in known]
+        return [
+            FaceCrop(self.settings, self.preprocess, d, crop_path(self.crops, i) if self.crops else None)
+            for d, i in zip(known, items, strict=True)
+        ]
+
+
+def crop_path(folder: Path, item) -> Path:
+    """Where data.faces.save_crops writes an item's crop: the manifest path without its suffix
+    (a video: a folder, one `<frame>.png` per sampled frame), under `folder`."""
+    stem = Path(item.path).with_suffix("")
+    return folder / (stem / f"{item.frame:06d}.png" if item.frame >= 0 else stem.with_suffix(".png"))
+
+
+def _nothing(image: Image.Image) -> np.ndarray:
+    """The preprocess of a crops-only pass: the crop is written, nothing is embedded."""
+    return np.zeros(1, np.uint8)
 
 
 def nearest_boxes(videos: dict[str, list[str]], detections: dict[str, Detection]) -> dict[str, Detection]:
@@ -390,11 +418,15 @@ class FaceStage:
     COMMIT_EVERY = 1024
 
     def __init__(self, settings: FacesSettings, preprocess, directory: Path, device: str = "cpu"):
+        from pipeline.store import fingerprint
+
         found = detector(settings, device)
         self.spec = spec(settings)
         self.directory = cache_dir(directory, found)
+        # data.faces.save_crops: cache/crops/<the crop spec's fingerprint>/<manifest path>...
+        self.crops = directory.parent / "crops" / fingerprint(self.spec) if settings.save_crops else None
         cached = read_cache(self.directory)
-        self.preprocess = FacePreprocess(settings, found, preprocess, cached)
+        self.preprocess = FacePreprocess(settings, found, preprocess, cached, self.crops)
         self._known, self._new = set(cached), {}
         self.competing = self.missing = 0
 
@@ -413,6 +445,21 @@ class FaceStage:
             self.missing += detection.box is None
         if len(self._new) >= self.COMMIT_EVERY:
             self.commit()
+
+    def missing_crops(self, items: list) -> list:
+        """With data.faces.save_crops: the items whose crop has not been written yet."""
+        return [i for i in items if not crop_path(self.crops, i).exists()] if self.crops else []
+
+    def save_crops(self, items: list, reader, batch_size: int, num_workers: int) -> None:
+        """Write the crops of `items` (embedded before save_crops was set): crops only, no model,
+        with the cached detections (and the boxes `nearest` lends)."""
+        p = self.preprocess
+        cached = {**read_cache(self.directory), **p.cached}
+        only = FacePreprocess(p.settings, p.found, _nothing, cached, p.crops)
+        only.borrowed = p.borrowed
+        with tqdm(total=len(items), desc="saving crops", unit="img", smoothing=0.1) as bar:
+            for batch in reader(items, only, batch_size, num_workers, False):
+                bar.update(len(batch.digests))
 
     def commit(self) -> None:
         write_cache(self.directory, self._new)

@@ -5,7 +5,9 @@ without a face follow `no_face`, and re-cropping never runs the detector again."
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import pathlib
 import shutil
 import signal
 
@@ -148,7 +150,9 @@ def set_faces(project, **values) -> None:
     path.write_text(yaml.safe_dump(params))
 
 
-def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detects_again(face_project, monkeypatch):
+def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detects_again(
+    face_project, monkeypatch, caplog
+):
     settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
     table = manifest.run(settings, outputs)
     summary = extract.run(settings, outputs)
@@ -199,6 +203,25 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
     assert found.all()
     expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
     np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+    # save_crops set afterwards: the same cache (nothing re-embedded), the crops of every embedded
+    # frame written from the cached and lent boxes, exactly what was embedded.
+    set_faces(face_project, save_crops=True)
+    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    before = len(caches(outputs.embeddings))
+    again = extract.run(load(face_project / "params.yaml"), outputs)
+    assert again.fingerprint == nearest.fingerprint and len(caches(outputs.embeddings)) == before
+    (folder,) = (face_project / "cache" / "crops").iterdir()
+    written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert written == sorted(str(pathlib.PurePosixPath(p).with_suffix(".png")) for p in rows.path)
+    saved = Image.open(folder / pathlib.PurePosixPath(lonely.path).with_suffix(".png"))
+    assert np.array_equal(np.asarray(saved), np.asarray(faces.crop(frame, box, 1.3, 64)))
+    assert "writing 34 crops of frames embedded earlier" in caplog.text
+    caplog.clear()
+    set_faces(face_project, scale=1.4)  # a new crop spec: its crops are written while it is embedded
+    extract.run(load(face_project / "params.yaml"), outputs)
+    assert len(list((face_project / "cache" / "crops").rglob("*.png"))) == 2 * len(written)
+    assert "embedded earlier" not in caplog.text
 
 
 def test_nearest_takes_the_closest_frame_with_a_face_and_the_earlier_on_ties():
