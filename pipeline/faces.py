@@ -208,7 +208,8 @@ class Onnx(Detector):
         self.path, self.device = Path(path), device
         if not self.path.is_file():
             raise ConfigError(f"data.faces.detector onnx: {self.path} does not exist; give the path of the .onnx file.")
-        self.sha256 = hashlib.file_digest(open(self.path, "rb"), "sha256").hexdigest()
+        with open(self.path, "rb") as fh:
+            self.sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
         self._session = None
 
     def describe(self) -> dict:
