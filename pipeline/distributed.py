@@ -11,18 +11,22 @@ is stopped loses only uncommitted partitions, and the next run embeds just what 
 see the cache directory and the images at the same paths: a shared filesystem); left empty, a
 `LocalCluster` with `extract.dask.n_workers` processes is started (one per GPU on a multi-GPU
 machine: worker i uses GPU i modulo the GPU count).
+
+With `data.faces`, each worker detects and crops the faces of its partition (the detector on its
+own device), reading and committing the shared detection cache (`cache/faces/`, content-named
+parts, like the shards): a rerun, or another scheduler, detects nothing twice.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, ExtractSettings, ModelSettings, Settings
+from pipeline.config import ExtractSettings, FacesSettings, ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +65,44 @@ def _embed_text(model: ModelSettings, extract: ExtractSettings, prompts: list[st
     return _backbone(model, extract).embed_text(prompts)
 
 
-def embed_partition(items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings) -> tuple[int, list]:
-    """Runs on a worker: embed `items` and commit them as shard(s) of the cache at `store_dir`;
-    returns (items done, paths of files that changed since the manifest)."""
-    from pipeline import embedder
+@dataclass(frozen=True)
+class FaceJob:
+    """What a worker needs for face crops: the settings, the project folder (the detection cache
+    and crops live under its cache/, an onnx path is relative to it) and the boxes `nearest` lends."""
+
+    settings: FacesSettings
+    base_dir: str
+    borrowed: dict = field(default_factory=dict)
+
+
+def embed_partition(
+    items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings, faces_job: FaceJob | None = None
+) -> tuple[int, list]:
+    """Runs on a worker: embed `items` (their face crops, with `faces_job`) and commit them as
+    shard(s) of the cache at `store_dir`; returns (items done, paths of files that changed since
+    the manifest). Face detections are read from and committed to the shared detection cache."""
+    from pipeline import embedder, faces
     from pipeline.store import EmbeddingStore
 
     backbone = _backbone(model, extract)
+    description = backbone.description
+    crops = None
+    if faces_job is not None:
+        base = Path(faces_job.base_dir)
+        crops = faces.FaceStage(
+            faces_job.settings, backbone.preprocess, base / "cache" / "faces", str(backbone.device), base
+        )
+        crops.preprocess.borrowed = faces_job.borrowed
+        description = {**description, "faces": crops.spec}
     store = EmbeddingStore.open(Path(store_dir))
-    if backbone.description != store.card["description"]:
+    if description != store.card["description"]:
         raise RuntimeError(f"worker {os.getpid()} computes another fingerprint than the cache {store_dir}")
     writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
         # Decode in the task's thread: dask worker processes are daemonic and cannot fork loaders.
-        changed = embedder.embed_items(items, backbone, writer, extract.batch_size, num_workers=0, progress=False)
+        changed = embedder.embed_items(
+            items, backbone, writer, extract.batch_size, num_workers=0, progress=False, crops=crops
+        )
     finally:
         writer.close()
     return len(items), changed
@@ -84,11 +112,14 @@ class DaskEmbedder:
     """Embeds on a dask.distributed cluster; the same interface as embedder.LocalEmbedder."""
 
     def __init__(self, settings: Settings):
-        if settings.data.faces is not None:
-            raise ConfigError(
-                "data.faces is not available with extract.scheduler: dask yet; use scheduler: local for face crops."
-            )
+        from pipeline import embedder, faces
+
         self.extract = settings.extract
+        # Face crops: the workers detect and crop; this side knows the crop spec, the detection
+        # cache (for `nearest`) and writes the crops of frames embedded earlier (save_crops).
+        self.crops = faces.FaceStage.create(settings, None) if settings.data.faces else None
+        self.base_dir = str(settings.base_dir.resolve())
+        self.reader = embedder.read_batches
         # Workers resolve the model themselves: a relative model path must mean the same to them.
         local = Path(settings.model.name).expanduser()
         self.model = replace(settings.model, name=str(local.resolve())) if local.is_dir() else settings.model
@@ -106,6 +137,8 @@ class DaskEmbedder:
             self.client = Client(self.cluster)
         log.info("dask: %s", self.client)
         self.description, self.dims = self.client.submit(_describe, self.model, self.extract, pure=False).result()
+        if self.crops is not None:
+            self.description = {**self.description, "faces": self.crops.spec}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -121,7 +154,14 @@ class DaskEmbedder:
         log.info("dask: %d partitions of up to %d images", len(partitions), size)
         futures = [
             self.client.submit(
-                embed_partition, part, str(store.directory), self.model, self.extract, pure=False, retries=2
+                embed_partition,
+                part,
+                str(store.directory),
+                self.model,
+                self.extract,
+                self._face_job(part),
+                pure=False,
+                retries=2,
             )
             for part in partitions
         ]
@@ -132,6 +172,14 @@ class DaskEmbedder:
                 changed += partition_changed
                 bar.update(n)
         return changed
+
+    def _face_job(self, items: list) -> FaceJob | None:
+        if self.crops is None:
+            return None
+        lent = self.crops.preprocess.borrowed
+        return FaceJob(
+            self.crops.preprocess.settings, self.base_dir, {i.digest: lent[i.digest] for i in items if i.digest in lent}
+        )
 
     def embed_text(self, prompts: list[str]):
         return self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()

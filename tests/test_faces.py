@@ -368,3 +368,24 @@ def test_an_onnx_detector_in_scrfd_layout_is_decoded_to_frame_pixels(tmp_path):
     assert plain.box == detection.box and plain.points is None
     with pytest.raises(ConfigError, match="does not exist"):
         faces.detector(FacesSettings(detector="onnx:missing.onnx"), base_dir=tmp_path)
+
+
+def test_face_crops_on_a_dask_cluster_are_the_local_ones(face_project):
+    settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
+    manifest.run(settings, outputs)
+    local = extract.run(settings, outputs)
+    (store,) = caches(outputs.embeddings)
+    keys, failures = sorted(store.keys()), store.failures()
+    expected, _ = store.read(keys, "projection")
+    shutil.rmtree(outputs.embeddings)
+    shutil.rmtree(face_project / "cache" / "faces")
+
+    update_params(face_project, "extract", scheduler="dask", dask={"address": "", "n_workers": 2}, shard_size=8)
+    set_faces(face_project, no_face="nearest")  # lent boxes travel to the workers
+    distributed = extract.run(load(face_project / "params.yaml"), outputs)
+    assert distributed.failed == 0 and distributed.embedded == local.images == 34
+    (store,) = caches(outputs.embeddings)
+    got, _ = store.read(keys, "projection")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)  # the frames with a face: the local vectors
+    assert set(failures) <= store.keys(), "frames without a face borrowed their neighbour's box on the workers"
+    assert len(faces.read_cache(next((face_project / "cache" / "faces").iterdir()))) == local.images
