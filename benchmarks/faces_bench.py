@@ -2,6 +2,9 @@
 the same videos, the same frame indices and the same detector, in one run:
 
     python -m benchmarks.faces_bench [--videos 4] [--frames 240] [--per-video 32] [--workers 2]
+                                     [--upscale 1] [--gop 12]
+
+`--upscale 2 --gop 250` gives FF++-like files: 640x480 frames, x264's default keyframe interval.
 
 DeepfakeBench (`preprocessing/preprocess.py`, reproduced step by step): a process pool of
 `--workers`, one task per video; OpenCV reads every frame of the video and keeps the N chosen
@@ -123,14 +126,20 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=240, help="frames per video")
     parser.add_argument("--per-video", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--upscale", type=int, default=1, help="2: 640x480 frames")
+    parser.add_argument("--gop", type=int, default=12, help="keyframe interval (FF++ c23: x264's default 250)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="faces-bench-"))
     try:
-        demo.make_video_dataset(root / "data", n_videos=args.videos, frames=args.frames)
+        demo.make_video_dataset(
+            root / "data", n_videos=args.videos, frames=args.frames, upscale=args.upscale, gop=args.gop
+        )
         videos = sorted((root / "data").rglob("*.mp4"))
         t_dfb, n_dfb = deepfakebench(videos, root / "dfb", args.per_video, args.workers)
         wanted = len(videos) * args.per_video
-        print(f"{len(videos)} videos x {args.frames} frames (320x240 H.264), {args.per_video} frames each "
+        w, h = demo.VIDEO_SIZE[0] * args.upscale, demo.VIDEO_SIZE[1] * args.upscale
+        print(f"{len(videos)} videos x {args.frames} frames ({w}x{h} H.264, keyframe every {args.gop}), "
+              f"{args.per_video} frames each "
               f"({wanted} wanted), dlib HOG, 5-point alignment, {args.workers} workers each")  # fmt: skip
         print(f"DeepfakeBench procedure:               {n_dfb} crops in {t_dfb:.1f} s = {n_dfb / t_dfb:.2f} crops/s")
         found = {}

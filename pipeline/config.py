@@ -62,7 +62,7 @@ class FacesSettings:
     # dlib detectors: times the frame is upsampled before detection (1: DeepfakeBench's, finds
     # faces from about 40 px); auto: not upsampled (faces from about 80 px), and once where that
     # finds no face
-    upsample: Literal[0, 1, 2, "auto"] = 1
+    upsample: Literal[0, 1, 2, "auto"] = "auto"
     save_crops: bool = False  # also write each embedded crop as a PNG under cache/crops/
 
 

@@ -265,14 +265,14 @@ def _manipulate(frame: np.ndarray, method: str, rng: np.random.Generator) -> np.
     return shifted.clip(0, 255).astype(np.uint8)
 
 
-def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
+def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25, gop: int = 12) -> None:
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = VIDEO_SIZE[0], VIDEO_SIZE[1], "yuv420p"
-        stream.codec_context.gop_size = 12
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.codec_context.gop_size = gop
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -280,10 +280,14 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
             container.mux(packet)
 
 
-def make_video_dataset(root: Path, n_videos: int = 12, frames: int = 48, seed: int = 0) -> int:
+def make_video_dataset(
+    root: Path, n_videos: int = 12, frames: int = 48, seed: int = 0, upscale: int = 1, gop: int = 12
+) -> int:
     """FF++'s video layout with a real face photograph in every video:
     `original_sequences/youtube/c23/videos/000.mp4` and
-    `manipulated_sequences/<Method>/c23/videos/000_001.mp4`; returns the number of videos."""
+    `manipulated_sequences/<Method>/c23/videos/000_001.mp4`; returns the number of videos.
+    `upscale` enlarges every frame (2: 640x480, as FF++'s smaller videos), `gop` is the
+    keyframe interval (x264's default, as FF++'s c23 files have, is 250)."""
     face = _face_photo()
     rng = np.random.default_rng(seed)
     looks = [
@@ -297,11 +301,21 @@ def make_video_dataset(root: Path, n_videos: int = 12, frames: int = 48, seed: i
         for _ in range(n_videos)
     ]
     ids = [f"{i:03d}" for i in range(n_videos)]
+    w, h = VIDEO_SIZE
+
+    def write(path: Path, clip: list[np.ndarray]) -> None:
+        if upscale != 1:
+            clip = [
+                np.asarray(Image.fromarray(f).resize((w * upscale, h * upscale), Image.Resampling.BICUBIC))
+                for f in clip
+            ]
+        _write_video(path, clip, gop=gop)
+
     written = 0
     for i, vid in enumerate(ids):
         frame_rng = np.random.default_rng([seed, i])
         clip = [_video_frame(face, f, frames, frame_rng, looks[i]) for f in range(frames)]
-        _write_video(root / "original_sequences" / "youtube" / "c23" / "videos" / f"{vid}.mp4", clip)
+        write(root / "original_sequences" / "youtube" / "c23" / "videos" / f"{vid}.mp4", clip)
         written += 1
     pairs = [(ids[i], ids[i + 1]) for i in range(0, n_videos - 1, 2)]
     for m, method in enumerate(VIDEO_METHODS):
@@ -309,7 +323,7 @@ def make_video_dataset(root: Path, n_videos: int = 12, frames: int = 48, seed: i
             frame_rng = np.random.default_rng([seed, 100 + m, int(a), int(b)])
             clip = [_manipulate(_video_frame(face, f, frames, frame_rng, looks[int(a)]), method, frame_rng)
                     for f in range(frames)]  # fmt: skip
-            _write_video(root / "manipulated_sequences" / method / "c23" / "videos" / f"{a}_{b}.mp4", clip)
+            write(root / "manipulated_sequences" / method / "c23" / "videos" / f"{a}_{b}.mp4", clip)
             written += 1
     return written
 

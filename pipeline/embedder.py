@@ -236,7 +236,13 @@ def embed_items(
     preprocess = crops.preprocess if crops else backbone.preprocess
     batches = reader(items, preprocess, batch_size, num_workers, backbone.device.type == "cuda")
     changed: list[str] = []
-    with tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar:
+    undetected = crops.undetected(items) if crops else 0
+    with (
+        tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar,
+        tqdm(
+            total=undetected, desc="face detection", unit="frame", smoothing=0.1, disable=not (progress and undetected)
+        ) as detecting,
+    ):
         started = time.perf_counter()
         try:
             for batch in batches:
@@ -245,7 +251,7 @@ def embed_items(
                 modelled = time.perf_counter()
                 writer.put(rows)
                 if crops:
-                    crops.found(batch.digests, batch.detections)
+                    detecting.update(crops.found(batch.digests, batch.detections))
                 done = time.perf_counter()
                 timings = (len(rows), read - started, modelled - read, done - modelled)
                 log.debug("batch of %d: read %.3f s, model %.3f s, write %.3f s", *timings)

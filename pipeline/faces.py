@@ -535,16 +535,25 @@ class FaceStage:
         """`device`: the extractor's; a detector that can use a GPU runs there too."""
         return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces", device, settings.base_dir)
 
-    def found(self, keys: list[str], detections: list) -> None:
+    def undetected(self, items: list) -> int:
+        """How many of `items` have no detection yet (cached or lent): the frames to detect."""
+        lent = self.preprocess.borrowed
+        return sum(1 for i in items if i.digest not in self._known and i.digest not in lent)
+
+    def found(self, keys: list[str], detections: list) -> int:
+        """Record the detections of a batch; returns how many are new."""
+        new = 0
         for key, detection in zip(keys, detections, strict=True):
             if detection is None or key in self._known:
                 continue
+            new += 1
             self._known.add(key)
             self._new[key] = detection
             self.competing += detection.boxes > 1
             self.missing += detection.box is None
         if len(self._new) >= self.COMMIT_EVERY:
             self.commit()
+        return new
 
     def missing_crops(self, items: list) -> list:
         """With data.faces.save_crops: the items whose crop has not been written yet."""

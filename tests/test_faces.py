@@ -152,12 +152,14 @@ def set_faces(project, **values) -> None:
 
 
 def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detects_again(
-    face_project, monkeypatch, caplog
+    face_project, monkeypatch, caplog, capsys
 ):
     settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
     table = manifest.run(settings, outputs)
+    capsys.readouterr()
     summary = extract.run(settings, outputs)
     assert summary.images == 34 and summary.failed == 2 and summary.embedded == 32
+    assert "face detection: 100%" in capsys.readouterr().err, "detection shows its own progress (rate, ETA)"
     (store,) = caches(outputs.embeddings)
     reasons = {reason for _, reason in store.failures().values()}
     assert reasons == {faces.NO_FACE}, "frames without a face are recorded, never dropped silently"
