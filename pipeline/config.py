@@ -132,19 +132,33 @@ class ZeroShotSettings:
 # Devices the extractor can run on (torch accepts more, e.g. meta, which computes nothing).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot")
+PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset")
+
+
+@dataclass(frozen=True)
+class CrossDatasetSpec:
+    """A test set from another dataset, with its own reals (e.g. Celeb-DF v2: Celeb-real and
+    YouTube-real vs Celeb-synthesis): all of its frames are test frames (no ratio split), or only
+    those of the videos an official list names."""
+
+    real: list[str]
+    fake: list[str]
+    # Celeb-DF's List_of_testing_videos.txt format: one "<1 real | 0 fake> <folder>/<video file>"
+    # per line (or just the path); relative to params.yaml
+    test_list: str | None = None
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
     datasets: list[str]
-    protocols: list[Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot"]] = field(
+    protocols: list[Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset"]] = field(
         default_factory=lambda: list(PROTOCOLS)
     )
     seeds: list[int] = field(default_factory=lambda: [0])
     bootstrap: int = 1000
     video_pooling: Literal["mean", "median", "max"] = "mean"  # a video's score from its frames' scores
     zero_shot: ZeroShotSettings = ZeroShotSettings()
+    cross_dataset: dict[str, CrossDatasetSpec] = field(default_factory=dict)  # name -> its real and fake datasets
 
 
 @dataclass(frozen=True)
@@ -245,6 +259,23 @@ def _check(s: Settings) -> None:
                 f"evaluate.datasets names '{name}', a real dataset; list fake datasets there "
                 "(each is scored together with the held-out real test split)."
             )
+    for set_name, spec in s.evaluate.cross_dataset.items():
+        where = f"evaluate.cross_dataset.{set_name}"
+        if not spec.real or not spec.fake:
+            raise ConfigError(f"{where} needs real: [...] and fake: [...] datasets (its own reals and its fakes).")
+        for side, label in (("real", "real"), ("fake", "fake")):
+            for name in getattr(spec, side):
+                if name not in s.data.datasets:
+                    raise ConfigError(f"{where}.{side} names '{name}', which is not defined in data.datasets.")
+                if s.data.datasets[name].label != label:
+                    raise ConfigError(f"{where}.{side} names '{name}', whose label is {s.data.datasets[name].label}.")
+                if name in s.train.datasets:
+                    raise ConfigError(
+                        f"{where} names '{name}', which train.datasets trains on; a cross-dataset test set must be "
+                        "unseen in training."
+                    )
+        if spec.test_list is not None and not s.resolve(spec.test_list).is_file():
+            raise ConfigError(f"{where}.test_list {s.resolve(spec.test_list)} does not exist.")
     prompts = s.evaluate.zero_shot.prompts
     if sorted(prompts) != ["fake", "real"] or not all(prompts.values()):
         raise ConfigError("evaluate.zero_shot.prompts needs two non-empty lists, real: [...] and fake: [...].")

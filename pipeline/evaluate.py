@@ -10,6 +10,9 @@ the original script's mistake. Protocols (`evaluate.protocols`):
   leave_one_out       train on all fake datasets but one, test on the one left out
                       -> metrics/leave_one_out.json
   zero_shot           no training: cosine similarity to text prompts -> metrics/zero_shot.json
+  cross_dataset       the train stage's probe on other datasets with their own reals
+                      (`evaluate.cross_dataset`), optionally only an official list of test videos
+                      -> metrics/cross_dataset.json
 
 Frame- and video-level metrics (video score = mean frame score) are both reported; with
 `evaluate.bootstrap > 0` the frame AUC gets a 95 % CI from resampling videos; with several
@@ -24,6 +27,7 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -173,6 +177,80 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
     }
 
 
+def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
+    """An official list of test videos, Celeb-DF's `List_of_testing_videos.txt` format: per line
+    `<label> <folder>/<video file>` (label 1 = real, 0 = fake) or just the path ->
+    {(folder, video id): label or None}; folder names compare case-insensitively."""
+    listed: dict[tuple[str, str], int | None] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("0", "1")):
+            raise ConfigError(f"{path}, line {number}: expected '<1 real | 0 fake> <folder>/<video>', got {line!r}.")
+        entry = PurePosixPath(parts[-1].replace("\\", "/"))
+        folder = entry.parent.name.lower()
+        listed[(folder, entry.stem)] = int(parts[0]) if len(parts) == 2 else None
+    return listed
+
+
+def listed_rows(frames: Frames, listed: dict[tuple[str, str], int | None]) -> tuple[np.ndarray, set]:
+    """Which rows belong to a listed video: the row's video id and one of its path's folders match
+    a listed (folder, video). Returns the row mask and the listed entries found."""
+    mask = np.zeros(len(frames.path), dtype=bool)
+    found: set = set()
+    for i, (path, video) in enumerate(zip(frames.path, frames.video, strict=True)):
+        vid = str(video).split("/", 1)[1]
+        for folder in str(path).lower().split("/")[:-1]:
+            if (folder, vid) in listed:
+                mask[i] = True
+                found.add((folder, vid))
+                if listed[(folder, vid)] is not None and listed[(folder, vid)] != 1 - frames.label[i]:
+                    kind = "real" if listed[(folder, vid)] == 1 else "fake"
+                    raise ConfigError(
+                        f"the test list calls {folder}/{vid} {kind}, but its dataset '{frames.dataset[i]}' is labelled "
+                        f"{'fake' if frames.label[i] else 'real'}; fix the list or data.datasets."
+                    )
+                break
+    return mask, found
+
+
+def cross_dataset(settings: Settings, probe: LinearProbe, card: dict, frames: Frames) -> dict:
+    """The train stage's probe on each cross-dataset test set: its own reals vs its fakes, every
+    frame (or the listed videos' frames), no ratio split -> frame and video metrics with CIs."""
+    ev = settings.evaluate
+    results = {}
+    for name, spec in ev.cross_dataset.items():
+        mask = frames.mask(spec.real, list(splits.SPLITS), labels=[0]) | frames.mask(
+            spec.fake, list(splits.SPLITS), labels=[1]
+        )
+        listed_count = missing = None
+        if spec.test_list is not None:
+            listed = read_test_list(settings.resolve(spec.test_list))
+            in_list, found = listed_rows(frames, listed)
+            mask &= in_list
+            listed_count, missing = len(listed), len(listed) - len(found)
+            if missing:
+                absent = sorted(set(listed) - found)[0]
+                log.warning(
+                    "%s: %d of %d listed test videos are not in the manifest (e.g. %s/%s); they are left out",
+                    name,
+                    missing,
+                    len(listed),
+                    *absent,
+                )
+        s = Scored(frames.label[mask], frames.score(probe.predict_proba, mask), frames.video[mask], frames.digest[mask])
+        results[name] = score_set(s, card.get("threshold"), ev.bootstrap, name, ev.video_pooling)
+        results[name]["sets"] = {"real": list(spec.real), "fake": list(spec.fake)}
+        results[name]["videos"] = {
+            "real": len(np.unique(s.video[s.y == 0])),
+            "fake": len(np.unique(s.video[s.y == 1])),
+            "listed": listed_count,
+            "listed_missing": missing,
+        }
+    return results
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -213,6 +291,8 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         results["cross_manipulation"] = cross_manipulation(settings, frames, reals)
     if "leave_one_out" in protocols:
         results["leave_one_out"] = leave_one_out(settings, frames, reals)
+    if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
+        results["cross_dataset"] = cross_dataset(settings, probe, card, frames)
     if "zero_shot" in protocols:
         try:
             if "projection" not in store.layers:

@@ -123,6 +123,10 @@ def summaries(results: dict) -> dict[str, str]:
         out["leave one out (tested on the dataset left out)"] = table_text(results["leave_one_out"])
     if results.get("zero_shot"):
         out["zero-shot baseline (no training)"] = table_text(results["zero_shot"])
+    if results.get("cross_dataset"):
+        out["cross-dataset test sets (their own reals; frame level, video_auc = video level)"] = table_text(
+            results["cross_dataset"]
+        )
     return out
 
 
@@ -210,6 +214,19 @@ def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dic
         parts += ["<h2>Leave one manipulation out</h2>", metrics_table(results["leave_one_out"])]
     if results.get("zero_shot"):
         parts += ["<h2>Zero-shot baseline (no training)</h2>", metrics_table(results["zero_shot"])]
+    if results.get("cross_dataset"):
+        sets = results["cross_dataset"]
+        described = "; ".join(
+            f"{html.escape(n)}: {', '.join(m['sets']['real'])} ({m['videos']['real']} videos) vs "
+            f"{', '.join(m['sets']['fake'])} ({m['videos']['fake']} videos)"
+            + (f", the {m['videos']['listed']} videos of its official test list" if m["videos"]["listed"] else "")
+            for n, m in sets.items()
+        )
+        parts += [
+            "<h2>Cross-dataset test sets</h2>",
+            f"<p>Each set scored with its own reals, every frame a test frame: {described}.</p>",
+            metrics_table(sets),
+        ]
     verdict = "a SHORTCUT: metadata alone separates the classes" if audit.get("shortcut") else "no shortcut found"
     parts += [
         "<h2>Shortcut audit (file metadata only)</h2>",

@@ -1,0 +1,121 @@
+"""The protocols a paper reports beyond in-dataset: cross-dataset test sets with their own reals
+and an official test list, scored from the cache exactly as scikit-learn would score them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from pipeline import evaluate, extract, manifest, manifest_table, probes, train
+from pipeline.config import ConfigError, load
+from pipeline.outputs import Outputs
+from pipeline.store import EmbeddingStore
+
+CELEB = {"Celeb-real": ("real", 5), "YouTube-real": ("real", 3), "Celeb-synthesis": ("fake", 6)}
+LISTED = [
+    "1 YouTube-real/00001.mp4",
+    "1 Celeb-real/id0_0000.mp4",
+    "1 Celeb-real/id1_0003.mp4",
+    "0 Celeb-synthesis/id0_id1_0000.mp4",
+    "0 Celeb-synthesis/id1_id0_0003.mp4",
+    "0 Celeb-synthesis/id0_id1_0004.mp4",
+    "0 Celeb-synthesis/id9_id9_0009.mp4",  # not in the dataset: left out with a warning
+]
+
+
+def video_ids(folder: str, n: int) -> list[str]:
+    if folder == "YouTube-real":
+        return [f"{i:05d}" for i in range(n)]
+    if folder == "Celeb-real":
+        return [f"id{i % 2}_{i:04d}" for i in range(n)]
+    return [f"id{i % 2}_id{1 - i % 2}_{i:04d}" for i in range(n)]
+
+
+@pytest.fixture
+def celeb_project(project):
+    """The demo project plus a Celeb-DF-v2-like tree (frame folders, 2 frames a video) and its
+    official test list, declared as a cross-dataset test set."""
+    root = project / "data" / "Celeb-DF-v2"
+    rng = np.random.default_rng(0)
+    for folder, (_, n) in CELEB.items():
+        for vid in video_ids(folder, n):
+            (root / folder / vid).mkdir(parents=True)
+            for j in range(2):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / folder / vid / f"{j:04d}.png")
+    (root / "List_of_testing_videos.txt").write_text("\n".join(LISTED) + "\n")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for folder, (label, _) in CELEB.items():
+        params["data"]["datasets"][folder.lower()] = {"path": f"Celeb-DF-v2/{folder}", "label": label}
+    params["evaluate"]["cross_dataset"] = {
+        "celebdf": {"real": ["celeb-real", "youtube-real"], "fake": ["celeb-synthesis"]},
+        "celebdf_official": {
+            "real": ["celeb-real", "youtube-real"],
+            "fake": ["celeb-synthesis"],
+            "test_list": "data/Celeb-DF-v2/List_of_testing_videos.txt",
+        },
+    }
+    params["evaluate"]["protocols"] = ["heldout", "cross_dataset"]
+    params["evaluate"]["bootstrap"] = 50
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def test_a_cross_dataset_set_is_scored_with_its_own_reals_on_exactly_the_listed_videos(celeb_project, caplog):
+    settings, outputs = load(celeb_project / "params.yaml"), Outputs(celeb_project)
+    for stage in (manifest, extract, train):
+        stage.run(settings, outputs)
+    results = evaluate.run(settings, outputs)["cross_dataset"]
+    assert "1 of 7 listed test videos are not in the manifest (e.g. celeb-synthesis/id9_id9_0009)" in caplog.text
+
+    # The reference: the saved probe on the cached vectors of the rows picked by hand, every split.
+    probe, card = probes.load(outputs.probe)
+    table = manifest_table.read(outputs.manifest).to_pandas()
+    store = EmbeddingStore.open(outputs.embeddings / json.loads(outputs.extract_summary.read_text())["embeddings"])
+    listed = {("celeb-real", "id0_0000"), ("celeb-real", "id1_0003"), ("youtube-real", "00001"),
+              ("celeb-synthesis", "id0_id1_0000"), ("celeb-synthesis", "id1_id0_0003"),
+              ("celeb-synthesis", "id0_id1_0004")}  # fmt: skip
+    for name, rows in (
+        ("celebdf", table[table.dataset.isin(["celeb-real", "youtube-real", "celeb-synthesis"])]),
+        ("celebdf_official", table[[(d, v) in listed for d, v in zip(table.dataset, table.video, strict=True)]]),
+    ):
+        vectors, found = store.read(list(rows.digest), card["layer"])
+        assert found.all()
+        y = rows.label.to_numpy().astype(int)
+        expected = roc_auc_score(y, probe.predict_proba(vectors))
+        assert results[name]["frame"]["auc"] == pytest.approx(expected, abs=1e-9), name
+        assert results[name]["frame"]["n_real"] + results[name]["frame"]["n_fake"] == len(rows)
+    assert results["celebdf"]["videos"] == {"real": 8, "fake": 6, "listed": None, "listed_missing": None}
+    assert results["celebdf_official"]["videos"] == {"real": 3, "fake": 3, "listed": 7, "listed_missing": 1}
+    assert results["celebdf_official"]["frame"]["auc_ci_low"] is not None
+    html = (outputs.reports / "index.html").read_text()
+    assert "Cross-dataset test sets" in html and "the 7 videos of its official test list" in html
+    assert json.loads(outputs.protocol_metrics("cross_dataset").read_text()).keys() == {"celebdf", "celebdf_official"}
+
+
+def test_cross_dataset_sets_are_checked_before_anything_runs(celeb_project):
+    path = celeb_project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for change, message in (
+        ({"fake": ["celeb-real"]}, "whose label is real"),
+        ({"real": ["real_youtube"]}, "which train.datasets trains on"),
+        ({"test_list": "missing.txt"}, "missing.txt does not exist"),
+    ):
+        broken = json.loads(json.dumps(params))
+        broken["evaluate"]["cross_dataset"]["celebdf"].update(change)
+        path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=message):
+            load(path)
+    bad_list = celeb_project / "data" / "Celeb-DF-v2" / "List_of_testing_videos.txt"
+    bad_list.write_text("1 Celeb-synthesis/id0_id1_0000.mp4\n")
+    path.write_text(yaml.safe_dump(params))
+    settings, outputs = load(path), Outputs(celeb_project)
+    for stage in (manifest, extract, train):
+        stage.run(settings, outputs)
+    with pytest.raises(ConfigError, match="calls celeb-synthesis/id0_id1_0000 real"):
+        evaluate.run(settings, outputs)
