@@ -58,7 +58,8 @@ def _run(name: str, read) -> Run | None:
     if params is None or metrics is None or scores is None:
         return None
     p = yaml.safe_load(params) or {}
-    backbone = f"{p.get('model', {}).get('name', '?')} [{p.get('train', {}).get('layer', 'projection')}]"
+    layer = p.get("train", {}).get("layer", "projection")
+    backbone = f"{p.get('model', {}).get('name', '?')} [{layer if isinstance(layer, str) else '+'.join(layer)}]"
     return Run(name, backbone, json.loads(metrics), _parse_scores(scores))
 
 

@@ -108,13 +108,18 @@ class TrainSettings:
     probe: Literal["logreg", "linear_svm", "mlp"] = "logreg"
     C: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     normalize: Literal["none", "l2", "standardize", "l2+standardize"] = "standardize"
-    layer: str = "projection"
+    layer: str | list[str] = "projection"  # a list: the probe reads those layers concatenated, each L2-normalised
     max_iter: int = 2000
     # Caches larger than memory: read shard by shard and fit with SGD (partial_fit) instead.
     stream: bool = False
     epochs: int = 5  # SGD passes over the training rows when streaming
     hidden: int = 256  # mlp: width of its one hidden layer
     seed: int = 0  # mlp: weight initialisation and minibatch order (deterministic for a seed)
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers the probe reads (train.layer as a list)."""
+        return [self.layer] if isinstance(self.layer, str) else list(self.layer)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class ZeroShotSettings:
 # Devices the extractor can run on (torch accepts more, e.g. meta, which computes nothing).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset")
+PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset", "layers")
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,9 @@ class CrossDatasetSpec:
 @dataclass(frozen=True)
 class EvaluateSettings:
     datasets: list[str]
-    protocols: list[Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset"]] = field(
-        default_factory=lambda: list(PROTOCOLS)
-    )
+    protocols: list[
+        Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset", "layers"]
+    ] = field(default_factory=lambda: [p for p in PROTOCOLS if p != "layers"])  # layers: one probe per layer
     seeds: list[int] = field(default_factory=lambda: [0])
     bootstrap: int = 1000
     video_pooling: Literal["mean", "median", "max"] = "mean"  # a video's score from its frames' scores
@@ -288,11 +293,17 @@ def _check(s: Settings) -> None:
     repeated = sorted({layer for layer in s.model.layers if s.model.layers.count(layer) > 1})
     if repeated:
         raise ConfigError(f"model.layers names '{repeated[0]}' more than once; list each layer once.")
-    if s.train.layer not in s.model.layers:
-        raise ConfigError(
-            f"train.layer '{s.train.layer}' is not in model.layers {s.model.layers}; "
-            "add it to model.layers and re-run extract."
-        )
+    read = s.train.layers
+    if not read or len(set(read)) != len(read):
+        raise ConfigError("train.layer is an empty list or names a layer twice; name each layer once.")
+    for layer in read:
+        if layer not in s.model.layers:
+            raise ConfigError(
+                f"train.layer '{layer}' is not in model.layers {s.model.layers}; "
+                "add it to model.layers and re-run extract."
+            )
+    if len(read) > 1 and s.train.stream:
+        raise ConfigError("train.layer with several layers reads the cache in memory; set train.stream: false.")
     if s.train.probe == "mlp" and s.train.stream:
         raise ConfigError("train.probe mlp reads the cache in memory; set train.stream: false (or use logreg).")
     if s.train.hidden < 1:
@@ -346,8 +357,11 @@ def _coerce(tp, value, key: str):
     if origin in (typing.Union, types.UnionType):
         if (value is None or value == "") and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        if isinstance(value, list) and lists:  # e.g. str | list[str]: a list is the list form
+            return _coerce(lists[0], value, key)
+        return _coerce(next(a for a in inner if a not in lists), value, key)
     if origin is Literal:
         if value not in args:
             choices = " | ".join(str(a) for a in args)

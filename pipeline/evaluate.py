@@ -10,6 +10,9 @@ the original script's mistake. Protocols (`evaluate.protocols`):
   leave_one_out       train on all fake datasets but one, test on the one left out
                       -> metrics/leave_one_out.json
   zero_shot           no training: cosine similarity to text prompts -> metrics/zero_shot.json
+  layers              one probe per cached layer, AUC per layer and test set, in-domain and
+                      cross-manipulation means, paired bootstrap vs the train stage's probe
+                      -> metrics/layers.json, plots/layers.json
   cross_dataset       the train stage's probe on other datasets with their own reals
                       (`evaluate.cross_dataset`), optionally only an official list of test videos
                       -> metrics/cross_dataset.json
@@ -30,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline import atomic, features, manifest_table, probes, report, shortcut, splits
 from pipeline.config import PROTOCOLS, ConfigError, Settings, TrainSettings
-from pipeline.metrics import binary_metrics, bootstrap_auc, roc_points, video_level
+from pipeline.metrics import binary_metrics, bootstrap_auc, paired_bootstrap_auc, roc_points, video_level
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 
@@ -251,6 +255,38 @@ def cross_dataset(settings: Settings, probe: LinearProbe, card: dict, frames: Fr
     return results
 
 
+def layers(settings: Settings, table, store, card: dict, reals: list[str], main: dict[str, Scored]) -> dict:
+    """One probe per cached layer (the train stage's datasets and settings), scored on every
+    evaluate dataset: AUC per layer and test set, the mean over the fakes trained on (in-domain)
+    and over the others (cross-manipulation), and per layer and test set the paired bootstrap
+    difference to the train stage's probe on the same frames (`main`)."""
+    ev = settings.evaluate
+    trained_fakes = [d for d in card["datasets"] if d not in reals]
+    out: dict = {"layers": list(store.layers), "reference": card["layer"], "auc": {}, "video_auc": {}}
+    out.update(mean_in_domain_auc={}, mean_cross_auc={}, vs_reference={})
+    for layer in tqdm(store.layers, desc="layers protocol", unit="layer", disable=None):
+        frames = features.load(table, store, layer)
+        probe = fit(frames, card["datasets"], settings.train).probe
+        out["auc"][layer], out["video_auc"][layer], out["vs_reference"][layer] = {}, {}, {}
+        for name in ev.datasets:
+            s = scored(frames, reals, name, probe.predict_proba)
+            out["auc"][layer][name] = binary_metrics(s.y, s.scores, name=f"{name} [{layer}]")["auc"]
+            v_scores, v_labels, _ = video_level(s.scores, s.y, s.video, ev.video_pooling)
+            out["video_auc"][layer][name] = binary_metrics(v_labels, v_scores, name=f"{name} (videos) [{layer}]")["auc"]
+            ref = main.get(name)
+            if ev.bootstrap and ref is not None and np.array_equal(ref.digest, s.digest) and len(set(s.y)) == 2:
+                diff = paired_bootstrap_auc(s.y, s.scores, ref.scores, s.video, n=ev.bootstrap)
+                diff["significant"] = bool(diff["ci_low"] > 0 or diff["ci_high"] < 0)
+                out["vs_reference"][layer][name] = diff
+        inside = [out["auc"][layer][d] for d in ev.datasets if d in trained_fakes and out["auc"][layer][d] is not None]
+        cross = [
+            out["auc"][layer][d] for d in ev.datasets if d not in trained_fakes and out["auc"][layer][d] is not None
+        ]
+        out["mean_in_domain_auc"][layer] = float(np.mean(inside)) if inside else None
+        out["mean_cross_auc"][layer] = float(np.mean(cross)) if cross else None
+    return out
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -268,6 +304,18 @@ def write_scores(outputs: Outputs, by_name: dict[str, Scored]) -> None:
             (name, d, v, int(y), f"{x:.9g}") for d, v, y, x in zip(s.digest, s.video, s.y, s.scores, strict=True)
         )
     atomic.write_bytes(outputs.scores, buffer.getvalue().encode())
+
+
+def write_layer_plot(outputs: Outputs, result: dict) -> None:
+    """plots/layers.json: AUC per layer (x: the layer's position) per test set, and the in-domain
+    and cross-manipulation means, for `dvc plots show` (an empty list without the protocol)."""
+    rows = []
+    for i, layer in enumerate(result.get("layers", [])):
+        for name, auc in result["auc"][layer].items():
+            rows.append({"layer": layer, "position": i, "test_set": name, "auc": auc})
+        for key, label in (("mean_in_domain_auc", "mean in-domain"), ("mean_cross_auc", "mean cross-manipulation")):
+            rows.append({"layer": layer, "position": i, "test_set": label, "auc": result[key][layer]})
+    atomic.write_json(outputs.layers_plot, rows, sort_keys=False)
 
 
 def run(settings: Settings, outputs: Outputs) -> dict:
@@ -293,6 +341,12 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         results["leave_one_out"] = leave_one_out(settings, frames, reals)
     if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
         results["cross_dataset"] = cross_dataset(settings, probe, card, frames)
+    if "layers" in protocols:
+        if settings.train.stream:
+            log.warning("layers protocol skipped: it reads each layer in memory (train.stream is true)")
+        else:
+            main = by_name or {n: scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
+            results["layers"] = layers(settings, table, store, card, reals, main)
     if "zero_shot" in protocols:
         try:
             if "projection" not in store.layers:
@@ -316,6 +370,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     for name, points in curves.items():
         atomic.write_json(outputs.roc_plots / f"{name}.json", points)
 
+    write_layer_plot(outputs, results.get("layers", {}))
     write_scores(outputs, by_name)
     report.write(outputs.reports, results, curves, {n: (s.y, s.scores) for n, s in by_name.items()}, audit)
     for protocol, text_ in report.summaries(results).items():

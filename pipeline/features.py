@@ -1,6 +1,6 @@
 """Cached features for manifest rows: what train and evaluate read (never images, never torch).
 
-`FeatureTable` reads one layer for every manifest row once; protocols then select rows with
+`FeatureTable` reads one layer (or several side by side) for every manifest row once; protocols then select rows with
 boolean masks, so a cross-manipulation matrix costs one read of the cache. `StreamedFeatures`
 is the same view for caches larger than memory: it reads shard by shard on use. Both only
 read, mask and score; fitting belongs to `pipeline.probes`, which takes what `training_data` gives.
@@ -27,6 +27,20 @@ def open_cache(outputs: Outputs) -> EmbeddingStore:
     """The cache the last extract run filled, as recorded in cache/extract.json."""
     summary = ExtractSummary.read(outputs.extract_summary)
     return EmbeddingStore.open(outputs.embeddings / summary.embeddings, expect_fingerprint=summary.fingerprint)
+
+
+def read_layers(store: EmbeddingStore, digests: list[str], layer: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of `layer` for `digests` -> (array, found mask); several layers are read side
+    by side, each row of each L2-normalised first (so no layer dominates by its scale, RINE-style)."""
+    if isinstance(layer, str):
+        return store.read(digests, layer)
+    blocks, found = [], np.ones(len(digests), dtype=bool)
+    for name in layer:
+        X, present = store.read(digests, name)
+        norms = np.linalg.norm(X, axis=1, keepdims=True)
+        blocks.append(X / np.where(norms > 0, norms, 1.0))
+        found &= present
+    return np.hstack(blocks).astype(np.float32), found
 
 
 @dataclass
@@ -115,8 +129,8 @@ class FeatureTable(_Frames):
     X: np.ndarray
 
     @classmethod
-    def load(cls, table: pa.Table, store: EmbeddingStore, layer: str) -> FeatureTable:
-        X, found = store.read(table.column("digest").to_pylist(), layer)
+    def load(cls, table: pa.Table, store: EmbeddingStore, layer: str | list[str]) -> FeatureTable:
+        X, found = read_layers(store, table.column("digest").to_pylist(), layer)
         check_complete(table, store, found)
         return cls(**_metadata(table, found), X=X)
 
@@ -188,6 +202,8 @@ class ShardRows:
             yield X, y
 
 
-def load(table: pa.Table, store: EmbeddingStore, layer: str, stream: bool = False) -> FeatureTable | StreamedFeatures:
+def load(
+    table: pa.Table, store: EmbeddingStore, layer: str | list[str], stream: bool = False
+) -> FeatureTable | StreamedFeatures:
     """The features of every manifest row: in memory, or streamed from the shards."""
     return (StreamedFeatures if stream else FeatureTable).load(table, store, layer)

@@ -58,3 +58,8 @@ class Outputs:
     @property
     def roc_plots(self) -> Path:
         return self.root / "plots" / "roc"
+
+    @property
+    def layers_plot(self) -> Path:
+        """AUC per layer (the layers protocol), for `dvc plots show`."""
+        return self.root / "plots" / "layers.json"

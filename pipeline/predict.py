@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, images, probes
+from pipeline import atomic, features, images, probes
 from pipeline.config import ConfigError, Settings
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
@@ -97,9 +97,9 @@ def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path
 
     layer = EmbeddingStore.open(layer.directory)  # re-read: new shards
     known = [d for d in digests if d]
-    X, found = store.read(known, card["layer"])
+    X, found = features.read_layers(store, known, card["layer"])
     if not found.all():
-        X_new, found_new = layer.read(known, card["layer"])
+        X_new, found_new = features.read_layers(layer, known, card["layer"])
         X = np.where(found[:, None], X, X_new)
         found = found | found_new
     scores = dict(zip(known, probe.predict_proba(X), strict=True))

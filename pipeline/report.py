@@ -76,6 +76,29 @@ def heatmap_figure(matrix: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def layers_figure(result: dict, path: Path) -> None:
+    """AUC per layer: one line per test set, and the in-domain and cross-manipulation means."""
+    plt = _pyplot()
+    names = result["layers"]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 3), 4))
+    test_sets = list(next(iter(result["auc"].values()), {}))
+    for name in test_sets:
+        ax.plot(
+            x,
+            [np.nan if result["auc"][n][name] is None else result["auc"][n][name] for n in names],
+            alpha=0.5,
+            label=name,
+        )
+    for key, label in (("mean_in_domain_auc", "mean in-domain"), ("mean_cross_auc", "mean cross-manipulation")):
+        ax.plot(x, [np.nan if result[key][n] is None else result[key][n] for n in names], lw=2.5, label=label)
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set(ylim=(0, 1), ylabel="AUC (frame level)", title="AUC per layer")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- text tables
 
 
@@ -113,6 +136,27 @@ def matrix_text(matrix: dict) -> str:
     return "\n".join(lines)
 
 
+def _mark(result: dict, layer: str, name: str) -> str:
+    """`+`/`-`: this layer's AUC is significantly above/below the train stage's probe's (the
+    paired bootstrap's 95 % interval excludes 0); blank otherwise."""
+    diff = result.get("vs_reference", {}).get(layer, {}).get(name)
+    if not diff or not diff["significant"]:
+        return " "
+    return "+" if diff["delta"] > 0 else "-"
+
+
+def layers_text(result: dict) -> str:
+    names = list(next(iter(result["auc"].values()), {}))
+    width = max(12, *(len(n) + 3 for n in names))
+    columns = [*names, "in-domain", "cross"]
+    lines = ["layer".ljust(16) + "".join(c.rjust(width) for c in columns)]
+    for layer in result["layers"]:
+        cells = [_cell(result["auc"][layer][n]) + _mark(result, layer, n) for n in names]
+        cells += [_cell(result["mean_in_domain_auc"][layer]) + " ", _cell(result["mean_cross_auc"][layer]) + " "]
+        lines.append(layer.ljust(16) + "".join(c.rjust(width) for c in cells))
+    return "\n".join(lines)
+
+
 def summaries(results: dict) -> dict[str, str]:
     out = {}
     if results.get("heldout"):
@@ -127,6 +171,11 @@ def summaries(results: dict) -> dict[str, str]:
         out["cross-dataset test sets (their own reals; frame level, video_auc = video level)"] = table_text(
             results["cross_dataset"]
         )
+    if results.get("layers"):
+        reference = results["layers"]["reference"]
+        reference = reference if isinstance(reference, str) else "+".join(reference)
+        title = f"AUC per layer (frame level; +/-: significantly above/below the {reference} probe, paired bootstrap)"
+        out[title] = layers_text(results["layers"])
     return out
 
 
@@ -226,6 +275,26 @@ def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dic
             "<h2>Cross-dataset test sets</h2>",
             f"<p>Each set scored with its own reals, every frame a test frame: {described}.</p>",
             metrics_table(sets),
+        ]
+    if results.get("layers"):
+        result = results["layers"]
+        layers_figure(result, directory / "layers.png")
+        names = list(next(iter(result["auc"].values()), {}))
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in [*names, "mean in-domain", "mean cross"])
+        rows = "".join(
+            f"<tr><th>{html.escape(layer)}</th>"
+            + "".join(f"<td>{_fmt(result['auc'][layer][n])}{_mark(result, layer, n).strip()}</td>" for n in names)
+            + "".join(f"<td>{_fmt(result[key][layer])}</td>" for key in ("mean_in_domain_auc", "mean_cross_auc"))
+            + "</tr>"
+            for layer in result["layers"]
+        )
+        parts += [
+            "<h2>Layers</h2>",
+            "<p>One probe per cached layer (the train stage's datasets and settings), frame-level AUC. "
+            "+ / −: significantly above / below the train stage's probe on the same frames (paired bootstrap "
+            "over videos, 95 % interval excluding 0).</p>",
+            f"<table><tr><th>layer</th>{head}</tr>{rows}</table>",
+            '<img src="layers.png" alt="AUC per layer">',
         ]
     verdict = "a SHORTCUT: metadata alone separates the classes" if audit.get("shortcut") else "no shortcut found"
     parts += [

@@ -16,7 +16,8 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     t = settings.train
     table = manifest_table.read(outputs.manifest)
     store = features.open_cache(outputs)
-    store.dimension(t.layer)  # a clear error now if the layer is not cached
+    for layer in t.layers:
+        store.dimension(layer)  # a clear error now if a layer is not cached
     frames = features.load(table, store, t.layer, stream=t.stream)
     train, val = frames.train_val(t.datasets)
     fitted = probes.fit_and_select(*frames.training_data(t.datasets), t, what="+".join(t.datasets))

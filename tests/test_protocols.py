@@ -11,10 +11,11 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluate, extract, manifest, manifest_table, probes, train
+from pipeline import evaluate, extract, features, manifest, manifest_table, probes, train
 from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore
+from tests.conftest import update_params
 
 CELEB = {"Celeb-real": ("real", 5), "YouTube-real": ("real", 3), "Celeb-synthesis": ("fake", 6)}
 LISTED = [
@@ -119,3 +120,43 @@ def test_cross_dataset_sets_are_checked_before_anything_runs(celeb_project):
         stage.run(settings, outputs)
     with pytest.raises(ConfigError, match="calls celeb-synthesis/id0_id1_0000 real"):
         evaluate.run(settings, outputs)
+
+
+def test_the_layers_protocol_fits_one_probe_per_cached_layer_and_train_reads_a_concatenation(project):
+    layers = ["projection", "pooled", "block_0", "block_1"]  # every block of the tiny CLIP
+    update_params(project, "model", layers=layers)
+    update_params(project, "evaluate", protocols=["heldout", "layers"], bootstrap=100)
+    settings, outputs = load(project / "params.yaml"), Outputs(project)
+    for stage in (manifest, extract, train):
+        stage.run(settings, outputs)
+    results = evaluate.run(settings, outputs)
+    result = results["layers"]
+    assert result["layers"] == layers and result["reference"] == "projection"
+    for name, heldout in results["heldout"].items():
+        # The projection layer's probe is the train stage's probe: the same AUC, a zero difference.
+        assert result["auc"]["projection"][name] == heldout["frame"]["auc"]
+        assert result["vs_reference"]["projection"][name]["delta"] == 0.0
+        assert not result["vs_reference"]["projection"][name]["significant"]
+    trained = [d for d in settings.train.datasets if d in settings.evaluate.datasets]
+    others = [d for d in settings.evaluate.datasets if d not in trained]
+    for layer in layers:
+        assert result["mean_in_domain_auc"][layer] == pytest.approx(np.mean([result["auc"][layer][d] for d in trained]))
+        assert result["mean_cross_auc"][layer] == pytest.approx(np.mean([result["auc"][layer][d] for d in others]))
+    plot = json.loads(outputs.layers_plot.read_text())
+    assert len(plot) == len(layers) * (len(settings.evaluate.datasets) + 2)
+    assert "<h2>Layers</h2>" in (outputs.reports / "index.html").read_text()
+
+    # train.layer as a list: the probe reads the layers side by side, each row L2-normalised.
+    update_params(project, "train", layer=["pooled", "block_1"])
+    settings = load(project / "params.yaml")
+    train.run(settings, outputs)
+    _, card = probes.load(outputs.probe)
+    assert card["layer"] == ["pooled", "block_1"]
+    table = manifest_table.read(outputs.manifest)
+    store = features.open_cache(outputs)
+    digests = table.column("digest").to_pylist()
+    X, found = features.read_layers(store, digests, ["pooled", "block_1"])
+    parts = [store.read(digests, layer)[0] for layer in ("pooled", "block_1")]
+    expected = np.hstack([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts])
+    assert found.all() and np.allclose(X, expected, atol=1e-6)
+    assert set(evaluate.run(settings, outputs)["heldout"]) == set(settings.evaluate.datasets)
