@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def heldout(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, 
         by_name[name] = s
     if len(ev.seeds) > 1:
         per_seed = {name: [] for name in ev.datasets}
-        for seed in ev.seeds:
+        for seed in tqdm(ev.seeds, desc="heldout: seeds", unit="probe"):
             fitted = fit(frames, card["datasets"], settings.train, redraw_train_val(frames, card["datasets"], seed))
             for name in ev.datasets:
                 s = scored(frames, reals, name, fitted.probe.predict_proba)
@@ -124,7 +125,7 @@ def cross_manipulation(settings: Settings, frames: Frames, reals: list[str]) -> 
     """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on."""
     fakes = fake_sets(settings, frames)
     auc, video_auc = {}, {}
-    for trained_on in fakes:
+    for trained_on in tqdm(fakes, desc="cross_manipulation", unit="probe"):
         probe = fit(frames, [*reals, trained_on], settings.train).probe
         auc[trained_on], video_auc[trained_on] = {}, {}
         for tested_on in fakes:
@@ -149,7 +150,7 @@ def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
         log.warning("leave_one_out needs at least two fake datasets; skipped")
         return {}
     results = {}
-    for left_out in fakes:
+    for left_out in tqdm(fakes, desc="leave_one_out", unit="probe"):
         fitted = fit(frames, [*reals, *(f for f in fakes if f != left_out)], settings.train)
         s = scored(frames, reals, left_out, fitted.probe.predict_proba)
         ev = settings.evaluate
@@ -264,7 +265,7 @@ def layers(settings: Settings, table, store, card: dict, reals: list[str], main:
     trained_fakes = [d for d in card["datasets"] if d not in reals]
     out: dict = {"layers": list(store.layers), "reference": card["layer"], "auc": {}, "video_auc": {}}
     out.update(mean_in_domain_auc={}, mean_cross_auc={}, vs_reference={})
-    for layer in tqdm(store.layers, desc="layers protocol", unit="layer", disable=None):
+    for layer in tqdm(store.layers, desc="layers protocol", unit="layer"):
         frames = features.load(table, store, layer)
         probe = fit(frames, card["datasets"], settings.train).probe
         out["auc"][layer], out["video_auc"][layer], out["vs_reference"][layer] = {}, {}, {}
@@ -304,6 +305,33 @@ def write_scores(outputs: Outputs, by_name: dict[str, Scored]) -> None:
             (name, d, v, int(y), f"{x:.9g}") for d, v, y, x in zip(s.digest, s.video, s.y, s.scores, strict=True)
         )
     atomic.write_bytes(outputs.scores, buffer.getvalue().encode())
+
+
+def git_commit(directory: Path) -> str:
+    """The commit the project is at, `+ uncommitted changes` when its tracked files differ;
+    `not a git repository` outside one."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git repository"
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+def params_text(settings: Settings) -> str:
+    """The run's settings as YAML (what the params file said, defaults filled in)."""
+    import dataclasses
+
+    import yaml
+
+    raw = dataclasses.asdict(settings)
+    raw.pop("base_dir", None)
+    return yaml.safe_dump(json.loads(json.dumps(raw, default=str)), sort_keys=False)
 
 
 def write_layer_plot(outputs: Outputs, result: dict) -> None:
@@ -372,7 +400,8 @@ def run(settings: Settings, outputs: Outputs) -> dict:
 
     write_layer_plot(outputs, results.get("layers", {}))
     write_scores(outputs, by_name)
-    report.write(outputs.reports, results, curves, {n: (s.y, s.scores) for n, s in by_name.items()}, audit)
+    about = report.header(card, git_commit(settings.base_dir), params_text(settings))
+    report.write(outputs.reports, results, curves, {n: (s.y, s.scores) for n, s in by_name.items()}, audit, about)
     for protocol, text_ in report.summaries(results).items():
         log.info("%s:\n%s", protocol, text_)
     return results

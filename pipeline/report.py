@@ -231,12 +231,37 @@ def matrix_table(matrix: dict) -> str:
     return f"<table><tr><th>trained on \\ tested on</th>{head}</tr>{rows}</table>"
 
 
-def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dict) -> Path:
+def header(card: dict, commit: str, params: str) -> str:
+    """What this report is: the model, the cache, the probe and the code and params that made it."""
+    layer = card.get("layer", "?")
+    rows = [
+        ("model", card.get("model")),
+        ("cache fingerprint", card.get("fingerprint")),
+        ("layer(s)", layer if isinstance(layer, str) else " + ".join(layer)),
+        (
+            "probe",
+            f"{card.get('probe')} (normalize {card.get('normalize')}), "
+            f"trained on {' + '.join(card.get('datasets', []))}",
+        ),
+        ("C (chosen on val)", card.get("C")),
+        ("decision threshold (chosen on val)", None if card.get("threshold") is None else f"{card['threshold']:.4f}"),
+        ("git commit", commit),
+    ]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return (
+        f"<table class='run'>{table}</table>"
+        f"<details><summary>params of this run</summary><pre>{html.escape(params)}</pre></details>"
+    )
+
+
+def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dict, about: str = "") -> Path:
+    """reports/index.html (and its PNGs); `about` is the `header` of the run."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.png"):
         stale.unlink()
     parts = [
         "<h1>Deepfake detection report</h1>",
+        about,
         "<p>Every fake test set is scored together with the held-out real test split. Frame level scores each "
         "image; video level scores each video by the mean of its frames. The fake accuracy at 0.5 is the "
         "original script's number (its 'accuracy' on a fake-only test set).</p>",
@@ -309,6 +334,7 @@ def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dic
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:48%;vertical-align:top}"
+        "table.run td,table.run th{text-align:left}"
     )
     head = f"<meta charset='utf-8'><title>report</title><style>{style}</style>"
     page = f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"

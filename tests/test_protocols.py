@@ -160,3 +160,28 @@ def test_the_layers_protocol_fits_one_probe_per_cached_layer_and_train_reads_a_c
     expected = np.hstack([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts])
     assert found.all() and np.allclose(X, expected, atol=1e-6)
     assert set(evaluate.run(settings, outputs)["heldout"]) == set(settings.evaluate.datasets)
+
+
+def test_the_report_says_which_model_cache_probe_commit_and_params_made_it(project, capsys):
+    import subprocess
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=project, check=True, capture_output=True, text=True)  # noqa: E731
+    assert evaluate.git_commit(project) == "not a git repository"
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
+    git("add", "params.yaml")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "params")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    settings, outputs = load(project / "params.yaml"), Outputs(project)
+    for stage in (manifest, extract, train):
+        stage.run(settings, outputs)
+    capsys.readouterr()
+    evaluate.run(settings, outputs)
+    assert "cross_manipulation: 100%" in capsys.readouterr().err, "probe fitting shows progress"
+    _, card = probes.load(outputs.probe)
+    html = (outputs.reports / "index.html").read_text()
+    for shown in (card["model"], card["fingerprint"], "projection", "logreg", f"<td>{card['C']}</td>", head):
+        assert shown in html, shown
+    assert "bootstrap: 1000" in html and "video_pooling: mean" in html, "the run's params"
+    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n# edited\n")
+    assert evaluate.git_commit(project) == f"{head} + uncommitted changes"
