@@ -19,7 +19,7 @@ STAGES = {
     "manifest": "scan dataset folders -> cache/manifest.parquet (digests, videos, splits)",
     "extract": "embed images that the cache lacks -> cache/embeddings/<model>/, cache/extract.json",
     "train": "fit a linear probe on cached embeddings -> models/probe/",
-    "evaluate": "score fake test sets with held-out reals -> metrics/evaluate.json, plots/roc/",
+    "evaluate": "score fake test sets with held-out reals -> metrics/, plots/, reports/",
 }
 
 

@@ -334,9 +334,33 @@ def params_text(settings: Settings) -> str:
     return yaml.safe_dump(json.loads(json.dumps(raw, default=str)), sort_keys=False)
 
 
+def summary(results: dict, audit: dict) -> dict:
+    """metrics/summary.json, the compact numbers DVC lists (`dvc exp show`, `dvc metrics diff`):
+    per test set the frame and video AUC, the cross-manipulation means, and the audit's AUC. The
+    full detail stays in the protocol files beside it."""
+    out: dict = {}
+    for protocol in ("heldout", "leave_one_out", "zero_shot", "cross_dataset"):
+        if results.get(protocol):
+            out[protocol] = {
+                name: {"auc": m["frame"]["auc"], "video_auc": m["video"]["auc"]}
+                for name, m in results[protocol].items()
+            }
+    if results.get("cross_manipulation"):
+        m = results["cross_manipulation"]
+        out["cross_manipulation"] = {"in_domain_auc": m["mean_in_domain_auc"], "cross_auc": m["mean_cross_auc"]}
+    if results.get("layers"):
+        m = results["layers"]
+        scored = {k: v for k, v in m["mean_cross_auc"].items() if v is not None}
+        best = max(scored, key=scored.get) if scored else None
+        out["layers"] = {"best_cross_layer": best, "best_cross_auc": scored.get(best) if best else None}
+    out["shortcut_auc"] = audit.get("auc")
+    return out
+
+
 def write_layer_plot(outputs: Outputs, result: dict) -> None:
     """plots/layers.json: AUC per layer (x: the layer's position) per test set, and the in-domain
-    and cross-manipulation means, for `dvc plots show` (an empty list without the protocol)."""
+    and cross-manipulation means, for `dvc plots show` (an empty list without the protocol; the
+    top-level plot in dvc.yaml draws one line per test set)."""
     rows = []
     for i, layer in enumerate(result.get("layers", [])):
         for name, auc in result["auc"][layer].items():
@@ -391,12 +415,10 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         # In the order of evaluate.datasets, as the user listed them.
         atomic.write_json(outputs.protocol_metrics(protocol), results.get(protocol, {}), sort_keys=False)
     atomic.write_json(outputs.shortcut, audit)
-    outputs.roc_plots.mkdir(parents=True, exist_ok=True)
-    for stale in outputs.roc_plots.glob("*.json"):
-        if stale.stem not in curves:
-            stale.unlink()
-    for name, points in curves.items():
-        atomic.write_json(outputs.roc_plots / f"{name}.json", points)
+    atomic.write_json(outputs.summary, summary(results, audit), sort_keys=False)
+    outputs.roc_plot.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"test_set": name, **point} for name, points in curves.items() for point in points]
+    atomic.write_json(outputs.roc_plot, rows, sort_keys=False)
 
     write_layer_plot(outputs, results.get("layers", {}))
     write_scores(outputs, by_name)

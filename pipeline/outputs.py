@@ -56,8 +56,14 @@ class Outputs:
         return self.root / "reports"
 
     @property
-    def roc_plots(self) -> Path:
-        return self.root / "plots" / "roc"
+    def roc_plot(self) -> Path:
+        """Every held-out test set's ROC points, one row per point with its `test_set`."""
+        return self.root / "plots" / "roc.json"
+
+    @property
+    def summary(self) -> Path:
+        """The compact metrics DVC lists; the protocol files hold the detail."""
+        return self.root / "metrics" / "summary.json"
 
     @property
     def layers_plot(self) -> Path:

@@ -16,7 +16,16 @@ from PIL import Image
 
 from tests.conftest import DEMO_FRAMES, DEMO_VIDEOS, REPO, demo_params
 
-PROJECT_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "pipeline",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvc/config",
+    ".dvc/plots",
+    ".dvcignore",
+    ".gitignore",
+]
 
 
 def sh(cwd: Path, *cmd: str) -> str:
@@ -51,7 +60,12 @@ def copy_project(root: Path, **extract) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(root, "git", "init", "-q")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
-    sh(root, "dvc", "init", "-q", "--force")
+    sh(root, "dvc", "init", "-q", "--force")  # recreates .dvc/: put this project's own files back
+    for name in (n for n in PROJECT_FILES if n.startswith(".dvc/")):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, root / name, dirs_exist_ok=True)
+        else:
+            shutil.copy(REPO / name, root / name)
     return root
 
 
@@ -79,12 +93,22 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     card = json.loads((repo / "models" / "probe" / "card.json").read_text())
     assert card["C"] in (0.5, 5.0)
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
-    assert "metrics/evaluate.json" in diff, "dvc metrics diff compares against the committed baseline"
-    shown = sh(repo, "dvc", "metrics", "show", "--json")
-    for name in ("evaluate", "cross_manipulation", "leave_one_out", "zero_shot", "shortcut"):
-        assert f"metrics/{name}.json" in shown
-    plots = sh(repo, "dvc", "plots", "show", "--json")
-    assert "plots/roc/faceswap.json" in plots
+    assert "metrics/summary.json" in diff, "dvc metrics diff compares against the committed baseline"
+    (shown,) = (v["data"] for v in json.loads(sh(repo, "dvc", "metrics", "show", "--json")).values())
+    assert list(shown) == ["metrics/summary.json"], "one compact file is DVC's metrics; the detail is not listed"
+
+    def leaves(d: dict) -> int:
+        return sum(leaves(v) if isinstance(v, dict) else 1 for v in d.values())
+
+    summary = shown["metrics/summary.json"]["data"]
+    assert summary["heldout"]["faceswap"]["auc"] is not None and "cross_auc" in summary["cross_manipulation"]
+    assert leaves(summary) < 40, f"DVC lists a compact summary, not every detail ({leaves(summary)} numbers)"
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))
+    assert not plots.get("errors") and set(plots["data"]) == {"roc", "layers"}
+    roc = plots["data"]["roc"][0]["content"]
+    assert roc["encoding"]["color"]["field"] == "test_set", "one plot, one line per test set"
+    assert {r["test_set"] for r in roc["data"]["values"]} == {"faceswap", "neuraltextures", "deepfakes", "face2face"}
+    assert "loess" not in json.dumps(roc), "no smoothing"
 
     new = repo / "data" / "demo" / "Test_Fake" / "Deepfakes" / "900_901"
     new.mkdir()
