@@ -137,7 +137,17 @@ class ZeroShotSettings:
 # Devices the extractor can run on (torch accepts more, e.g. meta, which computes nothing).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset", "layers")
+PROTOCOLS = ("heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset", "layers", "robustness")
+
+
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """Degradations of the test images (`pipeline.perturb`), each level embedded once and cached."""
+
+    jpeg: list[int] = field(default_factory=list)  # JPEG quality, e.g. [100, 80, 60, 40, 20]
+    blur: list[float] = field(default_factory=list)  # Gaussian blur sigma in pixels, e.g. [0.5, 1, 2, 3]
+    noise: list[float] = field(default_factory=list)  # Gaussian noise sigma in 8-bit levels, e.g. [5, 10, 20]
+    resize: list[int] = field(default_factory=list)  # shorter side downscaled to, then back, e.g. [112, 64]
 
 
 @dataclass(frozen=True)
@@ -157,13 +167,14 @@ class CrossDatasetSpec:
 class EvaluateSettings:
     datasets: list[str]
     protocols: list[
-        Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset", "layers"]
+        Literal["heldout", "cross_manipulation", "leave_one_out", "zero_shot", "cross_dataset", "layers", "robustness"]
     ] = field(default_factory=lambda: [p for p in PROTOCOLS if p != "layers"])  # layers: one probe per layer
     seeds: list[int] = field(default_factory=lambda: [0])
     bootstrap: int = 1000
     video_pooling: Literal["mean", "median", "max"] = "mean"  # a video's score from its frames' scores
     zero_shot: ZeroShotSettings = ZeroShotSettings()
     cross_dataset: dict[str, CrossDatasetSpec] = field(default_factory=dict)  # name -> its real and fake datasets
+    robustness: RobustnessSettings = RobustnessSettings()  # perturbed test images (extract embeds them)
 
 
 @dataclass(frozen=True)
@@ -281,6 +292,15 @@ def _check(s: Settings) -> None:
                     )
         if spec.test_list is not None and not s.resolve(spec.test_list).is_file():
             raise ConfigError(f"{where}.test_list {s.resolve(spec.test_list)} does not exist.")
+    rb = s.evaluate.robustness
+    if (
+        any(not 1 <= q <= 100 for q in rb.jpeg)
+        or any(v <= 0 for v in [*rb.blur, *rb.noise])
+        or any(n < 8 for n in rb.resize)
+    ):
+        raise ConfigError(
+            "evaluate.robustness: jpeg qualities are 1..100, blur and noise sigmas above 0, resize sides at least 8."
+        )
     prompts = s.evaluate.zero_shot.prompts
     if sorted(prompts) != ["fake", "real"] or not all(prompts.values()):
         raise ConfigError("evaluate.zero_shot.prompts needs two non-empty lists, real: [...] and fake: [...].")

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
-from pipeline import backbones, faces, frames, images
+from pipeline import backbones, faces, frames, images, perturb
 from pipeline.config import Settings
 from pipeline.store import EmbeddingStore
 from pipeline.store.shard import ShardData
@@ -91,8 +91,12 @@ class ImageDataset(Dataset):
                 run = items[start:end]
                 decoded += images.decode_frames(run[0].file, frames.file_digest(run[0].digest), [i.frame for i in run])
             else:
-                decoded.append(images.decode(items[start].file, items[start].digest))
+                decoded.append(images.decode(items[start].file, frames.file_digest(items[start].digest)))
             start = end
+        for n, item in enumerate(items):  # robustness variants: degraded before anything else sees them
+            spec = perturb.split(item.digest)[1]
+            if spec is not None and not isinstance(decoded[n], str):
+                decoded[n] = perturb.apply(decoded[n], spec, item.digest)
         per_item = getattr(self.preprocess, "for_items", None)  # face crops: one detection per item
         preprocesses = per_item(items, decoded) if per_item else [self.preprocess] * len(items)
         results = [images.apply(p, rgb) for p, rgb in zip(preprocesses, decoded, strict=True)]

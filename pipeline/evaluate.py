@@ -13,6 +13,8 @@ the original script's mistake. Protocols (`evaluate.protocols`):
   layers              one probe per cached layer, AUC per layer and test set, in-domain and
                       cross-manipulation means, paired bootstrap vs the train stage's probe
                       -> metrics/layers.json, plots/layers.json
+  robustness          the train stage's probe on perturbed test images (JPEG, blur, noise,
+                      resize; embedded by extract) -> metrics/robustness.json, plots/robustness.json
   cross_dataset       the train stage's probe on other datasets with their own reals
                       (`evaluate.cross_dataset`), optionally only an official list of test videos
                       -> metrics/cross_dataset.json
@@ -36,7 +38,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import atomic, features, manifest_table, probes, report, shortcut, splits
+from pipeline import atomic, features, manifest_table, perturb, probes, report, shortcut, splits
 from pipeline.config import PROTOCOLS, ConfigError, Settings, TrainSettings
 from pipeline.metrics import binary_metrics, bootstrap_auc, paired_bootstrap_auc, roc_points, video_level
 from pipeline.outputs import Outputs
@@ -271,9 +273,9 @@ def layers(settings: Settings, table, store, card: dict, reals: list[str], main:
         out["auc"][layer], out["video_auc"][layer], out["vs_reference"][layer] = {}, {}, {}
         for name in ev.datasets:
             s = scored(frames, reals, name, probe.predict_proba)
-            out["auc"][layer][name] = binary_metrics(s.y, s.scores, name=f"{name} [{layer}]")["auc"]
+            out["auc"][layer][name] = binary_metrics(s.y, s.scores)["auc"]  # small sets: warned by heldout
             v_scores, v_labels, _ = video_level(s.scores, s.y, s.video, ev.video_pooling)
-            out["video_auc"][layer][name] = binary_metrics(v_labels, v_scores, name=f"{name} (videos) [{layer}]")["auc"]
+            out["video_auc"][layer][name] = binary_metrics(v_labels, v_scores)["auc"]
             ref = main.get(name)
             if ev.bootstrap and ref is not None and np.array_equal(ref.digest, s.digest) and len(set(s.y)) == 2:
                 diff = paired_bootstrap_auc(s.y, s.scores, ref.scores, s.video, n=ev.bootstrap)
@@ -285,6 +287,36 @@ def layers(settings: Settings, table, store, card: dict, reals: list[str], main:
         ]
         out["mean_in_domain_auc"][layer] = float(np.mean(inside)) if inside else None
         out["mean_cross_auc"][layer] = float(np.mean(cross)) if cross else None
+    return out
+
+
+def robustness(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, store, reals: list[str]) -> dict:
+    """The train stage's probe on every perturbed variant of the held-out test sets (embedded by
+    extract under `<key>~<perturbation>`): frame and video AUC per perturbation, level and test
+    set, beside the clean numbers."""
+    ev = settings.evaluate
+    specs = perturb.specs(ev.robustness)
+    clean = {name: scored(frames, reals, name, probe.predict_proba) for name in ev.datasets}
+    out: dict = {"clean": {}, **{kind: {} for kind, _ in map(perturb.parse, specs)}}
+
+    def aucs(s: Scored, scores: np.ndarray) -> dict:  # small test sets were warned about by heldout
+        v_scores, v_labels, _ = video_level(scores, s.y, s.video, ev.video_pooling)
+        return {"auc": binary_metrics(s.y, scores)["auc"], "video_auc": binary_metrics(v_labels, v_scores)["auc"]}
+
+    out["clean"] = {name: aucs(s, s.scores) for name, s in clean.items()}
+    for spec in tqdm(specs, desc="robustness", unit="level"):
+        kind, level = perturb.parse(spec)
+        keys = list(dict.fromkeys(perturb.key(d, spec) for s in clean.values() for d in s.digest))
+        X, found = features.read_layers(store, keys, card["layer"])
+        if not found.all():
+            raise ConfigError(
+                f"{int((~found).sum())} test images have no '{spec}' variant in the cache; re-run extract "
+                "(`dvc repro extract`) after changing evaluate.robustness."
+            )
+        score_of = dict(zip(keys, probe.predict_proba(X), strict=True))
+        out[kind][f"{level:g}"] = {
+            name: aucs(s, np.array([score_of[perturb.key(d, spec)] for d in s.digest])) for name, s in clean.items()
+        }
     return out
 
 
@@ -348,6 +380,13 @@ def summary(results: dict, audit: dict) -> dict:
     if results.get("cross_manipulation"):
         m = results["cross_manipulation"]
         out["cross_manipulation"] = {"in_domain_auc": m["mean_in_domain_auc"], "cross_auc": m["mean_cross_auc"]}
+    if results.get("robustness"):
+        m = results["robustness"]
+        out["robustness"] = {
+            f"{kind}={level}": _mean([v["auc"] for v in per_set.values()])
+            for kind in perturb.KINDS
+            for level, per_set in m.get(kind, {}).items()
+        }
     if results.get("layers"):
         m = results["layers"]
         scored = {k: v for k, v in m["mean_cross_auc"].items() if v is not None}
@@ -355,6 +394,22 @@ def summary(results: dict, audit: dict) -> dict:
         out["layers"] = {"best_cross_layer": best, "best_cross_auc": scored.get(best) if best else None}
     out["shortcut_auc"] = audit.get("auc")
     return out
+
+
+def _mean(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def write_robustness_plot(outputs: Outputs, result: dict) -> None:
+    """plots/robustness.json: AUC per perturbation level and test set (the AUC-vs-level curves)."""
+    rows = [
+        {"perturbation": kind, "level": float(level), "test_set": name, "auc": m["auc"]}
+        for kind in perturb.KINDS
+        for level, per_set in result.get(kind, {}).items()
+        for name, m in per_set.items()
+    ]
+    atomic.write_json(outputs.robustness_plot, rows, sort_keys=False)
 
 
 def write_layer_plot(outputs: Outputs, result: dict) -> None:
@@ -393,6 +448,8 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         results["leave_one_out"] = leave_one_out(settings, frames, reals)
     if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
         results["cross_dataset"] = cross_dataset(settings, probe, card, frames)
+    if "robustness" in protocols and perturb.specs(settings.evaluate.robustness):
+        results["robustness"] = robustness(settings, probe, card, frames, store, reals)
     if "layers" in protocols:
         if settings.train.stream:
             log.warning("layers protocol skipped: it reads each layer in memory (train.stream is true)")
@@ -421,6 +478,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     atomic.write_json(outputs.roc_plot, rows, sort_keys=False)
 
     write_layer_plot(outputs, results.get("layers", {}))
+    write_robustness_plot(outputs, results.get("robustness", {}))
     write_scores(outputs, by_name)
     about = report.header(card, git_commit(settings.base_dir), params_text(settings))
     report.write(outputs.reports, results, curves, {n: (s.y, s.scores) for n, s in by_name.items()}, audit, about)

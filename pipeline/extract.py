@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter
 
-from pipeline import manifest_table
+from pipeline import manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan
 from pipeline.outputs import Outputs
@@ -114,6 +114,7 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
         store = embed_nearest(table, items_of, embedder, store)
     if settings.data.faces is not None and settings.data.faces.save_crops:
         save_missing_crops(settings, table, items_of, embedder, store)
+    store = embed_perturbed(settings, table, items_of, embedder, store, retry_failed)
     if changed:
         raise ConfigError(
             f"{len(changed)} image files changed since the manifest was built (e.g. {changed[0]}) and were not "
@@ -144,6 +145,34 @@ def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> Embedding
         embedder.embed(items_of(todo), store)
     finally:
         crops.preprocess.borrowed = {}
+        store = EmbeddingStore.open(store.directory)
+        store.write_index()
+    return store
+
+
+def embed_perturbed(settings: Settings, table, items_of, embedder, store: EmbeddingStore, retry_failed: bool):
+    """`evaluate.robustness`: every perturbed variant of the test images the cache lacks, embedded
+    like any other row under `<key>~<perturbation>` (incremental and resumable, as the clean rows)."""
+    specs = perturb.specs(settings.evaluate.robustness)
+    if not specs:
+        return store
+    embedded = store.keys()
+    clean = [k for k in perturb.test_keys(settings, table) if k in embedded]  # failed clean rows would fail again
+    wanted = [perturb.key(k, spec) for spec in specs for k in clean]
+    todo = plan(wanted, store.keys(), set(store.failures()), retry_failed)
+    log.info(
+        "robustness: %d perturbations x %d test images, %d cached, %d to embed", len(specs), len(clean),
+        len(wanted) - len(todo), len(todo),
+    )  # fmt: skip
+    if not todo:
+        return store
+    if getattr(embedder, "crops", None) is not None:  # crops of perturbed frames use the clean frames' boxes
+        embedder.crops.refresh()
+    clean_items = {i.digest: i for i in items_of(list(dict.fromkeys(perturb.split(k)[0] for k in todo)))}
+    items = [dataclasses.replace(clean_items[perturb.split(k)[0]], digest=k) for k in todo]
+    try:
+        embedder.embed(items, store)
+    finally:
         store = EmbeddingStore.open(store.directory)
         store.write_index()
     return store

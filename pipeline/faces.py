@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import atomic, images
+from pipeline import atomic, images, perturb
 from pipeline.config import ConfigError, FacesSettings
 
 log = logging.getLogger(__name__)
@@ -411,7 +411,8 @@ class FacePreprocess:
     def for_items(self, items: list, decoded: list) -> list[FaceCrop]:
         """`items`: the reader's items; `decoded`: per item, its RGB image or the reason it failed
         to decode. The frames without a known detection are detected together, as one batch."""
-        known = [self.borrowed.get(i.digest) or self.cached.get(i.digest) for i in items]
+        keys = [perturb.split(i.digest)[0] for i in items]  # a perturbed frame is cropped with the clean one's box
+        known = [self.borrowed.get(k) or self.cached.get(k) for k in keys]
         todo = [
             n for n, (d, rgb) in enumerate(zip(known, decoded, strict=True)) if d is None and not isinstance(rgb, str)
         ]
@@ -419,8 +420,10 @@ class FacePreprocess:
             for n, detection in zip(todo, self.found.detect_many([np.asarray(decoded[n]) for n in todo]), strict=True):
                 known[n] = detection
         return [
-            FaceCrop(self.settings, self.preprocess, d, crop_path(self.crops, i) if self.crops else None)
-            for d, i in zip(known, items, strict=True)
+            FaceCrop(
+                self.settings, self.preprocess, d, crop_path(self.crops, i) if self.crops and k == i.digest else None
+            )
+            for d, i, k in zip(known, items, keys, strict=True)
         ]
 
 
@@ -535,16 +538,23 @@ class FaceStage:
         """`device`: the extractor's; a detector that can use a GPU runs there too."""
         return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces", device, settings.base_dir)
 
+    def refresh(self) -> None:
+        """Commit what was detected and hand the reader every cached detection (before a second
+        pass over frames detected in the first, e.g. their robustness variants)."""
+        self.commit()
+        self.preprocess.cached = read_cache(self.directory)
+
     def undetected(self, items: list) -> int:
         """How many of `items` have no detection yet (cached or lent): the frames to detect."""
         lent = self.preprocess.borrowed
-        return sum(1 for i in items if i.digest not in self._known and i.digest not in lent)
+        keys = (perturb.split(i.digest)[0] for i in items)
+        return sum(1 for k in keys if k not in self._known and k not in lent)
 
     def found(self, keys: list[str], detections: list) -> int:
         """Record the detections of a batch; returns how many are new."""
         new = 0
         for key, detection in zip(keys, detections, strict=True):
-            if detection is None or key in self._known:
+            if detection is None or key in self._known or perturb.split(key)[1] is not None:
                 continue
             new += 1
             self._known.add(key)

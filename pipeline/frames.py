@@ -31,8 +31,9 @@ def key(file_digest: str, index: int) -> str:
 
 
 def file_digest(row_key: str) -> str:
-    """The sha256 of the file a manifest row's key refers to (the key itself for an image)."""
-    return row_key.split(KEY_SEPARATOR, 1)[0]
+    """The sha256 of the file a cache key refers to: the key itself for an image, without the
+    frame index of a video frame (`@<index>`) or a robustness perturbation (`~<spec>`)."""
+    return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
 
 
 def sample(count: int, per_video: int | None) -> list[int]:

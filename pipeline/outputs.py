@@ -66,6 +66,11 @@ class Outputs:
         return self.root / "metrics" / "summary.json"
 
     @property
+    def robustness_plot(self) -> Path:
+        """AUC per perturbation level (the robustness protocol), for `dvc plots show`."""
+        return self.root / "plots" / "robustness.json"
+
+    @property
     def layers_plot(self) -> Path:
         """AUC per layer (the layers protocol), for `dvc plots show`."""
         return self.root / "plots" / "layers.json"

@@ -99,6 +99,36 @@ def layers_figure(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _robustness_rows(result: dict) -> list[tuple[str, dict]]:
+    """("clean", per test set), then ("<kind>=<level>", per test set) in the params' order."""
+    rows = [("clean", result["clean"])]
+    for kind, levels in result.items():
+        if kind != "clean":
+            rows += [(f"{kind}={level}", per_set) for level, per_set in levels.items()]
+    return rows
+
+
+def robustness_figure(result: dict, path: Path) -> None:
+    """AUC against the perturbation level, one panel per kind, one line per test set (the clean
+    AUC dashed)."""
+    plt = _pyplot()
+    kinds = [k for k in result if k != "clean"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        levels = list(result[kind])
+        x = [float(v) for v in levels]
+        for i, name in enumerate(result["clean"]):
+            color = f"C{i}"
+            y = [result[kind][v][name]["auc"] for v in levels]
+            ax.plot(x, [np.nan if a is None else a for a in y], marker="o", color=color, label=name)
+            if result["clean"][name]["auc"] is not None:
+                ax.axhline(result["clean"][name]["auc"], color=color, ls="--", lw=0.8)
+        ax.set(title=kind, xlabel="level", ylabel="AUC (frame level)", ylim=(0, 1))
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- text tables
 
 
@@ -157,6 +187,15 @@ def layers_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def robustness_text(result: dict) -> str:
+    names = list(result["clean"])
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = ["perturbation".ljust(16) + "".join(n.rjust(width) for n in names)]
+    for label, per_set in _robustness_rows(result):
+        lines.append(label.ljust(16) + "".join(_cell(per_set[n]["auc"]).rjust(width) for n in names))
+    return "\n".join(lines)
+
+
 def summaries(results: dict) -> dict[str, str]:
     out = {}
     if results.get("heldout"):
@@ -171,6 +210,8 @@ def summaries(results: dict) -> dict[str, str]:
         out["cross-dataset test sets (their own reals; frame level, video_auc = video level)"] = table_text(
             results["cross_dataset"]
         )
+    if results.get("robustness"):
+        out["robustness: AUC on perturbed test images (frame level)"] = robustness_text(results["robustness"])
     if results.get("layers"):
         reference = results["layers"]["reference"]
         reference = reference if isinstance(reference, str) else "+".join(reference)
@@ -300,6 +341,24 @@ def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dic
             "<h2>Cross-dataset test sets</h2>",
             f"<p>Each set scored with its own reals, every frame a test frame: {described}.</p>",
             metrics_table(sets),
+        ]
+    if results.get("robustness"):
+        result = results["robustness"]
+        robustness_figure(result, directory / "robustness.png")
+        names = list(result["clean"])
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        rows = "".join(
+            f"<tr><th>{html.escape(label)}</th>"
+            + "".join(f"<td>{_fmt(per_set[n]['auc'])}</td>" for n in names)
+            + "</tr>"
+            for label, per_set in _robustness_rows(result)
+        )
+        parts += [
+            "<h2>Robustness</h2>",
+            "<p>The train stage's probe on the held-out test images degraded before preprocessing (each "
+            "variant embedded once and cached), frame-level AUC; dashed lines in the plot: the clean AUC.</p>",
+            f"<table><tr><th>perturbation</th>{head}</tr>{rows}</table>",
+            '<img src="robustness.png" alt="AUC against perturbation level">',
         ]
     if results.get("layers"):
         result = results["layers"]

@@ -4,9 +4,12 @@ and an official test list, scored from the cache exactly as scikit-learn would s
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -185,3 +188,54 @@ def test_the_report_says_which_model_cache_probe_commit_and_params_made_it(proje
     assert "bootstrap: 1000" in html and "video_pooling: mean" in html, "the run's params"
     (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n# edited\n")
     assert evaluate.git_commit(project) == f"{head} + uncommitted changes"
+
+
+def test_robustness_variants_are_embedded_once_incrementally_deterministically_and_scored(project, caplog):
+    from pipeline import backbones, perturb
+
+    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    update_params(project, "evaluate", protocols=["heldout", "robustness"], robustness={"jpeg": [60], "noise": [10.0]})
+    settings, outputs = load(project / "params.yaml"), Outputs(project)
+    table = manifest.run(settings, outputs)
+    extract.run(settings, outputs)
+    n = len(perturb.test_keys(settings, table))
+    assert n > 0 and f"robustness: 2 perturbations x {n} test images, 0 cached, {2 * n} to embed" in caplog.text
+    caplog.clear()
+    extract.run(settings, outputs)
+    assert f"{2 * n} cached, 0 to embed" in caplog.text, "a second run embeds nothing"
+    caplog.clear()
+    update_params(project, "evaluate", robustness={"jpeg": [60, 20], "noise": [10.0]})
+    settings = load(project / "params.yaml")
+    extract.run(settings, outputs)
+    assert f"{2 * n} cached, {n} to embed" in caplog.text, "a new level embeds only itself"
+
+    # A cached variant is the model's output on the degraded image; noise is seeded by the key.
+    store = features.open_cache(outputs)
+    key = perturb.test_keys(settings, table)[0]
+    path = manifest_table.absolute_path(table.to_pandas().set_index("digest").loc[key, "path"], settings.data_root)
+    image = Image.open(path).convert("RGB")
+    noisy = perturb.apply(image, "noise=10", perturb.key(key, "noise=10"))
+    assert np.array_equal(np.asarray(noisy), np.asarray(perturb.apply(image, "noise=10", perturb.key(key, "noise=10"))))
+    assert not np.array_equal(np.asarray(noisy), np.asarray(perturb.apply(image, "noise=10", "another key")))
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    expected = backbone.embed(torch.from_numpy(backbone.preprocess(noisy)[None]))["projection"][0]
+    cached, found = store.read([perturb.key(key, "noise=10"), key], "projection")
+    assert found.all() and not np.allclose(cached[0], cached[1]), "the clean row is untouched and differs"
+    np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+    # The protocol: the trained probe on exactly the degraded test rows, as scikit-learn scores them.
+    train.run(settings, outputs)
+    result = evaluate.run(settings, outputs)["robustness"]
+    probe, _ = probes.load(outputs.probe)
+    rows = table.to_pandas()
+    reals = rows[(rows.dataset == "real_youtube") & (rows.split == "test")]
+    for name in settings.evaluate.datasets:
+        test = pd.concat([reals, rows[(rows.dataset == name) & (rows.split == "test")]])
+        X, found = store.read([perturb.key(d, "jpeg=20") for d in test.digest], "projection")
+        assert found.all()
+        expected_auc = roc_auc_score(test.label.to_numpy(), probe.predict_proba(X))
+        assert result["jpeg"]["20"][name]["auc"] == pytest.approx(expected_auc, abs=1e-9)
+    assert set(result) == {"clean", "jpeg", "noise"} and list(result["jpeg"]) == ["60", "20"]
+    assert len(json.loads(outputs.robustness_plot.read_text())) == 3 * len(settings.evaluate.datasets)
+    summary = json.loads(outputs.summary.read_text())
+    assert set(summary["robustness"]) == {"jpeg=60", "jpeg=20", "noise=10"}

@@ -1,0 +1,78 @@
+"""Robustness perturbations (`evaluate.robustness`): test images degraded before preprocessing,
+each variant embedded once and cached like any other row under its own key.
+
+A perturbed row's key is the clean key with the perturbation appended, `<key>~<kind>=<level>`
+(`abc…~jpeg=60`, `abc…@12~blur=1.5`), so variants are content-addressed beside the clean rows,
+which they never change. The degradations follow the robustness studies of the field
+(DeeperForensics-1.0, DeepfakeBench):
+
+  jpeg    re-encoded as JPEG at this quality (PIL, 4:2:0)
+  blur    Gaussian blur with this standard deviation in pixels
+  noise   additive Gaussian noise with this standard deviation in 8-bit levels, seeded by the
+          row's key: the same image always gets the same noise
+  resize  downscaled (bicubic) until its shorter side has this many pixels, then upscaled back
+          to its own size: the detail of a low-resolution copy
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+SEPARATOR = "~"
+KINDS = ("jpeg", "blur", "noise", "resize")
+
+
+def test_keys(settings, table) -> list[str]:
+    """The clean keys the robustness protocol perturbs, in manifest order: the test split of the
+    evaluate datasets and of the real datasets in train.datasets (the rows `heldout` scores)."""
+    reals = [d for d in settings.train.datasets if settings.data.datasets[d].label == "real"]
+    wanted = set(settings.evaluate.datasets) | set(reals)
+    columns = (table.column(c).to_pylist() for c in ("digest", "dataset", "split"))
+    return list(dict.fromkeys(d for d, ds, sp in zip(*columns, strict=True) if sp == "test" and ds in wanted))
+
+
+def specs(robustness) -> list[str]:
+    """Every perturbation `evaluate.robustness` lists, as `<kind>=<level>` strings, in order."""
+    return [f"{kind}={level:g}" for kind in KINDS for level in getattr(robustness, kind)]
+
+
+def key(row_key: str, spec: str) -> str:
+    return f"{row_key}{SEPARATOR}{spec}"
+
+
+def split(key_: str) -> tuple[str, str | None]:
+    """(clean key, perturbation spec or None)."""
+    clean, _, spec = key_.partition(SEPARATOR)
+    return clean, spec or None
+
+
+def parse(spec: str) -> tuple[str, float]:
+    kind, _, level = spec.partition("=")
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation {spec!r}")
+    return kind, float(level)
+
+
+def apply(rgb: Image.Image, spec: str, seed_key: str) -> Image.Image:
+    """`rgb` degraded by `spec`; deterministic (noise is seeded by `seed_key`)."""
+    kind, level = parse(spec)
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=int(level))
+        buffer.seek(0)
+        with Image.open(buffer) as im:
+            return im.convert("RGB")
+    if kind == "blur":
+        return rgb.filter(ImageFilter.GaussianBlur(radius=level))
+    if kind == "noise":
+        seed = int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:8], "little")
+        noise = np.random.default_rng(seed).normal(0.0, level, (rgb.height, rgb.width, 3))
+        return Image.fromarray((np.asarray(rgb, dtype=np.float64) + noise).round().clip(0, 255).astype(np.uint8))
+    w, h = rgb.size  # resize
+    factor = min(1.0, level / min(w, h))
+    small = rgb.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BICUBIC)
+    return small.resize((w, h), Image.Resampling.BICUBIC)
