@@ -3,9 +3,12 @@
     python benchmarks/evaluate_bench.py [--videos 1000] [--frames 6] [--dim 768]
 
 1,000 real videos and 4 x 1,000 fake videos (FF++'s size), 6 frames each, written as a real
-manifest and real Parquet shards. Times the train stage and each evaluate protocol, and
-prints each against the baseline measured in the same run: one probe fit on one training set
-(what the original script did once per experiment, after re-embedding every image).
+manifest and real Parquet shards, with three cached layers (for the layers protocol), a
+Celeb-DF-like cross-dataset set (200 real and 200 fake videos, its own reals, an official test list
+of half of them) and two robustness levels of every held-out test frame. Times the train stage and
+each evaluate protocol, and prints each against the baseline measured in the same run: one probe
+fit on one training set (what the original script did once per experiment, after re-embedding
+every image).
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from pipeline import atomic, config, evaluate, features, manifest_table, report, splits, train
+from pipeline import config, evaluate, features, manifest_table, perturb, report, splits, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore
 from pipeline.store.shard import ShardData
+from pipeline.store.summary import ExtractSummary
 
 METHODS = ["faceswap", "neuraltextures", "deepfakes", "face2face"]
+CELEB = ["celeb_real", "celeb_synthesis"]
+LAYERS = ["projection", "block_0", "block_1"]
+LEVELS = ["jpeg=60", "jpeg=20"]
 
 
 def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None:
@@ -33,21 +40,22 @@ def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None
     directions = {m: rng.normal(size=dim) / np.sqrt(dim) for m in METHODS}
     rows = {k: [] for k in manifest_table.SCHEMA.names}
     arrays = []
-    for dataset in ["real_youtube", *METHODS]:
-        ids = [f"{v:03d}" for v in range(videos)]
+    for dataset in ["real_youtube", *METHODS, *CELEB]:
+        ids = [f"{v:03d}" for v in range(videos if dataset not in CELEB else videos // 5)]
         # FF++ pairs videos mutually: fakes A_B and B_A (pairs must not chain into one group).
-        names = ids if dataset == "real_youtube" else [f"{a}_{int(a) ^ 1:03d}" for a in ids]
+        names = ids if dataset in ("real_youtube", "celeb_real") else [f"{a}_{int(a) ^ 1:03d}" for a in ids]
+        names = [f"c{n}" for n in names] if dataset in CELEB else names
         for video in names:
             identity = rng.normal(size=dim)
             for f in range(frames):
                 x = identity + 0.5 * rng.normal(size=dim)
-                if dataset != "real_youtube":
-                    x += 4.0 * directions[dataset] * np.sqrt(dim) / 10
+                if dataset not in ("real_youtube", "celeb_real"):
+                    x += 4.0 * directions.get(dataset, directions["faceswap"]) * np.sqrt(dim) / 10
                 arrays.append(x.astype(np.float32))
                 path = f"{dataset}/{video}/{f:04d}.png"
                 rows["path"].append(path)
                 rows["dataset"].append(dataset)
-                rows["label"].append(0 if dataset == "real_youtube" else 1)
+                rows["label"].append(0 if dataset in ("real_youtube", "celeb_real") else 1)
                 rows["method"].append(dataset)
                 rows["video"].append(video)
                 rows["size"].append(100_000)
@@ -58,34 +66,72 @@ def build(work: Path, videos: int, frames: int, dim: int, seed: int = 0) -> None
                 rows["width"].append(256)
                 rows["height"].append(256)
                 rows["jpeg_quality"].append(-1)
+                rows["frame"].append(-1)
+                rows["frame_count"].append(-1)
     split_of = splits.assign_splits(rows["video"], config.SplitSpec())
     rows["split"] = [split_of[v] for v in rows["video"]]
     outputs = Outputs(work)
     manifest_table.write(pa.table(rows, schema=manifest_table.SCHEMA), outputs.manifest)
 
-    description = {"model": {"synthetic": True}, "layers": ["projection"], "dtype": "float16", "precision": "fp32"}
-    store = EmbeddingStore.create(outputs.embeddings, "synthetic", description, {"projection": dim})
+    description = {"model": {"synthetic": True}, "layers": LAYERS, "dtype": "float16", "precision": "fp32"}
+    store = EmbeddingStore.create(outputs.embeddings, "synthetic", description, dict.fromkeys(LAYERS, dim))
     X = np.stack(arrays)
+    keys, paths = list(rows["digest"]), list(rows["path"])
+    heldout_sets = {"real_youtube", *METHODS}
+    test = [
+        i
+        for i, (d, sp) in enumerate(zip(rows["dataset"], rows["split"], strict=True))
+        if sp == "test" and d in heldout_sets
+    ]
+    for level, spec in enumerate(LEVELS, 1):  # robustness variants: the test frames, degraded
+        keys += [perturb.key(rows["digest"][i], spec) for i in test]
+        paths += [rows["path"][i] for i in test]
+        X = np.vstack([X, X[test] + level * rng.normal(size=(len(test), dim)).astype(np.float32)])
+    by_layer = {layer: X + 0.3 * i * rng.normal(size=X.shape).astype(np.float32) for i, layer in enumerate(LAYERS)}
     for start in range(0, len(X), 4096):
         chunk = slice(start, start + 4096)
         store.commit(
-            ShardData(rows["digest"][chunk], rows["path"][chunk], [None] * len(X[chunk]), {"projection": X[chunk]})
+            ShardData(keys[chunk], paths[chunk], [None] * len(X[chunk]), {k: v[chunk] for k, v in by_layer.items()})
         )
-    atomic.write_json(
-        outputs.extract_summary,
-        {"embeddings": store.directory.name, "fingerprint": store.header.fingerprint, "model": "synthetic"},
+    listed = sorted({(d, v) for d, v in zip(rows["dataset"], rows["video"], strict=True) if d in CELEB})[::2]
+    (work / "List_of_testing_videos.txt").write_text(
+        "".join(f"{1 if d == 'celeb_real' else 0} {d}/{v}.mp4\n" for d, v in listed)
     )
+    n = len(rows["digest"])
+    ExtractSummary(
+        model="synthetic",
+        fingerprint=store.header.fingerprint,
+        embeddings=store.directory.name,
+        layers=store.header.dims,
+        precision="fp32",
+        images=n,
+        embedded=n,
+        failed=0,
+    ).write(outputs.extract_summary)
     params = {
         "data": {
             "root": str(work),
             "datasets": {
-                d: {"path": d, "label": "real" if d == "real_youtube" else "fake"} for d in ["real_youtube", *METHODS]
+                d: {"path": d, "label": "real" if d in ("real_youtube", "celeb_real") else "fake"}
+                for d in ["real_youtube", *METHODS, *CELEB]
             },
         },
-        "model": {"name": "synthetic"},
+        "model": {"name": "synthetic", "layers": LAYERS},
         "extract": {},
         "train": {"datasets": ["real_youtube", "faceswap"]},
-        "evaluate": {"datasets": METHODS, "protocols": ["heldout", "cross_manipulation", "leave_one_out"]},
+        "evaluate": {
+            "datasets": METHODS,
+            "protocols": ["heldout", "cross_manipulation", "leave_one_out", "cross_dataset", "layers", "robustness"],
+            "cross_dataset": {
+                "celebdf": {"real": ["celeb_real"], "fake": ["celeb_synthesis"]},
+                "celebdf_official": {
+                    "real": ["celeb_real"],
+                    "fake": ["celeb_synthesis"],
+                    "test_list": "List_of_testing_videos.txt",
+                },
+            },
+            "robustness": {"jpeg": [60, 20]},
+        },
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -117,10 +163,15 @@ def main() -> None:
     t_heldout, _ = timed(evaluate.heldout, settings, probe, card, frames, reals)
     t_matrix, matrix = timed(evaluate.cross_manipulation, settings, frames, reals)
     t_loo, _ = timed(evaluate.leave_one_out, settings, frames, reals)
+    t_cross_dataset, _ = timed(evaluate.cross_dataset, settings, probe, card, frames)
+    t_robust, _ = timed(evaluate.robustness, settings, probe, card, frames, store, reals)
+    main_sets = {n: evaluate.scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
+    t_layers, _ = timed(evaluate.layers, settings, table, store, card, reals, main_sets)
     t_stage, _ = timed(evaluate.run, settings, outputs)
 
     n, dim = frames.X.shape
-    print(f"\n{n} frames x {dim} dims ({args.videos} videos per dataset, 5 datasets), C grid {settings.train.C}")
+    print(f"\n{n} frames x {dim} dims ({args.videos} videos per FF++ dataset + 2 x {args.videos // 5} Celeb-DF-like), "
+          f"C grid {settings.train.C}")  # fmt: skip
     rows = [
         ("baseline: one probe fit at C=1 (real vs faceswap)", t_fit),
         ("read the cache (all frames, one layer)", t_read),
@@ -128,6 +179,9 @@ def main() -> None:
         ("heldout protocol (4 test sets, 1000 bootstrap resamples each)", t_heldout),
         ("cross-manipulation matrix (4 probes x 4 test sets)", t_matrix),
         ("leave-one-out (4 probes)", t_loo),
+        ("cross-dataset (2 sets: all frames, and an official list)", t_cross_dataset),
+        (f"robustness ({len(LEVELS)} levels x 4 test sets)", t_robust),
+        (f"layers ({len(LAYERS)} probes x 4 test sets, paired bootstrap each)", t_layers),
         ("whole evaluate stage (all of the above + reports)", t_stage),
     ]
     width = max(len(r[0]) for r in rows)
