@@ -210,6 +210,32 @@ def test_the_paired_bootstrap_tells_a_real_difference_from_none():
     assert better["delta"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noisy))
 
 
+def test_the_paired_bootstrap_equals_a_slow_reference_on_a_small_case():
+    """Spelled out: draw whole videos with replacement within each class, score both with
+    scikit-learn's AUC on the same draw, take the 2.5/97.5 percentiles and the two-sided p."""
+    rng = np.random.default_rng(3)
+    videos = np.repeat([f"v{i}" for i in range(12)], 3)
+    y = np.repeat([0] * 5 + [1] * 7, 3)
+    a = np.round(y + rng.normal(0, 0.8, len(y)), 1)  # rounded: ties, which both must count as half
+    b = np.round(y + rng.normal(0, 1.5, len(y)), 1)
+    fast = paired_bootstrap_auc(y, a, b, videos, n=200, seed=7)
+
+    keys = sorted(set(videos))
+    frames_of = {k: np.flatnonzero(videos == k) for k in keys}
+    by_class = [[i for i, k in enumerate(keys) if y[frames_of[k][0]] == c] for c in (0, 1)]
+    draw = np.random.default_rng(7)
+    deltas = []
+    for _ in range(200):
+        chosen = [i for members in by_class for i in draw.choice(members, size=len(members), replace=True)]
+        idx = np.concatenate([frames_of[keys[i]] for i in chosen])
+        deltas.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+    deltas = np.array(deltas)
+    assert fast["delta"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    assert fast["ci_low"] == pytest.approx(np.percentile(deltas, 2.5), abs=1e-12)
+    assert fast["ci_high"] == pytest.approx(np.percentile(deltas, 97.5), abs=1e-12)
+    assert fast["p"] == pytest.approx(min(1.0, 2 * min((deltas <= 0).mean(), (deltas >= 0).mean())))
+
+
 def test_a_one_class_test_set_warns_and_gives_null_not_nan(caplog):
     m = binary_metrics(np.ones(5, int), np.linspace(0, 1, 5), name="fakes-only")
     assert m["auc"] is None and m["ap"] is None and m["eer"] is None and m["real_accuracy"] is None
