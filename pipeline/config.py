@@ -28,8 +28,11 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class DatasetSpec:
     path: str
-    label: Literal["real", "fake"]
+    label: Literal["real", "fake", "mixed"]  # mixed: each video's label from `labels`
     method: str | None = None
+    # label: mixed only: a labels file, e.g. DFDC's metadata.json ({"<video>.mp4": {"label": "FAKE"}}),
+    # or lines "<real|fake> <video path>"; relative to params.yaml
+    labels: str | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,19 @@ def _check(s: Settings) -> None:
                     f"{section}.datasets names '{name}', which is not defined in data.datasets "
                     f"(defined: {', '.join(known)})."
                 )
+    for name, spec in s.data.datasets.items():
+        if (spec.label == "mixed") != (spec.labels is not None):
+            raise ConfigError(
+                f"data.datasets.{name}: a labels file goes with label: mixed (and label: mixed needs one); "
+                "set both, or neither."
+            )
+        if spec.labels is not None and not s.resolve(spec.labels).is_file():
+            raise ConfigError(f"data.datasets.{name}.labels {s.resolve(spec.labels)} does not exist.")
+        if spec.label == "mixed" and (name in s.train.datasets or name in s.evaluate.datasets):
+            raise ConfigError(
+                f"data.datasets.{name} has label: mixed (a labels file); use it as a cross-dataset test set "
+                "(evaluate.cross_dataset), not in train.datasets or evaluate.datasets."
+            )
     labels = {s.data.datasets[n].label for n in s.train.datasets}
     if labels != {"real", "fake"}:
         raise ConfigError("train.datasets must include at least one real and one fake dataset.")
@@ -283,7 +299,7 @@ def _check(s: Settings) -> None:
             for name in getattr(spec, side):
                 if name not in s.data.datasets:
                     raise ConfigError(f"{where}.{side} names '{name}', which is not defined in data.datasets.")
-                if s.data.datasets[name].label != label:
+                if s.data.datasets[name].label not in (label, "mixed"):
                     raise ConfigError(f"{where}.{side} names '{name}', whose label is {s.data.datasets[name].label}.")
                 if name in s.train.datasets:
                     raise ConfigError(

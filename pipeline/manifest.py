@@ -9,6 +9,7 @@ downstream stage. The table's schema and reader live in `pipeline.manifest_table
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -273,6 +274,60 @@ def expand(files: list[ImageFile], facts: list[FileFacts], per_video: int | None
     return rows
 
 
+def read_labels(path: Path) -> dict[str, int]:
+    """A labels file -> {video id (the file's stem): 0 real | 1 fake}. JSON: {"<video file>": "REAL"
+    or {"label": "FAKE", ...}} (DFDC's metadata.json, DFDCP's dataset.json); otherwise one
+    "<real|fake> <video path>" (or "<video path>,<real|fake>") per line."""
+    words = {"real": 0, "fake": 1}
+
+    def label(value: object, where: str) -> int:
+        word = value.get("label") if isinstance(value, dict) else value
+        if not isinstance(word, str) or word.lower() not in words:
+            raise ConfigError(f"{path}: {where} has label {word!r}; use real or fake.")
+        return words[word.lower()]
+
+    if path.suffix.lower() == ".json":
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{path} must map video file names to labels, like DFDC's metadata.json.")
+        return {PurePosixPath(k).stem: label(v, k) for k, v in entries.items()}
+    out = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = [p for p in re.split(r"[,\s]+", line.strip()) if p]
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"{path}, line {number}: expected '<real|fake> <video path>', got {line!r}.")
+        word, video = parts if parts[0].lower() in words else parts[::-1]
+        out[PurePosixPath(video).stem] = label(word, f"line {number}")
+    return out
+
+
+def row_labels(settings: Settings, rows: list[tuple[str, str, str]]) -> list[int]:
+    """Each row's label (rows: dataset, video id, path): its dataset's, or for a `label: mixed`
+    dataset its video's entry in the dataset's labels file (a video missing there is an error)."""
+    datasets = settings.data.datasets
+    files = {
+        name: read_labels(settings.resolve(spec.labels)) for name, spec in datasets.items() if spec.label == "mixed"
+    }
+    out, missing = [], []
+    for dataset, video, path in rows:
+        if dataset not in files:
+            out.append(LABELS[datasets[dataset].label])
+        elif video in files[dataset]:
+            out.append(files[dataset][video])
+        else:
+            out.append(-1)
+            missing.append((dataset, path))
+    if missing:
+        dataset, path = missing[0]
+        raise ConfigError(
+            f"{len(missing)} files of dataset '{dataset}' (label: mixed) belong to videos its labels file does not "
+            f"list, e.g. {path}; add them to {datasets[dataset].labels} or remove them from the folder."
+        )
+    return out
+
+
 def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]) -> pa.Table:
     """The manifest table for the current folders (a pure function of files + settings)."""
     files = scan(settings)
@@ -291,7 +346,7 @@ def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], Fi
     columns = {
         "path": [f.path for f, _, _ in rows],
         "dataset": [f.dataset for f, _, _ in rows],
-        "label": [LABELS[datasets[f.dataset].label] for f, _, _ in rows],
+        "label": row_labels(settings, [(f.dataset, f.video, f.path) for f, _, _ in rows]),
         "method": [datasets[f.dataset].method or f.dataset for f, _, _ in rows],
         "video": [f.video for f, _, _ in rows],
         "split": [split_of[f.video] for f, _, _ in rows],

@@ -239,3 +239,51 @@ def test_robustness_variants_are_embedded_once_incrementally_deterministically_a
     assert len(json.loads(outputs.robustness_plot.read_text())) == 3 * len(settings.evaluate.datasets)
     summary = json.loads(outputs.summary.read_text())
     assert set(summary["robustness"]) == {"jpeg=60", "jpeg=20", "noise=10"}
+
+
+def test_a_folder_of_reals_and_fakes_with_a_labels_file_is_a_cross_dataset_set(celeb_project):
+    """DFDC's layout: one folder, a metadata.json naming each video REAL or FAKE."""
+    root = celeb_project / "data" / "dfdc"
+    rng = np.random.default_rng(1)
+    metadata = {}
+    for i in range(10):
+        vid = f"clip{i:02d}"
+        (root / vid).mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / vid / f"{j:04d}.png")
+        metadata[f"{vid}.mp4"] = {"label": "FAKE" if i % 3 else "REAL", "split": "train"}
+    (root / "metadata.json").write_text(json.dumps(metadata))
+    params = yaml.safe_load((celeb_project / "params.yaml").read_text())
+    params["data"]["datasets"]["dfdc"] = {"path": "dfdc", "label": "mixed", "labels": "data/dfdc/metadata.json"}
+    params["evaluate"]["cross_dataset"] = {"dfdc": {"real": ["dfdc"], "fake": ["dfdc"]}}
+    (celeb_project / "params.yaml").write_text(yaml.safe_dump(params))
+    settings, outputs = load(celeb_project / "params.yaml"), Outputs(celeb_project)
+    table = manifest.run(settings, outputs).to_pandas()
+    dfdc = table[table.dataset == "dfdc"]
+    assert dict(zip(dfdc.video, dfdc.label, strict=True)) == {f"clip{i:02d}": int(i % 3 != 0) for i in range(10)}
+    extract.run(settings, outputs)
+    train.run(settings, outputs)
+    result = evaluate.run(settings, outputs)["cross_dataset"]["dfdc"]
+    probe, card = probes.load(outputs.probe)
+    store = features.open_cache(outputs)
+    X, _ = store.read(list(dfdc.digest), card["layer"])
+    assert result["frame"]["auc"] == pytest.approx(roc_auc_score(dfdc.label, probe.predict_proba(X)), abs=1e-9)
+    assert result["videos"]["real"] == 4 and result["videos"]["fake"] == 6
+
+    metadata.pop("clip03.mp4")  # a video the labels file does not list is an error, not a guess
+    (root / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ConfigError, match=r"2 files of dataset 'dfdc'.*its labels file does not list"):
+        manifest.run(settings, outputs)
+    params["train"]["datasets"].append("dfdc")
+    (celeb_project / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="use it as a cross-dataset test set"):
+        load(celeb_project / "params.yaml")
+
+
+def test_a_labels_file_may_be_lines_of_label_and_path_in_either_order(tmp_path):
+    listing = tmp_path / "labels.txt"
+    listing.write_text("real videos/a.mp4\nvideos/b.mp4,FAKE\n\nFake c/d.mp4\n")
+    assert manifest.read_labels(listing) == {"a": 0, "b": 1, "d": 1}
+    listing.write_text("maybe e.mp4\n")
+    with pytest.raises(ConfigError, match="use real or fake"):
+        manifest.read_labels(listing)
