@@ -69,8 +69,9 @@ class Batch(NamedTuple):
 
 class ImageDataset(Dataset):
     """Decodes and preprocesses one batch of items per call; failures come back as values. The
-    frames of one video within a batch are read, hashed and decoded together (one pass), and
-    face detection (`preprocess.detect_missing`, with data.faces) sees the whole batch at once."""
+    frames of one video within a batch are read, hashed and decoded together (one pass), a
+    robustness variant (`<key>~<perturbation>`) is degraded right after decoding, and face
+    detection (`preprocess.for_items`, with data.faces) sees the whole batch at once."""
 
     def __init__(self, items: list[Item], preprocess: Callable):
         self.items = items
@@ -96,7 +97,10 @@ class ImageDataset(Dataset):
         for n, item in enumerate(items):  # robustness variants: degraded before anything else sees them
             spec = perturb.split(item.digest)[1]
             if spec is not None and not isinstance(decoded[n], str):
-                decoded[n] = perturb.apply(decoded[n], spec, item.digest)
+                try:
+                    decoded[n] = perturb.apply(decoded[n], spec, item.digest)
+                except Exception as exc:
+                    decoded[n] = images.failure(exc)
         per_item = getattr(self.preprocess, "for_items", None)  # face crops: one detection per item
         preprocesses = per_item(items, decoded) if per_item else [self.preprocess] * len(items)
         results = [images.apply(p, rgb) for p, rgb in zip(preprocesses, decoded, strict=True)]

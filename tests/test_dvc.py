@@ -104,7 +104,7 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     assert summary["heldout"]["faceswap"]["auc"] is not None and "cross_auc" in summary["cross_manipulation"]
     assert leaves(summary) < 40, f"DVC lists a compact summary, not every detail ({leaves(summary)} numbers)"
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json"))
-    assert not plots.get("errors") and set(plots["data"]) == {"roc", "layers"}
+    assert not plots.get("errors") and set(plots["data"]) == {"roc", "layers", "robustness"}
     roc = plots["data"]["roc"][0]["content"]
     assert roc["encoding"]["color"]["field"] == "test_set", "one plot, one line per test set"
     assert {r["test_set"] for r in roc["data"]["values"]} == {"faceswap", "neuraltextures", "deepfakes", "face2face"}
