@@ -26,6 +26,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -193,16 +194,24 @@ class Mtcnn(Detector):
 
 
 class Onnx(Detector):
-    """An ONNX face detector the user downloaded, run with onnxruntime: the SCRFD layout
-    (insightface's `det_10g.onnx`, `det_2.5g.onnx`, `scrfd_*.onnx`): one input image, per stride
-    (8, 16, 32, and 64, 128 for 5-level models) a score, a box-distance and optionally a
-    5-landmark output, 2 anchors per place. As insightface runs it: the frame resized into the
-    model's input (640 px when the input size is free) keeping its aspect, at the top left of a
-    black canvas, RGB, (x - 127.5) / 128; scores of at least 0.5; non-maximum suppression at IoU
-    0.4. Identified by the file's sha256."""
+    """An ONNX face detector the user downloaded, run with onnxruntime, in one of two layouts
+    (told apart by the model's outputs):
+
+    scrfd  insightface's SCRFD (`det_10g.onnx`, `det_2.5g.onnx`, `scrfd_*.onnx`): per stride (8,
+           16, 32; and 64, 128 for 5-level models) a score, box distances from the anchor and
+           optionally 5 landmarks, 2 anchors per place. Run as insightface runs it: RGB,
+           (x - 127.5) / 128, scores of at least 0.5, non-maximum suppression at IoU 0.4.
+    yunet  OpenCV's YuNet (`face_detection_yunet_2023mar.onnx`): outputs `cls_8 … kps_32`, one
+           anchor per place, score sqrt(cls * obj). Run as OpenCV's FaceDetectorYN runs it: BGR,
+           0..255, scores of at least 0.9, non-maximum suppression at IoU 0.3.
+
+    The frame is resized into the model's input keeping its aspect, at the top left of a black
+    canvas (a model with a free input size gets the frame itself, padded to a multiple of 32).
+    Identified by the file's sha256 and the layout."""
 
     name = "onnx"
-    THRESHOLD, NMS = 0.5, 0.4
+    LAYOUTS: ClassVar[dict] = {"scrfd": (0.5, 0.4), "yunet": (0.9, 0.3)}  # score threshold, NMS IoU
+    YUNET = tuple(f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in (8, 16, 32))
 
     def __init__(self, path: Path, device: str = "cpu"):
         self.path, self.device = Path(path), device
@@ -211,9 +220,32 @@ class Onnx(Detector):
         with open(self.path, "rb") as fh:
             self.sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
         self._session = None
+        self.layout = self._layout(self._start())
+        self._session = None  # sessions do not pickle: each reader process opens its own
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_session": None}
 
     def describe(self) -> dict:
-        return {"detector": self.name, "onnx_sha256": self.sha256, "layout": "scrfd", "threshold": self.THRESHOLD}
+        threshold, nms = self.LAYOUTS[self.layout]
+        return {
+            "detector": self.name,
+            "onnx_sha256": self.sha256,
+            "layout": self.layout,
+            "threshold": threshold,
+            "nms": nms,
+        }
+
+    def _layout(self, session) -> str:
+        names = [o.name for o in session.get_outputs()]
+        if set(self.YUNET) <= set(names):
+            return "yunet"
+        if len(names) in (6, 9, 10, 15):
+            return "scrfd"
+        raise ConfigError(
+            f"data.faces.detector onnx: {self.path.name} has outputs {names}; supported are SCRFD's layout (6, 9, 10 "
+            "or 15 outputs) and YuNet's (cls_8 ... kps_32)."
+        )
 
     def _start(self):
         if self._session is None:
@@ -222,48 +254,76 @@ class Onnx(Detector):
             providers = ["CPUExecutionProvider"]
             if self.device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
-            session = onnxruntime.InferenceSession(str(self.path), providers=providers)
-            outputs = len(session.get_outputs())
-            if outputs not in (6, 9, 10, 15):
-                raise ConfigError(
-                    f"data.faces.detector onnx: {self.path.name} has {outputs} outputs; only SCRFD's layout (6 or 9 "
-                    "outputs for 3 strides, 10 or 15 for 5) is supported."
-                )
-            self._session = session
+            self._session = onnxruntime.InferenceSession(str(self.path), providers=providers)
         return self._session
 
     def detect(self, rgb: np.ndarray) -> Detection:
         session = self._start()
-        levels = len(session.get_outputs())
-        strides, with_points = ((8, 16, 32), levels == 9) if levels in (6, 9) else ((8, 16, 32, 64, 128), levels == 15)
         shape = session.get_inputs()[0].shape
-        height, width = (shape[2], shape[3]) if all(isinstance(v, int) for v in shape[2:]) else (640, 640)
         h, w = rgb.shape[:2]
-        scale = min(height / h, width / w)
+        if all(isinstance(v, int) for v in shape[2:]):  # a fixed input size: the frame letterboxed into it
+            height, width = shape[2], shape[3]
+            scale = min(height / h, width / w)
+        elif self.layout == "scrfd":  # insightface's default input size
+            height, width = 640, 640
+            scale = min(height / h, width / w)
+        else:  # OpenCV's FaceDetectorYN: the frame itself, padded to a multiple of 32
+            height, width, scale = -(-h // 32) * 32, -(-w // 32) * 32, 1.0
         new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
         canvas = np.zeros((height, width, 3), np.float32)
         canvas[:new_h, :new_w] = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
-        blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = session.run(None, {session.get_inputs()[0].name: blob})
+        if self.layout == "scrfd":
+            blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
+        else:
+            blob = canvas[:, :, ::-1].transpose(2, 0, 1)[None].copy()  # BGR, 0..255
+        names = [o.name for o in session.get_outputs()]
+        outs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: blob}), strict=True))
+        decode = self._scrfd if self.layout == "scrfd" else self._yunet
+        boxes, scores, points = decode([outs[n] for n in names], height, width)
+        boxes = boxes / scale
+        points = points / scale if points is not None else None
+        keep = _nms(boxes, scores, self.LAYOUTS[self.layout][1])
+        kept_points = [p.tolist() for p in points[keep]] if points is not None else None
+        return _best([tuple(b) for b in boxes[keep]], scores[keep].tolist(), kept_points)[0]
+
+    def _scrfd(self, outs: list, height: int, width: int):
+        strides = (8, 16, 32) if len(outs) in (6, 9) else (8, 16, 32, 64, 128)
+        n, with_points = len(strides), len(outs) in (9, 15)
+        threshold = self.LAYOUTS["scrfd"][0]
         boxes, scores, points = [], [], []
-        n = len(strides)
         for i, stride in enumerate(strides):
             rows, cols = height // stride, width // stride
-            centres = np.stack(np.mgrid[:rows, :cols][::-1], axis=-1).reshape(-1, 2).astype(np.float32) * stride
-            centres = np.repeat(centres, len(outs[i].reshape(-1)) // (rows * cols), axis=0)
-            level_scores = outs[i].reshape(-1)
-            keep = level_scores >= self.THRESHOLD
+            anchors = np.stack(np.mgrid[:rows, :cols][::-1], axis=-1).reshape(-1, 2).astype(np.float32) * stride
+            anchors = np.repeat(anchors, len(outs[i].reshape(-1)) // (rows * cols), axis=0)
+            level = outs[i].reshape(-1)
+            keep = level >= threshold
             distances = outs[n + i].reshape(-1, 4)[keep] * stride
-            c = centres[keep]
-            boxes.append(np.hstack([c - distances[:, :2], c + distances[:, 2:]]) / scale)
-            scores.append(level_scores[keep])
+            c = anchors[keep]
+            boxes.append(np.hstack([c - distances[:, :2], c + distances[:, 2:]]))
+            scores.append(level[keep])
             if with_points:
-                offsets = outs[2 * n + i].reshape(-1, 10)[keep].reshape(-1, 5, 2) * stride
-                points.append((c[:, None, :] + offsets) / scale)
-        boxes, scores = np.concatenate(boxes), np.concatenate(scores)
-        keep = _nms(boxes, scores, self.NMS)
-        kept_points = [p.tolist() for p in np.concatenate(points)[keep]] if with_points else None
-        return _best([tuple(b) for b in boxes[keep]], scores[keep].tolist(), kept_points)[0]
+                points.append(c[:, None, :] + outs[2 * n + i].reshape(-1, 10)[keep].reshape(-1, 5, 2) * stride)
+        return np.concatenate(boxes), np.concatenate(scores), np.concatenate(points) if with_points else None
+
+    def _yunet(self, outs: list, height: int, width: int):
+        by_name = dict(zip((o.name for o in self._start().get_outputs()), outs, strict=True))
+        threshold = self.LAYOUTS["yunet"][0]
+        boxes, scores, points = [], [], []
+        for stride in (8, 16, 32):
+            rows, cols = height // stride, width // stride
+            cells = np.stack(np.mgrid[:rows, :cols][::-1], axis=-1).reshape(-1, 2).astype(np.float32)
+            cls = np.clip(by_name[f"cls_{stride}"].reshape(-1), 0, 1)
+            obj = np.clip(by_name[f"obj_{stride}"].reshape(-1), 0, 1)
+            level = np.sqrt(cls * obj)
+            keep = level >= threshold
+            bbox = by_name[f"bbox_{stride}"].reshape(-1, 4)[keep]
+            c = cells[keep]
+            centre = (c + bbox[:, :2]) * stride
+            size = np.exp(bbox[:, 2:]) * stride
+            boxes.append(np.hstack([centre - size / 2, centre + size / 2]))
+            scores.append(level[keep])
+            points.append((c[:, None, :] + by_name[f"kps_{stride}"].reshape(-1, 10)[keep].reshape(-1, 5, 2)) * stride)
+        return np.concatenate(boxes), np.concatenate(scores), np.concatenate(points)
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:

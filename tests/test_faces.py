@@ -350,6 +350,46 @@ def scrfd_like_onnx(path, with_points: bool = True) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
 
+def yunet_like_onnx(path, size: int | None = 64) -> None:
+    """A tiny ONNX model in YuNet's layout (outputs cls/obj/bbox/kps per stride 8, 16, 32, one
+    anchor per place, BGR 0..255 input): a stride-8 cell scores high where the input is bright over
+    the whole cell, its box is the cell, its landmarks at fixed places. `size` None: a free
+    input size, as OpenCV's own model has."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["input"], ["grey"], axes=[1], keepdims=1)]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("k", 0.2), ("t", 180.0), ("never", 1e4))]
+    inits.append(numpy_helper.from_array(np.array([-1, 1], np.int64), "column"))
+    outputs = {}
+    for stride in (8, 16, 32):
+        nodes += [
+            helper.make_node(
+                "AveragePool", ["grey"], [f"pool{stride}"], kernel_shape=[stride] * 2, strides=[stride] * 2
+            ),
+            helper.make_node("Sub", [f"pool{stride}", "t" if stride == 8 else "never"], [f"d{stride}"]),
+            helper.make_node("Mul", [f"d{stride}", "k"], [f"z{stride}"]),
+            helper.make_node("Sigmoid", [f"z{stride}"], [f"s{stride}"]),
+            helper.make_node("Reshape", [f"s{stride}", "column"], [f"cls_{stride}"]),
+            helper.make_node("Sub", [f"cls_{stride}", f"cls_{stride}"], [f"zero{stride}"]),
+            helper.make_node("Add", [f"zero{stride}", "one"], [f"obj_{stride}"]),
+            helper.make_node("Add", [f"zero{stride}", "box"], [f"bbox_{stride}"]),  # broadcast to (cells, 4)
+            helper.make_node("Add", [f"zero{stride}", "kps"], [f"kps_{stride}"]),
+        ]
+        for kind in ("cls", "obj", "bbox", "kps"):
+            outputs[f"{kind}_{stride}"] = helper.make_tensor_value_info(f"{kind}_{stride}", TensorProto.FLOAT, None)
+    inits += [
+        numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+        numpy_helper.from_array(np.array([0.5, 0.5, 0.0, 0.0], np.float32), "box"),  # centre of the cell, 1 x stride
+        numpy_helper.from_array(KPS.ravel().astype(np.float32), "kps"),
+    ]
+    dims = [1, 3, size, size] if size else [1, 3, "height", "width"]
+    image = helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)
+    order = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in (8, 16, 32)]
+    graph = helper.make_graph(nodes, "yunet_like", [image], [outputs[n] for n in order], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
 KPS = np.array([[0.25, 0.25], [0.75, 0.25], [0.5, 0.5], [0.3, 0.8], [0.7, 0.8]])  # x stride, from the anchor
 
 
@@ -370,6 +410,19 @@ def test_an_onnx_detector_in_scrfd_layout_is_decoded_to_frame_pixels(tmp_path):
     assert plain.box == detection.box and plain.points is None
     with pytest.raises(ConfigError, match="does not exist"):
         faces.detector(FacesSettings(detector="onnx:missing.onnx"), base_dir=tmp_path)
+
+    # YuNet's layout (told apart by its output names), with a fixed and with a free input size.
+    for size, scale in ((64, 0.5), (None, 1.0)):
+        yunet_like_onnx(tmp_path / "yunet.onnx", size)
+        yunet = faces.detector(FacesSettings(detector="onnx:yunet.onnx"), base_dir=tmp_path)
+        assert yunet.describe()["layout"] == "yunet" and yunet.describe()["threshold"] == 0.9
+        found = yunet.detect(frame)  # a box of one stride-8 cell, inside the square (free input: 2 x 2 cells)
+        side = 8 / scale
+        assert found.box is not None and (found.box[2] - found.box[0]) == pytest.approx(side), size
+        assert found.box[0] >= 80 and found.box[2] <= 96 and found.box[1] >= 32 and found.box[3] <= 48, found.box
+        if size:  # one cell, (40, 16) of the input: its landmarks, back in frame pixels
+            np.testing.assert_allclose(found.points, (80, 32) + KPS * 16)
+        assert yunet.detect(np.zeros((96, 128, 3), np.uint8)).box is None
 
 
 def test_face_crops_on_a_dask_cluster_are_the_local_ones(face_project):
