@@ -1,10 +1,15 @@
 """Faces: detect the face in each frame, crop a square around it, embed the crop.
 
-Detectors behind one interface, all offline (weights ship inside their wheels):
-  dlib_hog   dlib's HOG frontal face detector, DeepfakeBench's (the `dlib-bin` wheel; built in)
-  dlib_cnn   dlib's CNN (MMOD) detector (weights in `face-recognition-models`)
-  mtcnn      facenet-pytorch's MTCNN (weights in its wheel; install it with `--no-deps`, it pins
-             an old torch; needs torchvision); also gives 5 landmarks
+Detectors behind one interface, all offline (weights ship inside their wheels, or are the
+user's own file):
+  dlib_hog      dlib's HOG frontal face detector, DeepfakeBench's (the `dlib-bin` wheel; built
+                in); `upsample: auto` skips the upsampling where the face is found without it
+  dlib_cnn      dlib's CNN (MMOD) detector (weights in `face-recognition-models`)
+  mtcnn         facenet-pytorch's MTCNN (weights in its wheel; install it with `--no-deps`, it
+                pins an old torch; needs torchvision); also gives 5 landmarks; a batch of
+                frames at once, on the extractor's GPU when it has one
+  onnx:<path>   an SCRFD or YuNet .onnx file, run with onnxruntime
+Detection runs in the reader's processes, a batch at a time (`FacePreprocess.for_items`).
 The most confident box is kept; frames where a second box scores above half of the best are
 counted and reported (HOG also fires on non-faces). The crop is a square of `scale` x the box's
 longer side around the box's centre (padded with black where it leaves the frame), resized to
@@ -13,9 +18,10 @@ with its reason, like a bad image; `full_frame` embeds the whole frame; `nearest
 the box of the nearest frame of the same video that has a face (a second pass after the others;
 a video without any face keeps its frames recorded as `no face found`).
 
-Detections are cached per (frame key, detector) in `cache/faces/<detector>/` (Parquet shards
-written atomically), so changing `scale` or `size` re-crops without detecting again; the crop
-spec is part of the embedding cache's fingerprint, so full-frame and face caches coexist.
+Detections are cached per (frame key, detector) in `cache/faces/<detector>-<fingerprint>/`
+(Parquet parts written atomically), so changing `scale` or `size` re-crops without detecting
+again; the crop spec is part of the embedding cache's fingerprint, so full-frame and face
+caches coexist. `save_crops` writes what is embedded under `cache/crops/<crop spec>/`.
 """
 
 from __future__ import annotations
