@@ -29,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from tqdm import tqdm
 
 from pipeline import backbones, faces, frames, images, perturb
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.store import EmbeddingStore
 from pipeline.store.shard import ShardData
 
@@ -274,7 +274,11 @@ def embed_items(
 
 class LocalEmbedder:
     """Embeds on this machine: the reader -> the backbone -> a background shard writer. The
-    extract stage's local scheduler; `distributed.DaskEmbedder` has the same interface."""
+    extract stage's local scheduler; `distributed.DaskEmbedder` has the same interface.
+
+    The backbone is loaded when something is embedded, not before: the fingerprint description
+    comes from `backbones.Known` when this project has loaded the same model files before, so a
+    run with nothing to embed never loads (or hashes) the model."""
 
     def __init__(
         self,
@@ -284,15 +288,38 @@ class LocalEmbedder:
         writer: Writer = ShardWriter,
     ):
         self.settings = settings
-        self.backbone = backbone or backbones.load(settings.model, settings.extract.device, settings.extract.precision)
-        self.crops = (
-            faces.FaceStage.create(settings, self.backbone.preprocess, str(self.backbone.device))
-            if settings.data.faces
-            else None
-        )
-        self.description = {**self.backbone.description, **({"faces": self.crops.spec} if self.crops else {})}
-        self.dims = self.backbone.dims
         self.reader, self.writer = reader, writer
+        self._backbone = backbone
+        ex = settings.extract
+        self.known = self._stamp = None
+        described = None
+        if backbone is None:
+            self.known = backbones.Known(settings.base_dir / "cache" / "backbones.json")
+            self._stamp = self.known.stamp(settings.model, ex.device, ex.precision)
+            described = self.known.lookup(self._stamp)
+        base_description, self.dims = described or (self.backbone.description, self.backbone.dims)
+        device = str(self._backbone.device) if self._backbone else str(backbones.resolve_device(ex.device))
+        preprocess = self._backbone.preprocess if self._backbone else None
+        self.crops = faces.FaceStage.create(settings, preprocess, device) if settings.data.faces else None
+        self.description = {**base_description, **({"faces": self.crops.spec} if self.crops else {})}
+
+    @property
+    def backbone(self) -> backbones.Backbone:
+        """The model, loaded on first use (and remembered in `backbones.Known`)."""
+        if self._backbone is None:
+            ex = self.settings.extract
+            self._backbone = backbones.load(self.settings.model, ex.device, ex.precision)
+            if self.known is not None:
+                remembered = self.known.lookup(self._stamp)
+                self.known.remember(self._stamp, self._backbone.description, self._backbone.dims)
+                if remembered is not None and remembered[0] != self._backbone.description:
+                    raise ConfigError(
+                        f"model '{self.settings.model.name}' computes another fingerprint than this project "
+                        "remembered for the same files; rerun extract (nothing was embedded under the old one)."
+                    )
+            if getattr(self, "crops", None) is not None:
+                self.crops.preprocess.preprocess = self._backbone.preprocess
+        return self._backbone
 
     def __enter__(self) -> LocalEmbedder:
         return self

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import struct
 import zlib
@@ -77,6 +79,35 @@ def test_a_rerun_embeds_nothing_and_new_images_only_themselves(project, caplog):
     summary, _ = run_stages(project)
     assert "3 to embed" in caplog.text
     assert summary.embedded == summary.images
+
+
+def test_nothing_to_embed_loads_no_model_and_unchanged_weights_are_not_hashed_again(project, monkeypatch, tiny_clip):
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    first = extract.run(settings, outputs)
+    assert (project / "cache" / "backbones.json").is_file()
+
+    real_load = backbones.load
+    loads = []
+    monkeypatch.setattr(backbones, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    assert extract.run(settings, outputs) == first and loads == [], "a no-op extract never loads the model"
+
+    # A model file with a new mtime: the model is loaded (the same fingerprint), but only the
+    # files that changed are hashed; the weights, unchanged, come from the remembered digests.
+    hashed = []
+    real_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, alg: hashed.append(fh.name) or real_digest(fh, alg))
+    project_model = project / "model"
+    shutil.copytree(tiny_clip, project_model)
+    update_params(project, "model", name=str(project_model))
+    settings = config.load(project / "params.yaml")
+    assert extract.run(settings, outputs).fingerprint == first.fingerprint and len(loads) == 1
+    assert any(name.endswith(".safetensors") for name in hashed), "a new path is hashed once"
+    hashed.clear()
+    config_file = project_model / "config.json"
+    os.utime(config_file, ns=(config_file.stat().st_atime_ns, config_file.stat().st_mtime_ns + 10**9))
+    assert extract.run(settings, outputs).fingerprint == first.fingerprint and len(loads) == 2
+    assert not any(name.endswith(".safetensors") for name in hashed), "unchanged weights are not read again"
 
 
 def png_claiming_size(width: int, height: int) -> bytes:

@@ -11,10 +11,13 @@ imported only when a checkpoint needs it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 from pathlib import Path
 
+from pipeline.backbones import base
 from pipeline.backbones.base import (
     EMBEDDING_VERSION,
     Backbone,
@@ -89,3 +92,73 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
     backbone = module.load(directory, config, model, dev, resolve_precision(precision, dev))
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, backbone.precision, backbone.dims)
     return backbone
+
+
+class Known:
+    """What this project has learned about its models, in `cache/backbones.json` (local, never
+    shared): per model stamp, the fingerprint description and dims that loading it gave, and the
+    sha256 of weight files by path, size and mtime. The stamp is read from file metadata only:
+    every file of the model directory (name, size, mtime), the versions of the libraries that
+    compute embeddings, this package's backbone code, and the settings. With it, an extract run
+    that has nothing to embed neither loads nor hashes the model."""
+
+    KEEP = 32  # models remembered
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            data = {}  # a damaged file is only a missed shortcut
+        self.models: dict = data.get("models", {}) if isinstance(data, dict) else {}
+        base.FILE_DIGESTS.update(data.get("weights", {}) if isinstance(data, dict) else {})
+
+    @staticmethod
+    def stamp(model: ModelSettings, device: str, precision: str) -> str:
+        from dataclasses import asdict
+        from importlib.metadata import PackageNotFoundError, version
+
+        import torch
+
+        directory = resolve_directory(model)
+        files = sorted(
+            (p.relative_to(directory).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*")
+            if p.is_file()
+        )
+        libraries = {}
+        for name in ("torch", "transformers", "open_clip_torch", "timm", "pillow", "numpy", "safetensors"):
+            try:
+                libraries[name] = version(name)
+            except PackageNotFoundError:
+                libraries[name] = None
+        code = hashlib.sha256()
+        for source in sorted(Path(__file__).parent.glob("*.py")):
+            code.update(source.read_bytes())
+        what = {
+            "directory": str(directory.resolve()),
+            "files": files,
+            "libraries": libraries,
+            "code": code.hexdigest(),
+            "model": asdict(model),
+            "device": device,
+            "precision": precision,
+            "cuda": torch.cuda.is_available(),
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def lookup(self, stamp: str) -> tuple[dict, dict[str, int]] | None:
+        entry = self.models.get(stamp)
+        return (entry["description"], entry["dims"]) if entry else None
+
+    def remember(self, stamp: str, description: dict, dims: dict[str, int]) -> None:
+        from pipeline import atomic
+
+        self.models.pop(stamp, None)
+        self.models[stamp] = {"description": description, "dims": dims}
+        self.models = dict(list(self.models.items())[-self.KEEP :])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.path, {"models": self.models, "weights": base.FILE_DIGESTS}, sort_keys=False)
+        except OSError as exc:  # a read-only project still works, only slower
+            log.warning("could not write %s (%s); the next run will load the model again", self.path, exc)

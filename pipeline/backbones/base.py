@@ -68,13 +68,26 @@ def weight_files(directory: Path, convert: str | None = None) -> list[Path]:
     return files
 
 
+# sha256 of weight files already hashed, by (resolved path, size, mtime_ns): a file whose size
+# and mtime are unchanged is not read again (`pipeline.backbones.Known` keeps it across runs).
+FILE_DIGESTS: dict[str, str] = {}
+
+
+def file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def weights_digest(directory: Path) -> str:
     """sha256 over the model's weight files (names and bytes), in name order."""
     h = hashlib.sha256()
     for p in weight_files(directory):
         h.update(p.name.encode())
-        with open(p, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+        stamp = file_stamp(p)
+        if stamp not in FILE_DIGESTS:
+            with open(p, "rb") as fh:
+                FILE_DIGESTS[stamp] = hashlib.file_digest(fh, "sha256").hexdigest()
+        h.update(bytes.fromhex(FILE_DIGESTS[stamp]))
     return h.hexdigest()
 
 
