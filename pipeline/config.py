@@ -162,7 +162,8 @@ class CrossDatasetSpec:
     real: list[str]
     fake: list[str]
     # Celeb-DF's List_of_testing_videos.txt format: one "<1 real | 0 fake> <folder>/<video file>"
-    # per line (or just the path); relative to params.yaml
+    # per line (or just the path), or a JSON split file ({"<folder>/<video>": {"set": "test", ...}});
+    # relative to params.yaml
     test_list: str | None = None
 
 

@@ -185,10 +185,29 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 
 
 def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
-    """An official list of test videos, Celeb-DF's `List_of_testing_videos.txt` format: per line
-    `<label> <folder>/<video file>` (label 1 = real, 0 = fake) or just the path ->
-    {(folder, video id): label or None}; folder names compare case-insensitively."""
+    """An official list of test videos -> {(folder, video id): 0 real | 1 fake | None (unsaid)};
+    folder names compare case-insensitively. Two formats:
+      text  Celeb-DF's `List_of_testing_videos.txt`: per line `<label> <folder>/<video file>`
+            (label 1 = real, 0 = fake), or just the path
+      JSON  a split file mapping video paths to their facts, DFDCP's `dataset.json` style:
+            {"<folder>/<video file>": {"label": "fake", "set": "test"}, ...}; only entries whose
+            `set` (or `split`) is test are listed"""
     listed: dict[tuple[str, str], int | None] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            entries = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}).") from None
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{path} must map video paths to their facts, like DFDCP's dataset.json.")
+        for name, facts in entries.items():
+            facts = facts if isinstance(facts, dict) else {}
+            if str(facts.get("set", facts.get("split", "test"))).lower() != "test":
+                continue
+            entry = PurePosixPath(name.replace("\\", "/"))
+            word = str(facts.get("label", "")).lower()
+            listed[(entry.parent.name.lower(), entry.stem)] = {"real": 1, "fake": 0}.get(word)
+        return listed
     for number, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -196,8 +215,7 @@ def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
         if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("0", "1")):
             raise ConfigError(f"{path}, line {number}: expected '<1 real | 0 fake> <folder>/<video>', got {line!r}.")
         entry = PurePosixPath(parts[-1].replace("\\", "/"))
-        folder = entry.parent.name.lower()
-        listed[(folder, entry.stem)] = int(parts[0]) if len(parts) == 2 else None
+        listed[(entry.parent.name.lower(), entry.stem)] = int(parts[0]) if len(parts) == 2 else None
     return listed
 
 

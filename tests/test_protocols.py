@@ -287,3 +287,22 @@ def test_a_labels_file_may_be_lines_of_label_and_path_in_either_order(tmp_path):
     listing.write_text("maybe e.mp4\n")
     with pytest.raises(ConfigError, match="use real or fake"):
         manifest.read_labels(listing)
+
+
+def test_an_official_split_file_in_json_lists_only_its_test_videos(celeb_project):
+    split = {
+        "Celeb-real/id0_0000.mp4": {"label": "real", "set": "test"},
+        "YouTube-real/00002.mp4": {"label": "real", "set": "test"},
+        "Celeb-real/id1_0001.mp4": {"label": "real", "set": "train"},  # not a test video
+        "Celeb-synthesis/id0_id1_0000.mp4": {"label": "fake", "set": "test"},
+        "Celeb-synthesis/id1_id0_0001.mp4": {"label": "fake", "set": "test"},
+    }
+    (celeb_project / "data" / "Celeb-DF-v2" / "split.json").write_text(json.dumps(split))
+    params = yaml.safe_load((celeb_project / "params.yaml").read_text())
+    params["evaluate"]["cross_dataset"]["celebdf_official"]["test_list"] = "data/Celeb-DF-v2/split.json"
+    (celeb_project / "params.yaml").write_text(yaml.safe_dump(params))
+    settings, outputs = load(celeb_project / "params.yaml"), Outputs(celeb_project)
+    for stage in (manifest, extract, train):
+        stage.run(settings, outputs)
+    videos = evaluate.run(settings, outputs)["cross_dataset"]["celebdf_official"]["videos"]
+    assert videos == {"real": 2, "fake": 2, "listed": 4, "listed_missing": 0}
