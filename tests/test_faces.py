@@ -309,6 +309,17 @@ def test_alignment_levels_a_tilted_face_as_deepfakebench_does():
     assert abs(aligned) < 5.0 and abs(plain) > abs(aligned) + 4.0, (plain, aligned)
 
 
+def bright_cells(helper, stride: int) -> list:
+    """ONNX nodes: `s<stride>` = sigmoid(k (mean grey of each stride x stride cell - t)), from the
+    graph's `grey` image and its constants `k` and `t`; strides other than 8 compare with `never`."""
+    return [
+        helper.make_node("AveragePool", ["grey"], [f"pool{stride}"], kernel_shape=[stride] * 2, strides=[stride] * 2),
+        helper.make_node("Sub", [f"pool{stride}", "t" if stride == 8 else "never"], [f"d{stride}"]),
+        helper.make_node("Mul", [f"d{stride}", "k"], [f"z{stride}"]),
+        helper.make_node("Sigmoid", [f"z{stride}"], [f"s{stride}"]),
+    ]
+
+
 def scrfd_like_onnx(path, with_points: bool = True) -> None:
     """A tiny ONNX model in SCRFD's layout (3 strides, 2 anchors per place, distances from the
     anchor at the cell's top left corner): a stride-8 cell scores high where the 64 px input is
@@ -323,12 +334,7 @@ def scrfd_like_onnx(path, with_points: bool = True) -> None:
     for stride in (8, 16, 32):
         cells = (64 // stride) ** 2
         nodes += [
-            helper.make_node(
-                "AveragePool", ["grey"], [f"pool{stride}"], kernel_shape=[stride] * 2, strides=[stride] * 2
-            ),
-            helper.make_node("Sub", [f"pool{stride}", "t" if stride == 8 else "never"], [f"d{stride}"]),
-            helper.make_node("Mul", [f"d{stride}", "k"], [f"z{stride}"]),
-            helper.make_node("Sigmoid", [f"z{stride}"], [f"s{stride}"]),
+            *bright_cells(helper, stride),
             helper.make_node("Reshape", [f"s{stride}", f"cells{stride}"], [f"r{stride}"]),
             helper.make_node("Concat", [f"r{stride}", f"r{stride}"], [f"a{stride}"], axis=1),
             helper.make_node("Reshape", [f"a{stride}", f"anchors{stride}"], [f"score_{stride}"]),
@@ -364,12 +370,7 @@ def yunet_like_onnx(path, size: int | None = 64) -> None:
     outputs = {}
     for stride in (8, 16, 32):
         nodes += [
-            helper.make_node(
-                "AveragePool", ["grey"], [f"pool{stride}"], kernel_shape=[stride] * 2, strides=[stride] * 2
-            ),
-            helper.make_node("Sub", [f"pool{stride}", "t" if stride == 8 else "never"], [f"d{stride}"]),
-            helper.make_node("Mul", [f"d{stride}", "k"], [f"z{stride}"]),
-            helper.make_node("Sigmoid", [f"z{stride}"], [f"s{stride}"]),
+            *bright_cells(helper, stride),
             helper.make_node("Reshape", [f"s{stride}", "column"], [f"cls_{stride}"]),
             helper.make_node("Sub", [f"cls_{stride}", f"cls_{stride}"], [f"zero{stride}"]),
             helper.make_node("Add", [f"zero{stride}", "one"], [f"obj_{stride}"]),
