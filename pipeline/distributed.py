@@ -99,9 +99,16 @@ def embed_partition(
         raise RuntimeError(f"worker {os.getpid()} computes another fingerprint than the cache {store_dir}")
     writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
-        # Decode in the task's thread: dask worker processes are daemonic and cannot fork loaders.
+        # Dask worker processes are daemonic and cannot fork loaders: threads decode ahead instead.
         changed = embedder.embed_items(
-            items, backbone, writer, extract.batch_size, num_workers=0, progress=False, crops=crops
+            items,
+            backbone,
+            writer,
+            extract.batch_size,
+            num_workers=max(1, extract.num_workers),
+            progress=False,
+            reader=embedder.threaded_batches,
+            crops=crops,
         )
     finally:
         writer.close()

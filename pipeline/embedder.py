@@ -18,7 +18,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -138,6 +140,27 @@ def read_batches(
         prefetch_factor=4 if num_workers else None,
         multiprocessing_context=getattr(preprocess, "multiprocessing_context", None) if num_workers else None,
     )
+
+
+def threaded_batches(
+    items: list[Item], preprocess: Callable, batch_size: int, num_threads: int, pin_memory: bool
+) -> Iterable[Batch]:
+    """A reader for processes that cannot fork (dask workers are daemonic): `num_threads` threads
+    decode and preprocess batches ahead of the model (PIL and PyAV release the GIL while they
+    decode and resize), at most 2 x `num_threads` batches in flight, in order."""
+    dataset = ImageDataset(items, preprocess)
+    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    if num_threads <= 0:
+        yield from map(dataset.__getitem__, batches)
+        return
+    with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="reader") as pool:
+        pending: deque = deque()
+        for indices in batches:
+            pending.append(pool.submit(dataset.__getitem__, indices))
+            if len(pending) >= 2 * num_threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 Reader = Callable[[list[Item], Callable, int, int, bool], Iterable[Batch]]

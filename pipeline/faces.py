@@ -30,6 +30,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -46,6 +47,7 @@ from pipeline.config import ConfigError, FacesSettings
 log = logging.getLogger(__name__)
 
 NO_FACE = "no face found"
+_DETECTING = threading.Lock()  # readers that are threads (dask workers) detect one batch at a time
 
 
 @dataclass(frozen=True)
@@ -483,7 +485,9 @@ class FacePreprocess:
             n for n, (d, rgb) in enumerate(zip(known, decoded, strict=True)) if d is None and not isinstance(rgb, str)
         ]
         if todo:
-            for n, detection in zip(todo, self.found.detect_many([np.asarray(decoded[n]) for n in todo]), strict=True):
+            with _DETECTING:  # one detection at a time per process (dlib's objects are not documented thread-safe)
+                found = self.found.detect_many([np.asarray(decoded[n]) for n in todo])
+            for n, detection in zip(todo, found, strict=True):
                 known[n] = detection
         return [
             FaceCrop(

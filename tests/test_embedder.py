@@ -65,3 +65,20 @@ def test_an_injected_failing_writer_keeps_earlier_shards_and_the_resumed_run_is_
     ref_keys, ref_embeddings = contents(other)
     assert keys == ref_keys
     np.testing.assert_array_equal(embeddings, ref_embeddings)
+
+
+def test_the_threaded_reader_gives_the_batches_of_the_default_reader_in_order(project):
+    """What dask workers use (they cannot fork DataLoader processes): threads decoding ahead."""
+    settings = load(project / "params.yaml")
+    table = manifest.run(settings, Outputs(project))
+    paths = table.column("path").to_pylist()[:50]
+    items = [
+        embedder.Item(d, p, settings.data_root / p)
+        for d, p in zip(table.column("digest").to_pylist()[:50], paths, strict=True)
+    ]
+    preprocess = backbones.load(settings.model, "cpu", "fp32").preprocess
+    expected = list(embedder.read_batches(items, preprocess, 8, 0, False))
+    for threads in (0, 1, 3):
+        got = list(embedder.threaded_batches(items, preprocess, 8, threads, False))
+        assert [b.digests for b in got] == [b.digests for b in expected]
+        assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True))
