@@ -177,10 +177,11 @@ def main() -> None:
     model_dir = work / "model"
     make_model(model_dir, args.model)
     make_images(work / "data" / "real", args.images)
+    make_images(work / "data" / "fake", 8, start=10**6)  # a dataset of its own, for the params (8 images)
     params = {
         "data": {
             "root": str(work / "data"),
-            "datasets": {"real": {"path": "real", "label": "real"}, "fake": {"path": "real", "label": "fake"}},
+            "datasets": {"real": {"path": "real", "label": "real"}, "fake": {"path": "fake", "label": "fake"}},
         },
         "model": {"name": str(model_dir)},
         "extract": {
@@ -196,9 +197,8 @@ def main() -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     settings = config.load(work / "params.yaml")
     outputs = Outputs(work)
-    manifest.run(settings, outputs)
+    n = manifest.run(settings, outputs).num_rows  # every image of both datasets
     paths = sorted((work / "data" / "real").rglob("*.jpg"))
-    n = len(paths)
 
     rate_a = original_loop(paths, model_dir, min(args.original, n))
     backbone = backbones.load(settings.model, args.device, args.precision)
@@ -209,7 +209,7 @@ def main() -> None:
 
     # Incremental: +1 % new images.
     extra = max(1, n // 100)
-    make_images(work / "data" / "real", extra, start=n)
+    make_images(work / "data" / "real", extra, start=len(paths))
     manifest.run(settings, outputs)
     inc_s, inc_n = timed_extract(settings, outputs, backbone)
     assert inc_n == extra

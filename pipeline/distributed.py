@@ -6,6 +6,8 @@ pickled) and commits its own shards straight into the shared cache directory (at
 content-named, so workers never collide). The client holds the cache's writer lock for the
 whole run and shows progress. A task whose worker dies is rerun elsewhere by dask; a run that
 is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
+Inside a task, `extract.num_workers` threads decode batches ahead of the model
+(`embedder.threaded_batches`: worker processes are daemonic and cannot fork loaders).
 
 `extract.dask.address` connects to a running scheduler (`tcp://host:8786`; every worker must
 see the cache directory and the images at the same paths: a shared filesystem); left empty, a
