@@ -166,13 +166,18 @@ def embed_perturbed(settings: Settings, table, items_of, embedder, store: Embedd
     )  # fmt: skip
     if not todo:
         return store
-    if getattr(embedder, "crops", None) is not None:  # crops of perturbed frames use the clean frames' boxes
-        embedder.crops.refresh()
+    crops = getattr(embedder, "crops", None)
+    if crops is not None:  # crops of perturbed frames use the clean frames' boxes (and lent ones)
+        crops.refresh()
+        if settings.data.faces.no_face == "nearest":
+            crops.preprocess.borrowed = lent_boxes(table, crops)
     clean_items = {i.digest: i for i in items_of(list(dict.fromkeys(perturb.split(k)[0] for k in todo)))}
     items = [dataclasses.replace(clean_items[perturb.split(k)[0]], digest=k) for k in todo]
     try:
         embedder.embed(items, store)
     finally:
+        if crops is not None:
+            crops.preprocess.borrowed = {}
         store = EmbeddingStore.open(store.directory)
         store.write_index()
     return store

@@ -445,3 +445,33 @@ def test_face_crops_on_a_dask_cluster_are_the_local_ones(face_project):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)  # the frames with a face: the local vectors
     assert set(failures) <= store.keys(), "frames without a face borrowed their neighbour's box on the workers"
     assert len(faces.read_cache(next((face_project / "cache" / "faces").iterdir()))) == local.images
+
+
+def test_robustness_variants_of_face_frames_are_cropped_with_the_clean_frames_boxes(face_project, monkeypatch):
+    from pipeline import perturb
+
+    settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
+    table = manifest.run(settings, outputs)
+    extract.run(settings, outputs)
+
+    def no_detecting(self, rgb):
+        raise AssertionError("a perturbed frame was detected again instead of using the clean frame's box")
+
+    monkeypatch.setattr(faces.DlibHog, "detect", no_detecting)
+    update_params(face_project, "evaluate", robustness={"blur": [2.0]})
+    settings = load(face_project / "params.yaml")
+    extract.run(settings, outputs)
+    (store,) = caches(outputs.embeddings)
+    embedded = store.keys()
+    test_keys = [k for k in perturb.test_keys(settings, table) if k in embedded]
+    assert test_keys and {perturb.key(k, "blur=2") for k in test_keys} <= embedded
+
+    key = test_keys[0]
+    row = table.to_pandas().set_index("digest").loc[key]
+    frame = Image.open(manifest_table.absolute_path(row.path, settings.data_root)).convert("RGB")
+    box = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))[key].box
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    pixels = backbone.preprocess(faces.crop(perturb.apply(frame, "blur=2", perturb.key(key, "blur=2")), box, 1.3, 64))
+    cached, _ = store.read([perturb.key(key, "blur=2")], "projection")
+    expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
+    np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
