@@ -54,7 +54,7 @@ def params(data: Path, model: Path, batch_size: int, workers: int) -> dict:
 
 
 def forward_rate(backbone, sample, n: int, batch_size: int) -> float:
-    batch = embedder.collate([("d", "p", sample, None)] * batch_size).pixels
+    batch = embedder.collate([("d", "p", sample, None, None)] * batch_size).pixels
     backbone.embed(batch)  # warm-up
     start, done = time.perf_counter(), 0
     while done < n:
