@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pipeline import backbones, faces, frames, images, perturb
 from pipeline.config import ConfigError, Settings
-from pipeline.store import EmbeddingStore
+from pipeline.store import EmbeddingStore, fingerprint
 from pipeline.store.shard import ShardData
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,8 @@ class LocalEmbedder:
             if self.known is not None:
                 remembered = self.known.lookup(self._stamp)
                 self.known.remember(self._stamp, self._backbone.description, self._backbone.dims)
-                if remembered is not None and remembered[0] != self._backbone.description:
+                # Compared as fingerprints: the remembered description went through JSON.
+                if remembered is not None and fingerprint(remembered[0]) != fingerprint(self._backbone.description):
                     raise ConfigError(
                         f"model '{self.settings.model.name}' computes another fingerprint than this project "
                         "remembered for the same files; rerun extract (nothing was embedded under the old one)."
