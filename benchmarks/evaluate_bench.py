@@ -161,12 +161,12 @@ def main() -> None:
     t_train, _ = timed(train.run, settings, outputs)
     probe, card = LinearProbe.load(outputs.probe)
     t_heldout, _ = timed(evaluate.heldout, settings, probe, card, frames, reals)
-    t_matrix, matrix = timed(evaluate.cross_manipulation, settings, frames, reals)
+    t_matrix, matrix = timed(evaluate.cross_manipulation, settings, frames, reals, (probe, card))
     t_loo, _ = timed(evaluate.leave_one_out, settings, frames, reals)
     t_cross_dataset, _ = timed(evaluate.cross_dataset, settings, probe, card, frames)
     t_robust, _ = timed(evaluate.robustness, settings, probe, card, frames, store, reals)
     main_sets = {n: evaluate.scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
-    t_layers, _ = timed(evaluate.layers, settings, table, store, card, reals, main_sets)
+    t_layers, _ = timed(evaluate.layers, settings, table, store, (probe, card), reals, main_sets, frames)
     t_stage, _ = timed(evaluate.run, settings, outputs)
 
     n, dim = frames.X.shape

@@ -87,6 +87,24 @@ def fit(frames: Frames, datasets: list[str], spec: TrainSettings, split: np.ndar
     return probes.fit_and_select(*frames.training_data(datasets, split), spec, what="+".join(datasets))
 
 
+def train_stage_probe(settings: Settings, trained: tuple | None, datasets: list[str], layer) -> object | None:
+    """The train stage's probe (`trained` = (probe, card)) where a protocol would fit the same one
+    again: the same datasets, layer and probe settings, as its card records; None otherwise. The
+    fit is deterministic, so this saves the fit and changes no number."""
+    if trained is None:
+        return None
+    probe, card = trained
+    t = settings.train
+    same = (
+        sorted(card["datasets"]) == sorted(datasets)
+        and card["layer"] == layer == t.layer
+        and (card["probe"], card["normalize"], card["streamed"]) == (t.probe, t.normalize, t.stream)
+        and sorted(float(c) for c in card["val_auc"]) == sorted(t.C)
+        and all(card.get(k) == getattr(t, k) for k in (("hidden", "seed") if t.probe == "mlp" else ("max_iter",)))
+    )
+    return probe if same else None
+
+
 # --------------------------------------------------------------------------- protocols
 
 
@@ -123,12 +141,15 @@ def fake_sets(settings: Settings, frames: Frames) -> list[str]:
     return ordered + [d for d in settings.evaluate.datasets if d not in ordered]
 
 
-def cross_manipulation(settings: Settings, frames: Frames, reals: list[str]) -> dict:
-    """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on."""
+def cross_manipulation(settings: Settings, frames: Frames, reals: list[str], trained: tuple | None = None) -> dict:
+    """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on. The row of
+    the train stage's own datasets is its probe (`trained`, when the settings match)."""
     fakes = fake_sets(settings, frames)
     auc, video_auc = {}, {}
     for trained_on in tqdm(fakes, desc="cross_manipulation", unit="probe"):
-        probe = fit(frames, [*reals, trained_on], settings.train).probe
+        datasets = [*reals, trained_on]
+        probe = train_stage_probe(settings, trained, datasets, settings.train.layer)
+        probe = probe or fit(frames, datasets, settings.train).probe
         auc[trained_on], video_auc[trained_on] = {}, {}
         for tested_on in fakes:
             s = scored(frames, reals, tested_on, probe.predict_proba)
@@ -276,18 +297,23 @@ def cross_dataset(settings: Settings, probe: LinearProbe, card: dict, frames: Fr
     return results
 
 
-def layers(settings: Settings, table, store, card: dict, reals: list[str], main: dict[str, Scored]) -> dict:
+def layers(
+    settings: Settings, table, store, trained: tuple, reals: list[str], main: dict[str, Scored], loaded: Frames
+) -> dict:
     """One probe per cached layer (the train stage's datasets and settings), scored on every
     evaluate dataset: AUC per layer and test set, the mean over the fakes trained on (in-domain)
     and over the others (cross-manipulation), and per layer and test set the paired bootstrap
-    difference to the train stage's probe on the same frames (`main`)."""
+    difference to the train stage's probe on the same frames (`main`). The train stage's layer is
+    its probe on the frames already `loaded` (when the settings match), not a second read and fit."""
     ev = settings.evaluate
+    card = trained[1]
     trained_fakes = [d for d in card["datasets"] if d not in reals]
     out: dict = {"layers": list(store.layers), "reference": card["layer"], "auc": {}, "video_auc": {}}
     out.update(mean_in_domain_auc={}, mean_cross_auc={}, vs_reference={})
     for layer in tqdm(store.layers, desc="layers protocol", unit="layer"):
-        frames = features.load(table, store, layer)
-        probe = fit(frames, card["datasets"], settings.train).probe
+        frames = loaded if layer == card["layer"] else features.load(table, store, layer)
+        probe = train_stage_probe(settings, trained, card["datasets"], layer)
+        probe = probe or fit(frames, card["datasets"], settings.train).probe
         out["auc"][layer], out["video_auc"][layer], out["vs_reference"][layer] = {}, {}, {}
         for name in ev.datasets:
             s = scored(frames, reals, name, probe.predict_proba)
@@ -322,16 +348,17 @@ def robustness(settings: Settings, probe: LinearProbe, card: dict, frames: Frame
         return {"auc": binary_metrics(s.y, scores)["auc"], "video_auc": binary_metrics(v_labels, v_scores)["auc"]}
 
     out["clean"] = {name: aucs(s, s.scores) for name, s in clean.items()}
+    keys = list(dict.fromkeys(perturb.key(d, spec) for spec in specs for s in clean.values() for d in s.digest))
+    X, found = features.read_layers(store, keys, card["layer"])  # every level in one read of the cache
+    if not found.all():
+        spec = perturb.split(keys[int(np.argmin(found))])[1]
+        raise ConfigError(
+            f"{int((~found).sum())} perturbed test images (e.g. '{spec}' variants) are not in the cache; re-run "
+            "extract (`dvc repro extract`) after changing evaluate.robustness."
+        )
+    score_of = dict(zip(keys, probe.predict_proba(X), strict=True))
     for spec in tqdm(specs, desc="robustness", unit="level"):
         kind, level = perturb.parse(spec)
-        keys = list(dict.fromkeys(perturb.key(d, spec) for s in clean.values() for d in s.digest))
-        X, found = features.read_layers(store, keys, card["layer"])
-        if not found.all():
-            raise ConfigError(
-                f"{int((~found).sum())} test images have no '{spec}' variant in the cache; re-run extract "
-                "(`dvc repro extract`) after changing evaluate.robustness."
-            )
-        score_of = dict(zip(keys, probe.predict_proba(X), strict=True))
         out[kind][f"{level:g}"] = {
             name: aucs(s, np.array([score_of[perturb.key(d, spec)] for d in s.digest])) for name, s in clean.items()
         }
@@ -461,7 +488,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     if "heldout" in protocols:
         results["heldout"], curves, by_name = heldout(settings, probe, card, frames, reals)
     if "cross_manipulation" in protocols:
-        results["cross_manipulation"] = cross_manipulation(settings, frames, reals)
+        results["cross_manipulation"] = cross_manipulation(settings, frames, reals, (probe, card))
     if "leave_one_out" in protocols:
         results["leave_one_out"] = leave_one_out(settings, frames, reals)
     if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
@@ -473,7 +500,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
             log.warning("layers protocol skipped: it reads each layer in memory (train.stream is true)")
         else:
             main = by_name or {n: scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
-            results["layers"] = layers(settings, table, store, card, reals, main)
+            results["layers"] = layers(settings, table, store, (probe, card), reals, main, frames)
     if "zero_shot" in protocols:
         try:
             if "projection" not in store.layers:

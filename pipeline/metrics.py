@@ -153,27 +153,52 @@ def rank_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def video_resamples(y: np.ndarray, videos: np.ndarray, n: int, seed: int = 0):
-    """`n` bootstrap resamples of frame indices that draw whole videos with replacement, within
-    each class (so every resample has both), never single frames."""
+def video_draws(y: np.ndarray, videos: np.ndarray, n: int, seed: int = 0):
+    """`n` bootstrap resamples as counts per video -> (counts (n, videos), each frame's video):
+    whole videos drawn with replacement within each class (so every resample has both), never
+    single frames."""
     keys, inverse = np.unique(np.asarray(videos), return_inverse=True)
-    frames_of = [np.flatnonzero(inverse == k) for k in range(len(keys))]
-    video_label = np.array([y[f[0]] for f in frames_of])
+    video_label = np.zeros(len(keys), dtype=int)
+    video_label[inverse] = y
     by_class = [np.flatnonzero(video_label == c) for c in (0, 1)]
     rng = np.random.default_rng(seed)
-    for _ in range(n):
-        chosen = np.concatenate([rng.choice(v, size=len(v), replace=True) for v in by_class])
-        yield np.concatenate([frames_of[v] for v in chosen])
+    counts = np.zeros((n, len(keys)))
+    for row in counts:
+        for members in by_class:
+            row += np.bincount(rng.choice(members, size=len(members), replace=True), minlength=len(keys))
+    return counts, inverse
+
+
+def resampled_aucs(y: np.ndarray, scores: np.ndarray, counts: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """The frame AUC of every resample (`video_draws`), from one sort: a resample weighs each frame
+    by its video's count, so its AUC is the Mann-Whitney statistic with weights (ties count half).
+    Counts and half-counts add exactly in float64, so each value equals `rank_auc` of the
+    resample's frame list bit for bit, at a fraction of the cost of ranking every resample."""
+    order = np.argsort(scores, kind="stable")
+    s, positive = np.asarray(scores)[order], np.asarray(y)[order] == 1
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
+    out = np.empty(len(counts))
+    for lo in range(0, len(counts), 256):  # bounded memory: 256 resamples x frames at a time
+        w = counts[lo : lo + 256][:, inverse[order]]
+        negatives = np.where(positive, 0.0, w)
+        below = np.cumsum(negatives, axis=1)[:, np.r_[starts[1:] - 1, len(s) - 1]]  # up to each group's end
+        at = np.diff(np.c_[np.zeros(len(w)), below], axis=1)  # negatives tied with each group
+        below -= at
+        u = (np.where(positive, w, 0.0) * (below + 0.5 * at)[:, group]).sum(axis=1)
+        n_pos, n_neg = w[:, positive].sum(axis=1), negatives.sum(axis=1)
+        out[lo : lo + 256] = u / (n_pos * n_neg)
+    return out
 
 
 def bootstrap_auc(
     y: np.ndarray, scores: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
 ) -> tuple[float, float] | None:
-    """95 % percentile interval of the frame-level AUC over video resamples (`video_resamples`)."""
+    """95 % percentile interval of the frame-level AUC over video resamples (`video_draws`)."""
     y = np.asarray(y).astype(int)
     if n <= 0 or len(np.unique(y)) < 2:
         return None
-    aucs = np.array([rank_auc(y[idx], scores[idx]) for idx in video_resamples(y, videos, n, seed)])
+    aucs = resampled_aucs(y, np.asarray(scores, dtype=float), *video_draws(y, videos, n, seed))
     lo, hi = np.percentile(aucs, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -192,12 +217,11 @@ def paired_bootstrap_auc(
     y: np.ndarray, a: np.ndarray, b: np.ndarray, videos: np.ndarray, n: int = 1000, seed: int = 0
 ) -> dict:
     """AUC(a) - AUC(b) on the same frames, with a 95 % interval and a two-sided p-value from video
-    resamples (`video_resamples`), the same resample for both scorers."""
+    resamples (`video_draws`), the same resample for both scorers."""
     y = np.asarray(y).astype(int)
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    deltas = np.array(
-        [rank_auc(y[idx], a[idx]) - rank_auc(y[idx], b[idx]) for idx in video_resamples(y, videos, n, seed)]
-    )
+    draws = video_draws(y, videos, n, seed)
+    deltas = resampled_aucs(y, a, *draws) - resampled_aucs(y, b, *draws)
     lo, hi = np.percentile(deltas, [2.5, 97.5])
     p = min(1.0, 2 * min((deltas <= 0).mean(), (deltas >= 0).mean()))
     return {"delta": rank_auc(y, a) - rank_auc(y, b), "ci_low": float(lo), "ci_high": float(hi), "p": float(p)}

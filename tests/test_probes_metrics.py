@@ -210,6 +210,28 @@ def test_the_paired_bootstrap_tells_a_real_difference_from_none():
     assert better["delta"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noisy))
 
 
+def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exactly():
+    """The interval comes from one sort and per-video counts; it must equal, bit for bit, the
+    percentiles of the rank AUC of every resampled frame list (videos drawn whole, within each class,
+    with ties and videos of unequal length)."""
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 6, size=30)
+    videos = np.repeat([f"v{i:02d}" for i in range(30)], lengths)
+    y = np.repeat((np.arange(30) >= 12).astype(int), lengths)
+    scores = np.round(y + rng.normal(0, 1.2, len(y)), 1)  # ties within and across classes
+
+    keys = sorted(set(videos))
+    frames_of = {k: np.flatnonzero(videos == k) for k in keys}
+    by_class = [[i for i, k in enumerate(keys) if y[frames_of[k][0]] == c] for c in (0, 1)]
+    draw = np.random.default_rng(11)
+    aucs = []
+    for _ in range(250):
+        chosen = [i for members in by_class for i in draw.choice(members, size=len(members), replace=True)]
+        idx = np.concatenate([frames_of[keys[i]] for i in chosen])
+        aucs.append(rank_auc(y[idx], scores[idx]))
+    assert bootstrap_auc(y, scores, videos, n=250, seed=11) == tuple(np.percentile(aucs, [2.5, 97.5]))
+
+
 def test_the_paired_bootstrap_equals_a_slow_reference_on_a_small_case():
     """Spelled out: draw whole videos with replacement within each class, score both with
     scikit-learn's AUC on the same draw, take the 2.5/97.5 percentiles and the two-sided p."""
@@ -296,6 +318,28 @@ def test_cross_manipulation_matrix_has_its_diagonal_where_the_signal_is():
             else:
                 assert 0.3 < auc < 0.7, (a, b, auc)  # other methods' signal is invisible to this probe
     assert matrix["mean_in_domain_auc"] > 0.95 and matrix["mean_cross_auc"] < 0.7
+
+
+def test_the_cross_manipulation_row_of_the_train_stages_own_data_is_its_probe_not_a_refit(monkeypatch):
+    """Fitting the train stage's datasets again gives its probe again: the matrix is the same with
+    the saved probe handed over, and one probe fewer is fitted; a probe trained on other settings
+    is never taken for it."""
+    settings, frames = synthetic_settings(), synthetic_frames()
+    fitted = evaluate.fit(frames, ["real", "fs"], settings.train)
+    card = {"datasets": ["real", "fs"], "layer": "projection", "probe": "logreg", "normalize": "standardize",
+            "max_iter": 2000, "streamed": False, "val_auc": {str(c): a for c, a in fitted.val_auc.items()}}  # fmt: skip
+    fits = []
+    real_fit = evaluate.fit
+    monkeypatch.setattr(evaluate, "fit", lambda *a, **k: fits.append(a[1]) or real_fit(*a, **k))
+    refitted = evaluate.cross_manipulation(settings, frames, ["real"])
+    assert len(fits) == 3
+    fits.clear()
+    assert evaluate.cross_manipulation(settings, frames, ["real"], (fitted.probe, card)) == refitted
+    assert fits == [["real", "nt"], ["real", "df"]]
+    for other in ({"normalize": "l2"}, {"val_auc": {"1.0": 0.5}}, {"layer": "pooled"}, {"max_iter": 100}):
+        fits.clear()
+        evaluate.cross_manipulation(settings, frames, ["real"], (fitted.probe, {**card, **other}))
+        assert len(fits) == 3, other
 
 
 def test_leave_one_out_tests_only_on_the_method_left_out():

@@ -30,6 +30,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -252,16 +253,20 @@ class EmbeddingStore:
         self._check_complete()
         found_digests: list[str] = []
         blocks: list[np.ndarray] = []
-        for shard in self.shard_paths():
-            d, a = self.read_shard(shard, layer)
-            found_digests += d
-            blocks.append(a)
+        # Shards decode in parallel (Parquet's decoder and the checksum release the GIL), in order.
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shard-reader") as pool:
+            for d, a in pool.map(lambda shard: self.read_shard(shard, layer), self.shard_paths()):
+                found_digests += d
+                blocks.append(a)
         position = {d: i for i, d in enumerate(found_digests)}
         rows = np.array([position.get(d, -1) for d in digests], dtype=np.int64)
         found = rows >= 0
         out = np.zeros((len(digests), dim), dtype=np.float32)
-        if blocks and found.any():
-            out[found] = np.concatenate(blocks)[rows[found]]
+        offset = 0
+        for block in blocks:  # block by block: no copy of the whole layer in between
+            inside = (rows >= offset) & (rows < offset + len(block))
+            out[inside] = block[rows[inside] - offset]
+            offset += len(block)
         return out, found
 
     def _check_layer(self, layer: str) -> None:

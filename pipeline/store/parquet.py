@@ -59,7 +59,7 @@ def read_keys(path: Path) -> tuple[list[str], list[str | None], list[str | None]
 
 def read_layer(path: Path, layer: str, dim: int) -> tuple[list[str], np.ndarray]:
     """Digests and float32 embeddings of the rows that embedded fine."""
-    t = pq.read_table(path, columns=["digest", "error", layer])
+    t = pq.read_table(path, columns=["digest", "error", layer], use_threads=False)  # the store reads shards in parallel
     t = t.filter(pc.is_null(t.column("error")))
     values = t.column(layer).combine_chunks()
     array = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) if len(values) else np.zeros((0, dim))
