@@ -100,6 +100,7 @@ class ExtractSettings:
     num_workers: int = 2
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the forward pass (GPU throughput; compiling takes a minute)
     shard_size: int = 4096
     scheduler: Literal["local", "dask"] = "local"
     dask: DaskSettings = DaskSettings()

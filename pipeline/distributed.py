@@ -36,24 +36,31 @@ _BACKBONES: dict = {}  # per worker process: (model, device, precision) -> Backb
 
 
 def _worker_device(device: str) -> str:
-    """Spread workers over GPUs: worker i of a cluster takes cuda:(i mod GPU count)."""
     import torch
     from distributed import get_worker
 
-    if device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
-        return device  # one GPU visible (e.g. CUDA_VISIBLE_DEVICES per worker), or none
-    name = get_worker().name  # LocalCluster names its workers 0 .. n-1
-    index = name if isinstance(name, int) else 0
-    return f"cuda:{index % torch.cuda.device_count()}"
+    return gpu_for(get_worker().name, device, torch.cuda.device_count())
+
+
+def gpu_for(worker: int | str, device: str, gpus: int) -> str:
+    """Spread workers over GPUs: worker i of a cluster (LocalCluster names them 0 .. n-1; a worker
+    started by hand may be named `<anything>-i`) takes cuda:(i mod GPU count). An explicit device
+    (`cpu`, `cuda:N`), one GPU visible (e.g. CUDA_VISIBLE_DEVICES per worker) or none: unchanged."""
+    if device not in ("auto", "cuda") or gpus < 2:
+        return device
+    index = worker if isinstance(worker, int) else str(worker).rsplit("-", 1)[-1]
+    return f"cuda:{int(index) % gpus}" if str(index).isdigit() else device
 
 
 def _backbone(model: ModelSettings, extract: ExtractSettings):
     from pipeline import backbones
 
     device = _worker_device(extract.device)
-    key = (repr(model), device, extract.precision)
+    key = (repr(model), device, extract.precision, extract.compile)
     if key not in _BACKBONES:
         _BACKBONES[key] = backbones.load(model, device, extract.precision)
+        if extract.compile:
+            _BACKBONES[key].compile()
     return _BACKBONES[key]
 
 

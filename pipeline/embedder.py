@@ -14,6 +14,7 @@ shards hold; `plan` computes what is left, so a crash loses at most the shard in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -147,20 +148,31 @@ def threaded_batches(
 ) -> Iterable[Batch]:
     """A reader for processes that cannot fork (dask workers are daemonic): `num_threads` threads
     decode and preprocess batches ahead of the model (PIL and PyAV release the GIL while they
-    decode and resize), at most 2 x `num_threads` batches in flight, in order."""
+    decode and resize), at most 2 x `num_threads` batches in flight, in order; pinned for a GPU."""
     dataset = ImageDataset(items, preprocess)
+    load = (lambda indices: pinned(dataset[indices])) if pin_memory else dataset.__getitem__
     batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     if num_threads <= 0:
-        yield from map(dataset.__getitem__, batches)
+        yield from map(load, batches)
         return
     with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="reader") as pool:
         pending: deque = deque()
         for indices in batches:
-            pending.append(pool.submit(dataset.__getitem__, indices))
+            pending.append(pool.submit(load, indices))
             if len(pending) >= 2 * num_threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def pinned(batch: Batch) -> Batch:
+    """The batch with its pixels in page-locked memory (what DataLoader's pin_memory does for its
+    workers), so that the copy to the GPU does not block; done in the reader's threads."""
+    if batch.pixels is None:
+        return batch
+    if isinstance(batch.pixels, dict):
+        return batch._replace(pixels={k: v.pin_memory() for k, v in batch.pixels.items()})
+    return batch._replace(pixels=batch.pixels.pin_memory())
 
 
 Reader = Callable[[list[Item], Callable, int, int, bool], Iterable[Batch]]
@@ -235,11 +247,13 @@ Writer = Callable[[EmbeddingStore, int, str], ShardWriter]
 # --------------------------------------------------------------------------- the loop
 
 
-def batch_rows(batch: Batch, backbone: backbones.Backbone) -> ShardData:
-    """One batch through the model -> rows (failed images get zero rows and their reason).
-    Files that changed since the manifest get no row at all: their digest is not theirs."""
+IN_FLIGHT = 2  # batches submitted to the model ahead of the one whose rows are being written
+
+
+def finish_rows(batch: Batch, backbone: backbones.Backbone, embedded: dict[str, np.ndarray]) -> ShardData:
+    """A batch and its embeddings -> rows (failed images get zero rows and their reason). Files
+    that changed since the manifest get no row at all: their digest is not theirs."""
     ok = np.array([e is None for e in batch.errors], dtype=bool)
-    embedded = backbone.embed(batch.pixels) if batch.pixels is not None else {}
     keep = np.array([e != images.CHANGED for e in batch.errors], dtype=bool)
     arrays = {}
     for layer in backbone.layers:
@@ -260,35 +274,60 @@ def embed_items(
     progress: bool = True,
     reader: Reader = read_batches,
     crops: faces.FaceStage | None = None,
+    in_flight: int = IN_FLIGHT,
 ) -> list[str]:
     """Run the reader -> model -> writer loop over `items` (face crops first, with `crops`);
-    returns the paths of files that changed since the manifest (embedded under no key). Per-batch
-    read/model/write times are logged at debug level, so a slow run says where its time goes."""
+    returns the paths of files that changed since the manifest (embedded under no key).
+
+    Up to `in_flight` batches are submitted to the model (`Backbone.submit`) before the oldest
+    one's embeddings are collected, so on a GPU the copies in and out and the forward pass of
+    one batch overlap with reading the next and writing the last (on a CPU, submitting does the
+    work). A run stopped early (Ctrl-C) still writes the batches it submitted; a killed one loses
+    them and what the writer buffered (embedded next time), never a committed shard. Per-batch
+    read/submit/wait/write times are logged at debug level, so a slow run says where its time goes."""
     preprocess = crops.preprocess if crops else backbone.preprocess
     batches = reader(items, preprocess, batch_size, num_workers, backbone.device.type == "cuda")
     changed: list[str] = []
     undetected = crops.undetected(items) if crops else 0
+    pending: deque = deque()
     with (
         tqdm(total=len(items), desc="embedding", unit="img", smoothing=0.1, disable=not progress) as bar,
         tqdm(
             total=undetected, desc="face detection", unit="frame", smoothing=0.1, disable=not (progress and undetected)
         ) as detecting,
     ):
+
+        def collect() -> None:
+            batch, submitted, timings = pending.popleft()
+            waited = time.perf_counter()
+            rows = finish_rows(batch, backbone, submitted.result() if submitted else {})
+            written = time.perf_counter()
+            writer.put(rows)
+            if crops:
+                detecting.update(crops.found(batch.digests, batch.detections))
+            timings += (written - waited, time.perf_counter() - written)
+            log.debug("batch of %d: read %.3f s, submit %.3f s, wait %.3f s, write %.3f s", len(rows), *timings)
+            changed.extend(p for p, e in zip(batch.paths, batch.errors, strict=True) if e == images.CHANGED)
+            bar.update(len(batch.digests))
+
         started = time.perf_counter()
         try:
             for batch in batches:
                 read = time.perf_counter()
-                rows = batch_rows(batch, backbone)
-                modelled = time.perf_counter()
-                writer.put(rows)
-                if crops:
-                    detecting.update(crops.found(batch.digests, batch.detections))
-                done = time.perf_counter()
-                timings = (len(rows), read - started, modelled - read, done - modelled)
-                log.debug("batch of %d: read %.3f s, model %.3f s, write %.3f s", *timings)
-                changed += [p for p, e in zip(batch.paths, batch.errors, strict=True) if e == images.CHANGED]
-                bar.update(len(batch.digests))
+                submitted = backbone.submit(batch.pixels) if batch.pixels is not None else None
+                pending.append((batch, submitted, (read - started, time.perf_counter() - read)))
+                if len(pending) > in_flight:
+                    collect()
                 started = time.perf_counter()
+            while pending:
+                collect()
+        except BaseException:
+            # Stopped early (Ctrl-C while reading, a bad batch): the batches already submitted are
+            # still written, unless the writer itself is what failed.
+            with contextlib.suppress(Exception):
+                while pending:
+                    collect()
+            raise
         finally:
             if crops:
                 crops.commit()  # detections made so far are kept, also when the run stops early
@@ -332,6 +371,8 @@ class LocalEmbedder:
         if self._backbone is None:
             ex = self.settings.extract
             self._backbone = backbones.load(self.settings.model, ex.device, ex.precision)
+            if ex.compile:
+                self._backbone.compile()
             if self.known is not None:
                 remembered = self.known.lookup(self._stamp)
                 self.known.remember(self._stamp, self._backbone.description, self._backbone.dims)

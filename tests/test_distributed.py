@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline import config, extract, manifest
+from pipeline.distributed import gpu_for
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from tests.conftest import (
@@ -96,3 +97,11 @@ def test_killing_a_worker_mid_run_then_rerunning_redoes_no_committed_shard(tmp_p
 def test_an_empty_address_means_a_local_cluster(project, address):
     update_params(project, "extract", scheduler="dask", dask={"address": address, "n_workers": 1})
     assert config.load(project / "params.yaml").extract.dask.address is None
+
+
+def test_workers_are_spread_over_the_gpus_of_a_machine():
+    """Worker i takes GPU i mod n (checked here as logic: this machine has no GPU)."""
+    assert [gpu_for(i, "auto", 4) for i in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert [gpu_for(f"gpu-box-{i}", "cuda", 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert gpu_for(3, "cuda:1", 4) == "cuda:1" and gpu_for(3, "cpu", 4) == "cpu", "an explicit device is kept"
+    assert gpu_for(3, "auto", 1) == "auto" and gpu_for("scheduler-less", "cuda", 2) == "cuda"

@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from pipeline import backbones, embedder, extract, manifest
 from pipeline.config import load
@@ -25,6 +27,10 @@ class FailsAtThirdShard(embedder.ShardWriter):
             if self.flushes == 3:
                 raise OSError(errno.ENOSPC, "No space left on device")
         super()._flush()
+
+
+def blank() -> Image.Image:
+    return Image.new("RGB", (48, 40), (120, 90, 60))
 
 
 def contents(outputs: Outputs) -> tuple[list[str], np.ndarray]:
@@ -82,3 +88,53 @@ def test_the_threaded_reader_gives_the_batches_of_the_default_reader_in_order(pr
         got = list(embedder.threaded_batches(items, preprocess, 8, threads, False))
         assert [b.digests for b in got] == [b.digests for b in expected]
         assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True))
+
+
+def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
+    """The loop submits up to `in_flight` batches before collecting the oldest (on a GPU: copies
+    and forward passes overlap); the rows, their order and the shard contents do not change."""
+    settings = load(project / "params.yaml")
+    table = manifest.run(settings, Outputs(project))
+    items = [
+        embedder.Item(d, p, settings.data_root / p)
+        for d, p in zip(table.column("digest").to_pylist()[:40], table.column("path").to_pylist()[:40], strict=True)
+    ]
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    submit = backbone.submit
+
+    class Recorder:
+        def __init__(self):
+            self.rows, self.submitted_when_put = [], []
+
+        def put(self, data):
+            self.rows.append(data)
+            self.submitted_when_put.append(submitted[0])
+
+    runs = {}
+    for depth in (0, 3):
+        submitted = [0]
+        backbone.submit = lambda pixels: submitted.__setitem__(0, submitted[0] + 1) or submit(pixels)  # noqa: B023
+        writer = Recorder()
+        embedder.embed_items(items, backbone, writer, 8, 0, progress=False, in_flight=depth)
+        runs[depth] = writer
+    assert runs[0].submitted_when_put == [1, 2, 3, 4, 5]
+    assert runs[3].submitted_when_put == [4, 5, 5, 5, 5], "batch k is written after batch k+3 was submitted"
+    for a, b in zip(runs[0].rows, runs[3].rows, strict=True):
+        assert a.digests == b.digests and a.errors == b.errors
+        np.testing.assert_array_equal(a.arrays["projection"], b.arrays["projection"])
+
+
+def test_a_compiled_forward_pass_gives_the_eager_embeddings(project):
+    """`extract.compile: true` runs the model through torch.compile (Inductor; on this CPU too)."""
+    update_params(project, "extract", compile=True, device="cpu", precision="fp32")
+    settings = load(project / "params.yaml")
+    backbone = embedder.LocalEmbedder(settings).backbone
+    assert hasattr(backbone.forward, "_torchdynamo_orig_callable"), "extract.compile compiles the forward pass"
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.normal(size=(4, 3, *backbone.preprocess(blank()).shape[1:])).astype(np.float32))
+    compiled = backbone.embed(pixels)
+    eager = backbones.load(settings.model, "cpu", "fp32").embed(pixels)
+    for layer, vectors in eager.items():
+        other = compiled[layer]
+        cosine = (vectors * other).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(other, axis=1)
+        assert cosine.min() > 0.9999, layer

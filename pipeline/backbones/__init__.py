@@ -17,6 +17,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from pipeline.backbones import base
 from pipeline.backbones.base import (
     EMBEDDING_VERSION,
@@ -88,6 +90,8 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
     # Refuse pickle-only checkpoints before anything is loaded.
     weight_files(directory, CONVERT.get(family, CONVERT["transformers"]))
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the fastest convolution (patch embedding) for the batch shape
     module = importlib.import_module(FAMILIES[family])
     backbone = module.load(directory, config, model, dev, resolve_precision(precision, dev))
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, backbone.precision, backbone.dims)

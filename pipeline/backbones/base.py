@@ -170,18 +170,49 @@ class Backbone(ABC):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    @torch.inference_mode()
     def embed(self, pixels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """A batch (n, 3, h, w) float32 (or a dict of such batches, for processors with several
         outputs) -> {layer: float32 array (n, dim)}."""
-        non_blocking = self.device.type == "cuda"
+        return self.submit(pixels).result()
+
+    @torch.inference_mode()
+    def submit(self, pixels: torch.Tensor | dict[str, torch.Tensor]) -> Pending:
+        """Start one batch without waiting for it: on a GPU the host->device copy (non-blocking;
+        from pinned memory when the reader pinned it), the forward pass and the device->host copy
+        of the embeddings into pinned buffers are queued on the current stream and an event marks
+        their end, so the caller can read and submit the next batch while this one runs
+        (`embedder.embed_items` keeps a few in flight). On a CPU the work is done here."""
+        cuda = self.device.type == "cuda"
         if isinstance(pixels, dict):
-            pixels = {k: v.to(self.device, non_blocking=non_blocking) for k, v in pixels.items()}
+            pixels = {k: v.to(self.device, non_blocking=cuda) for k, v in pixels.items()}
         else:
-            pixels = pixels.to(self.device, non_blocking=non_blocking)
+            pixels = pixels.to(self.device, non_blocking=cuda)
         with self.autocast():
             result = self.forward(pixels)
-        return {k: v.float().cpu().numpy() for k, v in result.items()}
+        host = {k: torch.empty(v.shape, dtype=torch.float32, pin_memory=cuda) for k, v in result.items()}
+        for k, v in result.items():
+            host[k].copy_(v.float(), non_blocking=cuda)
+        done = torch.cuda.Event() if cuda else None
+        if done is not None:
+            done.record()
+        return Pending(host, done)
+
+    def compile(self) -> None:
+        """`extract.compile`: the forward pass through torch.compile (kernels fused for this model
+        and batch shape; the first batches of each shape pay for compiling)."""
+        self.forward = torch.compile(self.forward)
+
+
+class Pending:
+    """A submitted batch's embeddings; `result()` waits for this batch only (a CUDA event)."""
+
+    def __init__(self, host: dict[str, torch.Tensor], done=None):
+        self.host, self.done = host, done
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        return {k: v.numpy() for k, v in self.host.items()}
 
 
 class LibraryTransform:
