@@ -138,3 +138,22 @@ def test_a_compiled_forward_pass_gives_the_eager_embeddings(project):
         other = compiled[layer]
         cosine = (vectors * other).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(other, axis=1)
         assert cosine.min() > 0.9999, layer
+
+
+def test_uint8_batches_normalised_on_the_device_are_the_float_batches_bit_for_bit(project):
+    """On a GPU the CLIP preprocessing stops at the uint8 crop and the model's device finishes
+    it (a quarter of the bytes to move); the numbers must be exactly the processor's."""
+    backbone = backbones.load(load(project / "params.yaml").model, "cpu", "fp32")
+    float_path, uint8_path = backbone.preprocess, backbone.preprocess.deferred()
+    rng = np.random.default_rng(0)
+    sizes = [(48, 40), (37, 91), (12, 10), (200, 64)]  # wider, taller, smaller than the crop (padded), odd
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    floats = torch.from_numpy(np.stack([float_path(p) for p in pictures]))
+    raw = torch.from_numpy(np.stack([uint8_path(p) for p in pictures]))
+    assert raw.dtype == torch.uint8 and raw.nbytes * 4 == floats.nbytes
+    assert torch.equal(uint8_path.normalize(raw), floats)
+    expected = backbone.embed(floats)
+    backbone.preprocess = uint8_path
+    for layer, vectors in backbone.embed(raw).items():
+        np.testing.assert_array_equal(vectors, expected[layer])
+    assert uint8_path.describe() == float_path.describe(), "the same numbers: the same fingerprint"

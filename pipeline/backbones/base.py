@@ -171,8 +171,8 @@ class Backbone(ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def embed(self, pixels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """A batch (n, 3, h, w) float32 (or a dict of such batches, for processors with several
-        outputs) -> {layer: float32 array (n, dim)}."""
+        """A batch (n, 3, h, w) float32 (uint8 from a deferred preprocessing; or a dict of float32
+        batches, for processors with several outputs) -> {layer: float32 array (n, dim)}."""
         return self.submit(pixels).result()
 
     @torch.inference_mode()
@@ -187,6 +187,8 @@ class Backbone(ABC):
             pixels = {k: v.to(self.device, non_blocking=cuda) for k, v in pixels.items()}
         else:
             pixels = pixels.to(self.device, non_blocking=cuda)
+            if pixels.dtype == torch.uint8:  # a deferred preprocessing: normalised here, on the device
+                pixels = self.preprocess.normalize(pixels)
         with self.autocast():
             result = self.forward(pixels)
         host = {k: torch.empty(v.shape, dtype=torch.float32, pin_memory=cuda) for k, v in result.items()}
