@@ -247,7 +247,7 @@ Writer = Callable[[EmbeddingStore, int, str], ShardWriter]
 # --------------------------------------------------------------------------- the loop
 
 
-IN_FLIGHT = 2  # batches submitted to the model ahead of the one whose rows are being written
+IN_FLIGHT = 2  # on a GPU: batches submitted to the model ahead of the one whose rows are being written
 
 
 def finish_rows(batch: Batch, backbone: backbones.Backbone, embedded: dict[str, np.ndarray]) -> ShardData:
@@ -274,17 +274,20 @@ def embed_items(
     progress: bool = True,
     reader: Reader = read_batches,
     crops: faces.FaceStage | None = None,
-    in_flight: int = IN_FLIGHT,
+    in_flight: int | None = None,
 ) -> list[str]:
     """Run the reader -> model -> writer loop over `items` (face crops first, with `crops`);
     returns the paths of files that changed since the manifest (embedded under no key).
 
-    Up to `in_flight` batches are submitted to the model (`Backbone.submit`) before the oldest
-    one's embeddings are collected, so on a GPU the copies in and out and the forward pass of
-    one batch overlap with reading the next and writing the last (on a CPU, submitting does the
-    work). A run stopped early (Ctrl-C) still writes the batches it submitted; a killed one loses
+    Up to `in_flight` batches (default: IN_FLIGHT on a GPU, none on a CPU, where submitting does
+    the work and holding it back would only delay writing it) are submitted to the model
+    (`Backbone.submit`) before the oldest one's embeddings are collected, so on a GPU the copies
+    in and out and the forward pass of one batch overlap with reading the next and writing the
+    last. A run stopped early (Ctrl-C) still writes the batches it submitted; a killed one loses
     them and what the writer buffered (embedded next time), never a committed shard. Per-batch
     read/submit/wait/write times are logged at debug level, so a slow run says where its time goes."""
+    if in_flight is None:
+        in_flight = IN_FLIGHT if backbone.device.type == "cuda" else 0
     preprocess = crops.preprocess if crops else backbone.preprocess
     batches = reader(items, preprocess, batch_size, num_workers, backbone.device.type == "cuda")
     changed: list[str] = []

@@ -123,6 +123,17 @@ def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
         assert a.digests == b.digests and a.errors == b.errors
         np.testing.assert_array_equal(a.arrays["projection"], b.arrays["projection"])
 
+    def interrupted(*args):  # Ctrl-C while the fifth batch is being read
+        for i, batch in enumerate(embedder.read_batches(*args)):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield batch
+
+    writer = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        embedder.embed_items(items, backbone, writer, 8, 0, progress=False, reader=interrupted, in_flight=3)
+    assert [r.digests for r in writer.rows] == [r.digests for r in runs[0].rows[:4]], "what was submitted is written"
+
 
 def test_a_compiled_forward_pass_gives_the_eager_embeddings(project):
     """`extract.compile: true` runs the model through torch.compile (Inductor; on this CPU too)."""

@@ -255,7 +255,7 @@ def test_sigkill_during_face_detection_then_resume_gives_the_uninterrupted_resul
     run_to_end(reference_project)
 
     manifest.run(load(face_project / "params.yaml"), Outputs(face_project))
-    proc = start_extract(face_project, pause_after_images=22)  # 3 batches written, 2 in flight
+    proc = start_extract(face_project, pause_after_images=14)
     wait_until_paused(proc)
     wait_for_shards(proc, face_project, 2)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -26,11 +26,10 @@ from tests.conftest import (
 
 # 160 images, batches of 4, shards of 8 rows. A reader pauses after `pause` images (each of the
 # two DataLoader workers reads every other batch), then the run is killed once `shards` are
-# committed: early, late, and with worker processes. (A batch is written once the next
-# embedder.IN_FLIGHT batches were submitted: 132 images read = 31 batches written = 15 shards.)
+# committed: early, late, and with worker processes.
 @pytest.mark.parametrize(
     ("pause", "shards", "fmt", "workers"),
-    [(24, 2, "parquet", 0), (132, 15, "hdf5", 0), (60, 12, "parquet", 2)],
+    [(24, 2, "parquet", 0), (124, 15, "hdf5", 0), (60, 12, "parquet", 2)],
 )
 def test_sigkill_then_resume_gives_the_uninterrupted_result(
     tmp_path, many_images, tiny_clip, reference, pause, shards, fmt, workers
@@ -80,7 +79,7 @@ def test_ctrl_c_commits_what_is_buffered_and_exits_cleanly(tmp_path, many_images
 
 def test_a_second_extractor_on_the_same_cache_is_refused(tmp_path, many_images, tiny_clip, reference):
     project = make_project(tmp_path, many_images, tiny_clip)
-    proc = start_extract(project, pause_after_images=16)  # 2 batches written (2 more in flight)
+    proc = start_extract(project, pause_after_images=8)
     wait_until_paused(proc)
     wait_for_shards(proc, project, 1)
     os.killpg(proc.pid, signal.SIGKILL)  # leaves a partly filled cache, as a first run would
