@@ -42,6 +42,7 @@ bench: venv
 	python -m benchmarks.families_bench
 	python -m benchmarks.faces_bench
 	python benchmarks/evaluate_bench.py
+	python benchmarks/repro_bench.py
 
 clean-demo:
 	rm -rf data/demo data/tiny-clip cache/manifest.parquet cache/embeddings cache/predict cache/extract.json models metrics plots
