@@ -179,15 +179,16 @@ def resampled_aucs(y: np.ndarray, scores: np.ndarray, counts: np.ndarray, invers
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
     group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
     out = np.empty(len(counts))
-    for lo in range(0, len(counts), 256):  # bounded memory: 256 resamples x frames at a time
-        w = counts[lo : lo + 256][:, inverse[order]]
+    step = max(1, min(256, 2**22 // len(s)))  # bounded memory: ~4M weights (32 MB) per array at a time
+    for lo in range(0, len(counts), step):
+        w = counts[lo : lo + step][:, inverse[order]]
         negatives = np.where(positive, 0.0, w)
         below = np.cumsum(negatives, axis=1)[:, np.r_[starts[1:] - 1, len(s) - 1]]  # up to each group's end
         at = np.diff(np.c_[np.zeros(len(w)), below], axis=1)  # negatives tied with each group
         below -= at
         u = (np.where(positive, w, 0.0) * (below + 0.5 * at)[:, group]).sum(axis=1)
         n_pos, n_neg = w[:, positive].sum(axis=1), negatives.sum(axis=1)
-        out[lo : lo + 256] = u / (n_pos * n_neg)
+        out[lo : lo + step] = u / (n_pos * n_neg)
     return out
 
 
