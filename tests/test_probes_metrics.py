@@ -210,6 +210,18 @@ def test_the_paired_bootstrap_tells_a_real_difference_from_none():
     assert better["delta"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, noisy))
 
 
+def spelled_out_resamples(y, videos, n, seed):
+    """The bootstrap's draws, the slow way: whole videos with replacement within each class ->
+    the frame indices of each resample."""
+    keys = sorted(set(videos))
+    frames_of = {k: np.flatnonzero(videos == k) for k in keys}
+    by_class = [[i for i, k in enumerate(keys) if y[frames_of[k][0]] == c] for c in (0, 1)]
+    draw = np.random.default_rng(seed)
+    for _ in range(n):
+        chosen = [i for members in by_class for i in draw.choice(members, size=len(members), replace=True)]
+        yield np.concatenate([frames_of[keys[i]] for i in chosen])
+
+
 def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exactly():
     """The interval comes from one sort and per-video counts; it must equal, bit for bit, the
     percentiles of the rank AUC of every resampled frame list (videos drawn whole, within each class,
@@ -220,15 +232,7 @@ def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exa
     y = np.repeat((np.arange(30) >= 12).astype(int), lengths)
     scores = np.round(y + rng.normal(0, 1.2, len(y)), 1)  # ties within and across classes
 
-    keys = sorted(set(videos))
-    frames_of = {k: np.flatnonzero(videos == k) for k in keys}
-    by_class = [[i for i, k in enumerate(keys) if y[frames_of[k][0]] == c] for c in (0, 1)]
-    draw = np.random.default_rng(11)
-    aucs = []
-    for _ in range(250):
-        chosen = [i for members in by_class for i in draw.choice(members, size=len(members), replace=True)]
-        idx = np.concatenate([frames_of[keys[i]] for i in chosen])
-        aucs.append(rank_auc(y[idx], scores[idx]))
+    aucs = [rank_auc(y[idx], scores[idx]) for idx in spelled_out_resamples(y, videos, 250, seed=11)]
     assert bootstrap_auc(y, scores, videos, n=250, seed=11) == tuple(np.percentile(aucs, [2.5, 97.5]))
 
 
@@ -242,16 +246,12 @@ def test_the_paired_bootstrap_equals_a_slow_reference_on_a_small_case():
     b = np.round(y + rng.normal(0, 1.5, len(y)), 1)
     fast = paired_bootstrap_auc(y, a, b, videos, n=200, seed=7)
 
-    keys = sorted(set(videos))
-    frames_of = {k: np.flatnonzero(videos == k) for k in keys}
-    by_class = [[i for i, k in enumerate(keys) if y[frames_of[k][0]] == c] for c in (0, 1)]
-    draw = np.random.default_rng(7)
-    deltas = []
-    for _ in range(200):
-        chosen = [i for members in by_class for i in draw.choice(members, size=len(members), replace=True)]
-        idx = np.concatenate([frames_of[keys[i]] for i in chosen])
-        deltas.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
-    deltas = np.array(deltas)
+    deltas = np.array(
+        [
+            roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx])
+            for idx in spelled_out_resamples(y, videos, 200, seed=7)
+        ]
+    )
     assert fast["delta"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
     assert fast["ci_low"] == pytest.approx(np.percentile(deltas, 2.5), abs=1e-12)
     assert fast["ci_high"] == pytest.approx(np.percentile(deltas, 97.5), abs=1e-12)
