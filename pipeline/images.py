@@ -62,6 +62,14 @@ class FileFacts:
 def inspect_file(path: Path) -> FileFacts | None:
     """sha256 of the file's bytes plus its header facts (and a video's frame count); None if it
     cannot be read at all."""
+    read = inspect_file_md5(path, md5=False)
+    return read and read[0]
+
+
+def inspect_file_md5(path: Path, md5: bool = True) -> tuple[FileFacts, str] | None:
+    """`inspect_file`'s facts and the md5 of the same bytes (the hash DVC keeps), from one read;
+    None if the file cannot be read at all. Without `md5`, the md5 is "" and costs nothing."""
+    hashes = [hashlib.sha256()] + ([hashlib.md5()] if md5 else [])
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO that replaced the file never blocks
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -70,22 +78,40 @@ def inspect_file(path: Path) -> FileFacts | None:
         with os.fdopen(fd, "rb") as fh:
             if Path(path).suffix.lower() in frames.VIDEO_SUFFIXES:
                 data = fh.read()
-                digest = hashlib.sha256(data).hexdigest()
-                try:
-                    v = frames.inspect(data)
-                except ValueError:  # not a readable video: extract records why, frame by frame
-                    return FileFacts(digest, frame_count=0)
-                return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count)
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                for h in hashes:
+                    h.update(data)
+                return _video_facts(hashes[0].hexdigest(), data), hashes[-1].hexdigest() if md5 else ""
+            _hash_stream(fh, hashes)
             fh.seek(0)
-            try:
-                with Image.open(fh) as im:  # reads the header only
-                    quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
-                    return FileFacts(digest, im.format.lower(), im.width, im.height, quality)
-            except Exception:  # not an image, or a header PIL cannot parse: extract records why
-                return FileFacts(digest)
+            return _image_facts(hashes[0].hexdigest(), fh), hashes[-1].hexdigest() if md5 else ""
     except OSError:
         return None
+
+
+def _video_facts(digest: str, data: bytes) -> FileFacts:
+    try:
+        v = frames.inspect(data)
+    except ValueError:  # not a readable video: extract records why, frame by frame
+        return FileFacts(digest, frame_count=0)
+    return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count)
+
+
+def _image_facts(digest: str, fh: io.BufferedReader) -> FileFacts:
+    try:
+        with Image.open(fh) as im:  # reads the header only
+            quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
+            return FileFacts(digest, im.format.lower(), im.width, im.height, quality)
+    except Exception:  # not an image, or a header PIL cannot parse: extract records why
+        return FileFacts(digest)
+
+
+def _hash_stream(fh: io.BufferedReader, hashes: list) -> None:
+    """Feed every hash the file's bytes, read once in chunks of up to 1 MiB (hashlib releases the GIL)."""
+    buffer = bytearray(min(max(os.fstat(fh.fileno()).st_size, 1), 1 << 20))
+    view = memoryview(buffer)
+    while n := fh.readinto(buffer):
+        for h in hashes:
+            h.update(view[:n])
 
 
 def jpeg_quality(tables: dict) -> int:

@@ -11,28 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import stat
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from pipeline import frames, images
+from pipeline import file_index, frames, images
 from pipeline.config import ConfigError, Settings
-from pipeline.images import IMAGE_SUFFIXES, FileFacts
+from pipeline.images import FileFacts
 from pipeline.manifest_table import CONTENT_COLUMNS, LABELS, SCHEMA, absolute_path, summary, write
 from pipeline.outputs import Outputs
 from pipeline.splits import assign_splits, cross_split_duplicates, read_split_dir
 
 log = logging.getLogger(__name__)
 
-MEDIA_SUFFIXES = IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
 VIDEO_FRAMES = 32  # frames sampled per video when data.frames.per_video is not set
 
 
@@ -76,53 +69,6 @@ def check_folders(settings: Settings) -> dict[str, Path]:
     return folders
 
 
-def walk_images(folder: Path, problems: list[str]) -> Iterable[tuple[Path, os.stat_result]]:
-    """(path, stat) of every regular image file under `folder`, following links but never a loop
-    or a folder twice. What is skipped goes into `problems` (unreadable folders, FIFOs and
-    devices named like images, names that are not valid UTF-8), so nothing is left out silently."""
-    seen: set[tuple[int, int]] = set()
-
-    def unreadable(exc: OSError) -> None:
-        problems.append(f"{exc.filename}: folder not readable ({exc.strerror})")
-
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked: a loop
-            problems.append(f"{dirpath}: a link to a folder already scanned (a loop?), skipped")
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        for d in list(dirnames):
-            if not _utf8(d):
-                problems.append(f"{Path(dirpath) / d!r}: folder name is not valid UTF-8; rename it")
-                dirnames.remove(d)
-        dirnames.sort()
-        for fname in sorted(filenames):
-            if Path(fname).suffix.lower() not in MEDIA_SUFFIXES or fname.startswith("."):
-                continue
-            full = Path(dirpath) / fname
-            if not _utf8(fname):
-                problems.append(f"{full!r}: file name is not valid UTF-8; rename it")
-                continue
-            try:
-                st = full.stat()
-            except OSError as exc:  # a broken link, a permission problem: skip, never stop
-                problems.append(f"{full}: {exc.strerror}")
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(f"{full}: not a regular file (a FIFO, socket or device)")
-                continue
-            yield full, st
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates
-        return False
-    return True
-
-
 def scan(settings: Settings) -> list[ImageFile]:
     """Every image file of every dataset, sorted by path; errors for missing folders."""
     pattern = re.compile(settings.data.video_pattern)
@@ -133,13 +79,15 @@ def scan(settings: Settings) -> list[ImageFile]:
     check_folders(settings)
     for name in sorted(settings.data.datasets):
         folder = settings.dataset_dir(name)
-        for full, st in walk_images(folder, unreadable):
+        for found, st in file_index.walk_images(folder, unreadable):
+            full = Path(found)
             is_video = full.suffix.lower() in frames.VIDEO_SUFFIXES
             video = full.stem if is_video else video_id(full.relative_to(folder), pattern)  # FF++: 000_003.mp4
             if video is None:
                 unmatched[name] = unmatched.get(name, 0) + 1
                 video = full.stem
-            files.append(ImageFile(_display_path(full, root), name, video, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            path = file_index.display_path(found, root)
+            files.append(ImageFile(path, name, video, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         if not any(f.dataset == name for f in files):
             log.warning("dataset '%s' (%s) holds no image files", name, folder)
     for name, count in unmatched.items():
@@ -186,25 +134,16 @@ def video_id(relative: Path, pattern: re.Pattern[str]) -> str | None:
     return m.group("video") if m else None
 
 
-def _display_path(full: Path, root: Path) -> str:
-    try:
-        return full.relative_to(root).as_posix()
-    except ValueError:
-        return full.resolve().as_posix()
-
-
 # --------------------------------------------------------------------------- digests
 
 
-def inspect_files(
-    files: list[ImageFile], root: Path, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]
-) -> list[FileFacts | None]:
-    """Facts of each file (None if unreadable), reusing `previous[path] = ((size, mtime_ns,
-    ctime_ns), facts)` when all three are unchanged, so unchanged files are not read again."""
+def inspect_files(files: list[ImageFile], root: Path, known: file_index.Known) -> list[FileFacts | None]:
+    """Facts of each file (None if unreadable), taken from `known` when the file's stamp (size,
+    mtime, ctime) is unchanged, so unchanged files are not read again."""
     out: list[FileFacts | None] = []
     todo: list[int] = []
     for i, f in enumerate(files):
-        prev = previous.get(f.path)
+        prev = known.get(f.path)
         if prev is not None and prev[0] == (f.size, f.mtime_ns, f.ctime_ns):
             out.append(prev[1])
         else:
@@ -212,31 +151,20 @@ def inspect_files(
             todo.append(i)
     if todo:
         log.info("hashing %d new or changed files (%d reused)", len(todo), len(files) - len(todo))
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-            jobs = pool.map(lambda i: images.inspect_file(absolute_path(files[i].path, root)), todo)
-            bar = tqdm(jobs, total=len(todo), desc="hashing", unit="img", leave=False)
-            for i, facts in zip(todo, bar, strict=True):
-                out[i] = facts
+        paths = [absolute_path(files[i].path, root) for i in todo]
+        for i, facts in zip(todo, file_index.read_all(paths, images.inspect_file, "hashing"), strict=True):
+            out[i] = facts
     return out
 
 
-def read_previous(path: Path) -> dict[str, tuple[tuple[int, int, int], FileFacts]]:
-    """The stat cache: path -> ((size, mtime_ns, ctime_ns), facts) from an earlier manifest, if readable."""
-    if not path.exists():
-        return {}
-    try:
-        t = pq.read_table(path, columns=["path", "size", "mtime_ns", "ctime_ns", *CONTENT_COLUMNS])
-    except (pa.ArrowInvalid, OSError, KeyError):
-        log.warning("previous manifest %s is unreadable or from an older version; hashing every file again", path)
-        return {}
-    cols = t.to_pydict()
-    cols["digest"] = [frames.file_digest(d) for d in cols["digest"]]  # a video frame's key -> the file's
-    facts = [
-        FileFacts(**dict(zip(CONTENT_COLUMNS, values, strict=True)))
-        for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)
-    ]
-    stats = zip(cols["size"], cols["mtime_ns"], cols["ctime_ns"], strict=True)
-    return {p: (st, f) for p, st, f in zip(cols["path"], stats, facts, strict=True)}
+def read_previous(outputs: Outputs) -> file_index.Known:
+    """The stat cache: the previous manifest's facts, and the scan stage's for files read since."""
+    known = file_index.read_known(outputs.manifest)
+    if not known and outputs.manifest.exists():
+        log.warning(
+            "previous manifest %s is unreadable or from an older version; hashing every file again", outputs.manifest
+        )
+    return known | file_index.read_known(outputs.scanned)
 
 
 # --------------------------------------------------------------------------- honest labels and splits
@@ -328,12 +256,13 @@ def row_labels(settings: Settings, rows: list[tuple[str, str, str]]) -> list[int
     return out
 
 
-def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], FileFacts]]) -> pa.Table:
+def build(settings: Settings, previous: file_index.Known) -> pa.Table:
     """The manifest table for the current folders (a pure function of files + settings)."""
     files = scan(settings)
     if not files:
         raise ConfigError(
-            f"no image or video files ({', '.join(sorted(MEDIA_SUFFIXES))}) found under the data.datasets folders."
+            f"no image or video files ({', '.join(sorted(file_index.MEDIA_SUFFIXES))}) found under the "
+            "data.datasets folders."
         )
     facts = inspect_files(files, settings.data_root, previous)
     warn_unreadable([f.path for f, x in zip(files, facts, strict=True) if x is None])
@@ -376,7 +305,7 @@ def build(settings: Settings, previous: dict[str, tuple[tuple[int, int, int], Fi
 
 def run(settings: Settings, outputs: Outputs) -> pa.Table:
     out = outputs.manifest
-    table = build(settings, read_previous(out))
+    table = build(settings, read_previous(outputs))
     write(table, out)
     log.info("manifest: %d images -> %s\n%s", table.num_rows, out, summary(table))
     return table

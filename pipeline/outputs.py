@@ -14,6 +14,16 @@ class Outputs:
     root: Path
 
     @property
+    def scanned(self) -> Path:
+        """Facts of the files the scan stage read that no manifest holds yet (machine-local, not in git or DVC)."""
+        return self.root / "cache" / "scan.parquet"
+
+    @property
+    def scan_done(self) -> Path:
+        """The scan stage's constant output: orders it before the manifest without changing it."""
+        return self.root / "cache" / "scan.done"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "cache" / "manifest.parquet"
 

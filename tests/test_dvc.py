@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,15 +82,15 @@ def commit(repo: Path, message: str) -> None:
 
 def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     first = sh(repo, "dvc", "repro")
-    assert ran(first) == ["demo", "manifest", "extract", "train", "evaluate"]
+    assert ran(first) == ["demo", "scan", "manifest", "extract", "train", "evaluate"]
     commit(repo, "baseline")
 
-    assert ran(sh(repo, "dvc", "repro")) == [], "a second repro must run nothing"
+    assert ran(sh(repo, "dvc", "repro")) == ["scan"], "a second repro runs only the scan (which finds nothing new)"
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["C"] = [0.5, 5.0]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(sh(repo, "dvc", "repro")) == ["train", "evaluate"]
+    assert ran(sh(repo, "dvc", "repro")) == ["scan", "train", "evaluate"]
     card = json.loads((repo / "models" / "probe" / "card.json").read_text())
     assert card["C"] in (0.5, 5.0)
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
@@ -115,12 +116,12 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     for i in range(3):
         Image.new("RGB", (72, 64), (200, 30 * i, 90)).save(new / f"{i:04d}.png")
     out = sh(repo, "dvc", "repro")
-    assert ran(out)[:3] == ["demo", "manifest", "extract"], "demo only records the new images (persist)"
+    assert ran(out)[:4] == ["demo", "scan", "manifest", "extract"], "demo only records the new images (persist)"
     assert "3 to embed" in out, "extract must embed only the new images"
     commit(repo, "more images")
 
     out = sh(repo, "dvc", "exp", "run", "-S", "train.probe=linear_svm")
-    assert ran(out) == ["train", "evaluate"]
+    assert ran(out) == ["scan", "train", "evaluate"]
     assert json.loads((repo / "models" / "probe" / "card.json").read_text())["probe"] == "linear_svm"
     assert "linear_svm" in sh(repo, "dvc", "exp", "show", "--json"), "the experiment is recorded with its params"
 
@@ -148,3 +149,59 @@ def test_queued_experiments_run_in_their_own_workspace(repo):
         for p in re.findall(r"p=([0-9.]+)", "\n".join(block)):
             assert 0.0 <= float(p) <= 1.0
     assert "paired bootstrap" in (repo / "reports" / "compare.html").read_text()
+
+
+AUDIT_HOOK = """
+import os, sys
+_under, _log = os.environ["READS_UNDER"], os.environ["READS_LOG"]
+def _log_reads(event, args):
+    if event == "open" and isinstance(args[0], str) and args[0].endswith(".png"):
+        path = os.path.abspath(args[0])
+        if path.startswith(_under):
+            with open(_log, "a") as fh:
+                fh.write(path + "\\t" + " ".join(sys.argv[1:3]) + "\\n")
+sys.addaudithook(_log_reads)
+"""
+
+
+def test_the_first_repro_reads_each_image_once(tmp_path, demo_images, monkeypatch):
+    """DVC hashes the images before the manifest runs, and the manifest hashes them again: on
+    15 GB that is a second full pass. The scan stage reads each new image once and hands its md5
+    to DVC; the manifest reuses what it knows (DVC must not delete it before the run). Every
+    process that opens an image (DVC, each stage's Python) is logged by an audit hook."""
+    repo = copy_project(tmp_path / "repo")
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    del pipeline["stages"]["demo"]  # a user's own data, as the README tells
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    data = repo / "data" / "demo"
+    shutil.copytree(demo_images, data)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(AUDIT_HOOK)
+    log = tmp_path / "reads.log"
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hook"))
+    monkeypatch.setenv("READS_UNDER", str(data.resolve()))
+    monkeypatch.setenv("READS_LOG", str(log))
+    site = tmp_path / "dvc-site"  # where DVC keeps its hash cache: emptied below
+    sh(repo, "dvc", "config", "--local", "core.site_cache_dir", str(site))
+
+    def reads(*cmd: str) -> tuple[Counter, dict]:
+        """How often `cmd` opened each image, and how many opens each process made."""
+        log.write_text("")
+        sh(repo, *cmd)
+        lines = [line.split("\t") for line in log.read_text().splitlines()]
+        return Counter(path for path, _ in lines), dict(Counter(process for _, process in lines))
+
+    images = [str(p.resolve()) for p in data.rglob("*.png")]
+    first, by = reads("dvc", "repro", "manifest")
+    assert len(images) > 100 and first == Counter(images), f"images opened, by process: {by}"
+    again, by = reads("dvc", "repro", "manifest")
+    assert not again, f"a repro with nothing new reads no image; opened by process: {by}"
+    new = data / "Test_Fake" / "Deepfakes" / "900_901"
+    new.mkdir()
+    for i in range(2):
+        Image.new("RGB", (72, 64), (200, 30 * i, 90)).save(new / f"{i:04d}.png")
+    added, by = reads("dvc", "repro", "manifest")
+    assert added == Counter(str(p.resolve()) for p in new.iterdir()), f"only the new, once: {by}"
+    shutil.rmtree(site)
+    status = json.loads(sh(repo, "dvc", "status", "manifest", "--json"))
+    assert status == {}, f"the md5s handed to DVC are the ones DVC computes from scratch: {status}"

@@ -88,7 +88,7 @@ def test_a_teammate_trains_and_evaluates_from_pulled_embeddings_only(kind, tmp_p
         location = request.getfixturevalue("s3_endpoint")
         sh(a, "dvc", "remote", "add", "-d", "shared", f"s3://{BUCKET}/cache")
         sh(a, "dvc", "remote", "modify", "shared", "endpointurl", location)
-    assert ran(sh(a, "dvc", "repro")) == ["demo", "manifest", "extract", "train", "evaluate"]
+    assert ran(sh(a, "dvc", "repro")) == ["demo", "scan", "manifest", "extract", "train", "evaluate"]
     commit(a, "results")
     sh(a, "dvc", "push")
     pushed_first = remote_objects(kind, location)
@@ -104,14 +104,14 @@ def test_a_teammate_trains_and_evaluates_from_pulled_embeddings_only(kind, tmp_p
     params["train"].update(C=[0.5], probe="linear_svm")
     (b / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(b, "dvc", "repro", "--pull", "--allow-missing")
-    assert ran(out) == ["train", "evaluate"], "B must not run manifest or extract (no images, no model)"
+    assert ran(out) == ["scan", "train", "evaluate"], "B must not run manifest or extract (no images, no model)"
     card = json.loads((b / "models" / "probe" / "card.json").read_text())
     assert (card["probe"], card["C"]) == ("linear_svm", 0.5)
     assert json.loads((b / "metrics" / "evaluate.json").read_text())["faceswap"]["frame"]["auc"] is not None
     assert not (b / "data").exists(), "B never saw an image nor the model's weights"
     commit(b, "B's settings")
     out = sh(b, "dvc", "exp", "run", "--pull", "--allow-missing", "-S", "train.C=[0.1,1]")
-    assert ran(out) == ["train", "evaluate"], "an experiment on B also runs without images or model"
+    assert ran(out) == ["scan", "train", "evaluate"], "an experiment on B also runs without images or model"
 
     # B pulled what it needed, not every output of A (A's probe and reports were never fetched).
     lock = yaml.safe_load((a / "dvc.lock").read_text())["stages"]

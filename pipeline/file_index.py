@@ -1,0 +1,163 @@
+"""Media files under the dataset folders, and what is known about each without reading it again.
+
+Shared by the `scan` and `manifest` stages. A file's facts (`images.FileFacts`: sha256 and
+header) are remembered with its stamp (size, mtime, ctime): while the stamp is unchanged the
+file is not read again. The memory is a Parquet table with the manifest's own columns, so the
+manifest is one such table and the scan stage's `cache/scan.parquet` (files not yet in a
+manifest) another.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import atomic, frames
+from pipeline.images import IMAGE_SUFFIXES, FileFacts
+from pipeline.manifest_table import CONTENT_COLUMNS
+
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
+
+Stamp = tuple[int, int, int]  # size, mtime_ns, ctime_ns (ctime changes on every write, even one restoring the mtime)
+Known = dict[str, tuple[Stamp, FileFacts]]  # path as the manifest writes it -> (stamp, facts)
+T = TypeVar("T")
+
+
+def stamp(st: os.stat_result) -> Stamp:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def walk_images(folder: Path, problems: list[str]) -> Iterable[tuple[str, os.stat_result]]:
+    """(path, stat) of every regular media file under `folder`, folders and files in sorted order,
+    following links but never a loop or a folder twice. What is skipped goes into `problems`
+    (unreadable folders, FIFOs and devices named like images, names that are not valid UTF-8), so
+    nothing is left out silently. Plain strings and `os.scandir`: the scan stage walks every file
+    on every `dvc repro`, and pathlib would triple its cost."""
+    seen: set[tuple[int, int]] = set()
+    todo = [str(folder)]
+    while todo:
+        dirpath = todo.pop()
+        try:
+            st = os.stat(dirpath)
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError as exc:
+            problems.append(f"{dirpath}: folder not readable ({exc.strerror})")
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked: a loop
+            problems.append(f"{dirpath}: a link to a folder already scanned (a loop?), skipped")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs, files = [], []
+        for entry in entries:
+            if _is_dir(entry):
+                if _utf8(entry.name):
+                    dirs.append(entry.name)
+                else:
+                    problems.append(f"{entry.path!r}: folder name is not valid UTF-8; rename it")
+            elif os.path.splitext(entry.name)[1].lower() in MEDIA_SUFFIXES and not entry.name.startswith("."):
+                files.append(entry.name)
+        for fname in sorted(files):
+            full = os.path.join(dirpath, fname)
+            if not _utf8(fname):
+                problems.append(f"{full!r}: file name is not valid UTF-8; rename it")
+                continue
+            try:
+                st = os.stat(full)
+            except OSError as exc:  # a broken link, a permission problem: skip, never stop
+                problems.append(f"{full}: {exc.strerror}")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{full}: not a regular file (a FIFO, socket or device)")
+                continue
+            yield full, st
+        todo += [os.path.join(dirpath, d) for d in sorted(dirs, reverse=True)]  # popped in sorted order
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates
+        return False
+    return True
+
+
+def display_path(full: str, root: Path) -> str:
+    """The path the manifest records: relative to the data root, else absolute."""
+    prefix = os.path.join(str(root), "")
+    if full.startswith(prefix):
+        return full[len(prefix) :].replace(os.sep, "/")
+    return Path(full).resolve().as_posix()
+
+
+def read_all(paths: list[Path], inspect: Callable[[Path], T], desc: str) -> list[T]:
+    """`inspect` of every path, in threads (hashing releases the GIL), in order, with progress."""
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(tqdm(pool.map(inspect, paths), total=len(paths), desc=desc, unit="file", leave=False))
+
+
+def read_stamps(path: Path) -> dict[str, Stamp]:
+    """Only the stamps of a manifest (or the scan stage's table): what the scan needs to tell
+    known files from new ones, read fast (it runs on every `dvc repro`); empty if unreadable."""
+    table = _read(path, ["path", "size", "mtime_ns", "ctime_ns"])
+    if table is None:
+        return {}
+    cols = [table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "ctime_ns")]
+    return {p: (size, mtime, ctime) for p, size, mtime, ctime in zip(*cols, strict=True)}
+
+
+def read_known(path: Path) -> Known:
+    """What a manifest (or the scan stage's table) says about each file; empty if unreadable."""
+    t = _read(path, ["path", "size", "mtime_ns", "ctime_ns", *CONTENT_COLUMNS])
+    if t is None:
+        return {}
+    cols = t.to_pydict()
+    cols["digest"] = [frames.file_digest(d) for d in cols["digest"]]  # a video frame's key -> the file's
+    facts = [
+        FileFacts(**dict(zip(CONTENT_COLUMNS, values, strict=True)))
+        for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)
+    ]
+    stamps = zip(cols["size"], cols["mtime_ns"], cols["ctime_ns"], strict=True)
+    return {p: (s, f) for p, s, f in zip(cols["path"], stamps, facts, strict=True)}
+
+
+def _read(path: Path, columns: list[str]) -> pa.Table | None:
+    if not path.exists():
+        return None
+    try:
+        return pq.ParquetFile(path).read(columns=columns)  # not pq.read_table: no pyarrow.dataset import
+    except (pa.ArrowInvalid, OSError, KeyError):
+        return None
+
+
+def write_known(known: Known, path: Path) -> None:
+    """`known` as a table `read_known` reads back (atomically); no file when there is nothing."""
+    if not known:
+        path.unlink(missing_ok=True)
+        return
+    paths = sorted(known)
+    columns = {"path": paths, "size": [], "mtime_ns": [], "ctime_ns": [], **{c: [] for c in CONTENT_COLUMNS}}
+    for p in paths:
+        (size, mtime_ns, ctime_ns), facts = known[p]
+        columns["size"].append(size)
+        columns["mtime_ns"].append(mtime_ns)
+        columns["ctime_ns"].append(ctime_ns)
+        for c in CONTENT_COLUMNS:
+            columns[c].append(getattr(facts, c))
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp, compression="zstd")
