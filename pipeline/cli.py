@@ -17,7 +17,7 @@ log = logging.getLogger("pipeline")
 
 STAGES = {
     "scan": "read new images once (sha256 + md5 for DVC) -> cache/scan.parquet, before DVC hashes them",
-    "manifest": "scan dataset folders -> cache/manifest.parquet (digests, videos, splits)",
+    "manifest": "list dataset folders -> cache/manifest.parquet (digests, videos, splits)",
     "extract": "embed images that the cache lacks -> cache/embeddings/<model>/, cache/extract.json",
     "train": "fit a linear probe on cached embeddings -> models/probe/",
     "evaluate": "score fake test sets with held-out reals -> metrics/, plots/, reports/",

@@ -2,9 +2,10 @@
 
 Splits are assigned to *groups* of linked videos (`pipeline.splits`): a fake `000_003` is made
 from real videos `000` and `003`, so all three land in the same split. Digests of files whose
-size, mtime and ctime are unchanged are taken from the previous manifest instead of re-reading
-the file, and the output is byte-identical when nothing changed, so DVC skips every
-downstream stage. The table's schema and reader live in `pipeline.manifest_table`.
+size, mtime and ctime are unchanged are taken from the previous manifest, or from the scan
+stage that read them just before (`pipeline.scan`), instead of re-reading the file, and the
+output is byte-identical when nothing changed, so DVC skips every downstream stage. The
+table's schema and reader live in `pipeline.manifest_table`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import file_index, images
@@ -60,7 +61,7 @@ def run(settings: Settings, outputs: Outputs) -> None:
         outputs.scan_done.write_text(DONE)
 
 
-def current_files(settings: Settings):
+def current_files(settings: Settings) -> Iterator[tuple[str, str, os.stat_result]]:
     """(manifest path, full path, stat) of every media file in the dataset folders that exist;
     a missing folder is the manifest's error to report (and normal on a machine without images)."""
     root, problems = settings.data_root, []
