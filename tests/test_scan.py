@@ -64,9 +64,31 @@ def test_dvc_gets_the_md5_of_files_unchanged_since_they_were_read(tmp_path):
     before = [(str(p), p.stat(), hashlib.md5(p.read_bytes()).hexdigest()) for p in (kept, changed)]
     changed.write_bytes(changed.read_bytes() + b"\0")  # between the scan's read and the hand-over
 
-    with Repo(str(tmp_path)) as repo:
-        assert repo.state.get(str(kept), repo.fs) == (None, None)
-        scan.seed_dvc(tmp_path, before)
+    with scan.dvc_repo(tmp_path) as repo:
+        assert scan.unknown_to_dvc(repo, [str(kept), str(changed)]) == {str(kept), str(changed)}
+        scan.give_dvc(repo, before)
+        assert scan.unknown_to_dvc(repo, [str(kept), str(changed)]) == {str(changed)}
+    with Repo(str(tmp_path)) as repo:  # what DVC itself finds
         _, hash_info = repo.state.get(str(kept), repo.fs)
         assert (hash_info.name, hash_info.value) == ("md5", before[0][2])
         assert repo.state.get(str(changed), repo.fs) == (None, None), "DVC must hash the new bytes itself"
+
+
+def test_files_dvc_already_knows_are_not_read(project, monkeypatch):
+    """A teammate who pulled the images with DVC (or a queued experiment's fresh workspace) has
+    files our stamps do not know but DVC does: DVC will not read them, so neither does the scan
+    (the manifest reads them once, if it runs at all)."""
+    sh(project, "git", "init", "-q")
+    sh(project, "dvc", "init", "-q")
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    scan.run(settings, outputs)  # DVC now knows every file's md5
+    outputs.scanned.unlink()  # and this machine's own memory of them is gone
+    reads = []
+    real_inspect = images.inspect_file_md5
+    monkeypatch.setattr(images, "inspect_file_md5", lambda path: reads.append(path) or real_inspect(path))
+    scan.run(settings, outputs)
+    assert reads == [] and not outputs.scanned.exists()
+    new = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0099.png"
+    Image.new("RGB", (8, 8)).save(new)
+    scan.run(settings, outputs)
+    assert reads == [str(new)], "a file DVC does not know is read once"
