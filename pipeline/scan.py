@@ -112,12 +112,12 @@ def dvc_repo(project: Path) -> Iterator[Repo | None]:
         repo = Repo(str(project))
     except Exception as exc:  # an optimisation: never fail the run over it
         log.info("scan: no DVC repository to share hashes with (%s: %s)", type(exc).__name__, exc)
-        yield None
-        return
+        repo = None
     try:
         yield repo
     finally:
-        repo.close()
+        if repo is not None:
+            repo.close()
 
 
 def unknown_to_dvc(repo: Repo | None, paths: list[str]) -> set[str]:
