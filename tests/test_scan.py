@@ -15,18 +15,27 @@ from tests.test_dvc import sh
 from tests.test_videos import write_video
 
 
-@pytest.mark.parametrize("name", ["frame.png", "frame.jpg", "clip.mp4", "broken.png"])
-def test_one_read_gives_the_manifests_facts_and_dvcs_md5(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("frame.png", ("png", 40, 30, -1, -1)),
+        ("frame.jpg", ("jpeg", 40, 30, 80, -1)),
+        ("clip.mp4", ("mov", 64, 48, -1, 5)),
+        ("broken.png", ("unknown", -1, -1, -1, -1)),
+    ],
+)
+def test_one_read_gives_the_manifests_facts_and_dvcs_md5(tmp_path, name, header):
     path = tmp_path / name
     if name.endswith(".mp4"):
-        write_video(path, n=5)
+        write_video(path, n=5)  # 64 x 48
     elif name == "broken.png":
         path.write_bytes(b"\x89PNG not really")
     else:
         Image.effect_noise((40, 30), 50).convert("RGB").save(path, quality=80)
     facts, md5 = images.inspect_file_md5(path)
-    assert facts == images.inspect_file(path), "the scan's facts are the ones the manifest would compute"
-    assert md5 == hashlib.md5(path.read_bytes()).hexdigest(), "the md5 is DVC's hash of the same bytes"
+    data = path.read_bytes()
+    assert facts == images.FileFacts(hashlib.sha256(data).hexdigest(), *header), "sha256 (the key) and header"
+    assert md5 == hashlib.md5(data).hexdigest(), "the md5 is DVC's hash of the same bytes"
     assert images.inspect_file_md5(path, md5=False) == (facts, "")
 
 
