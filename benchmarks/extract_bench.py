@@ -217,9 +217,7 @@ def main() -> None:
     paths = sorted((work / "data" / "real").rglob("*.jpg"))
 
     rate_a = original_loop(paths, model_dir, min(args.original, n))
-    backbone = backbones.load(settings.model, args.device, args.precision)
-    if args.compile:
-        backbone.compile()
+    backbone = backbones.load(settings.model, args.device, args.precision, args.compile)
     rate_c = forward_only(backbone, n, args.batch_size)
     full_s, embedded = timed_extract(settings, outputs, backbone)
     assert embedded == n, (embedded, n)

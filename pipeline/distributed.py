@@ -58,9 +58,7 @@ def _backbone(model: ModelSettings, extract: ExtractSettings):
     device = _worker_device(extract.device)
     key = (repr(model), device, extract.precision, extract.compile)
     if key not in _BACKBONES:
-        _BACKBONES[key] = backbones.load(model, device, extract.precision)
-        if extract.compile:
-            _BACKBONES[key].compile()
+        _BACKBONES[key] = backbones.load(model, device, extract.precision, extract.compile)
     return _BACKBONES[key]
 
 

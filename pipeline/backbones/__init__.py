@@ -77,9 +77,10 @@ def family_of(directory: Path) -> tuple[str, dict]:
     )
 
 
-def load(model: ModelSettings, device: str = "auto", precision: str = "auto") -> Backbone:
+def load(model: ModelSettings, device: str = "auto", precision: str = "auto", compiled: bool = False) -> Backbone:
     """The backbone `model` names (a local directory or a Hugging Face cache entry), on `device`
-    in `precision` (`auto`: see `base.resolve_precision`), ready for `embed`."""
+    in `precision` (`auto`: see `base.resolve_precision`), its forward pass through torch.compile
+    with `compiled` (`extract.compile`), ready for `embed`."""
     directory = resolve_directory(model)
     family, config = family_of(directory)
     if family not in FAMILIES:
@@ -94,6 +95,8 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto") ->
         torch.backends.cudnn.benchmark = True  # the fastest convolution (patch embedding) for the batch shape
     module = importlib.import_module(FAMILIES[family])
     backbone = module.load(directory, config, model, dev, resolve_precision(precision, dev))
+    if compiled:
+        backbone.compile()
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, backbone.precision, backbone.dims)
     return backbone
 
