@@ -1,11 +1,14 @@
 """`dvc repro` on a 30,000-image dataset: the first run, a no-op rerun, and +1 % new images.
 
-    python benchmarks/repro_bench.py [--videos 750] [--frames 8] [--keep]
+    python benchmarks/repro_bench.py [--videos 750] [--frames 8] [--model tiny|vit-b32|vit-b16|vit-l14]
+                                     [--precision auto] [--keep]
 
 A copy of this project in a temporary git + DVC repository, laid out as for your own data: the
 demo's generator writes 750 videos x 5 datasets x 8 frames = 30,000 PNG frames under data/demo
-and the tiny CLIP under data/tiny-clip, and the `demo` stage is deleted from dvc.yaml (as the
-README says to do on your data), so `${data.root}` is a plain dependency. Times, in one run:
+and the tiny CLIP under data/tiny-clip (or, with --model, a CLIP of a real backbone's shape with
+random weights, as in extract_bench.py: what +1 % costs against a full run depends on how much
+of the full run the model takes), and the `demo` stage is deleted from dvc.yaml (as the README
+says to do on your data), so `${data.root}` is a plain dependency. Times, in one run:
 
   (a) the first `dvc repro` (scan, manifest, extract, train, evaluate), split by the moment each
       stage's command starts, and how often each image was opened before extract (DVC + scan +
@@ -36,11 +39,11 @@ from pipeline import demo
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "dvc.yaml", "params.yaml", "pyproject.toml"]
 # Loaded by every Python process of a `dvc repro` (DVC itself and each stage): logs which
-# process opened which image, to count reads per image.
+# process opened which image of the dataset (not the reports' plots), to count reads per image.
 OPEN_LOG = """
 import os, sys
 def _log_png_opens(event, args):
-    if event == "open" and isinstance(args[0], str) and args[0].endswith(".png"):
+    if event == "open" and isinstance(args[0], str) and "/data/demo/" in args[0] and args[0].endswith(".png"):
         with open(os.environ["OPEN_LOG"], "a") as fh:
             fh.write(" ".join(sys.argv[1:2]) if sys.argv[0].endswith("__main__.py") else "dvc")
             fh.write("\\n")
@@ -90,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=750, help="real videos (5 datasets of this many)")
     parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--model", choices=["tiny", "vit-b32", "vit-b16", "vit-l14"], default="tiny")
+    parser.add_argument("--precision", default="auto", help="extract.precision (auto: fp32 on a CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project")
     args = parser.parse_args()
 
@@ -104,7 +109,16 @@ def main() -> None:
     (project / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     start = time.perf_counter()
     n = demo.make_dataset(project / "data" / "demo", n_videos=args.videos, frames=args.frames)
-    demo.ensure_tiny_clip(project / "data" / "tiny-clip")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    if args.model == "tiny":
+        demo.ensure_tiny_clip(project / "data" / "tiny-clip")
+    else:
+        from extract_bench import make_model  # this script's folder is on sys.path
+
+        make_model(project / "data" / args.model, args.model)
+        params["model"]["name"] = f"data/{args.model}"
+    params["extract"]["precision"] = args.precision
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     made = time.perf_counter() - start
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(command, cwd=project, check=True, capture_output=True)
@@ -126,7 +140,6 @@ def main() -> None:
     more, more_started = timed_repro(project)
     outside = project.parent / f"{project.name}-data"
     (project / "data" / "demo").rename(outside)
-    params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["root"] = str(outside)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     timed_repro(project)  # the params changed: manifest and extract run (nothing new to embed)
@@ -135,7 +148,8 @@ def main() -> None:
     def extract_time(total, started):
         return started.get("train", total) - started["extract"]
 
-    print(f"\n{n} PNG frames ({args.videos} videos x 5 datasets x {args.frames}; generated in {made:.0f} s), tiny CLIP")
+    print(f"\n{n} PNG frames ({args.videos} videos x 5 datasets x {args.frames}; generated in {made:.0f} s)")
+    print(f"model: {'tiny CLIP' if args.model == 'tiny' else args.model + '-shaped CLIP'}, precision {args.precision}")
     print(f"(a) first dvc repro      {first:7.1f} s   {phases(first, first_started)}")
     print(
         f"    images opened per image: {(len(lines) - extract_opens) / n:.2f} before extract (DVC, scan, "
