@@ -42,6 +42,7 @@ bench: venv
 	python -m benchmarks.families_bench
 	python -m benchmarks.faces_bench
 	python benchmarks/evaluate_bench.py
+	python benchmarks/evaluate_bench.py --spectrum backbone
 	python benchmarks/repro_bench.py
 
 clean-demo:

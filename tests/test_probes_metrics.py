@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
@@ -80,17 +81,23 @@ def deep_like(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ((latent * scales) @ basis).astype(np.float32), y
 
 
-def test_the_logistic_probe_is_the_optimum_of_its_objective_not_where_the_solver_stopped():
+def test_the_logistic_probe_is_the_optimum_of_its_objective_not_where_the_solver_stopped(caplog):
     """On features shaped like a real backbone's, lbfgs crawled: on a ViT-B/32's 17,344 x 512
     training rows it stopped at max_iter (2,000 iterations, 11 s per C) short of the optimum, and
     the val AUC it reported was not the probe's (0.80709 against 0.80743). The probe must be the
-    minimum of C * sum(log loss) + |w|^2 / 2 on the normalised rows: a gradient of zero."""
+    minimum of C * sum(log loss) + |w|^2 / 2 on the normalised rows: a gradient of zero. A probe
+    that does run out of train.max_iter says so."""
     X, y = deep_like(1000, 256)
-    probe = LinearProbe(C=10.0).fit(X, y)
+    with caplog.at_level(logging.WARNING, logger="pipeline.probes"):
+        probe = LinearProbe(C=10.0).fit(X, y)
     Z = probe.transform(X)
     residual = 1.0 / (1.0 + np.exp(-(Z @ probe.coef_ + probe.intercept_))) - y
     gradient = np.r_[probe.C * Z.T @ residual + probe.coef_, probe.C * residual.sum()]
     assert np.abs(gradient).max() < 1e-5, np.abs(gradient).max()
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="pipeline.probes"), pytest.warns(ConvergenceWarning):
+        LinearProbe(C=10.0, max_iter=101).fit(X, y)
+    assert "stopped after train.max_iter = 101 iterations before converging" in caplog.text
 
 
 def test_normalisation_from_parts_matches_the_exact_one():
