@@ -5,13 +5,14 @@
 1,000 real videos and 4 x 1,000 fake videos (FF++'s size), 6 frames each, written as a real
 manifest and real Parquet shards, with three cached layers (for the layers protocol), a
 Celeb-DF-like cross-dataset set (200 real and 200 fake videos, its own reals, an official test list
-of half of them) and two robustness levels of every held-out test frame. `--spectrum backbone`
-maps every row through a fixed matrix that gives the features a backbone's spectrum (three
-dominant directions over a tail spanning three decades, as a ViT's embeddings have): the
-probes' solver takes many more steps on such rows than on the default isotropic ones. Times the train stage and
-each evaluate protocol, and prints each against the baseline measured in the same run: one probe
-fit on one training set (what the original script did once per experiment, after re-embedding
-every image).
+of half of them) and two robustness levels of every held-out test frame. Times the train stage
+and each evaluate protocol, and prints each against the baseline measured in the same run: one
+probe fit on one training set (what the original script did once per experiment, after
+re-embedding every image).
+
+`--spectrum backbone` maps every row through a fixed matrix that gives the features a backbone's
+spectrum (three dominant directions over a tail spanning three decades, as a ViT's embeddings
+have): the probes' solver takes many more steps on such rows than on the isotropic default.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def build(work: Path, videos: int, frames: int, dim: int, spectrum: str = "flat"
     by_layer = {layer: X + 0.3 * i * rng.normal(size=X.shape).astype(np.float32) for i, layer in enumerate(LAYERS)}
     if spectrum == "backbone":
         mapping = backbone_spectrum(dim, rng)
-        by_layer = {layer: rows_ @ mapping for layer, rows_ in by_layer.items()}
+        by_layer = {layer: values @ mapping for layer, values in by_layer.items()}
     for start in range(0, len(X), 4096):
         chunk = slice(start, start + 4096)
         store.commit(
