@@ -2,7 +2,7 @@
 of C and of a decision threshold on the val split, and saving without pickle.
 
 Kinds: `logreg` (scikit-learn's LogisticRegression, the original script's probe, solved to its
-optimum: lbfgs, then Newton steps where lbfgs crawls),
+optimum: lbfgs on well-conditioned rows, Newton steps (`logistic`) where lbfgs would crawl),
 `linear_svm` (LinearSVC) and `mlp` (scikit-learn's MLPClassifier with one hidden layer, early
 stopping on the val split; `MLPProbe`). Both end as a weight vector and a bias on normalised features, so
 one class scores them: score = sigmoid(w . normalise(x) + b), which is P(fake) for logreg and
@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
-from pipeline import atomic
+from pipeline import atomic, logistic
 from pipeline.config import ConfigError, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,17 @@ MLP_BATCH = 32  # adam minibatch (rows)
 MLP_LEARNING_RATE = 0.01  # adam; early stopping on val keeps the best epoch
 BUFFER_ROWS = 32_768  # streamed fitting: rows shuffled together before minibatches (bounds memory)
 MINIBATCH = 1024
-# logreg: LBFGS_STEPS of lbfgs, then, if it has not converged, exact Newton steps from there
-# (scikit-learn's newton-cholesky: a dim x dim Hessian per step) up to NEWTON_MAX_DIM features.
-# Separable-looking rows converge in tens of lbfgs steps, where a Newton step costs as much as
-# ~100 of them; a backbone's embeddings (a spectrum spanning seven decades) take lbfgs thousands:
-# on a ViT-B/32's 17,344 x 512 training rows it stopped at 2,000 short of the optimum (11 s per C),
-# where Newton converges in 6 steps (1 s).
+# logreg: on rows whose Gram matrix has a condition number above KAPPA_NEWTON (a backbone's
+# embeddings: ~1e7 for a random-weight ViT-B/32, against ~1e2 for isotropic rows and ~1e4 for the
+# demo's tiny CLIP), Newton steps from the start (`logistic.newton_cg`); lbfgs's steps grow with
+# that number (on a ViT-B/32's 17,344 x 512 training rows it stopped at 2,000, 11 s per C, short of
+# the optimum). Other rows get LBFGS_STEPS of lbfgs (most converge in 13-47), then, if it has not
+# converged, Newton steps from there. Beyond NEWTON_MAX_DIM features a Hessian costs more than
+# lbfgs's crawl: lbfgs throughout.
+KAPPA_NEWTON = 1e6
 LBFGS_STEPS = 100
 NEWTON_MAX_DIM = 2048
-# The lbfgs phase stops unconverged by design; `fit_normalized` reports probes that really do.
+TOL = 1e-8  # max |gradient| of scikit-learn's scaled objective: results do not depend on the CPU's last bits
 warnings.filterwarnings("ignore", category=ConvergenceWarning, module="sklearn.linear_model._logistic")
 
 
@@ -88,7 +90,18 @@ class Normalizer:
 
     def fit(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, scale) of the rows of X after the per-row step."""
+        return self._moments(self.rows(X))
+
+    def fit_transform(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(normalised rows, mean, scale): `fit` and the transform with one float64 copy of X."""
         Z = self.rows(X)
+        Z = Z.copy() if np.shares_memory(Z, X) else Z
+        mean, scale = self._moments(Z)
+        Z -= mean
+        Z /= scale
+        return Z, mean, scale
+
+    def _moments(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if "standardize" not in self.normalize:
             return np.zeros(Z.shape[1]), np.ones(Z.shape[1])
         std = Z.std(axis=0)
@@ -112,6 +125,27 @@ class Normalizer:
 
 
 # --------------------------------------------------------------------------- linear probes
+
+
+@dataclass
+class Plan:
+    """How `logreg` is solved on one set of normalised rows, shared by a C grid: Newton steps from
+    the start on ill-conditioned rows (with what every C's solver shares), else lbfgs first (see
+    KAPPA_NEWTON)."""
+
+    newton_first: bool
+    shared: logistic.Shared | None = None
+
+    @classmethod
+    def of(cls, Z: np.ndarray, parallel_map=map) -> Plan:
+        n, d = Z.shape
+        if d > NEWTON_MAX_DIM:
+            return cls(False)
+        sample = Z[np.linspace(0, n - 1, min(n, 4 * d)).astype(int)]  # 4 d rows tell 1e2 from 1e7 (overstate < 10x)
+        spectrum = np.linalg.eigvalsh(sample.T @ sample)
+        if spectrum[-1] <= KAPPA_NEWTON * max(spectrum[0], 0.0):
+            return cls(False)
+        return cls(True, logistic.Shared.of(Z, parallel_map))
 
 
 class LinearProbe:
@@ -142,32 +176,49 @@ class LinearProbe:
         return (Normalizer(self.normalize).rows(X) - self.mean_) / self.scale_
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
-        mean, scale = Normalizer(self.normalize).fit(X)
-        return self.fit_normalized((Normalizer(self.normalize).rows(X) - mean) / scale, y, mean, scale)
+        Z, mean, scale = Normalizer(self.normalize).fit_transform(X)
+        return self.fit_normalized(Z, y, mean, scale)
 
-    def fit_normalized(self, Z: np.ndarray, y: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> LinearProbe:
-        """`fit` on rows already normalised with (mean, scale): what a C grid shares."""
+    def fit_normalized(
+        self, Z: np.ndarray, y: np.ndarray, mean: np.ndarray, scale: np.ndarray, plan: Plan | None = None
+    ) -> LinearProbe:
+        """`fit` on rows already normalised with (mean, scale), and the logreg solver's `plan` for
+        them: what a C grid shares."""
         self.mean_, self.scale_ = mean, scale
         y = np.asarray(y)
         if self.kind == "logreg":
-            budget = min(LBFGS_STEPS, self.max_iter)
-            clf = LogisticRegression(C=self.C, max_iter=budget, tol=1e-8, warm_start=True).fit(Z, y)
-            if clf.n_iter_[0] >= budget and self.max_iter > budget:  # not converged: go on from there
-                budget = self.max_iter - budget
-                clf.set_params(solver="newton-cholesky" if Z.shape[1] <= NEWTON_MAX_DIM else "lbfgs", max_iter=budget)
-                clf.fit(Z, y)
+            coef, intercept, converged = self._logreg(Z, y, plan or Plan.of(Z))
         else:
-            budget = self.max_iter
-            clf = LinearSVC(C=self.C, max_iter=budget).fit(Z, y)
-        if int(np.max(clf.n_iter_)) >= budget:
+            clf = LinearSVC(C=self.C, max_iter=self.max_iter).fit(Z, y)
+            coef, intercept, converged = clf.coef_, clf.intercept_[0], int(np.max(clf.n_iter_)) < self.max_iter
+        if not converged:
             log.warning(
                 "the %s probe with C=%g stopped after train.max_iter = %d iterations before converging; "
                 "its numbers are not the probe's optimum: raise train.max_iter.",
                 self.kind, self.C, self.max_iter,
             )  # fmt: skip
-        self.coef_ = clf.coef_.ravel().astype(np.float64)
-        self.intercept_ = float(clf.intercept_[0])
+        self.coef_ = np.asarray(coef, dtype=np.float64).ravel()
+        self.intercept_ = float(intercept)
         return self
+
+    def _logreg(self, Z: np.ndarray, y: np.ndarray, plan: Plan) -> tuple[np.ndarray, float, bool]:
+        """(coef, intercept, converged) by the route `plan` chose (see KAPPA_NEWTON)."""
+        if plan.newton_first:
+            s = logistic.newton_cg(Z, y, self.C, TOL, self.max_iter, shared=plan.shared)
+            return s.coef, s.intercept, s.converged
+        budget = min(LBFGS_STEPS, self.max_iter)
+        clf = LogisticRegression(C=self.C, max_iter=budget, tol=TOL, warm_start=True).fit(Z, y)
+        steps = int(clf.n_iter_[0])
+        if steps < budget:
+            return clf.coef_, clf.intercept_[0], True
+        if self.max_iter == budget:
+            return clf.coef_, clf.intercept_[0], False
+        if Z.shape[1] > NEWTON_MAX_DIM:
+            clf.set_params(max_iter=self.max_iter - budget).fit(Z, y)
+            return clf.coef_, clf.intercept_[0], int(clf.n_iter_[0]) < self.max_iter - budget
+        start = (clf.coef_.ravel(), float(clf.intercept_[0]))
+        s = logistic.newton_cg(Z, y, self.C, TOL, self.max_iter - budget, start=start)
+        return s.coef, s.intercept, s.converged
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         return self.transform(X) @ self.coef_ + self.intercept_
@@ -393,16 +444,17 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     matrix-vector products, so this is faster than one probe at a time on all cores (3.5x on 2
     cores) and gives the same probes on any number of cores."""
     normalizer = Normalizer(spec.normalize)
-    mean, scale = normalizer.fit(train.X)
-    Z, val_Z = (normalizer.rows(train.X) - mean) / scale, (normalizer.rows(val.X) - mean) / scale
+    Z, mean, scale = normalizer.fit_transform(train.X)
+    val_Z = (normalizer.rows(val.X) - mean) / scale
 
     def one(C: float) -> tuple[LinearProbe, float]:
         probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
-        probe.fit_normalized(Z, train.y, mean, scale)
+        probe.fit_normalized(Z, train.y, mean, scale, plan)
         return probe, float(roc_auc_score(val.y, val_Z @ probe.coef_ + probe.intercept_))
 
     grid = sorted(spec.C, reverse=True)  # the largest C converges slowest: started first, the threads finish together
     with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), cores())) as pool:
+        plan = Plan.of(Z, pool.map) if spec.probe == "logreg" else None
         fitted = dict(zip(grid, pool.map(one, grid), strict=True))
     aucs = {C: auc for C, (_, auc) in fitted.items()}
     best = fitted[best_C(aucs)][0]

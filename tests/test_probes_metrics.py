@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
@@ -81,23 +80,61 @@ def deep_like(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ((latent * scales) @ basis).astype(np.float32), y
 
 
-def test_the_logistic_probe_is_the_optimum_of_its_objective_not_where_the_solver_stopped(caplog):
+@pytest.mark.parametrize("route", ["newton first", "lbfgs first"])
+def test_the_logistic_probe_is_the_optimum_of_its_objective_not_where_the_solver_stopped(caplog, route):
     """On features shaped like a real backbone's, lbfgs crawled: on a ViT-B/32's 17,344 x 512
     training rows it stopped at max_iter (2,000 iterations, 11 s per C) short of the optimum, and
     the val AUC it reported was not the probe's (0.80709 against 0.80743). The probe must be the
-    minimum of C * sum(log loss) + |w|^2 / 2 on the normalised rows: a gradient of zero. A probe
-    that does run out of train.max_iter says so."""
+    minimum of mean(log loss) + |w|^2 / (2 C n) on the normalised rows (scikit-learn's objective):
+    a gradient of zero to the solver's tolerance (the old code: 1.3e-7 here), by either route the
+    solver takes (rows like these go Newton first; lbfgs first is what others get). A probe that
+    does run out of train.max_iter says so."""
     X, y = deep_like(1000, 256)
+    probe = LinearProbe(C=10.0)
+    mean, scale = probes.Normalizer("standardize").fit(X)
+    Z = (X - mean) / scale
+    plan = probes.Plan.of(Z)
+    assert plan.newton_first
+    plan = plan if route == "newton first" else probes.Plan(newton_first=False)
     with caplog.at_level(logging.WARNING, logger="pipeline.probes"):
-        probe = LinearProbe(C=10.0).fit(X, y)
-    Z = probe.transform(X)
-    residual = 1.0 / (1.0 + np.exp(-(Z @ probe.coef_ + probe.intercept_))) - y
-    gradient = np.r_[probe.C * Z.T @ residual + probe.coef_, probe.C * residual.sum()]
-    assert np.abs(gradient).max() < 1e-5, np.abs(gradient).max()
+        probe.fit_normalized(Z, y, mean, scale, plan)
+    residual = (1.0 / (1.0 + np.exp(-(Z @ probe.coef_ + probe.intercept_))) - y) / len(y)
+    gradient = np.r_[Z.T @ residual + probe.coef_ / (probe.C * len(y)), residual.sum()]
+    assert np.abs(gradient).max() <= probes.TOL, np.abs(gradient).max()
     assert caplog.text == ""
-    with caplog.at_level(logging.WARNING, logger="pipeline.probes"), pytest.warns(ConvergenceWarning):
-        LinearProbe(C=10.0, max_iter=101).fit(X, y)
-    assert "stopped after train.max_iter = 101 iterations before converging" in caplog.text
+    too_few = 2 if route == "newton first" else probes.LBFGS_STEPS + 1
+    with caplog.at_level(logging.WARNING, logger="pipeline.probes"):
+        LinearProbe(C=10.0, max_iter=too_few).fit_normalized(Z, y, mean, scale, plan)
+    assert f"stopped after train.max_iter = {too_few} iterations before converging" in caplog.text
+
+
+@pytest.mark.parametrize("rows", ["backbone-like", "isotropic"])
+def test_the_newton_solver_minimises_scikit_learns_objective(rows):
+    """`logistic.newton_cg` solves LogisticRegression(C)'s problem (the intercept unpenalised),
+    from zero and from any start: its optimum is scikit-learn's own newton-cholesky's."""
+    from pipeline import logistic
+
+    X, y = deep_like(600, 64, seed=3) if rows == "backbone-like" else blobs(600, 64, seed=3)
+    X = X.astype(np.float64)  # as the probes solve it
+    Z = (X - X.mean(0)) / X.std(0)
+    for C in (0.01, 10.0):
+        ref = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-10, max_iter=100).fit(Z, y)
+        objective = logistic.Objective(Z, y, C)
+        cold = logistic.newton_cg(Z, y, C, tol=1e-10, max_iter=100, shared=logistic.Shared.of(Z))
+        warm = logistic.newton_cg(Z, y, C, tol=1e-10, max_iter=100, start=(ref.coef_.ravel() + 0.1, 1.0))
+        for solution in (cold, warm):
+            assert solution.converged and 0 < solution.n_iter < 100
+            np.testing.assert_allclose(solution.coef, ref.coef_.ravel(), atol=1e-6)
+            assert solution.intercept == pytest.approx(ref.intercept_[0], abs=1e-6)
+            value = objective.at(np.r_[solution.coef, solution.intercept])[0]
+            assert value <= objective.at(np.r_[ref.coef_.ravel(), ref.intercept_])[0] + 1e-14
+
+
+def test_isotropic_rows_and_the_demos_embeddings_keep_the_lbfgs_route():
+    """lbfgs converges on well-conditioned rows in tens of steps, cheaper than any Newton step;
+    the route (and so every probe of the demo) stays lbfgs there."""
+    X, _ = blobs(2000, 256)
+    assert not probes.Plan.of((X - X.mean(0)) / X.std(0)).newton_first
 
 
 def test_normalisation_from_parts_matches_the_exact_one():
