@@ -138,6 +138,7 @@ class Plan:
 
     @classmethod
     def of(cls, Z: np.ndarray, parallel_map=map) -> Plan:
+        """The route for rows Z, from the spectrum of 4 d of them; `parallel_map`: a pool's `map`."""
         n, d = Z.shape
         if d > NEWTON_MAX_DIM:
             return cls(False)
@@ -447,14 +448,15 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     Z, mean, scale = normalizer.fit_transform(train.X)
     val_Z = (normalizer.rows(val.X) - mean) / scale
 
-    def one(C: float) -> tuple[LinearProbe, float]:
-        probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
-        probe.fit_normalized(Z, train.y, mean, scale, plan)
-        return probe, float(roc_auc_score(val.y, val_Z @ probe.coef_ + probe.intercept_))
-
     grid = sorted(spec.C, reverse=True)  # the largest C converges slowest: started first, the threads finish together
     with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), cores())) as pool:
         plan = Plan.of(Z, pool.map) if spec.probe == "logreg" else None
+
+        def one(C: float) -> tuple[LinearProbe, float]:
+            probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
+            probe.fit_normalized(Z, train.y, mean, scale, plan)
+            return probe, float(roc_auc_score(val.y, val_Z @ probe.coef_ + probe.intercept_))
+
         fitted = dict(zip(grid, pool.map(one, grid), strict=True))
     aucs = {C: auc for C, (_, auc) in fitted.items()}
     best = fitted[best_C(aucs)][0]

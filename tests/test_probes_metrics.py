@@ -137,6 +137,32 @@ def test_isotropic_rows_and_the_demos_embeddings_keep_the_lbfgs_route():
     assert not probes.Plan.of((X - X.mean(0)) / X.std(0)).newton_first
 
 
+def test_a_c_grid_gives_the_same_probes_on_one_core_as_on_two(monkeypatch):
+    """Teammates' machines differ in cores: a grid's probes (either route) must not."""
+    from pipeline.config import TrainSettings
+
+    spec = TrainSettings(datasets=[], C=[0.1, 10.0])
+    for X, y in (deep_like(400, 32, seed=5), blobs(400, 32, seed=5)):
+        train, val = probes.Labelled(X[:300], y[:300]), probes.Labelled(X[300:], y[300:])
+        on_two = probes.fit_and_select(train, val, spec)
+        monkeypatch.setattr(probes, "cores", lambda: 1)
+        on_one = probes.fit_and_select(train, val, spec)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(on_one.probe.coef_, on_two.probe.coef_)
+        assert on_one.val_auc == on_two.val_auc and on_one.threshold == on_two.threshold
+
+
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_normalising_in_place_is_the_transform_bit_for_bit(normalize):
+    X, _ = blobs(50, 6, seed=4)
+    for rows in (X, X.astype(np.float64)):
+        before = rows.copy()
+        Z, mean, scale = probes.Normalizer(normalize).fit_transform(rows)
+        np.testing.assert_array_equal(np.stack([mean, scale]), np.stack(probes.Normalizer(normalize).fit(rows)))
+        np.testing.assert_array_equal(Z, (probes.Normalizer(normalize).rows(rows) - mean) / scale)
+        np.testing.assert_array_equal(rows, before)  # the caller's rows untouched
+
+
 def test_normalisation_from_parts_matches_the_exact_one():
     """Streamed probes accumulate the statistics shard by shard; in-memory probes compute them at
     once. One implementation, two routes, the same numbers (random sizes and split points)."""
