@@ -8,10 +8,10 @@ The objective is scikit-learn's `LogisticRegression(C)`, scaled as it scales it:
 with the intercept b unpenalised, and the stopping rule is its too: max |grad F| <= tol. The
 optimum is the same; only the path to it differs.
 
-Why: a backbone's embeddings have a spectrum spanning many decades (a random-weight ViT's
-standardised features: eigenvalues from ~200 down to ~1e-7), and first-order methods need
-thousands of steps there. An exact Newton step converges in ~10, but forming the Hessian
-[Z 1]^T D [Z 1] costs n d^2 per step, as much as ~50 lbfgs steps at d = 768. So each Newton
+Why: a backbone's embeddings have a spectrum spanning many decades (a random-weight ViT-B/32's
+standardised features: eigenvalues from ~170 down to ~2e-5), and first-order methods need
+thousands of steps there. Exact Newton converges in ~10 steps, but forming the Hessian
+[Z 1]^T D [Z 1] costs n d^2 per step, as much as ~40 lbfgs steps at d = 768. So each Newton
 system H s = -g is solved by conjugate gradients (two passes over Z per step), preconditioned by
 the Cholesky factor of a Hessian computed earlier; that factor is recomputed only when CG needs
 more than `REFRESH` steps. At w = 0 every p(1 - p) is 1/4, so the first preconditioner is the
