@@ -130,9 +130,9 @@ def test_the_newton_solver_minimises_scikit_learns_objective(rows):
             assert value <= objective.at(np.r_[ref.coef_.ravel(), ref.intercept_])[0] + 1e-14
 
 
-def test_isotropic_rows_and_the_demos_embeddings_keep_the_lbfgs_route():
-    """lbfgs converges on well-conditioned rows in tens of steps, cheaper than any Newton step;
-    the route (and so every probe of the demo) stays lbfgs there."""
+def test_well_conditioned_rows_keep_the_lbfgs_route():
+    """lbfgs converges on well-conditioned rows in tens of steps, cheaper than Newton's; the route
+    stays lbfgs there (ill-conditioned rows going Newton first: the optimum test above)."""
     X, _ = blobs(2000, 256)
     assert not probes.Plan.of((X - X.mean(0)) / X.std(0)).newton_first
 
