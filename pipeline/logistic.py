@@ -47,13 +47,27 @@ class Solution:
 
 def augmented_gram(Z: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """[Z 1]^T diag(weights) [Z 1] (weights default 1), lower triangle only (what the Cholesky
-    factorisation reads): one BLAS syrk on a scaled copy of the rows."""
+    factorisation and eigvalsh read): one BLAS syrk (half a matrix product's work), on a scaled
+    copy of the rows where there are weights."""
     n, d = Z.shape
-    root = np.ones(n) if weights is None else np.sqrt(weights)
+    if weights is None:
+        G = np.zeros((d + 1, d + 1))
+        G[:d, :d] = dsyrk(1.0, np.ascontiguousarray(Z).T, trans=0, lower=1)  # Fortran-ordered: no copy
+        G[d, :d], G[d, d] = Z.sum(axis=0), n
+        return G
+    root = np.sqrt(weights)
     A = np.empty((n, d + 1))
     np.multiply(Z, root[:, None], out=A[:, :d])
     A[:, d] = root
-    return dsyrk(1.0, A.T, trans=0, lower=1)  # A.T is Fortran-ordered: no copy
+    return dsyrk(1.0, A.T, trans=0, lower=1)
+
+
+def gram_in_halves(Z: np.ndarray, parallel_map=map) -> np.ndarray:
+    """`augmented_gram(Z)` from the two halves of the rows side by side (a pool's `map`; always
+    two halves, so the same sum on any number of cores)."""
+    half = len(Z) // 2
+    first, second = parallel_map(augmented_gram, (Z[:half], Z[half:]))
+    return first + second
 
 
 @dataclass
@@ -66,11 +80,7 @@ class Shared:
 
     @classmethod
     def of(cls, Z: np.ndarray, parallel_map=map) -> Shared:
-        """The Hessian from the two halves of the rows side by side (a pool's `map`; always two
-        halves, so the same sum on any number of cores)."""
-        half = len(Z) // 2
-        first, second = parallel_map(augmented_gram, (Z[:half], Z[half:]))
-        return cls((first + second) / (4.0 * len(Z)), Z.astype(np.float32))
+        return cls(gram_in_halves(Z, parallel_map) / (4.0 * len(Z)), Z.astype(np.float32))
 
 
 class Objective:

@@ -143,7 +143,7 @@ class Plan:
         if d > NEWTON_MAX_DIM:
             return cls(False)
         sample = Z[np.linspace(0, n - 1, min(n, 4 * d)).astype(int)]  # 4 d rows tell 1e2 from 1e7 (overstate < 10x)
-        spectrum = np.linalg.eigvalsh(sample.T @ sample)
+        spectrum = np.linalg.eigvalsh(logistic.gram_in_halves(sample, parallel_map), UPLO="L")
         if spectrum[-1] <= KAPPA_NEWTON * max(spectrum[0], 0.0):
             return cls(False)
         return cls(True, logistic.Shared.of(Z, parallel_map))
