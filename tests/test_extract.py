@@ -22,7 +22,7 @@ from transformers import AutoImageProcessor, CLIPModel
 from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, manifest, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
-from pipeline.store import EmbeddingStore
+from pipeline.store import EmbeddingStore, text
 from tests.conftest import update_params
 
 
@@ -108,6 +108,34 @@ def test_nothing_to_embed_loads_no_model_and_unchanged_weights_are_not_hashed_ag
     os.utime(config_file, ns=(config_file.stat().st_atime_ns, config_file.stat().st_mtime_ns + 10**9))
     assert extract.run(settings, outputs).fingerprint == first.fingerprint and len(loads) == 2
     assert not any(name.endswith(".safetensors") for name in hashed), "unchanged weights are not read again"
+
+
+def test_a_model_that_cannot_embed_prompts_is_not_loaded_again_to_find_that_out(project, monkeypatch, tiny_clip):
+    """A vision-only model (DINOv2, or a checkpoint without tokenizer files) cannot embed the
+    zero-shot prompts. A run with nothing to embed (the rerun DVC makes after an `evaluate` param
+    changed) must not load it again only to learn that once more; the fact is remembered per set of
+    model files, so giving the model its tokenizer later embeds the prompts."""
+    vision_only = project / "vision-only"
+    shutil.copytree(tiny_clip, vision_only)
+    tokenizer = project / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.move(vision_only / name, tokenizer / name)
+    update_params(project, "model", name=str(vision_only))
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    assert "zero_shot" in settings.evaluate.protocols
+    manifest.run(settings, outputs)
+    first = extract.run(settings, outputs)
+
+    real_load = backbones.load
+    loads = []
+    monkeypatch.setattr(backbones, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    assert extract.run(settings, outputs) == first and loads == [], "nothing to embed: no model loaded"
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.move(tokenizer / name, vision_only / name)
+    extract.run(settings, outputs)
+    assert len(loads) == 1 and text.prompts_in(EmbeddingStore.open(outputs.embeddings / first.embeddings).directory)
 
 
 def png_claiming_size(width: int, height: int) -> bytes:

@@ -103,11 +103,12 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto", co
 
 class Known:
     """What this project has learned about its models, in `cache/backbones.json` (local, never
-    shared): per model stamp, the fingerprint description and dims that loading it gave, and the
-    sha256 of weight files by path, size and mtime. The stamp is read from file metadata only:
-    every file of the model directory (name, size, mtime), the versions of the libraries that
-    compute embeddings, this package's backbone code, and the settings. With it, an extract run
-    that has nothing to embed neither loads nor hashes the model."""
+    shared): per model stamp, the fingerprint description and dims that loading it gave and
+    whether it could embed text prompts, and the sha256 of weight files by path, size and mtime.
+    The stamp is read from file metadata only: every file of the model directory (name, size,
+    mtime), the versions of the libraries that compute embeddings, this package's backbone code,
+    and the settings. With it, an extract run that has nothing to embed neither loads nor hashes
+    the model, also when the model has no text tower for the zero-shot prompts."""
 
     KEEP = 32  # models remembered
 
@@ -159,10 +160,23 @@ class Known:
         return (entry["description"], entry["dims"]) if entry else None
 
     def remember(self, stamp: str, description: dict, dims: dict[str, int]) -> None:
+        entry = self.models.pop(stamp, {})
+        self.models[stamp] = {**entry, "description": description, "dims": dims}
+        self._write()
+
+    def embeds_text(self, stamp: str) -> bool | None:
+        """Whether the model could embed text prompts when this project last tried (None: never
+        tried with these files)."""
+        return self.models.get(stamp, {}).get("text")
+
+    def remember_text(self, stamp: str, available: bool) -> None:
+        if stamp in self.models:
+            self.models[stamp]["text"] = available
+            self._write()
+
+    def _write(self) -> None:
         from pipeline import atomic
 
-        self.models.pop(stamp, None)
-        self.models[stamp] = {"description": description, "dims": dims}
         self.models = dict(list(self.models.items())[-self.KEEP :])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
