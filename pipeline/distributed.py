@@ -12,7 +12,10 @@ Inside a task, `extract.num_workers` threads decode batches ahead of the model
 `extract.dask.address` connects to a running scheduler (`tcp://host:8786`; every worker must
 see the cache directory and the images at the same paths: a shared filesystem); left empty, a
 `LocalCluster` with `extract.dask.n_workers` processes is started (one per GPU on a multi-GPU
-machine: worker i uses GPU i modulo the GPU count).
+machine: worker i uses GPU i modulo the GPU count), and only when there is something to embed: its
+workers run in this environment, so what loading the model gave is remembered in
+`cache/backbones.json` as for a local run (`backbones.Known`). A remote scheduler's workers may
+differ from this machine: one of them describes the model on every run.
 
 With `data.faces`, each worker detects and crops the faces of its partition (the detector on its
 own device), reading and committing the shared detection cache (`cache/faces/`, content-named
@@ -137,26 +140,45 @@ class DaskEmbedder:
         # Workers resolve the model themselves: a relative model path must mean the same to them.
         local = Path(settings.model.name).expanduser()
         self.model = replace(settings.model, name=str(local.resolve())) if local.is_dir() else settings.model
-        self.client = self.cluster = None
+        self._client = self.cluster = None
+        self.known = self._stamp = None  # backbones.Known, for a LocalCluster
 
     def __enter__(self) -> DaskEmbedder:
-        from distributed import Client, LocalCluster
+        described = None
+        if not self.extract.dask.address:  # a LocalCluster: workers on this machine, in this environment
+            from pipeline import backbones
 
-        if self.extract.dask.address:
-            self.client = Client(self.extract.dask.address)
-        else:
-            self.cluster = LocalCluster(
-                n_workers=self.extract.dask.n_workers, threads_per_worker=1, processes=True, dashboard_address=None
-            )
-            self.client = Client(self.cluster)
-        log.info("dask: %s", self.client)
-        self.description, self.dims = self.client.submit(_describe, self.model, self.extract, pure=False).result()
+            self.known = backbones.Known(Path(self.base_dir) / "cache" / "backbones.json")
+            self._stamp = self.known.stamp(self.model, self.extract.device, self.extract.precision)
+            described = self.known.lookup(self._stamp)
+        if described is None:
+            described = self.client.submit(_describe, self.model, self.extract, pure=False).result()
+            if self.known is not None:
+                self.known.remember(self._stamp, *described)
+        self.description, self.dims = described
         if self.crops is not None:
             self.description = {**self.description, "faces": self.crops.spec}
         return self
 
+    @property
+    def client(self):
+        """The cluster's client, started on first use: a run with nothing to embed starts none."""
+        if self._client is None:
+            from distributed import Client, LocalCluster
+
+            if self.extract.dask.address:
+                self._client = Client(self.extract.dask.address)
+            else:
+                self.cluster = LocalCluster(
+                    n_workers=self.extract.dask.n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
+                self._client = Client(self.cluster)
+            log.info("dask: %s", self._client)
+        return self._client
+
     def __exit__(self, *exc) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
         if self.cluster is not None:
             self.cluster.close()
 
@@ -196,4 +218,9 @@ class DaskEmbedder:
         )
 
     def embed_text(self, prompts: list[str]):
-        return self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()
+        if self.known is not None and self.known.embeds_text(self._stamp) is False:
+            return None
+        embedded = self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()
+        if self.known is not None:
+            self.known.remember_text(self._stamp, embedded is not None)
+        return embedded

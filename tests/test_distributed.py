@@ -27,7 +27,7 @@ from tests.conftest import (
 )
 
 
-def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project):
+def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project, monkeypatch):
     settings = config.load(project / "params.yaml")
     outputs = Outputs(project)
     manifest.run(settings, outputs)
@@ -46,6 +46,15 @@ def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project):
     np.testing.assert_array_equal(got, expected)
     assert len(store.shard_paths()) >= len(keys) // 24, "each worker committed its own shards"
     assert store.verify() == []
+
+    # Nothing left to embed (the rerun DVC makes after an `evaluate` param changed): no cluster is
+    # started and no worker loads the model; the description comes from cache/backbones.json.
+    import distributed as dask_distributed
+
+    started = []
+    real_cluster = dask_distributed.LocalCluster
+    monkeypatch.setattr(dask_distributed, "LocalCluster", lambda *a, **k: started.append(1) or real_cluster(*a, **k))
+    assert extract.run(config.load(project / "params.yaml"), outputs) == local and started == []
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:
