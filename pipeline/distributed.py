@@ -218,9 +218,7 @@ class DaskEmbedder:
         )
 
     def embed_text(self, prompts: list[str]):
-        if self.known is not None and self.known.embeds_text(self._stamp) is False:
-            return None
-        embedded = self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()
-        if self.known is not None:
-            self.known.remember_text(self._stamp, embedded is not None)
-        return embedded
+        def embed():
+            return self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()
+
+        return self.known.embed_text(self._stamp, embed) if self.known is not None else embed()

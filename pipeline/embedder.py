@@ -407,9 +407,8 @@ class LocalEmbedder:
     def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:
         """The prompts' embeddings and scoring, or None for a model without a text tower or
         tokenizer (remembered in `backbones.Known`: such a model is not loaded again to find out)."""
-        if self.known is not None and self.known.embeds_text(self._stamp) is False:
-            return None
-        embedded = self.backbone.embed_text(prompts)
-        if self.known is not None:
-            self.known.remember_text(self._stamp, embedded is not None)
-        return embedded
+
+        def embed():
+            return self.backbone.embed_text(prompts)
+
+        return self.known.embed_text(self._stamp, embed) if self.known is not None else embed()

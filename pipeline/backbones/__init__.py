@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -164,15 +165,18 @@ class Known:
         self.models[stamp] = {**entry, "description": description, "dims": dims}
         self._write()
 
-    def embeds_text(self, stamp: str) -> bool | None:
-        """Whether the model could embed text prompts when this project last tried (None: never
-        tried with these files)."""
-        return self.models.get(stamp, {}).get("text")
-
-    def remember_text(self, stamp: str, available: bool) -> None:
-        if stamp in self.models:
-            self.models[stamp]["text"] = available
+    def embed_text(self, stamp: str, embed: Callable[[], tuple | None]) -> tuple | None:
+        """`embed()` (the model's embeddings of the zero-shot prompts, None without a text tower or
+        tokenizer), unless this project already learned that the model with these files has none:
+        then it is not loaded again to find out."""
+        if self.models.get(stamp, {}).get("text") is False:
+            return None
+        embedded = embed()
+        entry = self.models.get(stamp)  # after embed(): loading the model may have remembered it anew
+        if entry is not None:
+            entry["text"] = embedded is not None
             self._write()
+        return embedded
 
     def _write(self) -> None:
         from pipeline import atomic
