@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import config, demo, manifest
@@ -24,6 +25,9 @@ FFPP_SPLITS = REPO.parent / "shared" / "ffpp-splits"
 # Small enough to embed in about a second, large enough for every split to hold both classes.
 DEMO_VIDEOS = 16
 DEMO_FRAMES = 2
+
+# A test's `device` parameter: the GPU case runs where CUDA is (see BENCHMARKS.md, "GPU").
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 
 
 @pytest.fixture(scope="session")

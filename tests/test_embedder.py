@@ -3,6 +3,7 @@ test or a benchmark does: a writer that fails at shard k, a reader that records 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import shutil
 
@@ -15,7 +16,7 @@ from pipeline import backbones, embedder, extract, manifest
 from pipeline.config import load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
-from tests.conftest import update_params
+from tests.conftest import CUDA, update_params
 
 
 class FailsAtThirdShard(embedder.ShardWriter):
@@ -151,18 +152,21 @@ def test_a_compiled_forward_pass_gives_the_eager_embeddings(project):
         assert cosine.min() > 0.9999, layer
 
 
-def test_uint8_batches_normalised_on_the_device_are_the_float_batches_bit_for_bit(project):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_uint8_batches_normalised_on_the_device_are_the_float_batches_bit_for_bit(project, device):
     """On a GPU the CLIP preprocessing stops at the uint8 crop and the model's device finishes
-    it (a quarter of the bytes to move); the numbers must be exactly the processor's."""
-    backbone = backbones.load(load(project / "params.yaml").model, "cpu", "fp32")
-    float_path, uint8_path = backbone.preprocess, backbone.preprocess.deferred()
+    it (a quarter of the bytes to move); the numbers must be exactly the processor's, also where
+    the device's arithmetic does the normalising."""
+    backbone = backbones.load(load(project / "params.yaml").model, device, "fp32")
+    float_path = dataclasses.replace(backbone.preprocess, defer_normalize=False)  # on a GPU it comes deferred
+    uint8_path = float_path.deferred()
     rng = np.random.default_rng(0)
     sizes = [(48, 40), (37, 91), (12, 10), (200, 64)]  # wider, taller, smaller than the crop (padded), odd
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     floats = torch.from_numpy(np.stack([float_path(p) for p in pictures]))
     raw = torch.from_numpy(np.stack([uint8_path(p) for p in pictures]))
     assert raw.dtype == torch.uint8 and raw.nbytes * 4 == floats.nbytes
-    assert torch.equal(uint8_path.normalize(raw), floats)
+    assert torch.equal(uint8_path.normalize(raw.to(backbone.device)).cpu(), floats)
     expected = backbone.embed(floats)
     backbone.preprocess = uint8_path
     for layer, vectors in backbone.embed(raw).items():

@@ -23,7 +23,7 @@ from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, 
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore, text
-from tests.conftest import update_params
+from tests.conftest import CUDA, update_params
 
 
 def run_stages(project, **kwargs):
@@ -39,7 +39,12 @@ def test_plan_is_wanted_minus_done_minus_failed():
     assert embedder.plan(wanted, done={"b"}, failed={"d"}, retry_failed=True) == ["a", "c", "d"]
 
 
-def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, device):
+    """Also on a GPU, where the readers pin their batches, several batches are in flight and the
+    device normalises uint8 crops: the same vectors as the plain Hugging Face way on the CPU."""
+    if device == "cuda":
+        update_params(project, "extract", device="cuda", num_workers=2)
     summary, outputs = run_stages(project)
     table = pq.read_table(outputs.manifest).to_pandas()
     assert summary.images == summary.embedded == table.digest.nunique()

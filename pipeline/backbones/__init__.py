@@ -92,10 +92,13 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto", co
     # Refuse pickle-only checkpoints before anything is loaded.
     weight_files(directory, CONVERT.get(family, CONVERT["transformers"]))
     dev = resolve_device(device)
+    resolved = resolve_precision(precision, dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the fastest convolution (patch embedding) for the batch shape
+        if resolved == "fp32":  # fp32 means fp32: cuDNN's convolutions default to TF32 (matmuls do not)
+            torch.backends.cudnn.allow_tf32 = False
     module = importlib.import_module(FAMILIES[family])
-    backbone = module.load(directory, config, model, dev, resolve_precision(precision, dev))
+    backbone = module.load(directory, config, model, dev, resolved)
     if compiled:
         backbone.compile()
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, backbone.precision, backbone.dims)
