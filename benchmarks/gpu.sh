@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of BENCHMARKS.md ("GPU"), one after another, on a CUDA machine
+# with this package's dependencies installed (or their wheels in .whl/, installed here first):
+#
+#     bash benchmarks/gpu.sh [images]        # 20,000 JPEGs per benchmark by default
+#
+# Each step has its own time limit, so one that hangs does not take the others' time; the tables
+# go to stdout, progress bars and logs to $OUT/gpu-progress.log (the current folder without OUT).
+set -u
+cd "$(dirname "$0")/.."
+IMAGES=${1:-20000}
+LOG=${OUT:-.}/gpu-progress.log
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+echo "$(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+python3 -c 'import torch, transformers, dask; print("torch", torch.__version__, "CUDA", torch.version.cuda,
+    "transformers", transformers.__version__, "dask", dask.__version__)'
+
+step() {
+    local limit=$1
+    shift
+    echo
+    echo "== $* (limit ${limit} s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>>"$LOG"
+    echo "== rc $?, $((SECONDS - start)) s"
+}
+
+# The CUDA cases of the tests: uint8 crops normalised on the GPU are the processor's floats bit
+# for bit; a GPU extract run (pinned batches, several in flight) gives the CPU's fp32 vectors.
+step 100 python3 -m pytest -q -p no:cacheprovider tests/test_embedder.py tests/test_extract.py -k "uint8 or matches_clip"
+
+common=(--device cuda --precision bf16 --batch-size 256 --workers 12 --images "$IMAGES")
+step 180 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --original 16 --dask 2
+step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only
+step 240 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --compile
