@@ -172,3 +172,21 @@ def test_uint8_batches_normalised_on_the_device_are_the_float_batches_bit_for_bi
     for layer, vectors in backbone.embed(raw).items():
         np.testing.assert_array_equal(vectors, expected[layer])
     assert uint8_path.describe() == float_path.describe(), "the same numbers: the same fingerprint"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_submitting_a_batch_on_a_gpu_does_not_wait_for_the_gpu(project):
+    """`submit` only queues work: any synchronising call in it (a pageable copy, `.item()`) would
+    stall the GPU until the batches before it are done, every batch."""
+    backbone = backbones.load(load(project / "params.yaml").model, "cuda", "bf16")
+    crop = backbone.preprocess(blank())
+    assert crop.dtype == np.uint8, "on a GPU the device normalises"
+    batch = torch.from_numpy(np.stack([crop] * 8)).pin_memory()
+    backbone.embed(batch)  # first use: cuDNN's benchmark, allocations, the constants on the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = [backbone.submit(batch) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for p in pending:
+        assert p.result()["projection"].shape == (8, backbone.dims["projection"])

@@ -12,6 +12,7 @@ shortest edge, centre crop, rescale by 1/255 in float64 then cast to float32, (x
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,9 +105,15 @@ class Preprocess:
         batch `__call__` gives, bit for bit: the same operations in the same order and precision
         (rescale in float64, cast to float32, subtract the mean, divide by the std, in float32)."""
         x = (pixels.to(torch.float64) * self.rescale_factor).to(torch.float32)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        mean, std = _on_device(self.mean, self.std, pixels.device)
         return (x - mean) / std
+
+
+@functools.cache
+def _on_device(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants as (1, 3, 1, 1) float32 tensors on `device`, made once: making
+    them per batch copies from pageable memory, which waits for every batch the GPU has queued."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (mean, std))
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
