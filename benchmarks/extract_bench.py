@@ -29,11 +29,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import yaml
 from PIL import Image
 
-from pipeline import backbones, config, embedder, extract, manifest
+from pipeline import backbones, config, embedder, extract, manifest, manifest_table
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 
@@ -166,11 +167,31 @@ class BatchTimes(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.sums, self.batches = np.zeros(4), 0
+        self.first = self.last = 0.0  # when the first and the last batch were written
+        self.after_first = 0  # images written after the first batch
 
     def emit(self, record: logging.LogRecord) -> None:
         if str(record.msg).startswith("batch of "):
             self.sums += record.args[1:]
             self.batches += 1
+            self.last = time.perf_counter()
+            if self.batches == 1:
+                self.first = self.last
+            else:
+                self.after_first += record.args[0]
+
+    def steady_rate(self) -> float:
+        """Images/s from the first batch written to the last: the run without its start (the
+        readers' first batches, the model's first batch)."""
+        return self.after_first / (self.last - self.first) if self.last > self.first else float("nan")
+
+
+def readers_alone(items: list[embedder.Item], preprocess, batch_size: int, workers: int, pin: bool) -> float:
+    """(r) The readers without the model (decode, preprocess, pin), start included as in (b): images/s."""
+    start, done = time.perf_counter(), 0
+    for batch in embedder.read_batches(items, preprocess, batch_size, workers, pin):
+        done += len(batch.digests)
+    return done / (time.perf_counter() - start)
 
 
 def timed_extract(settings, outputs, backbone, times: BatchTimes | None = None) -> tuple[float, int]:
@@ -221,9 +242,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="extract.compile: torch.compile the forward pass")
     parser.add_argument("--dask", type=int, default=0, help="also time a dask LocalCluster of this many workers")
     parser.add_argument(
+        "--torch-threads", type=int, default=0, help="torch.set_num_threads in this process (0: torch's default)"
+    )
+    parser.add_argument(
         "--throughput-only", action="store_true", help="(b), (c), (d) and the cosine only: no (a), +1 %% or resume runs"
     )
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     work = Path(tempfile.mkdtemp(prefix="extract-bench-"))
     model_dir = work / "model"
@@ -256,6 +282,12 @@ def main() -> None:
     rate_a = None if args.throughput_only else original_loop(paths, model_dir, min(args.original, n))
     backbone = backbones.load(settings.model, args.device, args.precision, args.compile)
     rate_c = forward_only(backbone, n, args.batch_size)
+    table = pq.read_table(outputs.manifest, columns=["digest", "path"])
+    items = [
+        embedder.Item(d, p, manifest_table.absolute_path(p, settings.data_root))
+        for d, p in zip(table["digest"].to_pylist(), table["path"].to_pylist(), strict=True)
+    ]
+    rate_r = readers_alone(items, backbone.preprocess, args.batch_size, args.workers, backbone.device.type == "cuda")
     times = BatchTimes()
     full_s, embedded = timed_extract(settings, outputs, backbone, times)
     assert embedded == n, (embedded, n)
@@ -307,7 +339,13 @@ def main() -> None:
     rows = [
         ("(b) this extractor", f"{rate_b:8.1f} img/s", ""),
         ("(c) forward only, same precision", f"{rate_c:8.1f} img/s", ""),
+        ("(r) readers alone: decode, preprocess, pin", f"{rate_r:8.1f} img/s", "start included, as in (b)"),
         ("b / c", f"{rate_b / rate_c:8.2f}", "target >= 0.85 (CPU), >= 0.90 (GPU)"),
+        (
+            "(b) after its first batch / c",
+            f"{times.steady_rate() / rate_c:8.2f}",
+            f"{times.steady_rate():.1f} img/s: the run without its start",
+        ),
         (
             "(b) seconds waiting: readers / submit / device / writer",
             " / ".join(f"{t:.2f}" for t in times.sums),
