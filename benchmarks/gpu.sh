@@ -38,4 +38,7 @@ step 100 python3 -m pytest -q -p no:cacheprovider tests/test_embedder.py tests/t
 common=(--device cuda --precision bf16 --batch-size 256 --workers 12 --images "$IMAGES")
 step 180 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --original 16 --dask 2
 step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only
+# Does the main process's thread pool (16 threads, for the pinning copies only) starve the decoders?
+step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only --torch-threads 4
+step 90 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --torch-threads 4
 step 240 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --compile
