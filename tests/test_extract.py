@@ -46,6 +46,8 @@ def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, devic
     if device == "cuda":
         update_params(project, "extract", device="cuda", num_workers=2)
     summary, outputs = run_stages(project)
+    if device == "cuda":
+        assert not torch.backends.cudnn.allow_tf32, "fp32 on a GPU: no TF32 convolutions"
     table = pq.read_table(outputs.manifest).to_pandas()
     assert summary.images == summary.embedded == table.digest.nunique()
     assert summary.failed == 0
