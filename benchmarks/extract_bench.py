@@ -2,15 +2,19 @@
 
     python benchmarks/extract_bench.py [--images 300] [--model vit-b32|vit-b16|vit-l14] [--device auto]
                                        [--precision auto] [--batch-size 64] [--workers 2] [--compile]
+                                       [--dask N] [--torch-threads N] [--throughput-only]
 
 On the same JPEGs and the same ViT-shaped CLIP (random weights: speed does not depend on
 them), measures images/s of
   (a) the original script's loop: per image PIL open, the HF image processor, forward, .numpy()
   (b) this extractor (`extract.run`: DataLoader workers, batched inference, writer thread)
   (c) the forward pass alone on ready tensors, same batch size and precision as (b)
-and prints b/a and b/c, the cost of an incremental run (+1 % new images) and of resuming
-after a SIGKILL at 50 %, both relative to a full run, peak RSS, and the cosine between
-embeddings at the chosen precision and fp32. Every ratio is measured in the same run.
+  (r) the readers alone (decode, preprocess, pin for a GPU), the bound from the CPU side
+  (d) with --dask N, the same run as (b) on a LocalCluster of N workers
+and prints b/a and b/c, (b) without its start, where (b) waited, the cost of an incremental run
+(+1 % new images) and of resuming after a SIGKILL at 50 %, both relative to a full run, peak
+RSS, and the cosine between embeddings at the chosen precision and fp32. Every ratio is
+measured in the same run; --throughput-only leaves out (a), the incremental and the resume runs.
 """
 
 from __future__ import annotations
