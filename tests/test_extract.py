@@ -45,6 +45,7 @@ def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, devic
     device normalises uint8 crops: the same vectors as the plain Hugging Face way on the CPU."""
     if device == "cuda":
         update_params(project, "extract", device="cuda", num_workers=2)
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default, whatever an earlier test loaded
     summary, outputs = run_stages(project)
     if device == "cuda":
         assert not torch.backends.cudnn.allow_tf32, "fp32 on a GPU: no TF32 convolutions"
