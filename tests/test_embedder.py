@@ -136,15 +136,24 @@ def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
     assert [r.digests for r in writer.rows] == [r.digests for r in runs[0].rows[:4]], "what was submitted is written"
 
 
-def test_a_compiled_forward_pass_gives_the_eager_embeddings(project):
-    """`extract.compile: true` runs the model through torch.compile (Inductor; on this CPU too)."""
+def test_a_compiled_forward_pass_is_one_graph_and_gives_the_eager_embeddings(project):
+    """`extract.compile: true` runs the model through torch.compile (Inductor; on this CPU too),
+    traced whole: a graph break (Python that dynamo cannot trace, such as parsing layer names per
+    batch, or transformers installing its hidden-state hooks under a lock on the first call)
+    returns to Python on every batch, which a GPU feels. Block layers and the patch mean included."""
+    update_params(project, "model", layers=["projection", "block_0", "patch_mean"])
     update_params(project, "extract", compile=True, device="cpu", precision="fp32")
     settings = load(project / "params.yaml")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     backbone = embedder.LocalEmbedder(settings).backbone
     assert hasattr(backbone.forward, "_torchdynamo_orig_callable"), "extract.compile compiles the forward pass"
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.normal(size=(4, 3, *backbone.preprocess(blank()).shape[1:])).astype(np.float32))
     compiled = backbone.embed(pixels)
+    assert not counters["graph_break"], list(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
     eager = backbones.load(settings.model, "cpu", "fp32").embed(pixels)
     for layer, vectors in eager.items():
         other = compiled[layer]

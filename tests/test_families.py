@@ -237,3 +237,30 @@ def test_an_open_clip_model_on_a_timm_tower_as_eva_clip_is_built(tmp_path):
     with torch.inference_mode():
         np.testing.assert_allclose(out["projection"], model.encode_image(x).numpy(), rtol=1e-5, atol=1e-6)
     assert out["pooled"].shape == (2, 192) and backbone.dims == {"projection": 16, "pooled": 192}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_familys_forward_pass_compiles_into_one_graph(family, checkpoint_dir):
+    """`extract.compile`: dynamo traces each family's forward pass whole (block layers and the
+    patch mean included), so a compiled model never returns to Python in the middle of a batch.
+    SigLIP2 is the one exception, in transformers' own code: its variable-resolution position
+    embeddings read each image's patch grid as Python numbers (`Tensor.item`)."""
+    directory = checkpoint_dir(family)
+    backbone = backbones.load(ModelSettings(name=str(directory), layers=layers_of(family)), "cpu", "fp32")
+    pixels = backbone.preprocess(Image.new("RGB", (40, 30)))
+    pixels = (
+        {k: torch.from_numpy(np.stack([v, v])) for k, v in pixels.items()}
+        if isinstance(pixels, dict)
+        else torch.from_numpy(np.stack([pixels, pixels]))
+    )
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    backbone.compile(backend="eager")  # dynamo's tracing only, no kernels
+    with torch.inference_mode():
+        backbone.forward(pixels)
+    breaks = [reason.splitlines()[0] for reason in counters["graph_break"]]
+    if family == "siglip2":
+        assert breaks and all("item()" in reason for reason in breaks), breaks
+    else:
+        assert not breaks and counters["stats"]["unique_graphs"] == 1, breaks

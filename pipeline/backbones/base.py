@@ -149,6 +149,9 @@ class Backbone(ABC):
         self.name = name
         self.preprocess = preprocess
         self.layers = layers
+        # {layer: i} for each `block_<i>` layer, worked out once: `forward` does no string work, so
+        # torch.compile (`extract.compile`) traces it whole instead of breaking its graph on a regex
+        self.blocks = {layer: i for layer in layers if (i := block_index(layer)) is not None}
         self.dims = dims
         self.device = device
         self.precision = precision
@@ -199,10 +202,23 @@ class Backbone(ABC):
             done.record()
         return Pending(host, done)
 
-    def compile(self) -> None:
+    def compile(self, **options) -> None:
         """`extract.compile`: the forward pass through torch.compile (kernels fused for this model
-        and batch shape; the first batches of each shape pay for compiling)."""
-        self.forward = torch.compile(self.forward)
+        and batch shape; the first batches of each shape pay for compiling). `options` go to
+        torch.compile (the tests trace with `backend="eager"`: dynamo's graphs, no kernels)."""
+        self.forward = torch.compile(self.forward, **options)
+
+
+def install_output_hooks(module: torch.nn.Module) -> None:
+    """Before compiling a transformers model: transformers 5 installs the hooks that collect
+    hidden states on the first call that asks for them, under a threading lock, which dynamo cannot
+    trace (the compiled forward pass would break its graph there for good). Installed now, the
+    call finds them in place. Older transformers have no such hooks."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    maybe_install_capturing_hooks(module)
 
 
 class Pending:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, building, fields, read_json
+from pipeline.backbones.base import Backbone, block_index, building, fields, install_output_hooks, read_json
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ class ClipBackbone(Backbone):
         self._text: tuple | None = None
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        blocks = [i for layer in self.layers if (i := block_index(layer)) is not None]
-        out = self.model.vision_model(pixel_values=pixels, output_hidden_states=bool(blocks))
+        out = self.model.vision_model(pixel_values=pixels, output_hidden_states=bool(self.blocks))
         pooled = out.pooler_output
         result: dict[str, torch.Tensor] = {}
         for layer in self.layers:
@@ -150,8 +149,12 @@ class ClipBackbone(Backbone):
             elif layer == "patch_mean":
                 result[layer] = out.last_hidden_state[:, 1:].mean(1)
             else:
-                result[layer] = out.hidden_states[block_index(layer) + 1][:, 0]
+                result[layer] = out.hidden_states[self.blocks[layer] + 1][:, 0]
         return result
+
+    def compile(self, **options) -> None:
+        install_output_hooks(self.model.vision_model)
+        super().compile(**options)
 
     @torch.inference_mode()
     def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from pipeline import images
-from pipeline.backbones.base import Backbone, block_index, building, fields
+from pipeline.backbones.base import Backbone, block_index, building, fields, install_output_hooks
 from pipeline.config import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ class HFBackbone(Backbone):
 
     def forward(self, pixels) -> dict[str, torch.Tensor]:
         inputs = pixels if isinstance(pixels, dict) else {"pixel_values": pixels}
-        blocks = [i for layer in self.layers if (i := block_index(layer)) is not None]
-        out = self.vision(**inputs, output_hidden_states=bool(blocks))
+        out = self.vision(**inputs, output_hidden_states=bool(self.blocks))
         mask = inputs.get("pixel_attention_mask")  # SigLIP2: which patch slots hold the image
 
         def patches(hidden: torch.Tensor) -> torch.Tensor:
@@ -107,9 +106,13 @@ class HFBackbone(Backbone):
             elif layer == "patch_mean":
                 result[layer] = patches(out.last_hidden_state)
             else:
-                hidden = out.hidden_states[block_index(layer) + 1]
+                hidden = out.hidden_states[self.blocks[layer] + 1]
                 result[layer] = hidden[:, 0] if self.kind.cls_token else patches(hidden)
         return result
+
+    def compile(self, **options) -> None:
+        install_output_hooks(self.vision)
+        super().compile(**options)
 
     @torch.inference_mode()
     def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:

@@ -46,7 +46,7 @@ class OpenClipBackbone(Backbone):
                 else:
                     result[layer] = pooled
             return result
-        blocks = sorted({i for layer in self.layers if (i := block_index(layer)) is not None})
+        blocks = sorted(set(self.blocks.values()))
         x = visual._embeds(pixels)
         x, hidden = (
             visual.transformer.forward_intermediates(x, indices=blocks) if blocks else (visual.transformer(x), [])
@@ -62,7 +62,7 @@ class OpenClipBackbone(Backbone):
             elif layer == "patch_mean":
                 result[layer] = tokens.mean(1)
             else:
-                result[layer] = by_block[block_index(layer)][:, 0]
+                result[layer] = by_block[self.blocks[layer]][:, 0]
         return result
 
     @torch.inference_mode()

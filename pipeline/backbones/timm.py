@@ -36,7 +36,7 @@ class TimmBackbone(Backbone):
         self.has_cls = getattr(net, "cls_token", None) is not None
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        blocks = sorted({i for layer in self.layers if (i := block_index(layer)) is not None})
+        blocks = sorted(set(self.blocks.values()))
         by_block = {}
         if blocks:
             hidden = self.net.forward_intermediates(
@@ -52,7 +52,7 @@ class TimmBackbone(Backbone):
             elif layer == "patch_mean":
                 result[layer] = features[:, self.n_prefix :].mean(1)
             else:
-                result[layer] = by_block[block_index(layer)]
+                result[layer] = by_block[self.blocks[layer]]
         return result
 
 
