@@ -153,7 +153,7 @@ def forward_only(backbone, n: int, batch_size: int) -> float:
     (the upper bound of the extractor: no decoding, no copy in, nothing written)."""
     size = backbone.preprocess.crop_height
     x = torch.randn(batch_size, 3, size, size, device=backbone.device)
-    backbone.embed(x)  # warm-up (and, with --compile, compiling the full and the last batch's shape)
+    backbone.embed(x)  # warm-up (and, with --compile, compiling: the last, smaller batch is padded to this shape)
     backbone.embed(x[: n % batch_size or batch_size])
     start = time.perf_counter()
     done, last = 0, None

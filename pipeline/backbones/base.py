@@ -204,9 +204,34 @@ class Backbone(ABC):
 
     def compile(self, **options) -> None:
         """`extract.compile`: the forward pass through torch.compile (kernels fused for this model
-        and batch shape; the first batches of each shape pay for compiling). `options` go to
-        torch.compile (the tests trace with `backend="eager"`: dynamo's graphs, no kernels)."""
-        self.forward = torch.compile(self.forward, **options)
+        and batch shape), compiled once per process: every batch reaches it in the first batch's
+        shape (a smaller one, such as a run's last, is padded with copies of its last image, whose
+        rows are dropped: a model in eval mode computes each image on its own) and as an inference tensor (a
+        batch made outside `torch.inference_mode`, as a CPU reader's is, is copied: dynamo would
+        otherwise compile again for the other kind). `options` go to torch.compile (the tests trace
+        with `backend="eager"`: dynamo's graphs, no kernels)."""
+        compiled = torch.compile(self.forward, **options)
+        shape: list[int] = []  # the first batch's size
+
+        def forward(pixels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            named = pixels if isinstance(pixels, dict) else {"": pixels}
+            n = next(iter(named.values())).shape[0]
+            if not shape:
+                shape.append(n)
+            padded = {k: _padded(v, shape[0]) for k, v in named.items()}
+            result = compiled(padded if isinstance(pixels, dict) else padded[""])
+            return {k: v[:n] for k, v in result.items()}
+
+        forward.compiled = compiled
+        self.forward = forward
+
+
+def _padded(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """`batch` as an inference tensor of at least `size` rows (its last row repeated)."""
+    missing = size - batch.shape[0]
+    if missing > 0:
+        return torch.cat([batch, batch[-1:].expand(missing, *batch.shape[1:])])
+    return batch if batch.is_inference() else batch.clone()
 
 
 def install_output_hooks(module: torch.nn.Module) -> None:
