@@ -206,10 +206,10 @@ class Backbone(ABC):
         """`extract.compile`: the forward pass through torch.compile (kernels fused for this model
         and batch shape), compiled once per process: every batch reaches it in the first batch's
         shape (a smaller one, such as a run's last, is padded with copies of its last image, whose
-        rows are dropped: a model in eval mode computes each image on its own) and as an inference tensor (a
-        batch made outside `torch.inference_mode`, as a CPU reader's is, is copied: dynamo would
-        otherwise compile again for the other kind). `options` go to torch.compile (the tests trace
-        with `backend="eager"`: dynamo's graphs, no kernels)."""
+        rows are dropped: a model in eval mode computes each image on its own) and as an inference
+        tensor (a batch made outside `torch.inference_mode`, as a CPU reader's is, is copied:
+        dynamo would otherwise compile again for the other kind). `options` go to torch.compile
+        (the tests trace with `backend="eager"`: dynamo's graphs, no kernels)."""
         compiled = torch.compile(self.forward, **options)
         shape: list[int] = []  # the first batch's size
 
