@@ -8,7 +8,8 @@ demo's generator writes 750 videos x 5 datasets x 8 frames = 30,000 PNG frames u
 and the tiny CLIP under data/tiny-clip (or, with --model, a CLIP of a real backbone's shape with
 random weights, as in extract_bench.py: what +1 % costs against a full run depends on how much
 of the full run the model takes), and the `demo` stage is deleted from dvc.yaml (as the README
-says to do on your data), so `${data.root}` is a plain dependency. Times, in one run:
+says to do on your data), so `${data.root}` is a plain dependency; the images are kept out of git
+(`.gitignore`, as `dvc add` does and as any project keeps 15 GB of frames). Times, in one run:
 
   (a) the first `dvc repro` (scan, manifest, extract, train, evaluate), split by the moment each
       stage's command starts, and how often each image was opened before extract (DVC + scan +
@@ -123,6 +124,7 @@ def main() -> None:
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(command, cwd=project, check=True, capture_output=True)
     shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots")  # the plot templates dvc.yaml names
+    (project / ".gitignore").write_text("/data/demo\n")  # git-ignored: DVC's search for dvc.yaml files skips it
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "benchmark project"]):
         subprocess.run(command, cwd=project, check=True, capture_output=True)
 
