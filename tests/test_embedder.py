@@ -136,7 +136,8 @@ def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
     assert [r.digests for r in writer.rows] == [r.digests for r in runs[0].rows[:4]], "what was submitted is written"
 
 
-def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_embeddings(project):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_embeddings(project, device):
     """`extract.compile: true` runs the model through torch.compile (Inductor; on this CPU too),
     traced whole: a graph break (Python that dynamo cannot trace, such as parsing layer names per
     batch, or transformers installing its hidden-state hooks under a lock on the first call)
@@ -144,7 +145,7 @@ def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_
     and a batch made outside inference mode reuse the first batch's kernels (a recompile costs a
     ViT-L seconds to a minute). Block layers and the patch mean included."""
     update_params(project, "model", layers=["projection", "block_0", "patch_mean"])
-    update_params(project, "extract", compile=True, device="cpu", precision="fp32")
+    update_params(project, "extract", compile=True, device=device, precision="fp32")
     settings = load(project / "params.yaml")
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -153,14 +154,14 @@ def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_
     assert hasattr(backbone.forward.compiled, "_torchdynamo_orig_callable"), "extract.compile compiles the forward pass"
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.normal(size=(4, 3, *backbone.preprocess(blank()).shape[1:])).astype(np.float32))
-    compiled = backbone.embed(pixels)
+    compiled = backbone.embed(pixels)  # on a GPU the copy in makes an inference tensor
     with torch.inference_mode():
         last = backbone.embed(pixels[1:].clone())  # smaller, and an inference tensor
     assert not counters["graph_break"], list(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, "compiled once"
     eager = backbones.load(settings.model, "cpu", "fp32").embed(pixels)
     for layer, vectors in eager.items():
-        np.testing.assert_allclose(last[layer], compiled[layer][1:], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(last[layer], compiled[layer][1:], rtol=1e-4, atol=1e-5)
         other = compiled[layer]
         cosine = (vectors * other).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(other, axis=1)
         assert cosine.min() > 0.9999, layer
