@@ -74,21 +74,41 @@ def test_an_injected_failing_writer_keeps_earlier_shards_and_the_resumed_run_is_
     np.testing.assert_array_equal(embeddings, ref_embeddings)
 
 
-def test_the_threaded_reader_gives_the_batches_of_the_default_reader_in_order(project):
-    """What dask workers use (they cannot fork DataLoader processes): threads decoding ahead."""
+def test_both_readers_give_the_same_batches_in_order_whole_or_in_parts(project):
+    """The DataLoader reader and the threaded one (dask workers cannot fork DataLoader processes),
+    each batch read whole by one reader or in parts by several and joined (the GPU's way: the
+    first batch is ready sooner), give the same batches: items, order, pixels, failures."""
     settings = load(project / "params.yaml")
     table = manifest.run(settings, Outputs(project))
-    paths = table.column("path").to_pylist()[:50]
+    paths = table.column("path").to_pylist()[:21]
     items = [
         embedder.Item(d, p, settings.data_root / p)
-        for d, p in zip(table.column("digest").to_pylist()[:50], paths, strict=True)
+        for d, p in zip(table.column("digest").to_pylist()[:21], paths, strict=True)
     ]
+    items[9] = dataclasses.replace(items[9], digest="0" * 64)  # changed since the manifest: fails, inside a part
     preprocess = backbones.load(settings.model, "cpu", "fp32").preprocess
-    expected = list(embedder.read_batches(items, preprocess, 8, 0, False))
-    for threads in (0, 1, 3):
-        got = list(embedder.threaded_batches(items, preprocess, 8, threads, False))
-        assert [b.digests for b in got] == [b.digests for b in expected]
-        assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True))
+    dataset = embedder.ImageDataset(items, preprocess)
+    expected = [dataset[list(range(i, i + 7))] for i in range(0, len(items), 7)]
+    assert expected[1].errors[2] is not None
+    cases = [(embedder.read_batches, n, split) for n in (0, 1, 2) for split in (False, True)]  # 2: parts of 4 + 3
+    cases += [(embedder.threaded_batches, n, split) for n in (0, 1, 3) for split in (False, True)]  # 3 + 3 + 1
+    for reader, readers, in_parts in cases:
+        got = list(reader(items, preprocess, 7, readers, False, in_parts=in_parts))
+        case = (reader.__name__, readers, in_parts)
+        assert [b.digests for b in got] == [b.digests for b in expected], case
+        assert [b.errors for b in got] == [b.errors for b in expected], case
+        assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
+
+
+def test_batches_are_split_into_near_equal_parts_in_order():
+    assert embedder.parts(10, 4, 3) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8], [9]]]
+    assert embedder.parts(3, 8, 12) == [[[0], [1], [2]]]
+    assert embedder.parts(5, 8, 1) == [[[0, 1, 2, 3, 4]]]
+    assert embedder.parts(0, 8, 2) == []
+    split = embedder.parts(20008, 256, 12)  # ViT-L/14 on the H100 machine: 12 readers
+    assert [i for batch in split for part in batch for i in part] == list(range(20008))
+    assert all(len(batch) <= 12 and sum(map(len, batch)) == 256 for batch in split[:-1])
+    assert max(map(len, split[0])) == 22
 
 
 def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
