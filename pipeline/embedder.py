@@ -193,12 +193,14 @@ def threaded_batches(
 
 def pinned(batch: Batch) -> Batch:
     """The batch with its pixels in page-locked memory (what DataLoader's pin_memory does for its
-    workers), so that the copy to the GPU does not block; done in the reader's threads."""
+    workers), so that the copy to the GPU does not block: in the threaded reader's threads, and
+    in `joined` for a batch of one part; what is pinned already is kept."""
     if batch.pixels is None:
         return batch
+    pin = lambda t: t if t.is_pinned() else t.pin_memory()  # noqa: E731
     if isinstance(batch.pixels, dict):
-        return batch._replace(pixels={k: v.pin_memory() for k, v in batch.pixels.items()})
-    return batch._replace(pixels=batch.pixels.pin_memory())
+        return batch._replace(pixels={k: pin(v) for k, v in batch.pixels.items()})
+    return batch._replace(pixels=pin(batch.pixels))
 
 
 def parts(n: int, batch_size: int, readers: int) -> list[list[list[int]]]:
@@ -215,11 +217,10 @@ def parts(n: int, batch_size: int, readers: int) -> list[list[list[int]]]:
 
 
 def joined(read: list[Batch], pin_memory: bool) -> Batch:
-    """One batch from its parts, in order (a batch of one part as it is); its pixels in one
-    tensor, page-locked for a GPU (the copy that joins them is the copy that pins them), so that
-    the copy to the GPU does not block."""
+    """One batch from its parts, in order; its pixels in one tensor, page-locked for a GPU (the
+    copy that joins them is the copy that pins them), so that the copy to the GPU does not block."""
     if len(read) == 1:
-        return read[0]
+        return pinned(read[0]) if pin_memory else read[0]  # pinned already, unless a one-part batch among parts
     stacks = [part.pixels for part in read if part.pixels is not None]
     if not stacks:
         pixels = None
