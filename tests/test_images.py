@@ -42,6 +42,25 @@ def test_preprocessing_is_bit_exact_with_the_hf_processor(tiny_clip, tmp_path, m
     np.testing.assert_array_equal(array, expected)
 
 
+def test_every_pixel_value_of_every_channel_is_normalised_as_the_processor_does(tiny_clip, tmp_path):
+    """The rescale and normalisation are looked up per uint8 value: all 768 entries, against the
+    processor, on an image of the crop's size (nothing resized)."""
+    config = json.loads((tiny_clip / "preprocessor_config.json").read_text())
+    ours = Preprocess.from_hf_config(config)
+    side = ours.crop_height
+    values = np.arange(side * side * 3) % 256
+    pixels = np.stack([values[: side * side], values[::-1][: side * side], (values[: side * side] * 7) % 256], -1)
+    assert all(len(np.unique(pixels[..., c])) == 256 for c in range(3)), "every value in every channel"
+    path = tmp_path / "all.png"
+    Image.fromarray(pixels.reshape(side, side, 3).astype(np.uint8)).save(path)
+    array, error = images.load(path, ours)
+    hf = AutoImageProcessor.from_pretrained(tiny_clip, backend="pil")
+    with Image.open(path) as reloaded:
+        expected = hf(images=reloaded, return_tensors="np")["pixel_values"][0]
+    assert error is None and ours.crop_width == side and ours.shortest_edge == side
+    np.testing.assert_array_equal(array, expected)
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tiny_clip, tmp_path):
     ours = Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))

@@ -92,9 +92,25 @@ class Preprocess:
         arr = _center_crop(arr, self.crop_height, self.crop_width)
         if self.defer_normalize:
             return np.ascontiguousarray(arr.transpose(2, 0, 1))  # uint8: `normalize` finishes it
-        arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        arr = (arr - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        # An RGB image's channel (uint8) has 256 values: each went through the processor's arithmetic once
+        # (`_table`), so looking them up gives its numbers to the bit, 10x faster than computing
+        # (this is most of a reader's time per image, which on a CPU it takes from the model).
+        out = np.empty((3, *arr.shape[:2]), dtype=np.float32)
+        for c in range(3):
+            np.take(self._table[c], arr[..., c], out=out[c])
+        return out
+
+    def _normalized(self, values: np.ndarray) -> np.ndarray:
+        """The processor's arithmetic: rescale in float64, cast to float32, subtract the mean and
+        divide by the std in float32 (values: float64, channels last)."""
+        rescaled = (values * self.rescale_factor).astype(np.float32)
+        return (rescaled - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        """(3, 256) float32: what `_normalized` makes of each uint8 value in each channel."""
+        values = np.repeat(np.arange(256, dtype=np.float64)[:, None], 3, axis=1)
+        return np.ascontiguousarray(self._normalized(values).T)
 
     def deferred(self) -> Preprocess:
         """This preprocessing with the rescale and normalisation left to `normalize`."""
