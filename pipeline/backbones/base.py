@@ -149,8 +149,8 @@ class Backbone(ABC):
         self.name = name
         self.preprocess = preprocess
         self.layers = layers
-        # {layer: i} for each `block_<i>` layer, worked out once: `forward` does no string work, so
-        # torch.compile (`extract.compile`) traces it whole instead of breaking its graph on a regex
+        # {layer: i} for each `block_<i>` layer, worked out once: `forward` does no work on layer
+        # names, which torch.compile (`extract.compile`) could not trace (a graph break per batch)
         self.blocks = {layer: i for layer in layers if (i := block_index(layer)) is not None}
         self.dims = dims
         self.device = device

@@ -92,9 +92,9 @@ class Preprocess:
         arr = _center_crop(arr, self.crop_height, self.crop_width)
         if self.defer_normalize:
             return np.ascontiguousarray(arr.transpose(2, 0, 1))  # uint8: `normalize` finishes it
-        # An RGB image's channel (uint8) has 256 values: each went through the processor's arithmetic once
-        # (`_table`), so looking them up gives its numbers to the bit, 10x faster than computing
-        # (this is most of a reader's time per image, which on a CPU it takes from the model).
+        # A channel of an RGB image (uint8) has 256 values, each put through the processor's
+        # arithmetic once (`_table`): looking them up gives its numbers to the bit, 10x faster than
+        # computing them per pixel (which was most of a reader's time, taken from the model on a CPU).
         out = np.empty((3, *arr.shape[:2]), dtype=np.float32)
         for c in range(3):
             np.take(self._table[c], arr[..., c], out=out[c])
