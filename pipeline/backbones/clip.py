@@ -93,8 +93,9 @@ class Preprocess:
         if self.defer_normalize:
             return np.ascontiguousarray(arr.transpose(2, 0, 1))  # uint8: `normalize` finishes it
         # A channel of an RGB image (uint8) has 256 values, each put through the processor's
-        # arithmetic once (`_table`): looking them up gives its numbers to the bit, 10x faster than
-        # computing them per pixel (which was most of a reader's time, taken from the model on a CPU).
+        # arithmetic once (`_table`): looking them up gives its numbers to the bit, faster than
+        # computing them per pixel (a reader's time per image 1.85 -> 1.65 ms, taken from the
+        # model on a CPU).
         out = np.empty((3, *arr.shape[:2]), dtype=np.float32)
         for c in range(3):
             np.take(self._table[c], arr[..., c], out=out[c])
