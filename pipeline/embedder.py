@@ -141,11 +141,9 @@ def read_batches(
     ready after 1/num_workers of the time one process takes to decode a batch. On a CPU a process
     decodes a whole batch: there the model is slower than the readers, and joining would cost a
     copy that pinning does not pay for."""
-    in_parts = pin_memory if in_parts is None else in_parts
-    split = parts(len(items), batch_size, max(1, num_workers) if in_parts else 1)
+    split, whole = _batches(len(items), batch_size, num_workers, pin_memory if in_parts is None else in_parts)
     if not split:
         return
-    whole = all(len(batch) == 1 for batch in split)
     loader = DataLoader(
         ImageDataset(items, preprocess),
         batch_size=None,  # the dataset makes whole parts
@@ -172,10 +170,8 @@ def threaded_batches(
     decode and preprocess ahead of the model (PIL and PyAV release the GIL while they decode and
     resize), each batch in parts for a GPU (`in_parts`, as in `read_batches`), up to 2 x
     `num_threads` batches in flight (4 in parts), in order; pinned for a GPU."""
-    in_parts = pin_memory if in_parts is None else in_parts
     dataset = ImageDataset(items, preprocess)
-    split = parts(len(items), batch_size, max(1, num_threads) if in_parts else 1)
-    whole = all(len(batch) == 1 for batch in split)
+    split, whole = _batches(len(items), batch_size, num_threads, pin_memory if in_parts is None else in_parts)
     load = (lambda part: pinned(dataset[part])) if pin_memory and whole else dataset.__getitem__
     if num_threads <= 0:
         for batch in split:
@@ -214,6 +210,13 @@ def parts(n: int, batch_size: int, readers: int) -> list[list[list[int]]]:
         step = -(-size // min(readers, size))
         split.append([list(range(i, min(i + step, first + size))) for i in range(first, first + size, step)])
     return split
+
+
+def _batches(n: int, batch_size: int, readers: int, in_parts: bool) -> tuple[list[list[list[int]]], bool]:
+    """A reader's batches (`parts`: in parts for up to `readers` readers, or whole), and whether
+    every batch is a single part."""
+    split = parts(n, batch_size, max(1, readers) if in_parts else 1)
+    return split, all(len(batch) == 1 for batch in split)
 
 
 def joined(read: list[Batch], pin_memory: bool) -> Batch:
