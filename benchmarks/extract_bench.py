@@ -2,14 +2,17 @@
 
     python benchmarks/extract_bench.py [--images 300] [--model vit-b32|vit-b16|vit-l14] [--vision-layers N]
                                        [--device auto] [--precision auto] [--batch-size 64] [--workers 2] [--compile]
-                                       [--dask N] [--torch-threads N] [--throughput-only]
+                                       [--reader processes|threads] [--dask N] [--torch-threads N]
+                                       [--throughput-only]
 
 On the same JPEGs and the same ViT-shaped CLIP (random weights: speed does not depend on
 them), measures images/s of
   (a) the original script's loop: per image PIL open, the HF image processor, forward, .numpy()
-  (b) this extractor (`extract.run`: DataLoader workers, batched inference, writer thread)
+  (b) this extractor (`extract.run`: DataLoader workers, batched inference, writer thread; with
+      --reader threads, the dask workers' reader instead: threads of this process, no fork)
   (c) the forward pass alone on ready tensors, same batch size and precision as (b)
-  (r) the readers alone (decode, preprocess, pin for a GPU), the bound from the CPU side
+  (r) the readers alone (decode, preprocess, pin for a GPU), the bound from the CPU side, and
+      their start: the seconds until one image comes back (forking the processes, or not)
   (d) with --dask N, the same run as (b) on a LocalCluster of N workers
 and prints b/a and b/c, (b) without its start, where (b) waited, the cost of an incremental run
 (+1 % new images) and of resuming after a SIGKILL at 50 %, both relative to a full run, peak
@@ -192,18 +195,26 @@ class BatchTimes(logging.Handler):
 
 
 def readers_alone(
-    items: list[embedder.Item], preprocess, batch_size: int, workers: int, pin: bool
-) -> tuple[float, float]:
+    reader: embedder.Reader, items: list[embedder.Item], preprocess, batch_size: int, workers: int, pin: bool
+) -> tuple[float, float, float]:
     """(r) The readers without the model (decode, preprocess, pin), start included as in (b):
-    images/s, and the seconds until the first batch was ready (what the model waits at the start)."""
+    images/s, the seconds until the first batch was ready (what the model waits at the start),
+    and the readers' start alone: the seconds until a one-image run returns (`workers` processes
+    forked from this process, whose memory the fork copies the page tables of, or threads)."""
+    start = time.perf_counter()
+    for _ in reader(items[:1], preprocess, batch_size, workers, pin):
+        pass
+    started = time.perf_counter() - start
     start, done, first = time.perf_counter(), 0, None
-    for batch in embedder.read_batches(items, preprocess, batch_size, workers, pin):
+    for batch in reader(items, preprocess, batch_size, workers, pin):
         first = first or time.perf_counter() - start
         done += len(batch.digests)
-    return done / (time.perf_counter() - start), first or 0.0
+    return done / (time.perf_counter() - start), first or 0.0, started
 
 
-def timed_extract(settings, outputs, backbone, times: BatchTimes | None = None) -> tuple[float, int]:
+def timed_extract(
+    settings, outputs, backbone, times: BatchTimes | None = None, reader: embedder.Reader = embedder.read_batches
+) -> tuple[float, int]:
     before = sum(s.count() for s in caches(outputs.embeddings))
     log = logging.getLogger(embedder.__name__)
     if times:
@@ -211,7 +222,7 @@ def timed_extract(settings, outputs, backbone, times: BatchTimes | None = None) 
         log.setLevel(logging.DEBUG)
     start = time.perf_counter()
     try:
-        extract.run(settings, outputs, embedder=embedder.LocalEmbedder(settings, backbone))
+        extract.run(settings, outputs, embedder=embedder.LocalEmbedder(settings, backbone, reader=reader))
     finally:
         log.removeHandler(times)
         log.setLevel(logging.NOTSET)
@@ -256,6 +267,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="extract.compile: torch.compile the forward pass")
+    parser.add_argument(
+        "--reader",
+        choices=["processes", "threads"],
+        default="processes",
+        help="(b) and (r) with the local reader (DataLoader processes) or the dask workers' (threads of this process)",
+    )
     parser.add_argument("--dask", type=int, default=0, help="also time a dask LocalCluster of this many workers")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch.set_num_threads in this process (0: torch's default)"
@@ -303,11 +320,12 @@ def main() -> None:
         embedder.Item(d, p, manifest_table.absolute_path(p, settings.data_root))
         for d, p in zip(table["digest"].to_pylist(), table["path"].to_pylist(), strict=True)
     ]
-    rate_r, first_r = readers_alone(
-        items, backbone.preprocess, args.batch_size, args.workers, backbone.device.type == "cuda"
+    reader = embedder.threaded_batches if args.reader == "threads" else embedder.read_batches
+    rate_r, first_r, start_r = readers_alone(
+        reader, items, backbone.preprocess, args.batch_size, args.workers, backbone.device.type == "cuda"
     )
     times = BatchTimes()
-    full_s, embedded = timed_extract(settings, outputs, backbone, times)
+    full_s, embedded = timed_extract(settings, outputs, backbone, times, reader)
     assert embedded == n, (embedded, n)
     rate_b = n / full_s
 
@@ -316,14 +334,14 @@ def main() -> None:
         extra = max(1, n // 100)
         make_images(work / "data" / "real", extra, start=len(paths))
         manifest.run(settings, outputs)
-        inc_s, inc_n = timed_extract(settings, outputs, backbone)
+        inc_s, inc_n = timed_extract(settings, outputs, backbone, reader=reader)
         assert inc_n == extra
 
         # Resume: a fresh cache, SIGKILL at 50 %, then the resumed run.
         for store in caches(outputs.embeddings):
             shutil.rmtree(store.directory)
         kill_at_half(work, n + extra)
-        resume_s, resume_n = timed_extract(settings, outputs, backbone)
+        resume_s, resume_n = timed_extract(settings, outputs, backbone, reader=reader)
 
     # Optionally: the same full run on a dask LocalCluster (each worker builds its own model).
     rate_dask = None
@@ -352,7 +370,7 @@ def main() -> None:
         f"model {args.model}{f' with {args.vision_layers} blocks' if args.vision_layers else ''} (random weights), "
         f"{n} JPEGs 320x256, device {backbone.device}, "
         f"precision {backbone.precision}{', compiled' if args.compile else ''}, batch {args.batch_size}, "
-        f"workers {args.workers}, "
+        f"workers {args.workers} ({args.reader}), "
         f"torch threads {torch.get_num_threads()}, cpu bf16 {backbones.cpu_supports_bf16()}"
     )
     rows = [
@@ -361,7 +379,7 @@ def main() -> None:
         (
             "(r) readers alone: decode, preprocess, pin",
             f"{rate_r:8.1f} img/s",
-            f"start included, as in (b); first batch after {first_r:.2f} s",
+            f"start included, as in (b); first batch after {first_r:.2f} s; their start (1 image) {start_r:.2f} s",
         ),
         ("b / c", f"{rate_b / rate_c:8.2f}", "target >= 0.85 (CPU), >= 0.90 (GPU)"),
         (
