@@ -313,7 +313,7 @@ def main() -> None:
     paths = sorted((work / "data" / "real").rglob("*.jpg"))
 
     rate_a = None if args.throughput_only else original_loop(paths, model_dir, min(args.original, n))
-    backbone = backbones.load(settings.model, args.device, args.precision, args.compile)
+    backbone = backbones.load(settings.model, args.device, args.precision, args.compile, args.batch_size)
     rate_c = forward_only(backbone, n, args.batch_size)
     table = pq.read_table(outputs.manifest, columns=["digest", "path"])
     items = [

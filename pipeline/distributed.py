@@ -59,9 +59,9 @@ def _backbone(model: ModelSettings, extract: ExtractSettings):
     from pipeline import backbones
 
     device = _worker_device(extract.device)
-    key = (repr(model), device, extract.precision, extract.compile)
+    key = (repr(model), device, extract.precision, extract.compile, extract.batch_size)
     if key not in _BACKBONES:
-        _BACKBONES[key] = backbones.load(model, device, extract.precision, extract.compile)
+        _BACKBONES[key] = backbones.load(model, device, extract.precision, extract.compile, extract.batch_size)
     return _BACKBONES[key]
 
 

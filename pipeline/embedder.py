@@ -445,7 +445,7 @@ class LocalEmbedder:
         """The model, loaded on first use (and remembered in `backbones.Known`)."""
         if self._backbone is None:
             ex = self.settings.extract
-            self._backbone = backbones.load(self.settings.model, ex.device, ex.precision, ex.compile)
+            self._backbone = backbones.load(self.settings.model, ex.device, ex.precision, ex.compile, ex.batch_size)
             if self.known is not None:
                 remembered = self.known.lookup(self._stamp)
                 self.known.remember(self._stamp, self._backbone.description, self._backbone.dims)

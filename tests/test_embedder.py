@@ -163,9 +163,11 @@ def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_
     batch, or transformers installing its hidden-state hooks under a lock on the first call)
     returns to Python on every batch, which a GPU feels. Compiled once: a run's last, smaller batch
     and a batch made outside inference mode reuse the first batch's kernels (a recompile costs a
-    ViT-L seconds to a minute). Block layers and the patch mean included."""
+    ViT-L seconds to a minute), nor does a full batch after a smaller first one (a first batch
+    with images that failed to decode): every batch is padded to `extract.batch_size`. Block
+    layers and the patch mean included."""
     update_params(project, "model", layers=["projection", "block_0", "patch_mean"])
-    update_params(project, "extract", compile=True, device=device, precision="fp32")
+    update_params(project, "extract", compile=True, device=device, precision="fp32", batch_size=4)
     settings = load(project / "params.yaml")
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -174,14 +176,17 @@ def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_
     assert hasattr(backbone.forward.compiled, "_torchdynamo_orig_callable"), "extract.compile compiles the forward pass"
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.normal(size=(4, 3, *backbone.preprocess(blank()).shape[1:])).astype(np.float32))
+    with torch.inference_mode():
+        first = backbone.embed(pixels[1:].clone())  # smaller than the batch size, and an inference tensor
     compiled = backbone.embed(pixels)  # on a GPU the copy in makes an inference tensor
     with torch.inference_mode():
-        last = backbone.embed(pixels[1:].clone())  # smaller, and an inference tensor
+        last = backbone.embed(pixels[2:].clone())
     assert not counters["graph_break"], list(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, "compiled once"
     eager = backbones.load(settings.model, "cpu", "fp32").embed(pixels)
     for layer, vectors in eager.items():
-        np.testing.assert_allclose(last[layer], compiled[layer][1:], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(first[layer], compiled[layer][1:], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(last[layer], compiled[layer][2:], rtol=1e-4, atol=1e-5)
         other = compiled[layer]
         cosine = (vectors * other).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(other, axis=1)
         assert cosine.min() > 0.9999, layer

@@ -78,10 +78,13 @@ def family_of(directory: Path) -> tuple[str, dict]:
     )
 
 
-def load(model: ModelSettings, device: str = "auto", precision: str = "auto", compiled: bool = False) -> Backbone:
+def load(
+    model: ModelSettings, device: str = "auto", precision: str = "auto", compiled: bool = False, batch_size: int = 0
+) -> Backbone:
     """The backbone `model` names (a local directory or a Hugging Face cache entry), on `device`
     in `precision` (`auto`: see `base.resolve_precision`), its forward pass through torch.compile
-    with `compiled` (`extract.compile`), ready for `embed`."""
+    with `compiled` (`extract.compile`) for batches of `batch_size` (`Backbone.compile`), ready
+    for `embed`."""
     directory = resolve_directory(model)
     family, config = family_of(directory)
     if family not in FAMILIES:
@@ -100,7 +103,7 @@ def load(model: ModelSettings, device: str = "auto", precision: str = "auto", co
     module = importlib.import_module(FAMILIES[family])
     backbone = module.load(directory, config, model, dev, resolved)
     if compiled:
-        backbone.compile()
+        backbone.compile(batch_size)
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, backbone.precision, backbone.dims)
     return backbone
 

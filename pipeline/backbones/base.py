@@ -202,16 +202,17 @@ class Backbone(ABC):
             done.record()
         return Pending(host, done)
 
-    def compile(self, **options) -> None:
+    def compile(self, batch_size: int = 0, **options) -> None:
         """`extract.compile`: the forward pass through torch.compile (kernels fused for this model
-        and batch shape), compiled once per process: every batch reaches it in the first batch's
-        shape (a smaller one, such as a run's last, is padded with copies of its last image, whose
-        rows are dropped: a model in eval mode computes each image on its own) and as an inference
-        tensor (a batch made outside `torch.inference_mode`, as a CPU reader's is, is copied:
-        dynamo would otherwise compile again for the other kind). `options` go to torch.compile
+        and batch shape), compiled once per process: every batch reaches it as `batch_size` rows
+        (`extract.batch_size`; 0: the first batch's size) and as an inference tensor. A smaller
+        batch (a run's last; one whose images partly failed to decode, also the first) is padded
+        with copies of its last image, whose rows are dropped (a model in eval mode computes each
+        image on its own); a batch made outside `torch.inference_mode`, as a CPU reader's is, is
+        copied: dynamo would otherwise compile again for either. `options` go to torch.compile
         (the tests trace with `backend="eager"`: dynamo's graphs, no kernels)."""
         compiled = torch.compile(self.forward, **options)
-        shape: list[int] = []  # the first batch's size
+        shape: list[int] = [batch_size] if batch_size > 0 else []  # the size every batch is padded to
 
         def forward(pixels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             named = pixels if isinstance(pixels, dict) else {"": pixels}

@@ -169,9 +169,9 @@ class ClipBackbone(Backbone):
                 result[layer] = out.hidden_states[self.blocks[layer] + 1][:, 0]
         return result
 
-    def compile(self, **options) -> None:
+    def compile(self, batch_size: int = 0, **options) -> None:
         install_output_hooks(self.model.vision_model)
-        super().compile(**options)
+        super().compile(batch_size, **options)
 
     @torch.inference_mode()
     def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:

@@ -110,9 +110,9 @@ class HFBackbone(Backbone):
                 result[layer] = hidden[:, 0] if self.kind.cls_token else patches(hidden)
         return result
 
-    def compile(self, **options) -> None:
+    def compile(self, batch_size: int = 0, **options) -> None:
         install_output_hooks(self.vision)
-        super().compile(**options)
+        super().compile(batch_size, **options)
 
     @torch.inference_mode()
     def embed_text(self, prompts: list[str]) -> tuple[np.ndarray, dict] | None:
