@@ -4,12 +4,17 @@
 #
 #     bash benchmarks/gpu.sh [images]        # 20,000 JPEGs per benchmark by default
 #
-# Each step has its own time limit, so one that hangs does not take the others' time; the tables
-# go to stdout, progress bars and logs to $OUT/gpu-progress.log (the current folder without OUT).
+# Each step has its own time limit, so one that hangs does not take the others' time, and all of
+# them together stay within GPU_BUDGET seconds (default 570: a device call is cut at 600; a step
+# that would start with less than 30 s left is skipped and says so). The tables go to stdout and
+# to $OUT/gpu-tables.txt, progress bars and logs to $OUT/gpu-progress.log (the current folder
+# without OUT), so a run cut short still leaves what it measured.
 set -u
 cd "$(dirname "$0")/.."
 IMAGES=${1:-20000}
+BUDGET=${GPU_BUDGET:-570}
 LOG=${OUT:-.}/gpu-progress.log
+exec > >(tee -a "${OUT:-.}/gpu-tables.txt")
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
@@ -22,9 +27,14 @@ python3 -c 'import torch, transformers, dask; print("torch", torch.__version__, 
     "transformers", transformers.__version__, "dask", dask.__version__)'
 
 step() {
-    local limit=$1
+    local limit=$1 left=$((BUDGET - SECONDS))
     shift
     echo
+    if ((left < 30)); then
+        echo "== skipped, ${left} s of the ${BUDGET} s budget left: $*"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "== $* (limit ${limit} s)"
     local start=$SECONDS
     timeout "$limit" "$@" 2>>"$LOG"
