@@ -250,6 +250,15 @@ def _concatenated(tensors: list[torch.Tensor], pin_memory: bool) -> torch.Tensor
 Reader = Callable[[list[Item], Callable, int, int, bool], Iterable[Batch]]
 
 
+def small_run(n: int, batch_size: int, readers: int, crops: faces.FaceStage | None) -> bool:
+    """Whether `n` items (an incremental run's new images) are better read by `readers` threads
+    of this process than by as many forked processes: no more than one batch per reader, where
+    forking costs more than the decoding it spreads (a fork copies the page tables of this
+    process, which holds the model: 1.3 s for 12 readers forked from 5 GB, 0.06 s for 2 from
+    1 GB, measured). Face crops stay with processes: a process detects one batch at a time."""
+    return readers > 0 and crops is None and n <= batch_size * readers
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -468,10 +477,13 @@ class LocalEmbedder:
     def embed(self, items: list[Item], store: EmbeddingStore) -> list[str]:
         """Embed `items` into `store`; returns the paths of files that changed since the manifest."""
         ex = self.settings.extract
+        reader = self.reader
+        if reader is read_batches and small_run(len(items), ex.batch_size, ex.num_workers, self.crops):
+            reader = threaded_batches
         writer = self.writer(store, ex.shard_size, ex.format)
         try:
             return embed_items(
-                items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=self.reader, crops=self.crops
+                items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=reader, crops=self.crops
             )
         finally:
             writer.close()  # commits what is buffered, also on Ctrl-C

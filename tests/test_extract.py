@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -24,6 +25,9 @@ from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore, text
 from tests.conftest import CUDA, update_params
+
+FORKS: list[str] = []  # every os.fork of this test process (reader processes), for the tests to count
+sys.addaudithook(lambda event, args: FORKS.append(event) if event == "os.fork" else None)
 
 
 def run_stages(project, **kwargs):
@@ -71,7 +75,13 @@ def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, devic
 
 
 def test_a_rerun_embeds_nothing_and_new_images_only_themselves(project, caplog):
+    """...and a run as small as the new images here (no more than one batch per reader) reads in
+    threads of this process: forking the reader processes would cost more (each fork copies the
+    page tables of this process, which holds the model: 0.1 s per reader from a GPU run's 5 GB)."""
+    update_params(project, "extract", num_workers=2, batch_size=4)
+    del FORKS[:]
     run_stages(project)
+    assert len(FORKS) == 2, "a full run reads in 2 reader processes"
     caplog.set_level(logging.INFO)
     caplog.clear()
     run_stages(project)
@@ -84,9 +94,11 @@ def test_a_rerun_embeds_nothing_and_new_images_only_themselves(project, caplog):
     for i in range(3):
         Image.new("RGB", (72, 64), (i * 40, 10, 200)).save(new / f"{i:04d}.png")
     caplog.clear()
+    del FORKS[:]
     summary, _ = run_stages(project)
     assert "3 to embed" in caplog.text
     assert summary.embedded == summary.images
+    assert FORKS == [], "3 new images (2 readers, batches of 4) are read without forking"
 
 
 def test_nothing_to_embed_loads_no_model_and_unchanged_weights_are_not_hashed_again(project, monkeypatch, tiny_clip):
