@@ -90,22 +90,25 @@ class Normalizer:
 
     def fit(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, scale) of the rows of X after the per-row step."""
-        return self._moments(self.rows(X))
+        return self.fit_transform(X)[1:]
 
     def fit_transform(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(normalised rows, mean, scale): `fit` and the transform with one float64 copy of X."""
+        """(normalised rows, mean, scale) with one float64 copy of X: centred in place, and the
+        scale (numpy's `std`, the same arithmetic) from the centred rows a block of columns at a
+        time, instead of `std`'s own centred copy of all the rows (9 passes over the rows -> 6)."""
         Z = self.rows(X)
         Z = Z.copy() if np.shares_memory(Z, X) else Z
-        mean, scale = self._moments(Z)
+        if "standardize" not in self.normalize:
+            return Z, np.zeros(Z.shape[1]), np.ones(Z.shape[1])
+        mean = Z.mean(axis=0)
         Z -= mean
+        var = np.empty(Z.shape[1])
+        for j in range(0, Z.shape[1], 64):  # each column summed over the rows in order, as `std` does
+            np.divide(np.square(Z[:, j : j + 64]).sum(axis=0), len(Z), out=var[j : j + 64])
+        std = np.sqrt(var)
+        scale = np.where(std > 1e-12, std, 1.0)
         Z /= scale
         return Z, mean, scale
-
-    def _moments(self, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if "standardize" not in self.normalize:
-            return np.zeros(Z.shape[1]), np.ones(Z.shape[1])
-        std = Z.std(axis=0)
-        return Z.mean(axis=0), np.where(std > 1e-12, std, 1.0)
 
     def add(self, X: np.ndarray) -> None:
         """Accumulate the moments of one part of the training rows (see `fitted`)."""

@@ -50,8 +50,9 @@ def histogram_figure(scores: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
     bins = np.linspace(0, 1, 26)
     for ax, (name, (y, s)) in zip(axes[0], scores.items(), strict=True):
-        ax.hist(s[y == 0], bins=bins, alpha=0.6, label="real", color="tab:blue")
-        ax.hist(s[y == 1], bins=bins, alpha=0.6, label="fake", color="tab:red")
+        # Counted by numpy, drawn as one filled outline each (`hist` draws a patch per bin: 4x slower)
+        ax.stairs(np.histogram(s[y == 0], bins)[0], bins, fill=True, alpha=0.6, label="real", color="tab:blue")
+        ax.stairs(np.histogram(s[y == 1], bins)[0], bins, fill=True, alpha=0.6, label="fake", color="tab:red")
         ax.set(title=name, xlabel="fake score")
     axes[0][0].legend(fontsize=8)
     _save(fig, path)
