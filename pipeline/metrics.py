@@ -170,26 +170,35 @@ def video_draws(y: np.ndarray, videos: np.ndarray, n: int, seed: int = 0):
 
 
 def resampled_aucs(y: np.ndarray, scores: np.ndarray, counts: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """The frame AUC of every resample (`video_draws`), from one sort: a resample weighs each frame
-    by its video's count, so its AUC is the Mann-Whitney statistic with weights (ties count half).
-    Counts and half-counts add exactly in float64, so each value equals `rank_auc` of the
-    resample's frame list bit for bit, at a fraction of the cost of ranking every resample."""
-    order = np.argsort(scores, kind="stable")
-    s, positive = np.asarray(scores)[order], np.asarray(y)[order] == 1
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-    group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
-    out = np.empty(len(counts))
-    step = max(1, min(256, 2**22 // len(s)))  # bounded memory: ~4M weights (32 MB) per array at a time
-    for lo in range(0, len(counts), step):
-        w = counts[lo : lo + step][:, inverse[order]]
-        negatives = np.where(positive, 0.0, w)
-        below = np.cumsum(negatives, axis=1)[:, np.r_[starts[1:] - 1, len(s) - 1]]  # up to each group's end
-        at = np.diff(np.c_[np.zeros(len(w)), below], axis=1)  # negatives tied with each group
-        below -= at
-        u = (np.where(positive, w, 0.0) * (below + 0.5 * at)[:, group]).sum(axis=1)
-        n_pos, n_neg = w[:, positive].sum(axis=1), negatives.sum(axis=1)
-        out[lo : lo + step] = u / (n_pos * n_neg)
-    return out
+    """The frame AUC of every resample (`video_draws`), without ranking a single resample: a
+    resample weighs each frame by its video's count c, so its Mann-Whitney statistic is
+    U = c_pos^T M c_neg, where M[v, w] sums, over the positive frames of video v and the negative
+    frames of video w, 1 for each pair ranked right and 1/2 for each tie, once for all resamples.
+    Counts, pair counts and halves are integers and halves, which float64 adds and multiplies
+    exactly in any order (a BLAS product included), so each value equals `rank_auc` of the
+    resample's frame list bit for bit."""
+    s = np.asarray(scores, dtype=float)
+    positive = np.asarray(y) == 1
+    inverse = np.asarray(inverse)
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    pos, neg = pos[np.argsort(inverse[pos], kind="stable")], neg[np.argsort(inverse[neg], kind="stable")]
+    pos_videos, pos_starts = np.unique(inverse[pos], return_index=True)
+    neg_videos, neg_starts = np.unique(inverse[neg], return_index=True)
+    M = np.zeros((len(pos_videos), len(neg_videos)))
+    row_video = np.searchsorted(pos_videos, inverse[pos])  # each positive frame's row of M
+    negative_scores = s[neg]
+    step = max(1, 2**22 // max(1, len(neg)))  # bounded memory: ~4M pairs (32 MB) at a time
+    for lo in range(0, len(pos), step):
+        here = s[pos[lo : lo + step], None]
+        pairs = (negative_scores < here) + 0.5 * (negative_scores == here)
+        by_video = np.add.reduceat(pairs, neg_starts, axis=1)  # (frames of this block, negative videos)
+        rows, first = np.unique(row_video[lo : lo + step], return_index=True)
+        M[rows] += np.add.reduceat(by_video, first, axis=0)
+    pos_counts, neg_counts = counts[:, pos_videos], counts[:, neg_videos]
+    u = ((pos_counts @ M) * neg_counts).sum(axis=1)
+    n_pos = pos_counts @ np.diff(np.r_[pos_starts, len(pos)]).astype(float)  # frames per video, weighed
+    n_neg = neg_counts @ np.diff(np.r_[neg_starts, len(neg)]).astype(float)
+    return u / (n_pos * n_neg)
 
 
 def bootstrap_auc(

@@ -26,7 +26,9 @@ from pipeline.metrics import (
     equal_error_rate,
     paired_bootstrap_auc,
     rank_auc,
+    resampled_aucs,
     roc_points,
+    video_draws,
     video_level,
 )
 from pipeline.outputs import Outputs
@@ -338,6 +340,7 @@ def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exa
     scores = np.round(y + rng.normal(0, 1.2, len(y)), 1)  # ties within and across classes
 
     aucs = [rank_auc(y[idx], scores[idx]) for idx in spelled_out_resamples(y, videos, 250, seed=11)]
+    np.testing.assert_array_equal(resampled_aucs(y, scores, *video_draws(y, videos, 250, seed=11)), aucs)
     assert bootstrap_auc(y, scores, videos, n=250, seed=11) == tuple(np.percentile(aucs, [2.5, 97.5]))
 
 
