@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import config, evaluate, extract, features, manifest, probes, report, shortcut, train
+from pipeline import config, evaluate, extract, features, manifest, metrics, probes, report, shortcut, train
 from pipeline.metrics import (
     HTML_COLUMNS,
     NAMES,
@@ -340,7 +340,11 @@ def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exa
     scores = np.round(y + rng.normal(0, 1.2, len(y)), 1)  # ties within and across classes
 
     aucs = [rank_auc(y[idx], scores[idx]) for idx in spelled_out_resamples(y, videos, 250, seed=11)]
-    np.testing.assert_array_equal(resampled_aucs(y, scores, *video_draws(y, videos, 250, seed=11)), aucs)
+    draws = video_draws(y, videos, 250, seed=11)
+    positive = y == 1
+    np.testing.assert_array_equal(resampled_aucs(y, scores, *draws), aucs)
+    np.testing.assert_array_equal(metrics._by_video_pairs(positive, scores.astype(float), *draws), aucs)
+    np.testing.assert_array_equal(metrics._by_one_sort(positive, scores.astype(float), *draws), aucs)
     assert bootstrap_auc(y, scores, videos, n=250, seed=11) == tuple(np.percentile(aucs, [2.5, 97.5]))
 
 
