@@ -77,7 +77,7 @@ def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, devic
 def test_a_rerun_embeds_nothing_and_new_images_only_themselves(project, caplog):
     """...and a run as small as the new images here (no more than one batch per reader) reads in
     threads of this process: forking the reader processes would cost more (each fork copies the
-    page tables of this process, which holds the model: 0.1 s per reader from a GPU run's 5 GB)."""
+    page tables of this process, which holds the model: 0.1 s per reader from 5 GB of tensors)."""
     update_params(project, "extract", num_workers=2, batch_size=4)
     del FORKS[:]
     run_stages(project)
