@@ -100,6 +100,16 @@ def test_both_readers_give_the_same_batches_in_order_whole_or_in_parts(project):
         assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
 
 
+def test_only_a_run_of_at_most_one_batch_per_reader_without_face_crops_reads_in_threads():
+    """`LocalEmbedder.embed` forks reader processes unless the run is that small (forking from the
+    process that holds the model costs more there; tests/test_extract.py counts the forks), and
+    never reads face crops in threads (a detector per process)."""
+    assert embedder.small_run(8, 4, 2, None) and embedder.small_run(1, 256, 12, None)
+    assert not embedder.small_run(9, 4, 2, None), "more than one batch per reader: processes"
+    assert not embedder.small_run(3, 4, 0, None), "no readers: read in this thread either way"
+    assert not embedder.small_run(3, 4, 2, crops=object()), "face crops: processes"
+
+
 def test_batches_are_split_into_near_equal_parts_in_order():
     assert embedder.parts(10, 4, 3) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8], [9]]]
     assert embedder.parts(3, 8, 12) == [[[0], [1], [2]]]
