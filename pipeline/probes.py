@@ -281,8 +281,8 @@ class MLPProbe:
     def fit(self, X: np.ndarray, y: np.ndarray, val_X: np.ndarray, val_y: np.ndarray) -> MLPProbe:
         from sklearn.neural_network import MLPClassifier
 
-        self.mean_, self.scale_ = Normalizer(self.normalize).fit(X)
-        Z, val_Z, y = self.transform(X), self.transform(val_X), np.asarray(y)
+        Z, self.mean_, self.scale_ = Normalizer(self.normalize).fit_transform(X)  # = self.transform(X)
+        val_Z, y = self.transform(val_X), np.asarray(y)
         net = MLPClassifier(
             hidden_layer_sizes=(self.hidden,),
             alpha=1.0 / (self.C * len(y)),
