@@ -152,6 +152,17 @@ def original_loop(paths: list[Path], model_dir: Path, limit: int) -> float:
     return limit / (time.perf_counter() - start)
 
 
+def cpu_bf16_flags() -> str:
+    """Which native bf16 this CPU has, from /proc/cpuinfo: item 2's target names machines with AMX
+    (amx_bf16) and with AVX512-BF16 only, whose models run at different rates."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return "(cpu flags unknown)"
+    return "(" + (", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "no bf16 flags") + ")"
+
+
 def forward_only(backbone, n: int, batch_size: int) -> float:
     """The model alone: the same batch shapes, already on the device, submitted back to back
     (the upper bound of the extractor: no decoding, no copy in, nothing written)."""
@@ -371,7 +382,7 @@ def main() -> None:
         f"{n} JPEGs 320x256, device {backbone.device}, "
         f"precision {backbone.precision}{', compiled' if args.compile else ''}, batch {args.batch_size}, "
         f"workers {args.workers} ({args.reader}), "
-        f"torch threads {torch.get_num_threads()}, cpu bf16 {backbones.cpu_supports_bf16()}"
+        f"torch threads {torch.get_num_threads()}, cpu bf16 {backbones.cpu_supports_bf16()} {cpu_bf16_flags()}"
     )
     rows = [
         ("(b) this extractor", f"{rate_b:8.1f} img/s", ""),
