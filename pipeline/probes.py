@@ -88,10 +88,6 @@ class Normalizer:
         X = np.asarray(X, dtype=np.float64)
         return l2_normalize(X) if "l2" in self.normalize else X
 
-    def fit(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, scale) of the rows of X after the per-row step."""
-        return self.fit_transform(X)[1:]
-
     def fit_transform(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(normalised rows, mean, scale) with one float64 copy of X: centred in place, and the
         scale (numpy's `std`, the same arithmetic) from the centred rows a block of columns at a
