@@ -286,7 +286,11 @@ def main() -> None:
     )
     parser.add_argument("--dask", type=int, default=0, help="also time a dask LocalCluster of this many workers")
     parser.add_argument(
-        "--torch-threads", type=int, default=0, help="torch.set_num_threads in this process (0: torch's default)"
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in this process (0: torch's default; on a GPU the extractor keeps no more than the "
+        "cores the readers leave)",
     )
     parser.add_argument(
         "--throughput-only", action="store_true", help="(b), (c), (d) and the cosine only: no (a), +1 %% or resume runs"
@@ -332,9 +336,10 @@ def main() -> None:
         for d, p in zip(table["digest"].to_pylist(), table["path"].to_pylist(), strict=True)
     ]
     reader = embedder.threaded_batches if args.reader == "threads" else embedder.read_batches
-    rate_r, first_r, start_r = readers_alone(
-        reader, items, backbone.preprocess, args.batch_size, args.workers, backbone.device.type == "cuda"
-    )
+    gpu = backbone.device.type == "cuda"
+    with embedder.gpu_host_threads(backbone.device.type, args.workers):  # as in (b)
+        host_threads = torch.get_num_threads()
+        rate_r, first_r, start_r = readers_alone(reader, items, backbone.preprocess, args.batch_size, args.workers, gpu)
     times = BatchTimes()
     full_s, embedded = timed_extract(settings, outputs, backbone, times, reader)
     assert embedded == n, (embedded, n)
@@ -382,7 +387,8 @@ def main() -> None:
         f"{n} JPEGs 320x256, device {backbone.device}, "
         f"precision {backbone.precision}{', compiled' if args.compile else ''}, batch {args.batch_size}, "
         f"workers {args.workers} ({args.reader}), "
-        f"torch threads {torch.get_num_threads()}, cpu bf16 {backbones.cpu_supports_bf16()} {cpu_bf16_flags()}"
+        f"torch threads {torch.get_num_threads()}{f' ({host_threads} while embedding)' if gpu else ''}, "
+        f"cpu bf16 {backbones.cpu_supports_bf16()} {cpu_bf16_flags()}"
     )
     rows = [
         ("(b) this extractor", f"{rate_b:8.1f} img/s", ""),
