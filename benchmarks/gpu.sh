@@ -49,12 +49,11 @@ step 150 python3 -m pytest -q -p no:cacheprovider tests/test_embedder.py tests/t
 
 common=(--device cuda --precision bf16 --batch-size 256 --workers 12 --images "$IMAGES")
 # In order of what matters most: the ViT-L/14 target (b/c >= 0.90), then the same with the readers
-# as threads of the main process (no fork of a process holding the CUDA context, no shared-memory
-# hand-over: which reader should a GPU run use?), ViT-B/16 both ways (decode-bound), compiled.
+# as threads of the main process (the dask workers' reader; 0.59 before the main process kept only
+# the threads the readers leave), compiled (the fastest ViT-L/14 measured), ViT-B/16 (decode-bound:
+# the readers are its limit), and ViT-B/16 with 15 readers (does one more core of decoding pay?).
 step 180 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --original 16 --dask 2
 step 90 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --reader threads
+step 150 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --compile
 step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only
-step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only --reader threads
-step 240 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --compile
-# Does the main process's thread pool (16 threads, for the pinning copies only) starve the decoders?
-step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only --torch-threads 4
+step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --workers 15 --throughput-only  # the last --workers counts
