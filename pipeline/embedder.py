@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import backbones, faces, frames, images, perturb
+from pipeline import backbones, faces, frames, images, machine, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.store import EmbeddingStore, fingerprint
 from pipeline.store.shard import ShardData
@@ -260,18 +259,12 @@ def small_run(n: int, batch_size: int, readers: int, crops: faces.FaceStage | No
     return readers > 0 and crops is None and n <= batch_size * readers
 
 
-def cpu_count() -> int:
-    """The cores this process may run on (its affinity where the OS says, e.g. under a cluster's
-    scheduler), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def host_threads(readers: int) -> int:
     """On a GPU, the intra-op threads this process keeps while `readers` decode: the cores they
     leave, at least one, never more than torch has. Here they only join and pin batches (the model
     runs on the GPU), and torch's default of one per core took the readers' cores: on one H100
     with 16 cores and 12 readers, ViT-B/16 1902 img/s with 16 threads, 3062 with 4."""
-    return max(1, min(torch.get_num_threads(), cpu_count() - readers))
+    return max(1, min(torch.get_num_threads(), machine.cores() - readers))
 
 
 @contextlib.contextmanager

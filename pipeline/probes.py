@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
-from pipeline import atomic, logistic
+from pipeline import atomic, logistic, machine
 from pipeline.config import ConfigError, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -448,7 +447,7 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     val_Z = (normalizer.rows(val.X) - mean) / scale
 
     grid = sorted(spec.C, reverse=True)  # the largest C converges slowest: started first, the threads finish together
-    with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), cores())) as pool:
+    with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), machine.cores())) as pool:
         plan = Plan.of(Z, pool.map) if spec.probe == "logreg" else None
 
         def one(C: float) -> tuple[LinearProbe, float]:
@@ -460,11 +459,6 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     aucs = {C: auc for C, (_, auc) in fitted.items()}
     best = fitted[best_C(aucs)][0]
     return Fitted(best, aucs, choose_threshold(val.y, best.predict_proba(val.X)))
-
-
-def cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _fit_mlp(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitted:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones, embedder, extract, manifest
+from pipeline import backbones, embedder, extract, machine, manifest
 from pipeline.config import load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
@@ -114,7 +114,7 @@ def test_a_gpu_run_leaves_the_readers_the_cores_and_gives_its_threads_back():
     """On the H100 (16 cores, 12 readers), torch's 16 intra-op threads in the main process, used
     only to join and pin batches, took the readers' cores: ViT-B/16 1902 img/s, 3062 with 4."""
     before = torch.get_num_threads()
-    cpus = embedder.cpu_count()
+    cpus = machine.cores()
     assert embedder.host_threads(cpus - 1) == 1, "the cores the readers leave"
     assert embedder.host_threads(cpus + 8) == 1, "at least one"
     assert embedder.host_threads(0) == min(before, cpus), "never more than torch had"

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import config, evaluate, extract, features, manifest, metrics, probes, report, shortcut, train
+from pipeline import config, evaluate, extract, features, machine, manifest, metrics, probes, report, shortcut, train
 from pipeline.metrics import (
     HTML_COLUMNS,
     NAMES,
@@ -146,7 +146,7 @@ def test_a_c_grid_gives_the_same_probes_on_one_core_as_on_two(monkeypatch):
     for X, y in (deep_like(400, 32, seed=5), blobs(400, 32, seed=5)):
         train, val = probes.Labelled(X[:300], y[:300]), probes.Labelled(X[300:], y[300:])
         on_two = probes.fit_and_select(train, val, spec)
-        monkeypatch.setattr(probes, "cores", lambda: 1)
+        monkeypatch.setattr(machine, "cores", lambda: 1)
         on_one = probes.fit_and_select(train, val, spec)
         monkeypatch.undo()
         np.testing.assert_array_equal(on_one.probe.coef_, on_two.probe.coef_)
