@@ -8,7 +8,7 @@ demo's generator writes 750 videos x 5 datasets x 8 frames = 30,000 PNG frames u
 and the tiny CLIP under data/tiny-clip (or, with --model, a CLIP of a real backbone's shape with
 random weights, as in extract_bench.py: what +1 % costs against a full run depends on how much
 of the full run the model takes), and the `demo` stage is deleted from dvc.yaml (as the README
-says to do on your data), so `${data.root}` is a plain dependency; the images are kept out of git
+says to do on your data), so the images are no stage's output; the images are kept out of git
 (`.gitignore`, as `dvc add` does and as any project keeps 15 GB of frames). Times, in one run:
 
   (a) the first `dvc repro` (scan, manifest, extract, train, evaluate), split by the moment each

@@ -16,7 +16,7 @@ from pipeline.outputs import Outputs
 log = logging.getLogger("pipeline")
 
 STAGES = {
-    "scan": "read new images once (sha256 + md5 for DVC) -> cache/scan.parquet, before DVC hashes them",
+    "scan": "read new images once; the data's files and digest -> cache/data.json (what the manifest depends on)",
     "manifest": "list dataset folders -> cache/manifest.parquet (digests, videos, splits)",
     "extract": "embed images that the cache lacks -> cache/embeddings/<model>/, cache/extract.json",
     "train": "fit a linear probe on cached embeddings -> models/probe/",

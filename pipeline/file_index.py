@@ -28,6 +28,7 @@ MEDIA_SUFFIXES = IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
 
 Stamp = tuple[int, int, int]  # size, mtime_ns, ctime_ns (ctime changes on every write, even one restoring the mtime)
 Known = dict[str, tuple[Stamp, FileFacts]]  # path as the manifest writes it -> (stamp, facts)
+Md5s = dict[str, tuple[Stamp, str]]  # path as the manifest writes it -> (stamp, md5 of the bytes)
 T = TypeVar("T")
 
 
@@ -159,5 +160,29 @@ def write_known(known: Known, path: Path) -> None:
         columns["ctime_ns"].append(ctime_ns)
         for c in CONTENT_COLUMNS:
             columns[c].append(getattr(facts, c))
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp, compression="zstd")
+
+
+def read_md5s(path: Path) -> Md5s:
+    """What `write_md5s` wrote; empty if unreadable."""
+    table = _read(path, ["path", "size", "mtime_ns", "ctime_ns", "md5"])
+    if table is None:
+        return {}
+    cols = [table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "ctime_ns", "md5")]
+    return {p: ((size, mtime, ctime), md5) for p, size, mtime, ctime, md5 in zip(*cols, strict=True)}
+
+
+def write_md5s(md5s: Md5s, path: Path) -> None:
+    """`md5s` as a table `read_md5s` reads back (atomically)."""
+    paths = sorted(md5s)
+    stamps = [md5s[p][0] for p in paths]
+    columns = {
+        "path": paths,
+        "size": [s[0] for s in stamps],
+        "mtime_ns": [s[1] for s in stamps],
+        "ctime_ns": [s[2] for s in stamps],
+        "md5": [md5s[p][1] for p in paths],
+    }
     with atomic.atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp, compression="zstd")

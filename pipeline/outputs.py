@@ -19,9 +19,15 @@ class Outputs:
         return self.root / "cache" / "scan.parquet"
 
     @property
-    def scan_done(self) -> Path:
-        """The scan stage's constant output: orders it before the manifest without changing it."""
-        return self.root / "cache" / "scan.done"
+    def md5s(self) -> Path:
+        """The md5 of every data file the scan stage has seen, by stamp (machine-local, not in git or DVC)."""
+        return self.root / "cache" / "md5.parquet"
+
+    @property
+    def data(self) -> Path:
+        """The scan stage's output, what the manifest depends on: the data's files, bytes and
+        digest (small, in git), changed exactly when the data changes."""
+        return self.root / "cache" / "data.json"
 
     @property
     def manifest(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -165,10 +167,11 @@ sys.addaudithook(_log_reads)
 
 
 def test_the_first_repro_reads_each_image_once(tmp_path, demo_images, monkeypatch):
-    """DVC hashes the images before the manifest runs, and the manifest hashes them again: on
-    15 GB that is a second full pass. The scan stage reads each new image once and hands its md5
-    to DVC; the manifest reuses what it knows (DVC must not delete it before the run). Every
-    process that opens an image (DVC, each stage's Python) is logged by an audit hook."""
+    """Had the manifest depended on the data folder, DVC would hash the images before it runs and
+    the manifest would hash them again: on 15 GB a second full pass. The scan stage reads each new
+    image once and records the data's digest, which the manifest depends on instead; the manifest
+    reuses what it knows (DVC must not delete it before the run). Every process that opens an
+    image (DVC, each stage's Python) is logged by an audit hook."""
     repo = copy_project(tmp_path / "repo")
     pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
     del pipeline["stages"]["demo"]  # a user's own data, as the README tells
@@ -202,6 +205,12 @@ def test_the_first_repro_reads_each_image_once(tmp_path, demo_images, monkeypatc
         Image.new("RGB", (72, 64), (200, 30 * i, 90)).save(new / f"{i:04d}.png")
     added, by = reads("dvc", "repro", "manifest")
     assert added == Counter(str(p.resolve()) for p in new.iterdir()), f"only the new, once: {by}"
-    shutil.rmtree(site)
-    status = json.loads(sh(repo, "dvc", "status", "manifest", "--json"))
-    assert status == {}, f"the md5s handed to DVC are the ones DVC computes from scratch: {status}"
+    assert json.loads(sh(repo, "dvc", "status", "manifest", "--json")) == {}
+    victim = new / "0000.png"
+    victim.write_bytes(b"other bytes")
+    shutil.rmtree(site)  # DVC's hash cache gone: DVC still reads no image (it never hashes them)
+    changed, by = reads("dvc", "repro", "manifest")
+    assert changed == Counter([str(victim.resolve())]), f"the changed file, once: {by}"
+    rows = pq.read_table(repo / "cache" / "manifest.parquet", columns=["path", "digest"]).to_pylist()
+    digest = next(r["digest"] for r in rows if r["path"].endswith("900_901/0000.png"))
+    assert digest == hashlib.sha256(b"other bytes").hexdigest(), "the manifest reran on the change"

@@ -1,12 +1,16 @@
-"""The scan stage: each new file is read once; its facts serve the manifest, its md5 serves DVC.
+"""The scan stage: each new file is read once (its facts serve the manifest), and `cache/data.json`,
+what the manifest depends on instead of the data folder, changes exactly when the data does.
 (That a whole `dvc repro` then opens each image once is tests/test_dvc.py's audit-hook test.)"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
-from dvc.repo import Repo
 from PIL import Image
 
 from pipeline import config, file_index, images, manifest, scan
@@ -24,7 +28,7 @@ from tests.test_videos import write_video
         ("broken.png", ("unknown", -1, -1, -1, -1)),
     ],
 )
-def test_one_read_gives_the_manifests_facts_and_dvcs_md5(tmp_path, name, header):
+def test_one_read_gives_the_manifests_facts_and_the_md5(tmp_path, name, header):
     path = tmp_path / name
     if name.endswith(".mp4"):
         write_video(path, n=5)  # 64 x 48
@@ -35,14 +39,36 @@ def test_one_read_gives_the_manifests_facts_and_dvcs_md5(tmp_path, name, header)
     facts, md5 = images.inspect_file_md5(path)
     data = path.read_bytes()
     assert facts == images.FileFacts(hashlib.sha256(data).hexdigest(), *header), "sha256 (the key) and header"
-    assert md5 == hashlib.md5(data).hexdigest(), "the md5 is DVC's hash of the same bytes"
+    assert md5 == hashlib.md5(data).hexdigest(), "the md5 (DVC's hash) of the same bytes"
     assert images.inspect_file_md5(path, md5=False) == (facts, "")
+
+
+def data_digest(data: Path) -> dict:
+    """What cache/data.json must say about the images under `data`, computed here from the bytes."""
+    files = sorted((p.relative_to(data).as_posix(), p) for p in data.rglob("*.png"))
+    lines = "".join(f"{rel}\t{hashlib.md5(p.read_bytes()).hexdigest()}\n" for rel, p in files)
+    return {
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for _, p in files),
+        "digest": hashlib.sha256(lines.encode()).hexdigest(),
+    }
+
+
+def recorded(outputs: Outputs) -> dict:
+    return {k: v for k, v in json.loads(outputs.data.read_text()).items() if k in ("files", "bytes", "digest")}
+
+
+def counting_reads(monkeypatch) -> list:
+    reads = []
+    real = images.inspect_file_md5
+    monkeypatch.setattr(images, "inspect_file_md5", lambda path: reads.append(path) or real(path))
+    return reads
 
 
 def test_the_manifest_reuses_the_scan_and_reads_nothing(project, monkeypatch):
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
-    scan.run(settings, outputs)  # not a DVC repo: DVC is left to hash by itself, and the run goes on
-    assert outputs.scan_done.read_text() == scan.DONE
+    scan.run(settings, outputs)  # not a DVC repo: every file is read, once
+    assert recorded(outputs) == data_digest(project / "data")
     scanned = file_index.read_known(outputs.scanned)
     files = {p.relative_to(project / "data").as_posix(): p for p in (project / "data").rglob("*.png")}
     assert scanned.keys() == files.keys()
@@ -64,40 +90,69 @@ def test_the_manifest_reuses_the_scan_and_reads_nothing(project, monkeypatch):
     assert reads == []
 
 
-def test_dvc_gets_the_md5_of_files_unchanged_since_they_were_read(tmp_path):
-    sh(tmp_path, "git", "init", "-q")
-    sh(tmp_path, "dvc", "init", "-q")
-    kept, changed = tmp_path / "kept.png", tmp_path / "changed.png"
-    for i, path in enumerate((kept, changed)):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(path)
-    before = [(str(p), p.stat(), hashlib.md5(p.read_bytes()).hexdigest()) for p in (kept, changed)]
-    changed.write_bytes(changed.read_bytes() + b"\0")  # between the scan's read and the hand-over
+def test_the_data_json_changes_exactly_when_the_data_does(project, tmp_path, monkeypatch):
+    """The manifest reruns when data.json changes: on new, changed, renamed or deleted files,
+    never on a no-op or a touched file, and a copy of the data elsewhere gives the same json."""
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    data = project / "data"
+    scan.run(settings, outputs)
+    first, before = outputs.data.read_bytes(), recorded(outputs)
+    reads = counting_reads(monkeypatch)
 
-    with scan.dvc_repo(tmp_path) as repo:
-        assert scan.unknown_to_dvc(repo, [str(kept), str(changed)]) == {str(kept), str(changed)}
-        scan.give_dvc(repo, before)
-        assert scan.unknown_to_dvc(repo, [str(kept), str(changed)]) == {str(changed)}
-    with Repo(str(tmp_path)) as repo:  # what DVC itself finds
-        _, hash_info = repo.state.get(str(kept), repo.fs)
-        assert (hash_info.name, hash_info.value) == ("md5", before[0][2])
-        assert repo.state.get(str(changed), repo.fs) == (None, None), "DVC must hash the new bytes itself"
+    scan.run(settings, outputs)
+    assert reads == [] and outputs.data.read_bytes() == first, "nothing new: nothing read, nothing changed"
+    files = sorted(data.rglob("*.png"))
+    os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))
+    scan.run(settings, outputs)
+    assert reads == [str(files[0])], "a touched file is read again, once"
+    assert outputs.data.read_bytes() == first, "but the same bytes are the same data"
+
+    files[1].write_bytes(files[1].read_bytes() + b"\0")
+    files[2].rename(files[2].with_name("renamed.png"))
+    files[3].unlink()
+    Image.new("RGB", (8, 8)).save(files[4].with_name("new.png"))
+    scan.run(settings, outputs)
+    assert recorded(outputs) == data_digest(data)
+    assert recorded(outputs)["digest"] != before["digest"]
+    changed = [files[1], files[2].with_name("renamed.png"), files[4].with_name("new.png")]
+    assert sorted(reads[1:]) == sorted(map(str, changed)), "each changed or new file is read once"
+
+    elsewhere = tmp_path / "elsewhere"  # the same files on another machine (new inodes and times)
+    shutil.copytree(project, elsewhere, ignore=shutil.ignore_patterns("cache"))
+    params = (elsewhere / "params.yaml").read_text().replace(str(data), str(elsewhere / "data"))
+    (elsewhere / "params.yaml").write_text(params)
+    scan.run(config.load(elsewhere / "params.yaml"), Outputs(elsewhere))
+    assert Outputs(elsewhere).data.read_bytes() == outputs.data.read_bytes()
+
+
+def test_a_machine_without_the_images_keeps_the_recorded_data_json(project):
+    """A teammate who pulls only the embeddings has data.json from git and no dataset folder:
+    the json stays as recorded, so DVC does not rerun the manifest there."""
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    scan.run(settings, outputs)
+    recorded_bytes = outputs.data.read_bytes()
+    shutil.rmtree(project / "data")
+    scan.run(settings, outputs)
+    assert outputs.data.read_bytes() == recorded_bytes
+    outputs.data.unlink()  # nothing recorded (a new project whose data is not there yet): an empty dataset
+    scan.run(settings, outputs)
+    assert json.loads(outputs.data.read_text())["files"] == 0
 
 
 def test_files_dvc_already_knows_are_not_read(project, monkeypatch):
     """A teammate who pulled the images with DVC (or a queued experiment's fresh workspace) has
-    files our stamps do not know but DVC does: DVC will not read them, so neither does the scan
+    files our stamps do not know but DVC does: the scan takes their md5 from DVC and reads none
     (the manifest reads them once, if it runs at all)."""
     sh(project, "git", "init", "-q")
     sh(project, "dvc", "init", "-q")
+    sh(project, "dvc", "add", "-q", "data")  # DVC hashes the files and checks them out again
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
-    scan.run(settings, outputs)  # DVC now knows every file's md5
-    outputs.scanned.unlink()  # and this machine's own memory of them is gone
-    reads = []
-    real_inspect = images.inspect_file_md5
-    monkeypatch.setattr(images, "inspect_file_md5", lambda path: reads.append(path) or real_inspect(path))
+    reads = counting_reads(monkeypatch)
     scan.run(settings, outputs)
     assert reads == [] and not outputs.scanned.exists()
+    assert recorded(outputs) == data_digest(project / "data")
     new = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0099.png"
     Image.new("RGB", (8, 8)).save(new)
     scan.run(settings, outputs)
     assert reads == [str(new)], "a file DVC does not know is read once"
+    assert recorded(outputs) == data_digest(project / "data")
