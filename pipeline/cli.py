@@ -4,10 +4,13 @@ so that `train` and `evaluate` never import torch."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import importlib
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.config import ConfigError, load
@@ -120,6 +123,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
         return 1
     return code
+
+
+def leave(code: int) -> None:
+    """End `python -m pipeline` with `code` without Python's teardown of every imported module:
+    once torch and transformers are imported, that teardown alone takes about a second, and every
+    `dvc repro` pays it per stage (measured in BENCHMARKS.md, "A stage's exit"). What the normal
+    exit does for this process's work still happens: threads that are not daemons are joined,
+    the atexit handlers run (multiprocessing's, which stops DataLoader workers; logging's flush;
+    `weakref.finalize`'s, which removes temporary folders), and stdout and stderr are flushed.
+    Everything a stage writes is closed before `main` returns (atomic writes, the shard writer's
+    close). Under a profiler, a tracer or coverage (`python -m cProfile -m pipeline ...`), which
+    write what they measured at the normal exit, the exit is the normal one. Not for `main()`
+    called in-process (tests): it ends the interpreter."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what Py_Finalize runs first; the module teardown after it is skipped
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or a full disk: Python's own exit says 120
+            code = code or 120
+    os._exit(code)
 
 
 def os_error_sentence(exc: OSError) -> str:

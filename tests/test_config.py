@@ -140,3 +140,40 @@ def test_train_and_evaluate_do_not_import_torch():
     code = "import sys, pipeline.cli, pipeline.train, pipeline.evaluate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "False"
+
+
+def test_a_stage_exits_without_the_module_teardown_but_with_all_else_python_does_at_exit(tmp_path):
+    """`python -m pipeline` ends through `cli.leave`: threads are joined, atexit handlers run
+    (temporary folders removed) and buffered output is written, with the stage's exit code; only
+    the teardown of modules (a second per stage once torch is imported) is skipped."""
+    code = f"""
+import atexit, sys, tempfile, threading, time
+from pipeline.cli import leave
+
+class Module:
+    def __del__(self):
+        print("module teardown")
+
+kept_until_teardown = Module()
+scratch = tempfile.TemporaryDirectory(dir={str(tmp_path)!r})
+atexit.register(print, "atexit ran")
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread finished"))).start()
+sys.stdout.write("buffered|")
+leave(3)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered|thread finished\natexit ran\n"
+    assert list(tmp_path.iterdir()) == []  # the TemporaryDirectory's finalizer ran
+    main_module = (REPO / "pipeline" / "__main__.py").read_text()
+    assert "leave(main())" in main_module
+
+
+def test_a_stage_under_a_profiler_exits_normally_so_the_profile_is_written(tmp_path):
+    profile = tmp_path / "extract.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pipeline", "show", "--params", "missing.yaml"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert "params file missing.yaml does not exist" in done.stderr  # (cProfile itself exits 0)
+    assert profile.stat().st_size > 0
