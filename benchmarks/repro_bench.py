@@ -1,7 +1,7 @@
 """`dvc repro` on a 30,000-image dataset: the first run, a no-op rerun, and +1 % new images.
 
     python benchmarks/repro_bench.py [--videos 750] [--frames 8] [--model tiny|vit-b32|vit-b16|vit-l14]
-                                     [--precision auto] [--keep]
+                                     [--precision auto] [--keep] [--against REV [--rounds 3]]
 
 A copy of this project in a temporary git + DVC repository, laid out as for your own data: the
 demo's generator writes 750 videos x 5 datasets x 8 frames = 30,000 PNG frames under data/demo
@@ -19,16 +19,23 @@ says to do on your data), so the images are no stage's output; the images are ke
       stage alone against the first run's (target: the increment costs <= 3 % of a full run);
   (d) a no-op `dvc repro` with the images moved outside the repository (an absolute
       `data.root`, as a real dataset usually is): DVC no longer walks them to find its files.
+  (e) with --against REV: more +1 % increments on the same project, `pipeline/` taken in turn
+      from git revision REV and from this working tree, interleaved (REV first, --rounds times),
+      so a change's effect on the increment is measured in the same hour on the same cache. REV
+      must compute the same cache as this tree (the same fingerprint), or its first increment
+      re-embeds everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -77,17 +84,28 @@ def phases(total: float, started: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def add_videos(root: Path, n_videos: int, frames: int) -> int:
-    """1 % more: new videos (ids 900 ...) in every dataset, from the generator with another seed."""
+def add_videos(root: Path, n_videos: int, frames: int, first_id: int = 900, seed: int = 1) -> int:
+    """1 % more: new videos (ids `first_id` ...) in every dataset, from the generator with another seed."""
     scratch = root.parent / "new-videos"
-    count = demo.make_dataset(scratch, n_videos=n_videos, frames=frames, seed=1)
+    count = demo.make_dataset(scratch, n_videos=n_videos, frames=frames, seed=seed)
     for folder in sorted(p for p in scratch.glob("*/*/*") if p.is_dir()):
-        renamed = "_".join(f"{900 + int(part):03d}" for part in folder.name.split("_"))
+        renamed = "_".join(f"{first_id + int(part)}" for part in folder.name.split("_"))
         target = root / folder.relative_to(scratch).parent / renamed
         target.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(target)
     shutil.rmtree(scratch)
     return count
+
+
+def use_pipeline(project: Path, revision: str | None) -> None:
+    """The project's `pipeline/` from git `revision` of this repository, or from its working tree."""
+    shutil.rmtree(project / "pipeline")
+    if revision is None:
+        shutil.copytree(REPO / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+        return
+    archive = subprocess.run(["git", "archive", revision, "pipeline"], cwd=REPO, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(project, filter="data")
 
 
 def main() -> None:
@@ -97,6 +115,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "vit-b32", "vit-b16", "vit-l14"], default="tiny")
     parser.add_argument("--precision", default="auto", help="extract.precision (auto: fp32 on a CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project")
+    parser.add_argument("--against", metavar="REV", help="(e): increments with pipeline/ of git REV vs this tree")
+    parser.add_argument("--rounds", type=int, default=3, help="(e): increments of each, interleaved")
     args = parser.parse_args()
 
     project = Path(tempfile.mkdtemp(prefix="repro-bench-"))
@@ -146,6 +166,14 @@ def main() -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     timed_repro(project)  # the params changed: manifest and extract run (nothing new to embed)
     noop_outside, _ = timed_repro(project)
+    compared: dict[str, list[tuple[float, str]]] = {args.against: [], "this tree": []} if args.against else {}
+    for round_ in range(args.rounds if args.against else 0):
+        for variant, revision in ((args.against, args.against), ("this tree", None)):
+            use_pipeline(project, revision)
+            first_id = 1000 * (2 + 2 * round_ + (revision is None))
+            add_videos(outside, max(2, round(args.videos / 100)), args.frames, first_id, seed=first_id)
+            total, started = timed_repro(project)
+            compared[variant].append((total, phases(total, started)))
 
     def extract_time(total, started):
         return started.get("train", total) - started["extract"]
@@ -163,6 +191,10 @@ def main() -> None:
     ratio = extract_time(more, more_started) / extract_time(first, first_started)
     print(f"    extract stage c / a  {ratio:7.3f}")
     print(f"(d) no-op, data outside  {noop_outside:7.1f} s   target <= 3 s")
+    for variant, runs in compared.items():
+        print(f"(e) +{extra} images, pipeline/ of {variant}, interleaved:")
+        for total, split in runs:
+            print(f"    {total:7.1f} s   {split}")
     if args.keep:
         print(f"project kept in {project}, its images in {outside}")
     else:
