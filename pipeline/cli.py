@@ -129,19 +129,19 @@ def leave(code: int) -> None:
     """End `python -m pipeline` with `code` without Python's teardown of every imported module:
     once torch and transformers are imported, that teardown alone takes about a second, and every
     `dvc repro` pays it per stage (measured in BENCHMARKS.md, "A stage's exit"). What the normal
-    exit does for this process's work still happens: threads that are not daemons are joined,
-    the atexit handlers run (multiprocessing's, which stops DataLoader workers; logging's flush;
-    `weakref.finalize`'s, which removes temporary folders), and stdout and stderr are flushed.
+    exit does for this process's work still happens: thread pools left open are stopped and
+    threads that are not daemons are joined, the atexit handlers run (multiprocessing's, which
+    stops DataLoader workers; logging's flush; `weakref.finalize`'s, which removes temporary
+    folders), and stdout and stderr are flushed.
     Everything a stage writes is closed before `main` returns (atomic writes, the shard writer's
     close). Under a profiler, a tracer or coverage (`python -m cProfile -m pipeline ...`), which
     write what they measured at the normal exit, the exit is the normal one. Not for `main()`
     called in-process (tests): it ends the interpreter."""
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what Py_Finalize runs first; the module teardown after it is skipped
+    # What Py_Finalize runs first, in its order; the module teardown after them is skipped.
+    threading._shutdown()  # stops idle thread pools left open, then joins the non-daemon threads
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -164,18 +164,22 @@ def test_a_stage_exits_without_the_module_teardown(tmp_path):
 
 def test_leave_still_does_what_python_does_at_exit(tmp_path):
     """`cli.leave` joins threads, runs the atexit handlers (temporary folders removed) and writes
-    buffered output before it ends the process with the stage's exit code."""
+    buffered output before it ends the process with the stage's exit code. A thread pool left
+    open (its idle workers wait for work) is told to stop, as at Python's own exit, not waited on."""
     code = f"""
 import atexit, sys, tempfile, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pipeline.cli import leave
 
 scratch = tempfile.TemporaryDirectory(dir={str(tmp_path)!r})
+left_open = ThreadPoolExecutor(2)
+left_open.submit(int).result()
 atexit.register(print, "atexit ran")
 threading.Thread(target=lambda: (time.sleep(0.2), print("thread finished"))).start()
 sys.stdout.write("buffered|")
 leave(3)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "buffered|thread finished\natexit ran\n"
     assert list(tmp_path.iterdir()) == []  # the TemporaryDirectory's finalizer ran
