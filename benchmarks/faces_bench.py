@@ -76,8 +76,13 @@ def deepfakebench_video(path: str, out: str, per_video: int) -> int:
         if not len(found):
             continue
         face = max(found, key=lambda r: r.width() * r.height())
-        tform = trans.SimilarityTransform()
-        tform.estimate(keypoints(rgb, face), dst)
+        if hasattr(trans.SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26; `estimate` goes in 2.2
+            tform = trans.SimilarityTransform.from_estimate(keypoints(rgb, face), dst)
+            if not tform:  # degenerate landmarks: no transform (`estimate` left its parameters NaN)
+                continue
+        else:
+            tform = trans.SimilarityTransform()
+            tform.estimate(keypoints(rgb, face), dst)
         crop = cv2.warpAffine(rgb, tform.params[0:2, :], (res, res))
         crop = cv2.cvtColor(cv2.resize(crop, (res, res)), cv2.COLOR_RGB2BGR)
         again = detector(crop, 1)
