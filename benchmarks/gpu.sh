@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of BENCHMARKS.md ("GPU"), one after another, on a CUDA machine
-# with this package's dependencies installed (or their wheels in .whl/, installed here first):
+# with this package's dependencies installed (or their wheels in .whl/, installed here first;
+# `bash benchmarks/gpu-wheels.sh` puts them there on a machine with PyPI):
 #
 #     bash benchmarks/gpu.sh [images]        # 20,000 JPEGs per benchmark by default
 #
