@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-PY_VERSION=${PY_VERSION:-3.12}  # the GPU box's Python (the lent machines': 3.12)
+PY_VERSION=${PY_VERSION:-3.12}  # the GPU box's Python (3.12 on the image above)
 PACKAGES=(transformers dask distributed partd locket tblib zict tornado)
 
 exclude=$(git rev-parse --git-path info/exclude)
