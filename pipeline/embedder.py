@@ -353,19 +353,44 @@ Writer = Callable[[EmbeddingStore, int, str], ShardWriter]
 IN_FLIGHT = 2  # on a GPU: batches submitted to the model ahead of the one whose rows are being written
 
 
+class NonFiniteEmbeddings(ConfigError):
+    """The model gave NaN or inf: its precision, kernels or weights are at fault, not the images."""
+
+
 def finish_rows(batch: Batch, backbone: backbones.Backbone, embedded: dict[str, np.ndarray]) -> ShardData:
     """A batch and its embeddings -> rows (failed images get zero rows and their reason). Files
-    that changed since the manifest get no row at all: their digest is not theirs."""
+    that changed since the manifest get no row at all: their digest is not theirs. NaN or inf in
+    an embedding raises `NonFiniteEmbeddings`: no such vector is ever cached."""
     ok = np.array([e is None for e in batch.errors], dtype=bool)
     keep = np.array([e != images.CHANGED for e in batch.errors], dtype=bool)
     arrays = {}
     for layer in backbone.layers:
         full = np.zeros((len(batch.digests), backbone.dims[layer]), dtype=np.float32)
         if ok.any():
+            finite = np.isfinite(embedded[layer]).all(axis=1)
+            if not finite.all():
+                embedded_paths = [p for p, k in zip(batch.paths, ok, strict=True) if k]
+                raise _non_finite(backbone, layer, embedded_paths, finite)
             full[ok] = embedded[layer]
         arrays[layer] = full[keep]
     pick = lambda values: [v for v, k in zip(values, keep, strict=True) if k]  # noqa: E731
     return ShardData(pick(batch.digests), pick(batch.paths), pick(batch.errors), arrays)
+
+
+def _non_finite(backbone: backbones.Backbone, layer: str, paths: list[str], finite: np.ndarray) -> NonFiniteEmbeddings:
+    compiled = hasattr(backbone.forward, "compiled")
+    fixes = {
+        "fp16": "use extract.precision bf16 or fp32 (fp16 overflows in some models)",
+        "bf16": "use extract.precision fp32",
+    }.get(backbone.precision, "check the model's weights (an fp32 forward pass should never give them)")
+    if compiled:
+        fixes = f"set extract.compile: false (a miscompiled kernel), or {fixes}"
+    return NonFiniteEmbeddings(
+        f"{backbone.name} gave NaN or inf in layer '{layer}' for {int((~finite).sum())} of {len(paths)} images of a "
+        f"batch (e.g. {paths[int(np.argmin(finite))]}) at extract.precision {backbone.precision}"
+        f"{' with extract.compile: true' if compiled else ''}; that batch was not cached (the ones before it were): "
+        f"{fixes}, then rerun."
+    )
 
 
 def embed_items(

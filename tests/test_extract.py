@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, CLIPModel
 from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, manifest, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
-from pipeline.store import EmbeddingStore, text
+from pipeline.store import EmbeddingStore, caches, text
 from tests.conftest import CUDA, update_params
 
 FORKS: list[str] = []  # every os.fork of this test process (reader processes), for the tests to count
@@ -221,6 +221,26 @@ def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(
     caplog.clear()
     extract.run(settings, outputs, retry_failed=True)
     assert "6 to embed" in caplog.text
+
+
+def test_a_model_that_gives_nan_stops_the_run_and_caches_none_of_its_vectors(project, tiny_clip):
+    """NaN or inf out of the forward pass (fp16 overflowing, a broken checkpoint, a miscompiled
+    kernel) is the model's fault, not the images': the run stops at that batch with one sentence
+    naming the precision to change, and neither vectors nor failures of it reach the cache, so a
+    rerun with the fix embeds every image."""
+    from safetensors.numpy import load_file, save_file
+
+    broken = project / "broken-clip"
+    shutil.copytree(tiny_clip, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["vision_model.post_layernorm.weight"][0] = np.nan
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    update_params(project, "model", name=str(broken))
+    with pytest.raises(config.ConfigError, match=r"NaN or inf .* extract\.precision fp32") as raised:
+        run_stages(project)
+    assert "\n" not in str(raised.value)
+    (store,) = caches(Outputs(project).embeddings)
+    assert store.count() == 0 and not store.failures()
 
 
 def test_batches_larger_than_a_shard_make_several_atomic_shards(project):
