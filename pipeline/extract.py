@@ -15,6 +15,8 @@ import logging
 import time
 from collections import Counter
 
+import numpy as np
+
 from pipeline import manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan
@@ -228,6 +230,14 @@ def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:
         )
         return
     vectors, scoring = embedded
+    if not np.isfinite(vectors).all():
+        log.warning(
+            "model '%s' gave NaN or inf for the zero-shot prompts at extract.precision %s; they are not cached and the "
+            "zero_shot protocol is unavailable (use extract.precision fp32, or check the model's text weights)",
+            settings.model.name,
+            embedder.description["precision"],
+        )
+        return
     text.add(store.directory, dict(zip(wanted, vectors, strict=True)), scoring)
     log.info("embedded %d zero-shot prompts", len(wanted))
 

@@ -223,24 +223,35 @@ def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(
     assert "6 to embed" in caplog.text
 
 
-def test_a_model_that_gives_nan_stops_the_run_and_caches_none_of_its_vectors(project, tiny_clip):
+def test_nan_or_inf_from_the_model_is_never_cached(project, tiny_clip, caplog):
     """NaN or inf out of the forward pass (fp16 overflowing, a broken checkpoint, a miscompiled
     kernel) is the model's fault, not the images': the run stops at that batch with one sentence
     naming the precision to change, and neither vectors nor failures of it reach the cache, so a
-    rerun with the fix embeds every image."""
+    rerun with the fix embeds every image. From the text tower, the prompts are not cached either
+    (the images are: zero-shot is auxiliary)."""
     from safetensors.numpy import load_file, save_file
 
-    broken = project / "broken-clip"
-    shutil.copytree(tiny_clip, broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    tensors["vision_model.post_layernorm.weight"][0] = np.nan
-    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    update_params(project, "model", name=str(broken))
+    def broken_copy(name: str, tensor: str) -> str:
+        copy = project / name
+        shutil.copytree(tiny_clip, copy)
+        tensors = load_file(str(copy / "model.safetensors"))
+        tensors[tensor][0] = np.nan
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+        return str(copy)
+
+    update_params(project, "model", name=broken_copy("broken-vision", "vision_model.post_layernorm.weight"))
     with pytest.raises(config.ConfigError, match=r"NaN or inf .* extract\.precision fp32") as raised:
         run_stages(project)
     assert "\n" not in str(raised.value)
     (store,) = caches(Outputs(project).embeddings)
     assert store.count() == 0 and not store.failures()
+
+    update_params(project, "model", name=broken_copy("broken-text", "text_model.final_layer_norm.weight"))
+    caplog.set_level(logging.WARNING)
+    summary, outputs = run_stages(project)
+    assert summary.embedded == summary.images
+    assert not text.prompts_in(outputs.embeddings / summary.embeddings)
+    assert "NaN or inf for the zero-shot prompts" in caplog.text
 
 
 def test_batches_larger_than_a_shard_make_several_atomic_shards(project):
