@@ -249,6 +249,24 @@ def test_repair_removes_a_damaged_shard_and_keeps_the_sound_ones(store, fmt):
     assert EmbeddingStore.open(store.directory).keys() == {"a", "b"}
 
 
+def test_a_shard_holding_nan_is_damaged_and_repair_drops_it(store, fmt):
+    """Vectors with NaN or inf, cached before the extractor checked for them (an fp16 overflow),
+    are refused by every read, listed by verify and dropped by repair, so they are embedded again."""
+    store.commit(rows(["a", "b"]), fmt)
+    poisoned = rows(["c", "d"], seed=2)
+    poisoned.arrays["pooled"][1, 3] = np.nan
+    victim = store.commit(poisoned, fmt)
+    store.write_index()
+    damaged = rf"{victim.name} is damaged \(its layer 'pooled' holds NaN or inf.*cache repair"
+    with pytest.raises(StoreError, match=damaged):
+        store.read(["a", "c"], "pooled")
+    assert [p for p in store.verify() if victim.name in p and "NaN or inf" in p]
+    with store.writer_lock():
+        store.repair()
+    repaired = EmbeddingStore.open(store.directory)
+    assert repaired.verify() == [] and repaired.keys() == {"a", "b"}, "the next extract re-embeds c and d only"
+
+
 def test_verify_never_crashes_on_a_damaged_card_or_prompt_table(fmt, tmp_path, capsys):
     outputs = Outputs(tmp_path)
     good = EmbeddingStore.create(outputs.embeddings, "org/model", DESCRIPTION, DIMS)

@@ -244,8 +244,12 @@ class EmbeddingStore:
         return len(self.keys())
 
     def read_shard(self, shard: Path, layer: str) -> tuple[list[str], np.ndarray]:
-        """Digests and float32 embeddings of one shard's rows that embedded fine."""
-        return self._checked(shard, _BY_SUFFIX[shard.suffix].read_layer, layer, self.dimension(layer))
+        """Digests and float32 embeddings of one shard's rows that embedded fine. A shard holding
+        NaN or inf is damaged: cached before the extractor refused such vectors (an fp16 overflow)."""
+        digests, values = self._checked(shard, _BY_SUFFIX[shard.suffix].read_layer, layer, self.dimension(layer))
+        if not np.isfinite(values).all():
+            raise DamagedShard(shard, f"its layer '{layer}' holds NaN or inf, embedded before extract checked for them")
+        return digests, values
 
     def read(self, digests: list[str], layer: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of `layer` for `digests` -> (array (n, dim) float32, found mask (n,))."""
@@ -340,7 +344,7 @@ class EmbeddingStore:
             module = _BY_SUFFIX[shard.suffix]
             digests, _, _ = self._checked(shard, module.read_keys)
             for layer in self.layers:
-                self._checked(shard, module.read_layer, layer, self.header.dims[layer])
+                self.read_shard(shard, layer)
         except DamagedShard as exc:
             return exc.why
         except StoreError as exc:  # a shard of another cache
