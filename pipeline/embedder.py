@@ -360,24 +360,38 @@ class NonFiniteEmbeddings(ConfigError):
 def finish_rows(batch: Batch, backbone: backbones.Backbone, embedded: dict[str, np.ndarray]) -> ShardData:
     """A batch and its embeddings -> rows (failed images get zero rows and their reason). Files
     that changed since the manifest get no row at all: their digest is not theirs. NaN or inf in
-    an embedding raises `NonFiniteEmbeddings`: no such vector is ever cached."""
+    an embedding (or in what the storage dtype would make of it) raises `NonFiniteEmbeddings`: no
+    such vector is ever cached."""
     ok = np.array([e is None for e in batch.errors], dtype=bool)
     keep = np.array([e != images.CHANGED for e in batch.errors], dtype=bool)
     arrays = {}
     for layer in backbone.layers:
         full = np.zeros((len(batch.digests), backbone.dims[layer]), dtype=np.float32)
         if ok.any():
-            finite = np.isfinite(embedded[layer]).all(axis=1)
-            if not finite.all():
-                embedded_paths = [p for p, k in zip(batch.paths, ok, strict=True) if k]
-                raise _non_finite(backbone, layer, embedded_paths, finite)
+            _check_finite(backbone, layer, embedded[layer], [p for p, k in zip(batch.paths, ok, strict=True) if k])
             full[ok] = embedded[layer]
         arrays[layer] = full[keep]
     pick = lambda values: [v for v, k in zip(values, keep, strict=True) if k]  # noqa: E731
     return ShardData(pick(batch.digests), pick(batch.paths), pick(batch.errors), arrays)
 
 
-def _non_finite(backbone: backbones.Backbone, layer: str, paths: list[str], finite: np.ndarray) -> NonFiniteEmbeddings:
+def _check_finite(backbone: backbones.Backbone, layer: str, values: np.ndarray, paths: list[str]) -> None:
+    """Raise `NonFiniteEmbeddings` if a vector holds NaN or inf, or values that the cache's
+    storage dtype (`model.dtype: float16`) would turn into inf."""
+    finite = np.isfinite(values).all(axis=1)
+    stored = backbone.description.get("dtype", "float32")
+    if finite.all() and stored != "float32":
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(values.astype(stored)).all(axis=1)
+        if not fits.all():
+            raise NonFiniteEmbeddings(
+                f"{backbone.name} gave values beyond {stored}'s range (±{np.finfo(stored).max:.0f}) in layer '{layer}' "
+                f"for {int((~fits).sum())} of {len(paths)} images of a batch (e.g. {paths[int(np.argmin(fits))]}), "
+                f"which model.dtype {stored} would store as inf; that batch was not cached (the ones before it were): "
+                "set model.dtype: float32, then rerun."
+            )
+    if finite.all():
+        return
     compiled = hasattr(backbone.forward, "compiled")
     fixes = {
         "fp16": "use extract.precision bf16 or fp32 (fp16 overflows in some models)",
@@ -385,7 +399,7 @@ def _non_finite(backbone: backbones.Backbone, layer: str, paths: list[str], fini
     }.get(backbone.precision, "check the model's weights (an fp32 forward pass should never give them)")
     if compiled:
         fixes = f"set extract.compile: false (a miscompiled kernel), or {fixes}"
-    return NonFiniteEmbeddings(
+    raise NonFiniteEmbeddings(
         f"{backbone.name} gave NaN or inf in layer '{layer}' for {int((~finite).sum())} of {len(paths)} images of a "
         f"batch (e.g. {paths[int(np.argmin(finite))]}) at extract.precision {backbone.precision}"
         f"{' with extract.compile: true' if compiled else ''}; that batch was not cached (the ones before it were): "

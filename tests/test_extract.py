@@ -228,14 +228,15 @@ def test_nan_or_inf_from_the_model_is_never_cached(project, tiny_clip, caplog):
     kernel) is the model's fault, not the images': the run stops at that batch with one sentence
     naming the precision to change, and neither vectors nor failures of it reach the cache, so a
     rerun with the fix embeds every image. From the text tower, the prompts are not cached either
-    (the images are: zero-shot is auxiliary)."""
+    (the images are: zero-shot is auxiliary). Values that the storage dtype (float16) would turn
+    into inf are refused the same way."""
     from safetensors.numpy import load_file, save_file
 
-    def broken_copy(name: str, tensor: str) -> str:
+    def broken_copy(name: str, tensor: str, value: float = np.nan) -> str:
         copy = project / name
         shutil.copytree(tiny_clip, copy)
         tensors = load_file(str(copy / "model.safetensors"))
-        tensors[tensor][0] = np.nan
+        tensors[tensor].flat[0] = value
         save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
         return str(copy)
 
@@ -252,6 +253,13 @@ def test_nan_or_inf_from_the_model_is_never_cached(project, tiny_clip, caplog):
     assert summary.embedded == summary.images
     assert not text.prompts_in(outputs.embeddings / summary.embeddings)
     assert "NaN or inf for the zero-shot prompts" in caplog.text
+
+    # Finite in float32, but past float16's 65504: `model.dtype: float16` would store inf.
+    large = broken_copy("large-projection", "visual_projection.weight", 1e6)
+    update_params(project, "model", name=large, dtype="float16")
+    with pytest.raises(config.ConfigError, match=r"beyond float16's range .* model\.dtype: float32"):
+        run_stages(project)
+    assert not next(s for s in caches(Outputs(project).embeddings) if "large-projection" in s.directory.name).count()
 
 
 def test_batches_larger_than_a_shard_make_several_atomic_shards(project):
