@@ -378,33 +378,34 @@ def finish_rows(batch: Batch, backbone: backbones.Backbone, embedded: dict[str, 
 def _check_finite(backbone: backbones.Backbone, layer: str, values: np.ndarray, paths: list[str]) -> None:
     """Raise `NonFiniteEmbeddings` if a vector holds NaN or inf, or values that the cache's
     storage dtype (`model.dtype: float16`) would turn into inf."""
+
+    def batch_facts(good: np.ndarray) -> str:
+        return f"for {int((~good).sum())} of {len(paths)} images of a batch (e.g. {paths[int(np.argmin(good))]})"
+
+    cached = "that batch was not cached (the ones before it were)"
     finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        compiled = hasattr(backbone.forward, "compiled")
+        fixes = {
+            "fp16": "use extract.precision bf16 or fp32 (fp16 overflows in some models)",
+            "bf16": "use extract.precision fp32",
+        }.get(backbone.precision, "check the model's weights (an fp32 forward pass should never give them)")
+        if compiled:
+            fixes = f"set extract.compile: false (a miscompiled kernel), or {fixes}"
+        raise NonFiniteEmbeddings(
+            f"{backbone.name} gave NaN or inf in layer '{layer}' {batch_facts(finite)} at extract.precision "
+            f"{backbone.precision}{' with extract.compile: true' if compiled else ''}; {cached}: {fixes}, then rerun."
+        )
     stored = backbone.description.get("dtype", "float32")
-    if finite.all() and stored != "float32":
+    if stored != "float32":
         with np.errstate(over="ignore"):
             fits = np.isfinite(values.astype(stored)).all(axis=1)
         if not fits.all():
             raise NonFiniteEmbeddings(
                 f"{backbone.name} gave values beyond {stored}'s range (±{np.finfo(stored).max:.0f}) in layer '{layer}' "
-                f"for {int((~fits).sum())} of {len(paths)} images of a batch (e.g. {paths[int(np.argmin(fits))]}), "
-                f"which model.dtype {stored} would store as inf; that batch was not cached (the ones before it were): "
-                "set model.dtype: float32, then rerun."
+                f"{batch_facts(fits)}, which model.dtype {stored} would store as inf; {cached}: set model.dtype: "
+                "float32, then rerun."
             )
-    if finite.all():
-        return
-    compiled = hasattr(backbone.forward, "compiled")
-    fixes = {
-        "fp16": "use extract.precision bf16 or fp32 (fp16 overflows in some models)",
-        "bf16": "use extract.precision fp32",
-    }.get(backbone.precision, "check the model's weights (an fp32 forward pass should never give them)")
-    if compiled:
-        fixes = f"set extract.compile: false (a miscompiled kernel), or {fixes}"
-    raise NonFiniteEmbeddings(
-        f"{backbone.name} gave NaN or inf in layer '{layer}' for {int((~finite).sum())} of {len(paths)} images of a "
-        f"batch (e.g. {paths[int(np.argmin(finite))]}) at extract.precision {backbone.precision}"
-        f"{' with extract.compile: true' if compiled else ''}; that batch was not cached (the ones before it were): "
-        f"{fixes}, then rerun."
-    )
 
 
 def embed_items(
