@@ -231,11 +231,13 @@ def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:
         return
     vectors, scoring = embedded
     if not np.isfinite(vectors).all():
+        precision = embedder.description["precision"]
         log.warning(
             "model '%s' gave NaN or inf for the zero-shot prompts at extract.precision %s; they are not cached and the "
-            "zero_shot protocol is unavailable (use extract.precision fp32, or check the model's text weights)",
+            "zero_shot protocol is unavailable (%s)",
             settings.model.name,
-            embedder.description["precision"],
+            precision,
+            "check the model's text weights" if precision == "fp32" else "use extract.precision fp32",
         )
         return
     text.add(store.directory, dict(zip(wanted, vectors, strict=True)), scoring)
