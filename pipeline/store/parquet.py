@@ -40,7 +40,11 @@ def to_bytes(header: ShardHeader, data: ShardData) -> bytes:
         columns.append(arr)
     schema = pa.schema(fields, metadata={_META_KEY: json.dumps(header.to_dict(), sort_keys=True).encode()})
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_arrays(columns, schema=schema), sink, compression="zstd", write_page_checksum=True)
+    # Dictionaries for the strings only: float16 embeddings have at most 65,536 values, so their
+    # dictionary never overflows into plain pages, and decoding it made reading a layer 4x slower
+    # (a 4,096 x 768 shard: 64 -> 17 ms; float32: 26 -> 23 ms) for no fewer bytes.
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), sink, compression="zstd", write_page_checksum=True,
+                   use_dictionary=["digest", "path", "error"])  # fmt: skip
     return sink.getvalue().to_pybytes()
 
 
