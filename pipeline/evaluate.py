@@ -474,9 +474,11 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     probe, card = probes.load(outputs.probe)
     table = manifest_table.read(outputs.manifest)
     store = features.open_cache(outputs)
-    if store.header.fingerprint != card["fingerprint"]:
-        log.warning(
-            "the probe was trained on cache %s, the current cache is %s", card["fingerprint"], store.header.fingerprint
+    if store.header.fingerprint != card["fingerprint"]:  # a stage run by hand: its vectors are not the probe's
+        raise ConfigError(
+            f"the probe in {outputs.probe} was trained on cache {card['fingerprint']} ({card['model']}), but the "
+            f"last extract filled cache {store.header.fingerprint} ({store.directory.name}); retrain it on this "
+            "cache (`python -m pipeline train`, or `dvc repro`), then evaluate."
         )
     frames = features.load(table, store, card["layer"], stream=settings.train.stream)
     reals = [d for d in card["datasets"] if frames.label_of(d) == 0]

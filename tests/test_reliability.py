@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import cli, config, extract, images, manifest, manifest_table, train
+from pipeline import cli, config, extract, images, manifest, manifest_table, probes, train
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
 from tests.conftest import contents, make_project, run_to_end, start_extract, update_params
@@ -159,6 +159,32 @@ def test_train_refuses_a_cache_with_a_deleted_or_damaged_shard_and_repair_fixes_
     assert "80 to embed" in caplog.text, "extract re-embeds exactly the rows of the two shards dropped"
     assert cli.main(["train", "--params", params]) == 0
     assert cli.main(["cache", "verify", "--params", params]) == 0
+
+
+def test_evaluate_refuses_a_probe_trained_on_another_cache(project, capsys):
+    """Stages run by hand: extract fills another cache (here: float16 storage) after train, so the
+    probe would score vectors it was not trained on. Evaluate stops naming both caches and the
+    fix, and the metrics of the last evaluation stay as they were."""
+    params = str(project / "params.yaml")
+    update_params(project, "evaluate", protocols=["heldout"], bootstrap=0)
+    for stage in ("manifest", "extract", "train", "evaluate"):
+        assert cli.main([stage, "--params", params]) == 0
+    outputs = Outputs(project)
+    trained_on = probes.load(outputs.probe)[1]["fingerprint"]
+    before = outputs.metrics.read_bytes()
+
+    update_params(project, "model", dtype="float16")
+    assert cli.main(["extract", "--params", params]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--params", params]) == 2
+    err = capsys.readouterr().err
+    (now,) = {s.header.fingerprint for s in caches(outputs.embeddings)} - {trained_on}
+    assert err.startswith("error: the probe in ") and err.count("\n") == 1
+    assert trained_on in err and now in err and "python -m pipeline train" in err
+    assert outputs.metrics.read_bytes() == before
+
+    for stage in ("train", "evaluate"):
+        assert cli.main([stage, "--params", params]) == 0
 
 
 def test_a_fifo_that_replaced_an_image_is_recorded_not_waited_on(project):
