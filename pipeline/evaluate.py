@@ -470,6 +470,22 @@ def write_layer_plot(outputs: Outputs, result: dict) -> None:
     atomic.write_json(outputs.layers_plot, rows, sort_keys=False)
 
 
+def check_rows(outputs: Outputs, card: dict, frames: Frames) -> None:
+    """The probe's train and val rows are still those of its datasets (cards before the check
+    have no record of them): after a new split or new training images, a stage run by hand would
+    score the probe on frames it was trained on, or report a probe the data no longer gives."""
+    trained_on = card.get("train_val_sha256")
+    if trained_on is None or trained_on == frames.train_val_sha256(card["datasets"]):
+        return
+    train, val = frames.train_val(card["datasets"])
+    raise ConfigError(
+        f"the probe in {outputs.probe} was trained on other train/val rows of {'+'.join(card['datasets'])} than "
+        f"the manifest now gives ({card['n_train']} train and {card['n_val']} val then, {int(train.sum())} and "
+        f"{int(val.sum())} now: the splits or the data changed since train); retrain it (`python -m pipeline "
+        "train`, or `dvc repro`), then evaluate."
+    )
+
+
 def run(settings: Settings, outputs: Outputs) -> dict:
     probe, card = probes.load(outputs.probe)
     table = manifest_table.read(outputs.manifest)
@@ -481,6 +497,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
             "cache (`python -m pipeline train`, or `dvc repro`), then evaluate."
         )
     frames = features.load(table, store, card["layer"], stream=settings.train.stream)
+    check_rows(outputs, card, frames)
     reals = [d for d in card["datasets"] if frames.label_of(d) == 0]
     protocols = settings.evaluate.protocols
 

@@ -8,6 +8,7 @@ read, mask and score; fitting belongs to `pipeline.probes`, which takes what `tr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,6 +86,14 @@ class _Frames:
         split = self.split if splits is None else splits
         base = np.isin(self.dataset, datasets) & self.found
         return base & (split == "train"), base & (split == "val")
+
+    def train_val_sha256(self, datasets: list[str]) -> str:
+        """Which rows a probe on `datasets` is fitted (train) and selected (val) on: a sha256 of
+        their sorted digests, for the probe's card."""
+        h = hashlib.sha256()
+        for mask in self.train_val(datasets):
+            h.update("\n".join(sorted(self.digest[mask])).encode() + b"\0")
+        return h.hexdigest()
 
     def training_data(self, datasets: list[str], splits: np.ndarray | None = None):
         """(train, val) of `datasets` in the shape `probes.fit_and_select` takes."""

@@ -30,6 +30,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         "datasets": list(t.datasets),
         "n_train": int(train.sum()),
         "n_val": int(val.sum()),
+        "train_val_sha256": frames.train_val_sha256(t.datasets),
         "streamed": t.stream,
         "val_auc": {str(c): a for c, a in fitted.val_auc.items()},
         "threshold": fitted.threshold,

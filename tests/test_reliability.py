@@ -187,6 +187,28 @@ def test_evaluate_refuses_a_probe_trained_on_another_cache(project, capsys):
         assert cli.main([stage, "--params", params]) == 0
 
 
+def test_evaluate_refuses_a_probe_trained_before_the_splits_changed(project, capsys):
+    """Stages run by hand: a new split seed moves videos the probe was trained on into the test
+    split, and nothing new is embedded. Evaluate stops rather than score the probe on its own
+    training frames."""
+    params = str(project / "params.yaml")
+    update_params(project, "evaluate", protocols=["heldout"], bootstrap=0)
+    for stage in ("manifest", "extract", "train"):
+        assert cli.main([stage, "--params", params]) == 0
+    update_params(project, "data", split={"val": 0.14, "test": 0.14, "seed": 1})
+    for stage in ("manifest", "extract"):
+        assert cli.main([stage, "--params", params]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--params", params]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the probe in ") and err.count("\n") == 1
+    assert "train/val rows" in err and "python -m pipeline train" in err
+    assert not Outputs(project).metrics.exists()
+
+    for stage in ("train", "evaluate"):
+        assert cli.main([stage, "--params", params]) == 0
+
+
 def test_a_fifo_that_replaced_an_image_is_recorded_not_waited_on(project):
     settings = config.load(project / "params.yaml")
     outputs = Outputs(project)
