@@ -6,16 +6,20 @@ Every test runs against both shard formats (Parquet and HDF5).
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import os
+import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cache_report
 from pipeline.outputs import Outputs
-from pipeline.store import FORMATS, EmbeddingStore, StoreError, directory_name, fingerprint, text
+from pipeline.store import FORMATS, EmbeddingStore, StoreError, directory_name, fingerprint, hdf5, text
 from pipeline.store.shard import ShardData
 
 DESCRIPTION = {"model": {"weights_sha256": "abc"}, "layers": ["projection", "pooled"], "dtype": "float32"}
@@ -117,6 +121,57 @@ def test_verify_names_a_shard_with_one_flipped_byte(store, fmt):
     victim.write_bytes(bytes(data))
     problems = store.verify()
     assert len(problems) == 1 and victim.name in problems[0]
+
+
+def test_keys_longer_than_a_digest_keep_their_own_rows(store, fmt):
+    """A video frame's key (`<digest>@<index>`) and a robustness variant's (`<digest>~jpeg=50`)
+    are longer than an image's digest: each keeps its own row, none stands under the digest."""
+    image = "a" * 64
+    variants = [f"{image}@0", f"{image}@1", f"{image}~jpeg=50"]
+    clean, perturbed = rows([image], seed=1), rows(variants, seed=2)
+    store.commit(clean, fmt)
+    store.commit(perturbed, fmt)
+    again = EmbeddingStore.open(store.directory)
+    assert again.keys() == {image, *variants} and again.verify() == []
+    got, found = again.read([image, *variants], "pooled")
+    assert found.all()
+    np.testing.assert_array_equal(got[0], clean.arrays["pooled"][0])
+    np.testing.assert_array_equal(got[1:], perturbed.arrays["pooled"])
+
+
+def legacy_hdf5_shard(store, data) -> Path:
+    """A shard as the HDF5 writer before 2026-11-27 wrote it: keys in fixed 64-byte fields, so a
+    longer key was cut to its first 64 characters (its image's or its video's digest)."""
+    buffer = io.BytesIO(hdf5.to_bytes(store.header, data))
+    with h5py.File(buffer, "r+") as f:
+        del f["digest"]
+        f.create_dataset("digest", data=np.array(data.digests, dtype="S64"))
+    payload = buffer.getvalue()
+    target = store.directory / "shards" / f"{time.time_ns():020d}-{hashlib.sha256(payload).hexdigest()[:16]}.h5"
+    target.write_bytes(payload)
+    return target
+
+
+def test_hdf5_shards_whose_keys_were_cut_are_refused_and_repair_drops_them(store):
+    """Such a shard put a robustness variant's vector under its clean image's digest (which the
+    clean shard also holds) and every frame of a video under one key: reads refuse the cache,
+    naming the shard and the fix; verify lists every shard involved; repair drops them, so the
+    next extract embeds their rows again under their whole keys. Old shards without a cut key stay."""
+    image, video = "a" * 64, "c" * 64
+    clean = legacy_hdf5_shard(store, rows([image, "b" * 64]))
+    variant = legacy_hdf5_shard(store, rows([f"{image}~jpeg=50"], seed=1))
+    frames = legacy_hdf5_shard(store, rows([f"{video}@0", f"{video}@1"], seed=2))
+    sound = legacy_hdf5_shard(store, rows(["d" * 64], seed=3))
+    store.commit(rows([f"{'d' * 64}~blur=2"], seed=4), "hdf5")
+    with pytest.raises(StoreError, match=r"shard .*\.h5 is damaged \(.*64 characters.*cache repair"):
+        EmbeddingStore.open(store.directory).read([image], "pooled")
+    problems = store.verify()
+    assert sorted(p.split(":")[0] for p in problems) == sorted(str(s) for s in (clean, variant, frames))
+    with store.writer_lock():
+        store.repair()
+    repaired = EmbeddingStore.open(store.directory)
+    assert sound.exists() and repaired.verify() == []
+    assert repaired.keys() == {"d" * 64, f"{'d' * 64}~blur=2"}
 
 
 def test_the_same_numbers_under_another_model_name_share_the_cache(store, fmt):

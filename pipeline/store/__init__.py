@@ -45,6 +45,10 @@ FORMATS = {"parquet": parquet, "hdf5": hdf5}
 _BY_SUFFIX = {module.SUFFIX: module for module in FORMATS.values()}
 INDEX = "index.json"
 REPAIR_HINT = "run `python -m pipeline cache repair` to drop it, then `dvc repro` (extract re-embeds only its rows)"
+CUT_KEYS = (
+    "an HDF5 shard written before 2026-11-27, whose keys were cut to 64 characters: a video frame's "
+    "or a robustness variant's row stands under its video's or its image's digest"
+)
 
 # Shard files whose bytes matched their checksum in this process: (path, size, mtime_ns).
 _VERIFIED: set[tuple[str, int, int]] = set()
@@ -103,6 +107,7 @@ class EmbeddingStore:
             format_version=int(card["format_version"]),
         )
         self._index: dict[str, tuple[str | None, str | None]] | None = None  # digest -> (path, error)
+        self._cut: list[Path] | None = None  # shards holding a key cut short (`shards_with_cut_keys`)
 
     # ------------------------------------------------------------------ opening
 
@@ -220,9 +225,46 @@ class EmbeddingStore:
         except Exception as exc:  # a format library's error on bad bytes: name the file instead
             raise DamagedShard(shard, f"unreadable: {type(exc).__name__}: {exc}") from None
 
+    def shards_with_cut_keys(self) -> list[Path]:
+        """Old HDF5 shards (`hdf5.fixed_width_keys`) that hold a key cut short: one that the shard
+        repeats (the frames of one video) or that another shard also holds embedded (a robustness
+        variant and its clean image): every old shard of such a pair. Where no HDF5 shard is old,
+        this costs one look at each HDF5 shard's key type (none at Parquet shards); shards that
+        cannot be read are left to their own checks."""
+        if self._cut is None:
+            old = set()
+            for shard in self.shard_paths():
+                with contextlib.suppress(StoreError):
+                    if shard.suffix == hdf5.SUFFIX and self._checked(shard, hdf5.fixed_width_keys):
+                        old.add(shard)
+            cut: set[Path] = set()
+            holder: dict[str, Path] = {}  # embedded key -> the first shard holding it
+            for shard in self.shard_paths() if old else []:
+                try:
+                    digests, _, errors = self._checked(shard, _BY_SUFFIX[shard.suffix].read_keys)
+                except StoreError:
+                    continue
+                mine: set[str] = set()
+                for d, e in zip(digests, errors, strict=True):
+                    if e is None:
+                        if d in mine or d in holder:
+                            cut |= {shard, holder.get(d, shard)} & old
+                        mine.add(d)
+                for d in mine:
+                    holder.setdefault(d, shard)
+            self._cut = sorted(cut)
+        return self._cut
+
+    def _check_keys_whole(self) -> None:
+        cut = self.shards_with_cut_keys()
+        if cut:
+            more = f" (and {len(cut) - 1} more shard{'s' * (len(cut) > 2)})" if len(cut) > 1 else ""
+            raise DamagedShard(cut[0], f"{CUT_KEYS}{more}")
+
     def _load_index(self) -> dict[str, tuple[str | None, str | None]]:
         if self._index is None:
             self._check_complete()
+            self._check_keys_whole()
             index: dict[str, tuple[str | None, str | None]] = {}
             for shard in self.shard_paths():
                 digests, paths, errors = self._checked(shard, _BY_SUFFIX[shard.suffix].read_keys)
@@ -255,6 +297,7 @@ class EmbeddingStore:
         """Embeddings of `layer` for `digests` -> (array (n, dim) float32, found mask (n,))."""
         dim = self.dimension(layer)
         self._check_complete()
+        self._check_keys_whole()
         found_digests: list[str] = []
         blocks: list[np.ndarray] = []
         # Shards decode in parallel (Parquet's decoder and the checksum release the GIL), in order.
@@ -349,6 +392,8 @@ class EmbeddingStore:
             return exc.why
         except StoreError as exc:  # a shard of another cache
             return str(exc)
+        if shard in self.shards_with_cut_keys():
+            return CUT_KEYS
         if len(set(digests)) != len(digests):
             return "it repeats a digest"
         return None
@@ -395,7 +440,7 @@ class EmbeddingStore:
             except Exception:
                 prompts.unlink()
                 done.append(f"removed the damaged {prompts} (extract embeds the prompts again)")
-        self._index = None
+        self._index = self._cut = None
         return done
 
     def remove_leftovers(self) -> int:

@@ -1,9 +1,14 @@
 """HDF5 shard format: one file per shard (never one growing file: an HDF5 file whose writer
 dies mid-write can be unreadable as a whole).
 
-Datasets: `digest` (fixed-length ASCII), `path` and `error` (UTF-8; an empty error means the
-image embedded fine) and `layers/<name>` (n, dim) in the cache's dtype, with Fletcher-32
+Datasets: `digest`, `path` and `error` (variable-length UTF-8; an empty error means the image
+embedded fine) and `layers/<name>` (n, dim) in the cache's dtype, with Fletcher-32
 checksums. The shard header is the JSON attribute `pipeline.shard` of the root group.
+
+Shards written before 2026-11-27 keep `digest` in fixed 64-byte fields: a key longer than an
+image's digest (a video frame's `<digest>@<i>`, a robustness variant's `<digest>~jpeg=50`) was cut
+to 64 characters, so its row stood under its video's or its clean image's digest. They read as
+before; the store refuses those that hold a cut key (`fixed_width_keys`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def to_bytes(header: ShardHeader, data: ShardData) -> bytes:
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
         f.attrs[_META_KEY] = json.dumps(header.to_dict(), sort_keys=True)
-        f.create_dataset("digest", data=np.array(data.digests, dtype="S64"))
+        f.create_dataset("digest", data=np.array(data.digests, dtype=object), dtype=_STR)
         f.create_dataset("path", data=np.array(data.paths, dtype=object), dtype=_STR)
         f.create_dataset("error", data=np.array([e or "" for e in data.errors], dtype=object), dtype=_STR)
         layers = f.create_group("layers")
@@ -45,6 +50,12 @@ def read_header(path: Path) -> ShardHeader:
         if _META_KEY not in f.attrs:
             raise ValueError(f"{path} has no pipeline shard header")
         return ShardHeader.from_dict(json.loads(f.attrs[_META_KEY]))
+
+
+def fixed_width_keys(path: Path) -> bool:
+    """Whether the shard keeps its keys in fixed 64-byte fields (written before 2026-11-27)."""
+    with h5py.File(path, "r") as f:
+        return f["digest"].dtype.kind == "S"
 
 
 def read_keys(path: Path) -> tuple[list[str], list[str | None], list[str | None]]:
