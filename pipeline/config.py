@@ -319,6 +319,12 @@ def _check(s: Settings) -> None:
         raise ConfigError(
             "evaluate.robustness: jpeg qualities are 1..100, blur and noise sigmas above 0, resize sides at least 8."
         )
+    for i, sigma in enumerate(rb.noise):
+        if sigma < 1:
+            raise ConfigError(
+                f"evaluate.robustness.noise[{i}] is {sigma:g}, in 8-bit levels (0-255), where it changes almost no "
+                f"pixel; for a fraction of the range multiply by 255 ({sigma:g} -> {sigma * 255:g})."
+            )
     prompts = s.evaluate.zero_shot.prompts
     if sorted(prompts) != ["fake", "real"] or not all(prompts.values()):
         raise ConfigError("evaluate.zero_shot.prompts needs two non-empty lists, real: [...] and fake: [...].")

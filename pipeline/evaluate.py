@@ -365,6 +365,21 @@ def robustness(settings: Settings, probe: LinearProbe, card: dict, frames: Frame
     return out
 
 
+def warn_unchanged_by_resize(settings: Settings, table) -> None:
+    """A resize level downscales only the test images whose shorter side is larger: the others
+    are embedded as they are, and that level's AUC on them is the clean one. Say how many."""
+    sides = perturb.shorter_sides(table, perturb.test_keys(settings, table))
+    for level in settings.evaluate.robustness.resize:
+        n = sum(side <= level for side in sides)
+        if n:
+            how_many = f"all {n}" if n == len(sides) else f"{n} of {len(sides)}"
+            log.warning(
+                "robustness: resize=%g leaves %s test images unchanged (their shorter side is %g px or less "
+                "already), so its AUC on them is the clean one; choose sides below the images' own",
+                level, how_many, level,
+            )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -513,6 +528,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
         results["cross_dataset"] = cross_dataset(settings, probe, card, frames)
     if "robustness" in protocols and perturb.specs(settings.evaluate.robustness):
+        warn_unchanged_by_resize(settings, table)
         results["robustness"] = robustness(settings, probe, card, frames, store, reals)
     if "layers" in protocols:
         if settings.train.stream:

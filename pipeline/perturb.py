@@ -35,6 +35,14 @@ def test_keys(settings, table) -> list[str]:
     return list(dict.fromkeys(d for d, ds, sp in zip(*columns, strict=True) if sp == "test" and ds in wanted))
 
 
+def shorter_sides(table, keys: list[str]) -> list[int]:
+    """The shorter side in pixels of each of these manifest rows (a video frame: its video's), as
+    the manifest recorded it; rows without a size are left out."""
+    columns = (table.column(c).to_pylist() for c in ("digest", "width", "height"))
+    side = {d: min(w, h) for d, w, h in zip(*columns, strict=True) if w and h}
+    return [side[k] for k in keys if k in side]
+
+
 def specs(robustness) -> list[str]:
     """Every perturbation `evaluate.robustness` lists, as `<kind>=<level>` strings, in order."""
     return [f"{kind}={level:g}" for kind in KINDS for level in getattr(robustness, kind)]

@@ -57,6 +57,10 @@ def test_default_params_file_is_valid():
         (lambda p: p["model"].update(layers=["projection", "projection"]), "names 'projection' more than once"),
         (lambda p: p["data"].update(faces={"detector": "retinaface"}), "use dlib_hog, dlib_cnn, mtcnn or onnx:<path"),
         (lambda p: p["data"].update(faces={"upsample": 3}), "data.faces.upsample"),
+        (
+            lambda p: p["evaluate"].update(robustness={"noise": [10, 0.05]}),
+            "evaluate.robustness.noise[1] is 0.05, in 8-bit levels (0-255), where it changes almost no pixel",
+        ),
     ],
 )
 def test_bad_params_give_one_clear_sentence(tmp_path, capsys, tiny_clip, mutate, expected):

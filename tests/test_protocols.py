@@ -204,10 +204,10 @@ def test_robustness_variants_are_embedded_once_incrementally_deterministically_a
     extract.run(settings, outputs)
     assert f"{2 * n} cached, 0 to embed" in caplog.text, "a second run embeds nothing"
     caplog.clear()
-    update_params(project, "evaluate", robustness={"jpeg": [60, 20], "noise": [10.0]})
+    update_params(project, "evaluate", robustness={"jpeg": [60, 20], "noise": [10.0], "resize": [4096]})
     settings = load(project / "params.yaml")
     extract.run(settings, outputs)
-    assert f"{2 * n} cached, {n} to embed" in caplog.text, "a new level embeds only itself"
+    assert f"{2 * n} cached, {2 * n} to embed" in caplog.text, "a new level embeds only itself"
 
     # A cached variant is the model's output on the degraded image; noise is seeded by the key.
     store = features.open_cache(outputs)
@@ -225,7 +225,11 @@ def test_robustness_variants_are_embedded_once_incrementally_deterministically_a
 
     # The protocol: the trained probe on exactly the degraded test rows, as scikit-learn scores them.
     train.run(settings, outputs)
+    caplog.set_level(logging.INFO, logger="pipeline.evaluate")
     result = evaluate.run(settings, outputs)["robustness"]
+    # Images no larger than a resize level are left as they are: said, since that level's AUC is the clean one.
+    assert f"resize=4096 leaves all {n} test images unchanged" in caplog.text
+    assert result["resize"]["4096"] == result["clean"]
     probe, _ = probes.load(outputs.probe)
     rows = table.to_pandas()
     reals = rows[(rows.dataset == "real_youtube") & (rows.split == "test")]
@@ -235,10 +239,10 @@ def test_robustness_variants_are_embedded_once_incrementally_deterministically_a
         assert found.all()
         expected_auc = roc_auc_score(test.label.to_numpy(), probe.predict_proba(X))
         assert result["jpeg"]["20"][name]["auc"] == pytest.approx(expected_auc, abs=1e-9)
-    assert set(result) == {"clean", "jpeg", "noise"} and list(result["jpeg"]) == ["60", "20"]
-    assert len(json.loads(outputs.robustness_plot.read_text())) == 3 * len(settings.evaluate.datasets)
+    assert set(result) == {"clean", "jpeg", "noise", "resize"} and list(result["jpeg"]) == ["60", "20"]
+    assert len(json.loads(outputs.robustness_plot.read_text())) == 4 * len(settings.evaluate.datasets)
     summary = json.loads(outputs.summary.read_text())
-    assert set(summary["robustness"]) == {"jpeg=60", "jpeg=20", "noise=10"}
+    assert set(summary["robustness"]) == {"jpeg=60", "jpeg=20", "noise=10", "resize=4096"}
 
 
 def test_a_folder_of_reals_and_fakes_with_a_labels_file_is_a_cross_dataset_set(celeb_project):
