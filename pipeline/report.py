@@ -142,9 +142,11 @@ def _cell(value) -> str:
 
 
 def table_text(results: dict) -> str:
-    """Per test set: frame-level metrics (AUC with its 95 % CI) and the video-level AUC."""
+    """Per test set: frame-level metrics (AUC with its 95 % CI) and the video-level AUC; with
+    several `evaluate.seeds`, the frame AUC's mean ± std over them."""
     header = "".join(f"{NAMES[key][0]:>17}" if key == "auc_ci" else f"{NAMES[key][0]:>10}" for key in TEXT_COLUMNS)
-    lines = [f"{'dataset':<16}{header}"]
+    seeded = any(m.get("seeds", {}).get("auc_std") is not None for m in results.values())
+    lines = [f"{'dataset':<16}{header}" + (f"{NAMES['seeds'][0]:>17}" if seeded else "")]
     for name, m in results.items():
         f, v = m["frame"], m["video"]
         cells = []
@@ -154,6 +156,10 @@ def table_text(results: dict) -> str:
                 cells.append(f"{ci:>17}")
             else:
                 cells.append(f"{_cell(v['auc'] if key == 'video_auc' else f.get(key)):>10}")
+        if seeded:
+            seeds = m.get("seeds", {})
+            spread = "-" if seeds.get("auc_std") is None else f"{seeds['auc_mean']:.3f} ± {seeds['auc_std']:.3f}"
+            cells.append(f"{spread:>17}")
         lines.append(f"{name:<16}" + "".join(cells))
     return "\n".join(lines)
 

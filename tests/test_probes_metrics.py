@@ -558,6 +558,9 @@ def test_demo_evaluation_writes_every_protocol_report_and_table(project, caplog)
     lines = next(iter(shown.values())).splitlines()
     assert lines[0].split()[:4] == ["dataset", "real", "fake", "auc"]
     assert [line.split()[0] for line in lines[1:]] == list(settings.evaluate.datasets)
+    assert lines[0].endswith("auc over seeds"), "with several seeds, `show` gives their AUC mean and std too"
+    for line, m in zip(lines[1:], heldout.values(), strict=True):
+        assert line.endswith(f"{m['seeds']['auc_mean']:.3f} ± {m['seeds']['auc_std']:.3f}")
 
 
 def test_the_mlp_head_runs_through_the_train_and_evaluate_stages(project):
