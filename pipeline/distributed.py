@@ -4,7 +4,8 @@ The digests the cache lacks are split into partitions of `extract.shard_size`; e
 is one task. A worker builds the backbone once (inside its own process: the model is never
 pickled) and commits its own shards straight into the shared cache directory (atomic,
 content-named, so workers never collide). The client holds the cache's writer lock for the
-whole run and shows progress. A task whose worker dies is rerun elsewhere by dask; a run that
+whole run and shows progress. A task whose worker dies is rerun elsewhere by dask, and one that
+raises is rerun from its start with nothing of the failed attempt committed; a run that
 is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
 Inside a task, `extract.num_workers` threads decode batches ahead of the model
 (`embedder.threaded_batches`: worker processes are daemonic and cannot fork loaders).
@@ -120,8 +121,12 @@ def embed_partition(
             reader=embedder.threaded_batches,
             crops=crops,
         )
-    finally:
-        writer.close()
+    except BaseException:
+        # dask reruns the task from its first item (`retries`), and a partition is one shard: what
+        # this attempt embedded is dropped, not committed beside the rerun's rows.
+        writer.abandon()
+        raise
+    writer.close()
     return len(items), changed
 
 

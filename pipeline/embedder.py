@@ -293,6 +293,7 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._buffer: list[ShardData] = []
         self._buffered = 0
+        self._discard = False
         self.committed_rows = 0
         self._thread = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
         self._thread.start()
@@ -309,6 +310,14 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
+    def abandon(self) -> None:
+        """Stop without committing what is buffered, for work that will be redone from its start
+        (a dask task that raised is rerun whole: rows committed now would be embedded twice).
+        The shards committed already stay; a failure of the writer thread is not raised again."""
+        self._discard = True
+        self._queue.put(None)
+        self._thread.join()
+
     def _loop(self) -> None:
         while True:
             data = self._queue.get()
@@ -318,7 +327,8 @@ class ShardWriter:
                 continue  # drain, so the producer never blocks on a dead writer
             try:
                 if data is None:
-                    self._flush()
+                    if not self._discard:
+                        self._flush()
                     return
                 self._buffer.append(data)
                 self._buffered += len(data)

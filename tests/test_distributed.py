@@ -16,6 +16,7 @@ from pipeline import config, extract, manifest
 from pipeline.distributed import gpu_for
 from pipeline.outputs import Outputs
 from pipeline.store import caches
+from pipeline.store.parquet import read_keys
 from tests.conftest import (
     contents,
     make_project,
@@ -55,6 +56,25 @@ def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project, monkeypa
     real_cluster = dask_distributed.LocalCluster
     monkeypatch.setattr(dask_distributed, "LocalCluster", lambda *a, **k: started.append(1) or real_cluster(*a, **k))
     assert extract.run(config.load(project / "params.yaml"), outputs) == local and started == []
+
+
+def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, monkeypatch, tmp_path):
+    """dask reruns a task that raised (`retries`), from its first image: the rows its failed
+    attempt had embedded are not committed beside the rerun's (each digest in one shard)."""
+    from tests.conftest import PAUSE_DIR
+
+    marker = tmp_path / "failed once"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("FAIL_ONCE_AFTER_IMAGES", "20")
+    monkeypatch.setenv("FAIL_ONCE_MARKER", str(marker))
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1}, batch_size=4)
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    table = manifest.run(settings, outputs)
+    extract.run(settings, outputs)
+    assert marker.exists(), "the first attempt failed"
+    (store,) = caches(outputs.embeddings)
+    committed = [d for shard in store.shard_paths() for d in read_keys(shard)[0]]
+    assert sorted(committed) == sorted(set(table.column("digest").to_pylist()))
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:

@@ -1,6 +1,8 @@
 """Test helper (see tests/conftest.py): with PAUSE_AFTER_IMAGES=N set, the image reader of this
 process (`images.apply`, called once per image) stops for good after N images and prints
-"paused"; without it, this file does nothing."""
+"paused"; with FAIL_ONCE_AFTER_IMAGES=N and FAIL_ONCE_MARKER=<path>, the first process to read N
+images raises there once (it creates the marker; no process fails after that), as a transient
+error in a dask task would; without them, this file does nothing."""
 
 import os
 
@@ -21,3 +23,21 @@ if os.environ.get("PAUSE_AFTER_IMAGES"):
         return _load(*args, **kwargs)
 
     images.apply = _pausing_load
+
+if os.environ.get("FAIL_ONCE_AFTER_IMAGES"):
+    from pipeline import images
+
+    _fail_at, _read, _apply = int(os.environ["FAIL_ONCE_AFTER_IMAGES"]), [0], images.apply
+
+    def _failing_once(*args, **kwargs):
+        _read[0] += 1
+        if _read[0] == _fail_at:
+            try:
+                open(os.environ["FAIL_ONCE_MARKER"], "x").close()
+            except FileExistsError:
+                pass
+            else:
+                raise RuntimeError("an injected transient failure")
+        return _apply(*args, **kwargs)
+
+    images.apply = _failing_once
