@@ -23,6 +23,7 @@ from PIL import Image
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 KEY_SEPARATOR = "@"
+VIDEO_FRAMES = 32  # frames sampled per video when data.frames.per_video is not set
 
 
 def key(file_digest: str, index: int) -> str:

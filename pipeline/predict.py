@@ -1,11 +1,13 @@
-"""predict: score image files or folders with a trained probe.
+"""predict: score image and video files, or folders of them, with a trained probe.
 
 Images already in the probe's cache (same bytes = same digest) are not embedded again; the
 others are embedded with the model in params.yaml, which must give the cache the probe was
 trained on. They go to a separate, untracked layer (`cache/predict/<cache>/`), never into the
 DVC-tracked cache: predict never makes `dvc repro` rerun anything, and the absolute paths of
-this machine's files never reach a file that teammates pull. Writes a CSV: path, digest,
-score, label, error.
+this machine's files never reach a file that teammates pull. A video is scored by the frames the
+manifest would sample from it (`data.frames.per_video`), pooled as evaluate pools a video's
+frames (`evaluate.video_pooling`). Writes a CSV: path, digest, score, label, error, frames
+(for a video: frames scored / frames sampled).
 """
 
 from __future__ import annotations
@@ -17,20 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, features, images, probes
+from pipeline import atomic, features, frames, images, probes
 from pipeline.config import ConfigError, Settings
+from pipeline.metrics import video_level
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
 
 log = logging.getLogger(__name__)
 
 
+SUFFIXES = images.IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
+
+
 def collect(paths: list[Path]) -> list[Path]:
-    """Image files named directly or found under the given folders, in order, without repeats."""
+    """Files named directly, and image and video files found under the given folders, in order,
+    without repeats."""
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in images.IMAGE_SUFFIXES)
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
         elif p.exists():
             found.append(p)
         else:
@@ -57,14 +64,29 @@ def predict_layer(outputs: Outputs, store: EmbeddingStore) -> EmbeddingStore:
     return EmbeddingStore.open(directory, expect_fingerprint=store.header.fingerprint)
 
 
+def rows_of(settings: Settings, file: Path, facts: images.FileFacts | None) -> list[tuple[str, int]]:
+    """(cache key, frame) of each row that scores `file`: the image itself (frame -1), or the
+    frames the manifest samples from a video (one row, frame 0, for a video whose frames cannot
+    be counted: it fails with its reason); none for a file that cannot be read."""
+    if facts is None:
+        return []
+    if file.suffix.lower() not in frames.VIDEO_SUFFIXES:
+        return [(facts.digest, -1)]
+    per_video = settings.data.frames.per_video or frames.VIDEO_FRAMES
+    indices = frames.sample(facts.frame_count, per_video) if facts.frame_count > 0 else [0]
+    return [(frames.key(facts.digest, i), i) for i in indices]
+
+
 def embed_missing(
-    settings: Settings, store: EmbeddingStore, layer: EmbeddingStore, files: list[Path], digests: list[str | None]
+    settings: Settings, store: EmbeddingStore, layer: EmbeddingStore, wanted: dict[str, tuple[Path, int]]
 ) -> None:
+    """Embed the rows of `wanted` (key -> (file, frame)) that neither the cache nor the predict
+    layer holds, into the predict layer."""
     from pipeline import embedder
 
     done = store.keys() | layer.keys()
     failed = set(store.failures()) | set(layer.failures())
-    todo = embedder.plan((d for d in digests if d), done, failed)
+    todo = embedder.plan(wanted, done, failed)
     if not todo:
         return
     if settings.extract.precision == "auto":  # the probe's cache decides, whatever this machine's default
@@ -76,11 +98,9 @@ def embed_missing(
             f"params.yaml's model settings do not reproduce the probe's cache {store.directory.name}; "
             "set model (and extract.precision) as they were when the probe's cache was made."
         )
-    path_of = {d: f for f, d in zip(files, digests, strict=True) if d}
-    n_known = len(set(filter(None, digests)))
-    log.info("embedding %d images not in the cache (%d already there)", len(todo), n_known - len(todo))
+    log.info("embedding %d images not in the cache (%d already there)", len(todo), len(wanted) - len(todo))
     with layer.writer_lock():
-        local.embed([embedder.Item(d, str(path_of[d]), path_of[d]) for d in todo], layer)
+        local.embed([embedder.Item(k, str(wanted[k][0]), *wanted[k]) for k in todo], layer)
         EmbeddingStore.open(layer.directory).write_index()
 
 
@@ -88,15 +108,16 @@ def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path
     probe, card = probes.load(probe_dir or outputs.probe)
     files = collect(paths)
     if not files:
-        raise ConfigError("no image files found in the given paths.")
+        raise ConfigError("no image or video files found in the given paths.")
     facts = [images.inspect_file(f) for f in files]
-    digests = [x.digest if x else None for x in facts]
+    keys_of = [rows_of(settings, f, x) for f, x in zip(files, facts, strict=True)]
+    wanted = {k: (f, frame) for f, keys in zip(files, keys_of, strict=True) for k, frame in keys}
     store = cache_for(outputs, card["fingerprint"])
     layer = predict_layer(outputs, store)
-    embed_missing(settings, store, layer, files, digests)
+    embed_missing(settings, store, layer, wanted)
 
     layer = EmbeddingStore.open(layer.directory)  # re-read: new shards
-    known = [d for d in digests if d]
+    known = list(wanted)
     X, found = features.read_layers(store, known, card["layer"])
     if not found.all():
         X_new, found_new = features.read_layers(layer, known, card["layer"])
@@ -106,24 +127,34 @@ def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path
     found_of = dict(zip(known, found, strict=True))
     failures = {**layer.failures(), **store.failures()}
     threshold = card.get("threshold", 0.5)
+    # One score per file: an image's own, a video's frames pooled as evaluate pools them.
+    scored = [(i, scores[k]) for i, keys in enumerate(keys_of) for k, _ in keys if found_of[k]]
+    pooled: dict[int, float] = {}
+    if scored:
+        index, values = (np.array(column) for column in zip(*scored, strict=True))
+        pooling = settings.evaluate.video_pooling
+        by_file, _, which = video_level(values, np.zeros(len(index), int), index, pooling)
+        pooled = dict(zip(which.tolist(), by_file.tolist(), strict=True))
     rows = []
-    for f, d in zip(files, digests, strict=True):
-        row = {"path": str(f), "digest": d or "", "score": "", "label": "", "error": ""}
-        if d is None:
+    for i, (f, x, keys) in enumerate(zip(files, facts, keys_of, strict=True)):
+        row = {"path": str(f), "digest": x.digest if x else "", "score": "", "label": "", "error": ""}
+        n_scored = sum(bool(found_of[k]) for k, _ in keys)
+        row["frames"] = f"{n_scored}/{len(keys)}" if f.suffix.lower() in frames.VIDEO_SUFFIXES else ""
+        if x is None:
             row["error"] = "unreadable file"
-        elif not found_of[d]:
-            row["error"] = failures.get(d, (None, "not embedded"))[1]
+        elif i not in pooled:
+            row["error"] = failures.get(keys[0][0], (None, "not embedded"))[1]
         else:
-            row["score"] = f"{scores[d]:.6f}"
-            row["label"] = "fake" if scores[d] >= threshold else "real"
+            row["score"] = f"{pooled[i]:.6f}"
+            row["label"] = "fake" if pooled[i] >= threshold else "real"
         rows.append(row)
     with atomic.atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "digest", "score", "label", "error"])
+        writer = csv.DictWriter(fh, fieldnames=["path", "digest", "score", "label", "error", "frames"])
         writer.writeheader()
         writer.writerows(rows)
     n_fake = sum(r["label"] == "fake" for r in rows)
     log.info(
-        "%d images: %d fake, %d real, %d failed (threshold %.3f) -> %s",
+        "%d files: %d fake, %d real, %d failed (threshold %.3f) -> %s",
         len(rows),
         n_fake,
         sum(r["label"] == "real" for r in rows),

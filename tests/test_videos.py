@@ -4,12 +4,14 @@ files written with PyAV."""
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from pipeline import backbones, evaluate, extract, frames, images, manifest, manifest_table, train
+from pipeline import backbones, cli, evaluate, extract, frames, images, manifest, manifest_table, probes, train
 from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore
@@ -147,6 +149,22 @@ def test_a_video_dataset_runs_end_to_end_one_row_per_sampled_frame(video_project
     pixels = backbone.preprocess(frames.decode(file.read_bytes(), 19))
     expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
     np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)  # batched vs alone: last bits
+
+    # predict scores a video by its sampled frames, as the manifest samples them (cached ones are
+    # read, a new video's are embedded), pooled as evaluate pools a video (evaluate.video_pooling).
+    new = video_project / "incoming" / "new.mp4"
+    write_video(new, seed=77)  # seeds 0-9 and 100-109 are the dataset's
+    out = video_project / "predictions.csv"
+    assert cli.main(["predict", str(file), str(new.parent), "--params", str(video_project / "params.yaml"),
+                     "--out", str(out)]) == 0  # fmt: skip
+    got = {r["path"]: r for r in csv.DictReader(out.open())}
+    assert set(got) == {str(file), str(new)} and all(r["frames"] == "4/4" and not r["error"] for r in got.values())
+    probe, _ = probes.load(outputs.probe)
+    known = table[table.path == row.path].digest.tolist()
+    vectors, _ = store.read(known, "projection")
+    assert float(got[str(file)]["score"]) == pytest.approx(probe.predict_proba(vectors).mean(), abs=1e-6)
+    new_keys = [frames.key(images.inspect_file(new).digest, i) for i in (0, 9, 19, 29)]
+    assert EmbeddingStore.open(outputs.predict_embeddings / summary.embeddings).keys() == set(new_keys)
 
     # A video rewritten after the manifest is never embedded under its old key.
     update_params(video_project, "data", frames={"per_video": 5})
