@@ -36,6 +36,7 @@ SIGNIFICANT = 0.05
 class Run:
     name: str  # "workspace" or the experiment's name
     backbone: str  # model.name, and the layer the probe read
+    params: dict[str, str]  # params.yaml flattened: "train.C" -> "[0.5]"
     heldout: dict  # metrics/evaluate.json
     scores: dict[str, dict[str, tuple[str, int, float]]]  # test set -> digest -> (video, label, score)
 
@@ -52,6 +53,25 @@ def _parse_scores(text: str) -> dict[str, dict[str, tuple[str, int, float]]]:
     return out
 
 
+def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"C": [0.5]}} -> {"train.C": "[0.5]"} (strings as they are, the rest as JSON)."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def differences(runs: list[Run]) -> dict[str, str]:
+    """Per run, the params that set it apart: those whose values differ between the runs (but
+    model.name and train.layer, which the backbone column shows), as `key=value, ...`."""
+    keys = sorted({k for r in runs for k in r.params} - {"model.name", "train.layer"})
+    differing = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
+    return {r.name: ", ".join(f"{k}={r.params[k]}" for k in differing if k in r.params) or "-" for r in runs}
+
+
 def _run(name: str, read) -> Run | None:
     """A run from a `read(relative path) -> text | None` view of one commit or the workspace."""
     params, metrics, scores = read("params.yaml"), read("metrics/evaluate.json"), read("metrics/scores.csv")
@@ -60,7 +80,7 @@ def _run(name: str, read) -> Run | None:
     p = yaml.safe_load(params) or {}
     layer = p.get("train", {}).get("layer", "projection")
     backbone = f"{p.get('model', {}).get('name', '?')} [{layer if isinstance(layer, str) else '+'.join(layer)}]"
-    return Run(name, backbone, json.loads(metrics), _parse_scores(scores))
+    return Run(name, backbone, _flatten(p), json.loads(metrics), _parse_scores(scores))
 
 
 def collect(outputs: Outputs) -> list[Run]:
@@ -115,7 +135,10 @@ def table(runs: list[Run], n: int = 1000) -> tuple[list[str], dict[str, dict[str
     test_sets = list(dict.fromkeys(t for r in runs for t in r.heldout))
     tests = {t: significance(runs, t, n) for t in test_sets}
     width = max(20, *(len(r.name) + 2 for r in runs))
-    lines = ["run".ljust(width) + "backbone [layer]"] + [f"{r.name.ljust(width)}{r.backbone}" for r in runs]
+    column = max(len("backbone [layer]"), *(len(r.backbone) for r in runs)) + 2
+    differs = differences(runs)
+    lines = ["run".ljust(width) + "backbone [layer]".ljust(column) + "differs"]
+    lines += [f"{r.name.ljust(width)}{r.backbone.ljust(column)}{differs[r.name]}" for r in runs]
     for t in test_sets:
         lines += ["", f"{t}: frame AUC [95% CI], video AUC; * = worse than the best (p < 0.05, paired bootstrap)"]
         for r in runs:
@@ -138,6 +161,7 @@ def table(runs: list[Run], n: int = 1000) -> tuple[list[str], dict[str, dict[str
 
 def html_table(runs: list[Run], test_sets: list[str], tests: dict[str, dict[str, dict]]) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for t in test_sets)
+    differs = differences(runs)
     rows = []
     for r in runs:
         cells = []
@@ -152,9 +176,12 @@ def html_table(runs: list[Run], test_sets: list[str], tests: dict[str, dict[str,
             mark = f" {'*' if test['p'] < SIGNIFICANT else ''} (p={test['p']:.3f})" if test else ""
             video = "–" if v.get("auc") is None else f"{v['auc']:.3f}"
             cells.append(f"<td>{f['auc']:.3f}{ci}; video {video}{mark}</td>")
-        rows.append(f"<tr><th>{html.escape(r.name)}</th><td>{html.escape(r.backbone)}</td>{''.join(cells)}</tr>")
+        rows.append(
+            f"<tr><th>{html.escape(r.name)}</th><td>{html.escape(r.backbone)}</td>"
+            f"<td>{html.escape(differs[r.name])}</td>{''.join(cells)}</tr>"
+        )
     return (
-        "<table><tr><th>run</th><th>backbone [layer]</th>" + head + "</tr>" + "".join(rows) + "</table>"
+        "<table><tr><th>run</th><th>backbone [layer]</th><th>differs</th>" + head + "</tr>" + "".join(rows) + "</table>"
         "<p>Frame AUC [95% CI]; video AUC; * = significantly worse than the best run on that test set "
         "(p &lt; 0.05, paired bootstrap over videos on the same frames).</p>"
     )

@@ -145,6 +145,10 @@ def test_queued_experiments_run_in_their_own_workspace(repo):
     table = sh(repo, sys.executable, "-m", "pipeline", "compare", "--resamples", "200")
     names = [line.split()[0] for line in table.splitlines()[1:4]]
     assert names[0] == "workspace" and len(set(names)) == 3, table
+    # Each run says what sets it apart: the params that differ between the runs compared.
+    assert table.splitlines()[0].split()[-1] == "differs", table
+    swept = [line.split("train.C=")[-1] for line in table.splitlines()[1:4]]
+    assert sorted(swept) == ["[0.01, 0.1, 1.0, 10.0]", "[0.5]", "[5.0]"], table
     for test_set in ("faceswap", "deepfakes"):
         block = table.split(f"\n{test_set}: ")[1].split("\n\n")[0].splitlines()[1:]
         assert len(block) == 3 and sum("best" in line for line in block) == 1, block
