@@ -197,13 +197,16 @@ class ShardRows:
         return len(self.store.shard_paths())
 
     def chunks(self, order=None) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        """(X, y, digests) of the wanted rows, one shard at a time (in `order`, or shard order)."""
+        """(X, y, digests) of the wanted rows, one shard at a time (in `order`, or shard order),
+        each row once, also where two shards hold it (a dask task rerun before 2026-11-27)."""
         shards = self.store.shard_paths()
+        seen: set[str] = set()
         for i in order if order is not None else range(len(shards)):
             digests, X = self.store.read_shard(shards[i], self.layer)
-            keep = [j for j, d in enumerate(digests) if d in self.wanted]
+            keep = [j for j, d in enumerate(digests) if d in self.wanted and d not in seen]
             if keep:
                 picked = [digests[j] for j in keep]
+                seen.update(picked)
                 yield X[keep], np.array([self.wanted[d] for d in picked]), picked
 
     def read(self, order=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

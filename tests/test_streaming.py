@@ -60,6 +60,22 @@ def test_a_streamed_probe_matches_the_in_memory_one(tmp_path):
     np.testing.assert_allclose(streamed.score(a.probe.predict_proba, test), memory.score(a.probe.predict_proba, test))
 
 
+def test_rows_held_by_two_shards_stream_once(tmp_path):
+    """A cache may hold a row twice (a dask task rerun after a failure, before such reruns
+    committed nothing of the failed attempt): streamed, each row is fitted and scored once."""
+    memory = synthetic_frames(videos=10, dim=4)
+    _, store = write_cache(tmp_path, memory, shard_rows=40)
+    again = slice(30, 50)
+    digests = memory.digest[again].tolist()
+    store.commit(
+        ShardData(digests, memory.path[again].tolist(), [None] * len(digests), {"projection": memory.X[again]})
+    )
+    rows = features.ShardRows(store, "projection", dict.fromkeys(memory.digest.tolist(), 0))
+    for order in (None, np.arange(rows.parts())[::-1]):
+        streamed = [d for _, _, chunk in rows.chunks(order) for d in chunk]
+        assert sorted(streamed) == sorted(memory.digest.tolist())
+
+
 def test_the_cross_manipulation_matrix_streams_too(tmp_path):
     memory = synthetic_frames(videos=40, dim=8)
     table, store = write_cache(tmp_path, memory, shard_rows=64)
