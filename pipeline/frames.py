@@ -46,6 +46,12 @@ def sample(count: int, per_video: int | None) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, per_video, dtype=int)})
 
 
+def sampled(frame_count: int, per_video: int | None) -> list[int]:
+    """The frames a video contributes: `per_video` (else VIDEO_FRAMES) evenly spaced ones; one,
+    frame 0, for a video whose frames cannot be counted, so that its failure is recorded."""
+    return sample(frame_count, per_video or VIDEO_FRAMES) if frame_count > 0 else [0]
+
+
 @dataclass(frozen=True)
 class VideoFacts:
     format: str

@@ -189,15 +189,14 @@ def check_label_conflicts(paths: list[str], digests: list[str], labels: list[int
 
 def expand(files: list[ImageFile], facts: list[FileFacts], per_video: int | None) -> list[tuple]:
     """One (file, facts, frame) per manifest row: an image file is one row (frame -1), a video
-    file one row per sampled frame (`data.frames.per_video`, else `frames.VIDEO_FRAMES`). A video whose
-    frames cannot be counted keeps one row, so extract records why it fails instead of dropping it."""
+    file one row per sampled frame (`frames.sampled`: a video whose frames cannot be counted keeps
+    one row, so extract records why it fails instead of dropping it)."""
     rows = []
     for f, x in zip(files, facts, strict=True):
         if not f.is_video:
             rows.append((f, x, -1))
             continue
-        indices = frames.sample(x.frame_count, per_video or frames.VIDEO_FRAMES) if x.frame_count > 0 else [0]
-        rows += [(f, x, i) for i in indices]
+        rows += [(f, x, i) for i in frames.sampled(x.frame_count, per_video)]
     return rows
 
 

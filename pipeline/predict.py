@@ -66,15 +66,12 @@ def predict_layer(outputs: Outputs, store: EmbeddingStore) -> EmbeddingStore:
 
 def rows_of(settings: Settings, file: Path, facts: images.FileFacts | None) -> list[tuple[str, int]]:
     """(cache key, frame) of each row that scores `file`: the image itself (frame -1), or the
-    frames the manifest samples from a video (one row, frame 0, for a video whose frames cannot
-    be counted: it fails with its reason); none for a file that cannot be read."""
+    frames the manifest samples from a video (`frames.sampled`); none for a file that cannot be read."""
     if facts is None:
         return []
     if file.suffix.lower() not in frames.VIDEO_SUFFIXES:
         return [(facts.digest, -1)]
-    per_video = settings.data.frames.per_video or frames.VIDEO_FRAMES
-    indices = frames.sample(facts.frame_count, per_video) if facts.frame_count > 0 else [0]
-    return [(frames.key(facts.digest, i), i) for i in indices]
+    return [(frames.key(facts.digest, i), i) for i in frames.sampled(facts.frame_count, settings.data.frames.per_video)]
 
 
 def embed_missing(
