@@ -69,8 +69,15 @@ def run(outputs: Outputs, action: str) -> int:
         print(line)
     if action == "info":
         wanted, current = _manifest_digests(outputs), _current(outputs)
-        print("\n\n".join(describe(s, wanted, current) for s in found))
-        return 1 if unopened else 0
+        described, damaged = [], 0
+        for store in found:
+            try:
+                described.append(describe(store, wanted, current))
+            except StoreError as exc:  # a damaged or missing shard: say so under its cache, describe the rest
+                described.append(f"{store.directory}\n  damaged    {exc}")
+                damaged += 1
+        print("\n\n".join(described))
+        return 1 if unopened or damaged else 0
     bad = len(unopened)
     for store in found:
         if action == "repair":

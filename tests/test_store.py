@@ -348,6 +348,21 @@ def test_verify_never_crashes_on_a_damaged_card_or_prompt_table(fmt, tmp_path, c
         EmbeddingStore.open(bad.directory)
 
 
+def test_cache_info_describes_every_cache_and_names_a_damaged_shard(tmp_path, capsys):
+    """`cache info` is where one looks when something is wrong: a damaged shard is one line under
+    its cache, naming it and the fix, and the other caches are still described."""
+    outputs = Outputs(tmp_path)
+    good = EmbeddingStore.create(outputs.embeddings, "org/model", DESCRIPTION, DIMS)
+    good.commit(rows(["a"]))
+    bad = EmbeddingStore.create(outputs.embeddings, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
+    victim = bad.commit(rows(["b", "c"]))
+    damage(victim, "flip")
+    assert cache_report.run(outputs, "info") == 1
+    out = capsys.readouterr().out
+    assert f"{good.directory}\n  model      org/model\n  images     1 embedded, 0 failed" in out
+    assert f"{bad.directory}\n  damaged    shard {victim} is damaged" in out and "cache repair" in out
+
+
 def test_writing_a_shard_never_leaves_a_partial_file(store, fmt, tmp_path):
     """A write that fails (here: the shard folder became read-only) leaves nothing behind."""
     store.commit(rows(["a"]), fmt)
