@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         if name == "extract":
             p.add_argument("--retry-failed", action="store_true", help="try images recorded as failed again")
-    predict = sub.add_parser("predict", help="score image files or folders with a trained probe -> CSV")
-    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    predict = sub.add_parser("predict", help="score image and video files, or folders, with a trained probe -> CSV")
+    predict.add_argument("paths", nargs="+", type=Path, help="image or video files, or folders of them")
     predict.add_argument("--probe", type=Path, default=None, help="probe directory (default: models/probe)")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
     predict.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
