@@ -99,9 +99,7 @@ def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] |
                     members.setdefault(g, set()).add(official[ident])
         for g, found in members.items():
             if len(found) > 1:
-                raise ConfigError(
-                    f"the split files put linked videos (group {g}) in different splits: {sorted(found)}."
-                )
+                raise ConfigError(_split_across(g, groups, official))
             split_of_group[g] = found.pop()
         uncovered = sorted(set(images_per_group) - set(split_of_group))
         if uncovered:
@@ -120,6 +118,23 @@ def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] |
             filled[split] += images_per_group[g]
         split_of_group[g] = split
     return {v: split_of_group[g] for v, g in groups.items()}
+
+
+def _split_across(group: str, groups: dict[str, str], official: dict[str, str]) -> str:
+    """The sentence for a video group that the official split files put in two splits: the video
+    that links identities of different splits (or the identities, where the link is indirect)."""
+    members = sorted(v for v, g in groups.items() if g == group)
+    placed = {i: official[i] for v in members for i in identities(v) if i in official}
+    linking = next((v for v in members if len({placed.get(i) for i in identities(v)} - {None}) > 1), None)
+    named = " and ".join(
+        f"{i} ({placed[i]}.json)" for i in (identities(linking) if linking else sorted(placed)) if i in placed
+    )
+    via = f"video {linking} is made from videos {named}" if linking else f"linked videos join {named} in one group"
+    return (
+        f"{via} of the split files, so it cannot sit in one split without leaking into another; the split "
+        "files fit FaceForensics++'s own pairs only: for other data, set data.split's val/test ratios "
+        "instead of split_dir."
+    )
 
 
 def cross_split_duplicates(digests: list[str], splits: list[str]) -> list[int]:

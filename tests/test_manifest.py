@@ -131,6 +131,20 @@ def test_official_ffpp_split_files_win(tmp_path, tiny_clip):
     assert df.split.value_counts().to_dict() == {"train": 12, "val": 12, "test": 12}
 
 
+def test_split_files_that_split_a_fake_from_its_sources_name_the_video_and_the_fix():
+    # The demo's fakes pair 000 with 001; FF++'s official files put 000 in test and 001 in train.
+    official = splits.read_split_dir(FFPP_SPLITS)
+    assert (official["000"], official["001"]) == ("test", "train")
+    with pytest.raises(config.ConfigError) as info:
+        splits.assign_splits(["000", "001", "000_001"], config.SplitSpec(), official)
+    message = str(info.value)
+    assert "000_001" in message and "000 (test.json)" in message and "001 (train.json)" in message
+    assert "data.split" in message
+    # Linked through a video of neither split: the identities are named instead.
+    with pytest.raises(config.ConfigError, match=r"linked videos join 100 \(test.json\) and 200 \(train.json\)"):
+        splits.assign_splits(["100_300", "300_200"], config.SplitSpec(), {"100": "test", "200": "train"})
+
+
 def test_real_ffpp_tree_layout(tmp_path, tiny_clip):
     layout = {
         "original_sequences/youtube/c23/frames/000/0000.png": 0,
