@@ -268,7 +268,7 @@ def build(settings: Settings, previous: file_index.Known) -> pa.Table:
     rows = expand([files[i] for i in readable], [facts[i] for i in readable], settings.data.frames.per_video)
     spec = settings.data.split
     official = read_split_dir(settings.resolve(spec.split_dir)) if spec.split_dir else None
-    split_of = assign_splits([f.video for f, _, _ in rows], spec, official)
+    split_of = assign_splits([f.video for f, _, _ in rows], spec, official, [f.dataset for f, _, _ in rows])
     datasets = settings.data.datasets
     columns = {
         "path": [f.path for f, _, _ in rows],

@@ -77,14 +77,17 @@ def read_split_dir(split_dir: Path) -> dict[str, str]:
     return assignment
 
 
-def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] | None = None) -> dict[str, str]:
+def assign_splits(
+    videos: list[str], spec: SplitSpec, official: dict[str, str] | None = None, datasets: list[str] | None = None
+) -> dict[str, str]:
     """Split per video group -> {video: split}; `videos` has one entry per image (the shares
-    are shares of images).
+    are shares of images), `datasets` each image's dataset.
 
     Groups named by the official split files take that split. The rest are ordered by a hash
     of (seed, group) and filled into test, then val, up to their share of images; the rest is
-    train. Hash order keeps assignments stable when new videos are added.
-    """
+    train. Hash order keeps assignments stable when new videos are added. Datasets that share
+    no video group (FF++ and Celeb-DF) are separate families, each filled to its own shares, so
+    adding one never moves another's videos between splits."""
     groups = group_videos(videos)
     images_per_group: dict[str, int] = {}
     for v in videos:
@@ -109,15 +112,39 @@ def assign_splits(videos: list[str], spec: SplitSpec, official: dict[str, str] |
             )
     rest = [g for g in images_per_group if g not in split_of_group]
     rest.sort(key=lambda g: hashlib.sha256(f"{spec.seed}:{g}".encode()).hexdigest())
-    total = sum(images_per_group[g] for g in rest)
-    quota = {"test": spec.test * total, "val": spec.val * total}
-    filled = {"test": 0, "val": 0}
-    for g in rest:
-        split = next((s for s in ("test", "val") if filled[s] < quota[s]), "train")
-        if split != "train":
-            filled[split] += images_per_group[g]
-        split_of_group[g] = split
+    family = dataset_families(groups, videos, datasets)
+    for name in sorted(set(family.values())):
+        mine = [g for g in rest if family[g] == name]
+        total = sum(images_per_group[g] for g in mine)
+        quota = {"test": spec.test * total, "val": spec.val * total}
+        filled = {"test": 0, "val": 0}
+        for g in mine:
+            split = next((s for s in ("test", "val") if filled[s] < quota[s]), "train")
+            if split != "train":
+                filled[split] += images_per_group[g]
+            split_of_group[g] = split
     return {v: split_of_group[g] for v, g in groups.items()}
+
+
+def dataset_families(groups: dict[str, str], videos: list[str], datasets: list[str] | None) -> dict[str, str]:
+    """Each video group's family: the datasets linked to one another through shared video groups
+    (FF++'s real videos and every method made from them are one family); all one without `datasets`."""
+    if datasets is None:
+        return dict.fromkeys(groups.values(), "")
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first: dict[str, str] = {}  # group -> the first dataset seen holding it
+    for v, d in zip(videos, datasets, strict=True):
+        a, b = find(first.setdefault(groups[v], d)), find(d)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {g: find(d) for g, d in first.items()}
 
 
 def _split_across(group: str, groups: dict[str, str], official: dict[str, str]) -> str:

@@ -87,6 +87,21 @@ def test_adding_videos_keeps_existing_assignments_mostly_stable():
     assert moved <= 4  # only groups at the quota boundaries may move
 
 
+def test_adding_an_unlinked_dataset_leaves_the_others_splits_as_they_were():
+    # A cross-dataset set (Celeb-DF-like ids, linked to no FF++ video) added to FF++: FF++'s
+    # splits, and so every in-dataset number, must not move; each family fills its own shares.
+    reals = [f"{i:03d}" for i in range(100)]
+    ffpp = reals * 4 + [f"{i:03d}_{i ^ 1:03d}" for i in range(100)] * 4
+    celeb = [f"id{i}_{j:04d}" for i in range(30) for j in range(5)] * 8
+    before = splits.assign_splits(ffpp, config.SplitSpec(), datasets=["ffpp"] * len(ffpp))
+    after = splits.assign_splits(
+        ffpp + celeb, config.SplitSpec(), datasets=["ffpp"] * len(ffpp) + ["celeb"] * len(celeb)
+    )
+    assert {v: after[v] for v in before} == before
+    celeb_test = sum(after[v] == "test" for v in celeb) / len(celeb)
+    assert 0.1 <= celeb_test <= 0.2, "the added set gets its own share of test images"
+
+
 def ffpp_params(root, model_dir, **split) -> dict:
     return {
         "data": {
