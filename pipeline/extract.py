@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline import manifest_table, perturb
+from pipeline import frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan
 from pipeline.outputs import Outputs
@@ -267,5 +267,12 @@ def report_failures(store: EmbeddingStore, wanted: set[str]) -> None:
         "%d images could not be embedded (%s); they are recorded in the cache and skipped. First few:\n%s",
         len(failed),
         ", ".join(f"{n} {r}" for r, n in reasons.most_common()),
-        "\n".join(f"  {p}: {r}" for p, r in list(failed.values())[:5]),
+        "\n".join(f"  {where(d, p)}: {r}" for d, (p, r) in list(failed.items())[:5]),
     )
+
+
+def where(key: str, path: str | None) -> str:
+    """A cache row for people: its file, and the video frame and perturbation its key names."""
+    clean, spec = perturb.split(key)
+    _, _, frame = clean.partition(frames.KEY_SEPARATOR)
+    return f"{path}{f' frame {frame}' if frame else ''}{f' ({spec})' if spec else ''}"

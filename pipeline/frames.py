@@ -110,20 +110,27 @@ def decode(data: bytes, index: int) -> Image.Image:
     raise ValueError(f"the video has no frame {index}")
 
 
-def decode_many(data: bytes, indices: Iterable[int]) -> dict[int, Image.Image]:
-    """Frames `indices` of the video in `data`, as RGB images, decoded in one pass (one open, one
-    demux of the packet index, a seek only past an unreached keyframe); an index the video does
-    not have is absent from the result. ValueError if the bytes are not a readable video."""
+def decode_many(data: bytes, indices: Iterable[int]) -> dict[int, Image.Image | str]:
+    """Frames `indices` of the video in `data`, decoded in one pass (one open, one demux of the
+    packet index, a seek only past an unreached keyframe): each an RGB image, or why it is
+    missing (the video has no such frame; the decoder's error for a frame past a damaged
+    stretch, such as the end of a truncated download, whose frames before it are kept).
+    ValueError if the bytes cannot be opened as a video."""
     import av
 
     wanted = sorted(set(indices))
-    out: dict[int, Image.Image] = {}
+    out: dict[int, Image.Image | str] = {}
     try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            start = stream.start_time or 0
-            position = lambda pts: round((pts - start) * stream.time_base * rate)  # noqa: E731
+        container = av.open(io.BytesIO(data))
+    except av.FFmpegError as exc:
+        raise ValueError(f"unreadable video ({exc})") from None
+    with container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        start = stream.start_time or 0
+        position = lambda pts: round((pts - start) * stream.time_base * rate)  # noqa: E731
+        # A damaged stretch stops the pass; what it decoded stays, the rest is tried frame by frame.
+        with contextlib.suppress(av.FFmpegError):
             keyframes = sorted(position(p.pts) for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
             at, decoder = None, None  # the position of the last decoded frame; the running decoder
             for index in wanted:
@@ -144,10 +151,10 @@ def decode_many(data: bytes, indices: Iterable[int]) -> dict[int, Image.Image]:
                         break
                 else:
                     decoder, at = None, None  # the end of the video
-    except av.FFmpegError as exc:
-        raise ValueError(f"unreadable video ({exc})") from None
     for index in wanted:  # what one pass missed, frame by frame (decode() falls back to the start)
         if index not in out:
-            with contextlib.suppress(ValueError):  # the video has no such frame
+            try:
                 out[index] = decode(data, index)
+            except ValueError as exc:  # the video has no such frame, or it lies past the damage
+                out[index] = str(exc)
     return out

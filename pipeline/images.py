@@ -206,9 +206,9 @@ def decode_frames(path: Path, digest: str | None, indices: list[int]) -> list[Im
         return [failure(exc)] * len(indices)
     out: list[Image.Image | str] = []
     for i in indices:
-        rgb = decoded.get(i)
-        if rgb is None:
-            out.append(f"unreadable image (the video has no frame {i})")
+        rgb = decoded[i]
+        if isinstance(rgb, str):
+            out.append(f"unreadable image ({rgb})")
         elif rgb.width * rgb.height > MAX_PIXELS:
             out.append(f"video frame too large ({rgb.width}x{rgb.height} pixels)")
         else:
