@@ -374,6 +374,8 @@ def _check(s: Settings) -> None:
 def _build(cls: type, raw: object, where: str):
     """Instantiate dataclass `cls` from `raw`, checking keys and types against its annotations."""
     label = where or "params.yaml"
+    if raw is None and where:
+        raise ConfigError(f"{label} is empty; write `{label}: {{}}` for all its defaults, or give its keys.")
     if not isinstance(raw, dict):
         raise ConfigError(f"{label} must be a mapping of keys to values, not {_kind(raw)}.")
     hints = typing.get_type_hints(cls)
