@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, features, frames, images, probes
+from pipeline import atomic, features, file_index, frames, images, probes
 from pipeline.config import ConfigError, Settings
 from pipeline.metrics import video_level
 from pipeline.outputs import Outputs
@@ -28,16 +28,19 @@ from pipeline.store import EmbeddingStore, caches
 log = logging.getLogger(__name__)
 
 
-SUFFIXES = images.IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
-
-
 def collect(paths: list[Path]) -> list[Path]:
-    """Files named directly, and image and video files found under the given folders, in order,
-    without repeats."""
+    """Files named directly, and the image and video files under the given folders found as the
+    manifest finds them (through linked folders, without hidden files; what cannot be read is
+    named in a warning), in order, without repeats."""
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+            problems: list[str] = []
+            found += sorted(Path(f) for f, _ in file_index.walk_images(p, problems))
+            if problems:
+                log.warning(
+                    "%d files or folders under %s could not be read: %s", len(problems), p, "; ".join(problems[:5])
+                )
         elif p.exists():
             found.append(p)
         else:

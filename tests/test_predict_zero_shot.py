@@ -61,6 +61,21 @@ def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(tr
     assert "embedding" not in caplog.text, "a second predict embeds nothing"
 
 
+def test_predict_finds_files_as_the_manifest_does_through_linked_folders(tmp_path):
+    from pipeline import predict
+
+    frames = tmp_path / "elsewhere" / "000_003"
+    frames.mkdir(parents=True)
+    for name in ("0001.png", "0000.PNG", "._0000.png"):  # the last: macOS metadata, not an image
+        Image.new("RGB", (8, 8)).save(frames / name, format="PNG")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "000_003").symlink_to(frames, target_is_directory=True)  # frames linked in, as datasets often are
+    Image.new("RGB", (8, 8)).save(folder / "b.jpg")
+    found = [p.relative_to(folder).as_posix() for p in predict.collect([folder, folder / "b.jpg"])]
+    assert found == ["000_003/0000.PNG", "000_003/0001.png", "b.jpg"]
+
+
 def test_predict_refuses_a_model_that_does_not_match_the_probes_cache(trained, tmp_path, capsys):
     update_params(trained, "extract", precision="bf16")
     Image.new("RGB", (80, 70), (1, 2, 3)).save(tmp_path / "x.png")
