@@ -97,8 +97,34 @@ def scan(settings: Settings) -> list[ImageFile]:
             count,
         )
     warn_unreadable(unreadable)
+    warn_videos_in_several_folders(files)
     files.sort(key=lambda f: f.path)
     return cap_frames(files, settings.data.frames.per_video)
+
+
+def warn_videos_in_several_folders(files: list[ImageFile]) -> None:
+    """A video id whose files lie in more than one folder of its dataset: frames of different
+    videos (c23/ and c40/ copies), or files that are not frames (DeepfakeBench's masks/ beside
+    frames/), pooled as one video; said per dataset, with one example."""
+    folders: dict[tuple[str, str], set[str]] = {}
+    for f in files:
+        folders.setdefault((f.dataset, f.video), set()).add(PurePosixPath(f.path).parent.as_posix())
+    merged: dict[str, list[tuple[str, list[str]]]] = {}
+    for (dataset, video), where in folders.items():
+        if len(where) > 1:
+            merged.setdefault(dataset, []).append((video, sorted(where)))
+    for dataset, videos in sorted(merged.items()):
+        video, where = min(videos)
+        log.warning(
+            "dataset '%s': %d video ids name files in more than one folder (e.g. '%s' in %s); a frame's video "
+            "is its folder's name (a video file's, its stem), so the files of each are pooled as one video. "
+            "If they are different videos, or not all frames (DeepfakeBench's masks/ beside frames/), point the "
+            "dataset at the folder that holds its videos (a folder of frames, or a file, per video) and nothing else.",
+            dataset,
+            len(videos),
+            video,
+            ", ".join(where[:3]) + (", ..." if len(where) > 3 else ""),
+        )
 
 
 def cap_frames(files: list[ImageFile], per_video: int | None) -> list[ImageFile]:

@@ -127,6 +127,29 @@ def make_tree(root, relative_paths) -> None:
         Image.new("RGB", (8, 8), (i % 256, 2, 3)).save(root / rel)
 
 
+def test_a_video_id_in_two_folders_of_a_dataset_is_warned_about(tmp_path, tiny_clip, caplog):
+    # DeepfakeBench's layout, the dataset pointed one level too high: its masks beside its frames
+    # would be embedded as frames of the same videos.
+    make_tree(
+        tmp_path / "ffpp",
+        [
+            "original_sequences/youtube/c23/frames/000/0000.png",
+            "original_sequences/youtube/c23/frames/003/0000.png",
+            "manipulated_sequences/FaceSwap/c23/frames/000_003/0000.png",
+            "manipulated_sequences/FaceSwap/c23/masks/000_003/0000.png",
+        ],
+    )
+    params = ffpp_params(tmp_path / "ffpp", tiny_clip)
+    params["data"]["datasets"]["faceswap"]["path"] = "manipulated_sequences/FaceSwap/c23"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    build(tmp_path)
+    assert (
+        "dataset 'faceswap': 1 video ids name files in more than one folder (e.g. '000_003' in "
+        "manipulated_sequences/FaceSwap/c23/frames/000_003, manipulated_sequences/FaceSwap/c23/masks/000_003)"
+    ) in caplog.text
+    assert "dataset 'youtube'" not in caplog.text
+
+
 @pytest.mark.skipif(not FFPP_SPLITS.is_dir(), reason="shared/ffpp-splits is not beside the repo")
 def test_official_ffpp_split_files_win(tmp_path, tiny_clip):
     official = splits.read_split_dir(FFPP_SPLITS)
