@@ -201,3 +201,14 @@ def test_per_video_caps_the_frames_of_frame_folders_evenly(project):
     assert (table.groupby(["dataset", "video"]).size() == 1).all()
     assert set(table.frame) == {-1}
     assert table.path.str.endswith("/0000.png").all(), "one frame per video: the first, as linspace picks"
+
+
+def test_per_video_picks_frames_in_numeric_order_when_names_are_not_zero_padded():
+    # `ffmpeg -i v.mp4 %d.png` names frames 1.png ... 100.png; sorted as text, 10.png and 100.png
+    # come before 2.png, and "evenly spaced" frames were not (DeepfakeBench sorts them by number).
+    files = sorted(
+        (manifest.ImageFile(f"fs/000_003/{i}.png", "fs", "000_003", 1, 0) for i in range(1, 101)),
+        key=lambda f: f.path,
+    )
+    kept = [f.path.rsplit("/", 1)[1] for f in manifest.cap_frames(files, 5)]
+    assert sorted(kept, key=lambda name: int(name.split(".")[0])) == ["1.png", "25.png", "50.png", "75.png", "100.png"]
