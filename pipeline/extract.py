@@ -189,10 +189,17 @@ def lent_boxes(table, crops) -> dict:
     """`no_face: nearest`: per frame without a face, the detection of the nearest frame with one."""
     from pipeline import faces
 
-    videos: dict[str, list[str]] = {}
-    for key, dataset, video in zip(*(table.column(c).to_pylist() for c in ("digest", "dataset", "video")), strict=True):
-        videos.setdefault(f"{dataset}/{video}", []).append(key)
-    return faces.nearest_boxes(videos, faces.read_cache(crops.directory))
+    return faces.nearest_boxes(frames_in_time_order(table), faces.read_cache(crops.directory))
+
+
+def frames_in_time_order(table) -> dict[str, list[str]]:
+    """Each video (`dataset/video`) -> its frames' keys in time order: a video file's by frame
+    index, a frame folder's by `frames.name_order` (the manifest lists rows by path, as text)."""
+    videos: dict[str, list[tuple]] = {}
+    columns = (table.column(c).to_pylist() for c in ("digest", "dataset", "video", "path", "frame"))
+    for key, dataset, video, path, frame in zip(*columns, strict=True):
+        videos.setdefault(f"{dataset}/{video}", []).append((frame, frames.name_order(path), path, key))
+    return {video: [row[-1] for row in sorted(rows)] for video, rows in videos.items()}
 
 
 def save_missing_crops(settings: Settings, table, items_of, embedder, store: EmbeddingStore) -> None:

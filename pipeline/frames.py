@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,6 +36,14 @@ def file_digest(row_key: str) -> str:
     """The sha256 of the file a cache key refers to: the key itself for an image, without the
     frame index of a video frame (`@<index>`) or a robustness perturbation (`~<spec>`)."""
     return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
+
+
+def name_order(path: str) -> list[tuple[int, int | str]]:
+    """A frame file's place among its video's frames: its name with runs of digits compared as
+    numbers (`2.png` before `10.png`, as DeepfakeBench sorts frames; zero-padded names keep
+    their order as text)."""
+    parts = re.split(r"([0-9]+)", path.rsplit("/", 1)[-1])  # text, digits, text, ...: digit runs at odd places
+    return [(0, int(part)) if i % 2 else (1, part) for i, part in enumerate(parts) if part]
 
 
 def sample(count: int, per_video: int | None) -> list[int]:

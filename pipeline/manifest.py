@@ -127,18 +127,9 @@ def warn_videos_in_several_folders(files: list[ImageFile]) -> None:
         )
 
 
-def frame_order(path: str) -> list[tuple[int, int | str]]:
-    """A frame file's place among its video's frames: its name with runs of digits compared as
-    numbers (`2.png` before `10.png`, as DeepfakeBench sorts frames; zero-padded names keep
-    their order as text)."""
-    name = path.rsplit("/", 1)[-1]
-    parts = re.split(r"([0-9]+)", name)  # text, digits, text, ...: the digit runs at odd places
-    return [(0, int(part)) if i % 2 else (1, part) for i, part in enumerate(parts) if part]
-
-
 def cap_frames(files: list[ImageFile], per_video: int | None) -> list[ImageFile]:
     """At most `per_video` frames of each frame folder video, evenly spaced over its frames in
-    `frame_order` (the frame count per video changes results, so it is a setting, as for videos)."""
+    `frames.name_order` (the frame count per video changes results, so it is a setting, as for videos)."""
     if per_video is None:
         return files
     by_video: dict[tuple[str, str], list[ImageFile]] = {}
@@ -146,7 +137,7 @@ def cap_frames(files: list[ImageFile], per_video: int | None) -> list[ImageFile]
         if not f.is_video:
             by_video.setdefault((f.dataset, f.video), []).append(f)
     for group in by_video.values():
-        group.sort(key=lambda f: (frame_order(f.path), f.path))
+        group.sort(key=lambda f: (frames.name_order(f.path), f.path))
     keep = {id(f) for group in by_video.values() for i in frames.sample(len(group), per_video) for f in [group[i]]}
     return [f for f in files if f.is_video or id(f) in keep]
 

@@ -235,6 +235,24 @@ def test_nearest_takes_the_closest_frame_with_a_face_and_the_earlier_on_ties():
     assert lent == {"a": face, "c": face, "d": other, "q": face}, "a video without a face lends nothing"
 
 
+def test_nearest_counts_frames_in_time_order_not_text_order():
+    # Frame folders named 1.png ... 10.png: as text, 10.png sits between 1.png and 2.png; the
+    # frames of a video file, in index order. A frame's neighbours are the frames beside it in time.
+    import pyarrow as pa
+
+    paths = ["fs/v/1.png", "fs/v/10.png", "fs/v/2.png", "fs/v/9.png", "fs/x.mp4", "fs/x.mp4"]
+    table = pa.table(
+        {
+            "digest": ["k1", "k10", "k2", "k9", "m@12", "m@3"],
+            "dataset": ["fs"] * 6,
+            "video": ["v", "v", "v", "v", "x", "x"],
+            "path": paths,
+            "frame": [-1, -1, -1, -1, 12, 3],
+        }
+    )
+    assert extract.frames_in_time_order(table) == {"fs/v": ["k1", "k2", "k9", "k10"], "fs/x": ["m@3", "m@12"]}
+
+
 def test_the_video_demo_has_the_face_in_every_frame_but_the_last_two(tmp_path):
     assert demo.make_video_dataset(tmp_path, n_videos=2, frames=6) == 2 + 2 * 2
     videos = sorted(tmp_path.rglob("*.mp4"))
