@@ -35,24 +35,34 @@ def identities(video: str) -> list[str]:
     return [video]
 
 
-def group_videos(videos: Iterable[str]) -> dict[str, str]:
-    """Map each video id to a group key; linked videos (shared identities) share a group."""
-    parent: dict[str, str] = {}
+class _Linked:
+    """Union-find over strings; each set is named by its smallest member."""
 
-    def find(x: str) -> str:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        parent = self.parent
         while parent.setdefault(x, x) != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
+    def link(self, x: str, y: str) -> None:
+        a, b = self.find(x), self.find(y)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+def group_videos(videos: Iterable[str]) -> dict[str, str]:
+    """Map each video id to a group key; linked videos (shared identities) share a group."""
+    linked = _Linked()
     videos = sorted(set(videos))
     for v in videos:
         ids = identities(v)
         for other in ids[1:]:
-            a, b = find(ids[0]), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return {v: find(identities(v)[0]) for v in videos}
+            linked.link(ids[0], other)
+    return {v: linked.find(identities(v)[0]) for v in videos}
 
 
 def read_split_dir(split_dir: Path) -> dict[str, str]:
@@ -131,20 +141,11 @@ def dataset_families(groups: dict[str, str], videos: list[str], datasets: list[s
     (FF++'s real videos and every method made from them are one family); all one without `datasets`."""
     if datasets is None:
         return dict.fromkeys(groups.values(), "")
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    linked = _Linked()
     first: dict[str, str] = {}  # group -> the first dataset seen holding it
     for v, d in zip(videos, datasets, strict=True):
-        a, b = find(first.setdefault(groups[v], d)), find(d)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return {g: find(d) for g, d in first.items()}
+        linked.link(first.setdefault(groups[v], d), d)
+    return {g: linked.find(d) for g, d in first.items()}
 
 
 def _split_across(group: str, groups: dict[str, str], official: dict[str, str]) -> str:
