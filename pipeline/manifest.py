@@ -108,7 +108,7 @@ def warn_videos_in_several_folders(files: list[ImageFile]) -> None:
     frames/), pooled as one video; said per dataset, with one example."""
     folders: dict[tuple[str, str], set[str]] = {}
     for f in files:
-        folders.setdefault((f.dataset, f.video), set()).add(PurePosixPath(f.path).parent.as_posix())
+        folders.setdefault((f.dataset, f.video), set()).add(f.path.rpartition("/")[0])  # paths use "/"
     merged: dict[str, list[tuple[str, list[str]]]] = {}
     for (dataset, video), where in folders.items():
         if len(where) > 1:
