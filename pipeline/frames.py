@@ -38,12 +38,16 @@ def file_digest(row_key: str) -> str:
     return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
 
 
-def name_order(path: str) -> list[tuple[int, int | str]]:
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def name_order(path: str) -> list[int | str]:
     """A frame file's place among its video's frames: its name with runs of digits compared as
     numbers (`2.png` before `10.png`, as DeepfakeBench sorts frames; zero-padded names keep
-    their order as text)."""
-    parts = re.split(r"([0-9]+)", path.rsplit("/", 1)[-1])  # text, digits, text, ...: digit runs at odd places
-    return [(0, int(part)) if i % 2 else (1, part) for i, part in enumerate(parts) if part]
+    their order as text). Text and numbers alternate, text first, so two keys compare like with like."""
+    parts: list[int | str] = _DIGITS.split(path[path.rfind("/") + 1 :])
+    parts[1::2] = map(int, parts[1::2])
+    return parts
 
 
 def sample(count: int, per_video: int | None) -> list[int]:
