@@ -103,6 +103,7 @@ def assign_splits(
     for v in videos:
         images_per_group[groups[v]] = images_per_group.get(groups[v], 0) + 1
 
+    family = dataset_families(groups, videos, datasets)
     split_of_group: dict[str, str] = {}
     if official:
         members: dict[str, set[str]] = {}
@@ -114,15 +115,17 @@ def assign_splits(
             if len(found) > 1:
                 raise ConfigError(_split_across(g, groups, official))
             split_of_group[g] = found.pop()
-        uncovered = sorted(set(images_per_group) - set(split_of_group))
+        covered = {family[g] for g in split_of_group}  # a family the files say nothing of (Celeb-DF) takes the ratios
+        uncovered = sorted(g for g in images_per_group if g not in split_of_group and family[g] in covered)
         if uncovered:
             log.warning(
-                "%d video groups are not in the official split files; assigning them by the val/test ratios",
+                "%d video groups of data the split files cover are not in them (e.g. %s); assigning them by the "
+                "val/test ratios",
                 len(uncovered),
+                uncovered[0],
             )
     rest = [g for g in images_per_group if g not in split_of_group]
     rest.sort(key=lambda g: hashlib.sha256(f"{spec.seed}:{g}".encode()).hexdigest())
-    family = dataset_families(groups, videos, datasets)
     for name in sorted(set(family.values())):
         mine = [g for g in rest if family[g] == name]
         total = sum(images_per_group[g] for g in mine)

@@ -102,6 +102,17 @@ def test_adding_an_unlinked_dataset_leaves_the_others_splits_as_they_were():
     assert 0.1 <= celeb_test <= 0.2, "the added set gets its own share of test images"
 
 
+def test_split_files_warn_only_about_videos_of_the_datasets_they_cover(caplog):
+    official = splits.read_split_dir(FFPP_SPLITS)
+    ffpp = ["000", "003", "000_003", "003_000"]
+    celeb = ["id0_0000", "id1_0000", "id0_id1_0000"]  # a cross-dataset set: the ratios, no warning
+    datasets = ["ffpp"] * 4 + ["celeb"] * 3
+    splits.assign_splits(ffpp + celeb, config.SplitSpec(), official, datasets)
+    assert "not in the official split files" not in caplog.text
+    splits.assign_splits([*ffpp, "1000"], config.SplitSpec(), official, ["ffpp"] * 5)  # an FF++ id the files lack
+    assert "1 video groups of data the split files cover are not in them (e.g. 1000)" in caplog.text
+
+
 def ffpp_params(root, model_dir, **split) -> dict:
     return {
         "data": {
