@@ -243,13 +243,22 @@ def read_labels(path: Path) -> dict[str, int]:
             raise ConfigError(f"{path}: {where} has label {word!r}; use real or fake.")
         return words[word.lower()]
 
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is not UTF-8 text; a labels file is JSON or lines of '<real|fake> <video path>'."
+        ) from None
     if path.suffix.lower() == ".json":
-        entries = json.loads(path.read_text())
+        try:
+            entries = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); fix it there.") from None
         if not isinstance(entries, dict):
             raise ConfigError(f"{path} must map video file names to labels, like DFDC's metadata.json.")
         return {PurePosixPath(k).stem: label(v, k) for k, v in entries.items()}
     out = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         parts = [p for p in re.split(r"[,\s]+", line.strip()) if p]
         if not parts:
             continue

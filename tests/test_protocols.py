@@ -291,6 +291,10 @@ def test_a_labels_file_may_be_lines_of_label_and_path_in_either_order(tmp_path):
     listing.write_text("maybe e.mp4\n")
     with pytest.raises(ConfigError, match="use real or fake"):
         manifest.read_labels(listing)
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text('{"a.mp4": "FAKE",}')  # a trailing comma: not JSON
+    with pytest.raises(ConfigError, match=r"metadata.json is not valid JSON \(.*line 1"):
+        manifest.read_labels(metadata)
 
 
 def test_an_official_split_file_in_json_lists_only_its_test_videos(celeb_project):
