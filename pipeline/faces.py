@@ -262,7 +262,13 @@ class Onnx(Detector):
             providers = ["CPUExecutionProvider"]
             if self.device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
-            self._session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+            try:
+                self._session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+            except Exception as exc:  # onnxruntime's own error types: a file that is not an ONNX model
+                raise ConfigError(
+                    f"data.faces.detector onnx: {self.path} is not a model onnxruntime can load ({str(exc).strip()}); "
+                    "download the .onnx file again."
+                ) from None
         return self._session
 
     def detect(self, rgb: np.ndarray) -> Detection:

@@ -429,6 +429,9 @@ def test_an_onnx_detector_in_scrfd_layout_is_decoded_to_frame_pixels(tmp_path):
     assert plain.box == detection.box and plain.points is None
     with pytest.raises(ConfigError, match="does not exist"):
         faces.detector(FacesSettings(detector="onnx:missing.onnx"), base_dir=tmp_path)
+    (tmp_path / "page.onnx").write_text("<html>a download's error page</html>")
+    with pytest.raises(ConfigError, match=r"page\.onnx is not a model onnxruntime can load"):
+        faces.detector(FacesSettings(detector="onnx:page.onnx"), base_dir=tmp_path)
 
     # YuNet's layout (told apart by its output names), with a fixed and with a free input size.
     for size, scale in ((64, 0.5), (None, 1.0)):
