@@ -20,6 +20,7 @@ learned attributes end in `_`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, SGDClassifier
@@ -246,13 +248,13 @@ class LinearProbe:
 
     @classmethod
     def load(cls, directory: Path) -> tuple[LinearProbe, dict]:
-        directory = Path(directory)
-        if not (directory / "card.json").exists() or not (directory / "weights.safetensors").exists():
-            raise ConfigError(f"no probe in {directory}; run the train stage first (`dvc repro train`).")
-        card = json.loads((directory / "card.json").read_text())
-        t = load_file(str(directory / "weights.safetensors"))
+        with _reading(directory) as (card, t):
+            return cls._saved(card, t), card
+
+    @classmethod
+    def _saved(cls, card: dict, t: dict[str, np.ndarray]) -> LinearProbe:
         settings = {"kind": card["probe"], "C": card["C"], "normalize": card["normalize"], "max_iter": card["max_iter"]}
-        return cls.from_weights(settings, t["mean"], t["scale"], t["coef"], float(t["intercept"][0])), card
+        return cls.from_weights(settings, t["mean"], t["scale"], t["coef"], float(t["intercept"][0]))
 
 
 class MLPProbe:
@@ -325,18 +327,30 @@ class MLPProbe:
 
 def load(directory: Path) -> tuple[LinearProbe | MLPProbe, dict]:
     """The probe saved in `directory` (whichever kind), and its card."""
+    with _reading(directory) as (card, t):
+        if card.get("probe") != "mlp":
+            return LinearProbe._saved(card, t), card
+        probe = MLPProbe(C=card["C"], normalize=card["normalize"], hidden=card["hidden"], seed=card["seed"],
+                         max_iter=card["max_iter"])  # fmt: skip
+        probe.w1_, probe.b1_, probe.w2_, probe.b2_ = t["w1"], t["b1"], t["w2"], t["b2"]
+        probe.mean_, probe.scale_, probe.epochs_ = t["mean"], t["scale"], card["epochs"] - 1
+        return probe, card
+
+
+@contextlib.contextmanager
+def _reading(directory: Path) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+    """A saved probe's card and tensors, for building the probe inside the block; a missing probe,
+    or a damaged one (cut short, or not what train writes), is one sentence."""
     directory = Path(directory)
     if not (directory / "card.json").exists() or not (directory / "weights.safetensors").exists():
         raise ConfigError(f"no probe in {directory}; run the train stage first (`dvc repro train`).")
-    card = json.loads((directory / "card.json").read_text())
-    if card.get("probe") != "mlp":
-        return LinearProbe.load(directory)
-    t = load_file(str(directory / "weights.safetensors"))
-    probe = MLPProbe(C=card["C"], normalize=card["normalize"], hidden=card["hidden"], seed=card["seed"],
-                     max_iter=card["max_iter"])  # fmt: skip
-    probe.w1_, probe.b1_, probe.w2_, probe.b2_ = t["w1"], t["b1"], t["w2"], t["b2"]
-    probe.mean_, probe.scale_, probe.epochs_ = t["mean"], t["scale"], card["epochs"] - 1
-    return probe, card
+    try:
+        yield json.loads((directory / "card.json").read_text()), load_file(str(directory / "weights.safetensors"))
+    except (ValueError, KeyError, IndexError, TypeError, SafetensorError) as exc:
+        raise ConfigError(
+            f"the probe in {directory} is damaged ({type(exc).__name__}: {exc}); run the train stage again "
+            "(`dvc repro train`), or `dvc pull` it."
+        ) from None
 
 
 class ZeroShotProbe:

@@ -59,6 +59,18 @@ def test_probe_round_trips_through_safetensors_and_json(tmp_path, kind, normaliz
     assert set(load_file(str(tmp_path / "probe" / "weights.safetensors"))) == {"coef", "intercept", "mean", "scale"}
 
 
+def test_a_damaged_probe_is_one_sentence_that_says_to_train_again(tmp_path):
+    X, y = blobs()
+    LinearProbe().fit(X, y).save(tmp_path / "probe", {"layer": "projection"})
+    weights = tmp_path / "probe" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut short: a disk that filled up, a copy stopped midway
+    with pytest.raises(config.ConfigError, match=r"the probe in .* is damaged .*; run the train stage again"):
+        probes.load(tmp_path / "probe")
+    (tmp_path / "probe" / "card.json").write_text("{")
+    with pytest.raises(config.ConfigError, match="is damaged"):
+        LinearProbe.load(tmp_path / "probe")
+
+
 def test_standardized_logreg_matches_the_original_scripts_sklearn_pipeline():
     X, y = blobs(seed=1)
     probe = LinearProbe(C=1.0, normalize="standardize").fit(X, y)
