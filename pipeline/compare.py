@@ -77,10 +77,17 @@ def _run(name: str, read) -> Run | None:
     params, metrics, scores = read("params.yaml"), read("metrics/evaluate.json"), read("metrics/scores.csv")
     if params is None or metrics is None or scores is None:
         return None
-    p = yaml.safe_load(params) or {}
+    try:
+        p = yaml.safe_load(params) or {}
+        heldout, by_set = json.loads(metrics), _parse_scores(scores)
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # cut short, or edited by hand
+        raise ConfigError(
+            f"the {name} run's params.yaml or metrics are damaged ({type(exc).__name__}: {exc}); rerun its "
+            "evaluate stage (`dvc repro evaluate`), or remove the experiment (`dvc exp remove`)."
+        ) from None
     layer = p.get("train", {}).get("layer", "projection")
     backbone = f"{p.get('model', {}).get('name', '?')} [{layer if isinstance(layer, str) else '+'.join(layer)}]"
-    return Run(name, backbone, _flatten(p), json.loads(metrics), _parse_scores(scores))
+    return Run(name, backbone, _flatten(p), heldout, by_set)
 
 
 def collect(outputs: Outputs) -> list[Run]:

@@ -53,7 +53,10 @@ def write(table: pa.Table, path: Path) -> None:
 def read(path: Path) -> pa.Table:
     if not path.exists():
         raise ConfigError(f"{path} does not exist; run the manifest stage first (`dvc repro manifest`).")
-    return pq.read_table(path)
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:  # cut short (a full disk, a stopped copy), or not Parquet
+        raise ConfigError(f"{path} is damaged ({exc}); rerun the manifest stage (`dvc repro manifest`).") from None
 
 
 def summary(table: pa.Table) -> str:

@@ -230,11 +230,17 @@ def summaries(results: dict) -> dict[str, str]:
 def read_metrics(outputs: Outputs) -> dict:
     if not outputs.metrics.exists():
         raise ConfigError(f"{outputs.metrics} does not exist; run the evaluate stage first (`dvc repro`).")
-    return {
-        p: json.loads(outputs.protocol_metrics(p).read_text())
-        for p in PROTOCOLS
-        if outputs.protocol_metrics(p).exists()
-    }
+    out = {}
+    for p in PROTOCOLS:
+        path = outputs.protocol_metrics(p)
+        if path.exists():
+            try:
+                out[p] = json.loads(path.read_text())
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{path} is damaged ({exc}); rerun the evaluate stage (`dvc repro evaluate`)."
+                ) from None
+    return out
 
 
 # --------------------------------------------------------------------------- HTML

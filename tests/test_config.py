@@ -134,6 +134,25 @@ def test_stage_before_its_inputs_exist_says_which_stage_to_run(project, capsys):
     assert "run the manifest stage first" in err
 
 
+def test_a_damaged_stage_output_says_which_stage_to_rerun(project, capsys):
+    # Cut short by a full disk or a stopped copy: one sentence naming the file, never a traceback.
+    (project / "cache").mkdir(exist_ok=True)
+    (project / "cache" / "manifest.parquet").write_bytes(b"PAR1 and then nothing")
+    code, err = run_cli(capsys, "train", "--params", str(project / "params.yaml"))
+    assert code == 2 and err.count("\n") == 1
+    assert "manifest.parquet is damaged" in err and "`dvc repro manifest`" in err
+    (project / "metrics").mkdir()
+    (project / "metrics" / "evaluate.json").write_text('{"faceswap": {"frame": ')
+    code, err = run_cli(capsys, "show", "--params", str(project / "params.yaml"))
+    assert code == 2 and err.count("\n") == 1
+    assert "evaluate.json is damaged" in err and "`dvc repro evaluate`" in err
+    (project / "metrics" / "evaluate.json").write_text("{}")
+    (project / "metrics" / "scores.csv").write_text("test_set,digest,video,label,score\nfaceswap,ab12,000")
+    code, err = run_cli(capsys, "compare", "--params", str(project / "params.yaml"))
+    assert code == 2 and err.count("\n") == 1
+    assert "the workspace run's params.yaml or metrics are damaged" in err
+
+
 def test_help_lists_every_subcommand():
     out = subprocess.run(
         [sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True, cwd=REPO
