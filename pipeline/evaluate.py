@@ -214,9 +214,15 @@ def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
             {"<folder>/<video file>": {"label": "fake", "set": "test"}, ...}; only entries whose
             `set` (or `split`) is test are listed"""
     listed: dict[tuple[str, str], int | None] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path} is not UTF-8 text; a test list is Celeb-DF's List_of_testing_videos.txt or a JSON split file."
+        ) from None
     if path.suffix.lower() == ".json":
         try:
-            entries = json.loads(path.read_text())
+            entries = json.loads(text)
         except ValueError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}).") from None
         if not isinstance(entries, dict):
@@ -229,7 +235,7 @@ def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
             word = str(facts.get("label", "")).lower()
             listed[(entry.parent.name.lower(), entry.stem)] = {"real": 1, "fake": 0}.get(word)
         return listed
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue

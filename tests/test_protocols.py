@@ -295,6 +295,10 @@ def test_a_labels_file_may_be_lines_of_label_and_path_in_either_order(tmp_path):
     metadata.write_text('{"a.mp4": "FAKE",}')  # a trailing comma: not JSON
     with pytest.raises(ConfigError, match=r"metadata.json is not valid JSON \(.*line 1"):
         manifest.read_labels(metadata)
+    (tmp_path / "list.txt").write_bytes(b"1 Celeb-real/id0_0000.mp4\n\xff\xfe")  # a binary file, or UTF-16
+    for read in (manifest.read_labels, evaluate.read_test_list):
+        with pytest.raises(ConfigError, match="is not UTF-8 text"):
+            read(tmp_path / "list.txt")
 
 
 def test_an_official_split_file_in_json_lists_only_its_test_videos(celeb_project):
