@@ -43,6 +43,17 @@ def test_plan_is_wanted_minus_done_minus_failed():
     assert embedder.plan(wanted, done={"b"}, failed={"d"}, retry_failed=True) == ["a", "c", "d"]
 
 
+def test_a_device_this_machine_lacks_is_one_sentence():
+    from pipeline.backbones.base import resolve_device
+
+    gpus = torch.cuda.device_count()  # none here: cuda:0 is missing; on a GPU machine, cuda:<count>
+    with pytest.raises(config.ConfigError, match="no CUDA GPU is visible" if not gpus else f"sees {gpus} CUDA GPU"):
+        resolve_device(f"cuda:{gpus}")
+    if not torch.backends.mps.is_available():  # every machine but a Mac
+        with pytest.raises(config.ConfigError, match="asks for MPS but this machine has no Apple GPU"):
+            resolve_device("mps")
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, device):
     """Also on a GPU, where the readers pin their batches, several batches are in flight and the

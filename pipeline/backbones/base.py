@@ -104,6 +104,13 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"extract.device '{device}' is not a device; use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("extract.device asks for CUDA but no CUDA GPU is visible; use device: auto or cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"extract.device is {device!r}, but this machine sees {torch.cuda.device_count()} CUDA GPU(s) "
+            "(cuda:0 first); use one of them, or device: cuda."
+        )
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("extract.device asks for MPS but this machine has no Apple GPU; use device: auto or cpu.")
     return dev
 
 
