@@ -105,6 +105,8 @@ def embed_missing(
 
 
 def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path | None, out: Path) -> list[dict]:
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the CSV file, e.g. {out / 'predictions.csv'}.")
     probe, card = probes.load(probe_dir or outputs.probe)
     files = collect(paths)
     if not files:

@@ -76,6 +76,19 @@ def test_predict_finds_files_as_the_manifest_does_through_linked_folders(tmp_pat
     assert found == ["000_003/0000.PNG", "000_003/0001.png", "b.jpg"]
 
 
+def test_predict_to_a_folder_says_to_name_a_file_before_any_work(trained, tmp_path, capsys):
+    Image.new("RGB", (80, 70), (1, 2, 3)).save(tmp_path / "x.png")
+    code = cli.main(
+        ["predict", str(tmp_path / "x.png"), "--params", str(trained / "params.yaml"), "--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert (
+        f"--out {tmp_path} is a folder; name the CSV file, e.g. {tmp_path / 'predictions.csv'}"
+        in capsys.readouterr().err
+    )
+    assert not (trained / "cache" / "predict").exists(), "nothing embedded"
+
+
 def test_predict_refuses_a_model_that_does_not_match_the_probes_cache(trained, tmp_path, capsys):
     update_params(trained, "extract", precision="bf16")
     Image.new("RGB", (80, 70), (1, 2, 3)).save(tmp_path / "x.png")
