@@ -248,6 +248,12 @@ def _check(s: Settings) -> None:
         raise ConfigError("data.video_pattern needs a named group (?P<video>...) that captures the video id.")
     if not s.data.datasets:
         raise ConfigError("data.datasets is empty; define at least one real and one fake dataset folder.")
+    for name in s.data.datasets:
+        if "/" in name or not name.strip():  # a video is keyed `<dataset>/<video id>`
+            raise ConfigError(
+                f"data.datasets has a dataset named {name!r}; a name may not be blank or hold '/' (videos are keyed "
+                "'<dataset>/<video>'): rename it, e.g. with '_'."
+            )
     faces = s.data.faces
     if (
         faces is not None

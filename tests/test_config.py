@@ -45,6 +45,10 @@ def test_default_params_file_is_valid():
         (lambda p: p["data"]["datasets"]["faceswap"].update(label="fak"), "choose one of: real | fake"),
         (lambda p: p.pop("model"), "missing the required key 'model'"),
         (lambda p: p.update(extract=None), "extract is empty; write `extract: {}` for all its defaults"),
+        (
+            lambda p: p["data"]["datasets"].update({"ffpp/c40": {"path": "Train_Real/Real_youtube", "label": "real"}}),
+            "a dataset named 'ffpp/c40'; a name may not be blank or hold '/'",
+        ),
         (lambda p: p["train"].update(layer="block_3"), "add it to model.layers and re-run extract"),
         (lambda p: p["data"].update(video_pattern="(.*)"), "named group (?P<video>"),
         (lambda p: p["train"].update(C=[float("nan")]), "train.C[0] is nan; it must be a finite number"),
