@@ -95,7 +95,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -109,9 +109,13 @@ def resolve_device(device: str) -> torch.device:
             f"extract.device is {device!r}, but this machine sees {torch.cuda.device_count()} CUDA GPU(s) "
             "(cuda:0 first); use one of them, or device: cuda."
         )
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise ConfigError("extract.device asks for MPS but this machine has no Apple GPU; use device: auto or cpu.")
     return dev
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def cpu_supports_bf16() -> bool:
