@@ -317,7 +317,7 @@ def layers(
     out: dict = {"layers": list(store.layers), "reference": card["layer"], "auc": {}, "video_auc": {}}
     out.update(mean_in_domain_auc={}, mean_cross_auc={}, vs_reference={})
     for layer in tqdm(store.layers, desc="layers protocol", unit="layer"):
-        frames = loaded if layer == card["layer"] else features.load(table, store, layer)
+        frames = loaded if layer == card["layer"] else features.load(table, store, layer, stream=settings.train.stream)
         probe = train_stage_probe(settings, trained, card["datasets"], layer)
         probe = probe or fit(frames, card["datasets"], settings.train).probe
         out["auc"][layer], out["video_auc"][layer], out["vs_reference"][layer] = {}, {}, {}
@@ -537,11 +537,8 @@ def run(settings: Settings, outputs: Outputs) -> dict:
         warn_unchanged_by_resize(settings, table)
         results["robustness"] = robustness(settings, probe, card, frames, store, reals)
     if "layers" in protocols:
-        if settings.train.stream:
-            log.warning("layers protocol skipped: it reads each layer in memory (train.stream is true)")
-        else:
-            main = by_name or {n: scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
-            results["layers"] = layers(settings, table, store, (probe, card), reals, main, frames)
+        main = by_name or {n: scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
+        results["layers"] = layers(settings, table, store, (probe, card), reals, main, frames)
     if "zero_shot" in protocols:
         try:
             if "projection" not in store.layers:

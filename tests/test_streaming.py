@@ -126,7 +126,8 @@ def test_peak_memory_stays_flat_as_the_cache_grows(tmp_path, monkeypatch):
 @pytest.mark.parametrize("probe", ["logreg", "linear_svm"])
 def test_the_demo_runs_end_to_end_streaming(project, probe):
     update_params(project, "train", stream=True, probe=probe, epochs=3)
-    update_params(project, "evaluate", bootstrap=50)
+    update_params(project, "model", layers=["projection", "block_1"])
+    update_params(project, "evaluate", bootstrap=50, protocols=[*config.PROTOCOLS])
     settings = config.load(project / "params.yaml")
     outputs = Outputs(project)
     manifest.run(settings, outputs)
@@ -139,3 +140,9 @@ def test_the_demo_runs_end_to_end_streaming(project, probe):
         json.loads(outputs.protocol_metrics("cross_manipulation").read_text())["auc"]["faceswap"]["faceswap"]
         is not None
     )
+    # The layers protocol streams too: one probe per cached layer, the train stage's for its own.
+    layers = results["layers"]
+    for name, heldout in results["heldout"].items():
+        assert layers["auc"]["projection"][name] == heldout["frame"]["auc"]
+        assert layers["vs_reference"]["projection"][name]["delta"] == 0.0
+        assert 0.0 <= layers["auc"]["block_1"][name] <= 1.0
