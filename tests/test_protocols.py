@@ -318,3 +318,26 @@ def test_an_official_split_file_in_json_lists_only_its_test_videos(celeb_project
         stage.run(settings, outputs)
     videos = evaluate.run(settings, outputs)["cross_dataset"]["celebdf_official"]["videos"]
     assert videos == {"real": 2, "fake": 2, "listed": 4, "listed_missing": 0}
+
+
+def test_the_readme_python_example_reads_the_rows_evaluate_scores(project, monkeypatch, capsys):
+    """The README's `load_features` block, run as written on the demo: the train stage's probe on
+    the rows it selects gives the AUC evaluate reports."""
+    import re
+
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The cache from Python", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    update_params(project, "evaluate", protocols=["heldout"], bootstrap=0)
+    settings, outputs = load(project / "params.yaml"), Outputs(project)
+    for stage in (manifest, extract, train, evaluate):
+        stage.run(settings, outputs)
+    monkeypatch.chdir(project)
+    capsys.readouterr()
+    exec(compile(block, "README.md", "exec"), {})
+    printed = dict(re.findall(r"^(.+?):\s+AUC (\S+)$", capsys.readouterr().out, re.M))
+    reported = json.loads(outputs.protocol_metrics("heldout").read_text())["neuraltextures"]["frame"]["auc"]
+    assert float(printed["train stage's probe"]) == pytest.approx(reported, abs=5e-5)
+    assert 0.0 <= float(printed["own probe"]) <= 1.0
