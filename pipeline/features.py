@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -103,7 +104,8 @@ class _Frames:
 
 def check_complete(table: pa.Table, store: EmbeddingStore, found: np.ndarray) -> None:
     """Every manifest image has an embedding or a recorded failure: a cache that lost rows (a
-    deleted shard, an interrupted pull) is an error, never a smaller training set."""
+    deleted shard, an interrupted pull) is an error, never a smaller training set. The rows left
+    out for their recorded failure are counted by reason."""
     if found.all():
         return
     failed = store.failures()
@@ -115,6 +117,13 @@ def check_complete(table: pa.Table, store: EmbeddingStore, found: np.ndarray) ->
             f"embedded nor recorded as failed in {store.directory}; the cache is incomplete: run "
             "`python -m pipeline cache verify`, then `dvc repro` (extract embeds what is missing)."
         )
+    reasons = Counter(failed[d][1].split(" (")[0] for d, f in zip(digests, found, strict=True) if not f)
+    log.warning(
+        "%d of %d manifest rows have no embedding (%s) and are left out",
+        (~found).sum(),
+        len(found),
+        ", ".join(f"{n} {r}" for r, n in reasons.most_common()),
+    )
 
 
 def _metadata(table: pa.Table, found: np.ndarray) -> dict:
@@ -122,12 +131,6 @@ def _metadata(table: pa.Table, found: np.ndarray) -> dict:
     video = np.array(table.column("video").to_pylist())
     cols["video"] = np.char.add(np.char.add(cols["dataset"].astype(str), "/"), video.astype(str))
     cols["label"] = cols["label"].astype(int)
-    if not found.all():
-        log.warning(
-            "%d of %d manifest images have no embedding (they failed to decode) and are skipped",
-            (~found).sum(),
-            len(found),
-        )
     return {**cols, "found": found}
 
 

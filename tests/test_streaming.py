@@ -146,3 +146,20 @@ def test_the_demo_runs_end_to_end_streaming(project, probe):
         assert layers["auc"]["projection"][name] == heldout["frame"]["auc"]
         assert layers["vs_reference"]["projection"][name]["delta"] == 0.0
         assert 0.0 <= layers["auc"]["block_1"][name] <= 1.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_rows_without_an_embedding_are_counted_by_their_recorded_reason(tmp_path, caplog, stream):
+    frames = synthetic_frames(videos=8, dim=4)
+    table, complete = write_cache(tmp_path / "complete", frames, shard_rows=64)
+    # The first three rows failed, and extract recorded why.
+    failed, keep = frames.digest[:3].tolist(), np.arange(len(frames.X)) >= 3
+    reasons = ["no face found", "no face found", "unreadable image (image file is truncated)"]
+    store = EmbeddingStore.create(tmp_path / "e", "synthetic", complete.card["description"], {"projection": 4})
+    store.commit(ShardData(failed, frames.path[:3].tolist(), reasons, {"projection": np.zeros((3, 4), np.float32)}))
+    rest = frames.digest[keep].tolist()
+    store.commit(ShardData(rest, frames.path[keep].tolist(), [None] * len(rest), {"projection": frames.X[keep]}))
+    caplog.set_level("WARNING", logger="pipeline.features")
+    loaded = features.load(table, store, "projection", stream=stream)
+    assert loaded.found.tolist() == keep.tolist()
+    assert f"3 of {len(keep)} manifest rows have no embedding (2 no face found, 1 unreadable image)" in caplog.text
