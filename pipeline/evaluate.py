@@ -79,7 +79,7 @@ def score_set(s: Scored, val_threshold: float | None, bootstrap: int, name: str,
 def redraw_train_val(frames: Frames, datasets: list[str], seed: int) -> np.ndarray:
     """Each row's split with the train/val rows of `datasets` re-drawn by video group for `seed`."""
     video_ids = np.array([str(v).split("/", 1)[1] for v in frames.video])
-    return splits.redraw_train_val(frames.split, video_ids, np.isin(frames.dataset, datasets), seed)
+    return splits.redraw_train_val(frames.split, video_ids, np.isin(frames.dataset, datasets), seed, frames.dataset)
 
 
 def fit(frames: Frames, datasets: list[str], spec: TrainSettings, split: np.ndarray | None = None) -> probes.Fitted:

@@ -179,14 +179,24 @@ def cross_split_duplicates(digests: list[str], splits: list[str]) -> list[int]:
     return [i for i, (d, sp) in enumerate(zip(digests, splits, strict=True)) if sp != best[d]]
 
 
-def redraw_train_val(split: np.ndarray, videos: np.ndarray, pool: np.ndarray, seed: int) -> np.ndarray:
+def redraw_train_val(
+    split: np.ndarray, videos: np.ndarray, pool: np.ndarray, seed: int, datasets: np.ndarray | None = None
+) -> np.ndarray:
     """`split` (one entry per row) with the train/val rows in `pool` re-drawn by video group for
-    `seed`, keeping the share of val images; test rows and rows outside `pool` are untouched.
-    `videos` holds each row's video id."""
+    `seed`, keeping the share of val images of each family of `datasets` (each row's dataset; one
+    family without them), as the manifest fills each family to its own shares; test rows and rows
+    outside `pool` are untouched. `videos` holds each row's video id."""
     pool = pool & np.isin(split, ["train", "val"])
-    pooled = [str(v) for v in videos[pool]]
-    n_val = int((split[pool] == "val").sum())
-    assignment = assign_splits(pooled, SplitSpec(val=n_val / max(len(pooled), 1), test=0.0, seed=seed))
+    pooled = np.array([str(v) for v in videos[pool]], dtype=object)
+    groups = group_videos(pooled.tolist())
+    family = dataset_families(groups, pooled.tolist(), None if datasets is None else datasets[pool].tolist())
+    family_of_row = np.array([family[groups[v]] for v in pooled], dtype=object)
+    was, drawn = split[pool], np.empty(len(pooled), dtype=object)
+    for name in sorted(set(family_of_row)):
+        rows = family_of_row == name
+        spec = SplitSpec(val=float((was[rows] == "val").mean()), test=0.0, seed=seed)
+        assignment = assign_splits(pooled[rows].tolist(), spec)
+        drawn[rows] = [assignment[v] for v in pooled[rows]]
     out = split.copy()
-    out[pool] = [assignment[v] for v in pooled]
+    out[pool] = drawn
     return out

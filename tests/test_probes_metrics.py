@@ -492,6 +492,30 @@ def test_seeds_redraw_train_val_by_video_and_report_mean_and_std():
     assert abs((a[pool] == "val").mean() - (frames.split[pool] == "val").mean()) < 0.1
 
 
+def test_seeds_redraw_each_family_of_datasets_to_its_own_val_share():
+    """Datasets that share no video (FF++ and a set of one's own) are separate families, which the
+    manifest splits each to its own shares; a seed's re-draw keeps each family's share of val."""
+    cols = {k: [] for k in ("dataset", "split", "label", "video", "path")}
+    for family, val_every in (("ff", 3), ("own", 20)):  # val: a third of one family, a twentieth of the other
+        for d, label in ((f"{family}_real", 0), (f"{family}_fake", 1)):
+            for v in range(60):
+                video = f"{d}/{v:03d}" if family == "ff" else f"{d}/x{v:03d}"  # linked within a family only
+                split = "val" if v % val_every == 0 else "train"
+                for f in range(2):
+                    for k, value in zip(cols, (d, split, label, video, f"{video}/{f}"), strict=True):
+                        cols[k].append(value)
+    n = len(cols["dataset"])
+    frames = features.FeatureTable(**{k: np.array(v) for k, v in cols.items()}, digest=np.array(cols["path"]),
+                                   found=np.ones(n, bool), X=np.zeros((n, 2), np.float32))  # fmt: skip
+    datasets = ["ff_real", "ff_fake", "own_real", "own_fake"]
+    for seed in (1, 2):
+        split = evaluate.redraw_train_val(frames, datasets, seed=seed)
+        for family in ("ff", "own"):
+            mine = np.char.startswith(frames.dataset.astype(str), family)
+            before, after = (frames.split[mine] == "val").mean(), (split[mine] == "val").mean()
+            assert abs(after - before) <= 4 / mine.sum(), (seed, family, before, after)  # within one video group
+
+
 def test_shortcut_audit_flags_metadata_that_separates_the_classes(caplog):
     n = 200
     labels = np.arange(n) % 2
