@@ -1,7 +1,8 @@
 """Extraction on a dask.distributed cluster (`extract.scheduler: dask`).
 
-The digests the cache lacks are split into partitions of `extract.shard_size`; each partition
-is one task. A worker builds the backbone once (inside its own process: the model is never
+The digests the cache lacks are split into partitions of at most `extract.shard_size`, as many
+as a multiple of the workers, so that they all finish together (`partition_size`); each
+partition is one task. A worker builds the backbone once (inside its own process: the model is never
 pickled) and commits its own shards straight into the shared cache directory (atomic,
 content-named, so workers never collide). The client holds the cache's writer lock for the
 whole run and shows progress. A task whose worker dies is rerun elsewhere by dask, and one that
@@ -130,6 +131,17 @@ def embed_partition(
     return len(items), changed
 
 
+def partition_size(n: int, shard_size: int, batch_size: int, workers: int) -> int:
+    """Images per task (the last takes the rest): as many tasks as shards of `shard_size` would
+    hold the `n` images, rounded up to a multiple of the `workers`, in whole batches and at most a
+    shard. Partitions of a whole shard each left one worker alone on the last of them (20,000
+    images on 4 workers: 4,096 on one worker after the others had finished); these end together."""
+    tasks = max(1, -(-n // shard_size))
+    tasks = -(-tasks // workers) * workers
+    per_task = -(-n // tasks)
+    return max(1, min(shard_size, -(-per_task // batch_size) * batch_size))
+
+
 class DaskEmbedder:
     """Embeds on a dask.distributed cluster; the same interface as embedder.LocalEmbedder."""
 
@@ -174,6 +186,9 @@ class DaskEmbedder:
             if self.extract.dask.address:
                 self._client = Client(self.extract.dask.address)
             else:
+                # Our own cluster's start and stop (nannies, comms, workers added and removed) is
+                # not the user's business: dask's warnings and errors still show.
+                logging.getLogger("distributed").setLevel(logging.WARNING)
                 self.cluster = LocalCluster(
                     n_workers=self.extract.dask.n_workers, threads_per_worker=1, processes=True, dashboard_address=None
                 )
@@ -190,9 +205,10 @@ class DaskEmbedder:
     def embed(self, items: list, store) -> list[str]:
         from distributed import as_completed
 
-        size = self.extract.shard_size
+        workers = max(1, len(self.client.nthreads()))
+        size = partition_size(len(items), self.extract.shard_size, self.extract.batch_size, workers)
         partitions = [items[i : i + size] for i in range(0, len(items), size)]
-        log.info("dask: %d partitions of up to %d images", len(partitions), size)
+        log.info("dask: %d partitions of up to %d images for %d workers", len(partitions), size, workers)
         futures = [
             self.client.submit(
                 embed_partition,

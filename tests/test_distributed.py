@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline import config, extract, manifest
-from pipeline.distributed import gpu_for
+from pipeline.distributed import gpu_for, partition_size
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from pipeline.store.parquet import read_keys
@@ -134,3 +134,22 @@ def test_workers_are_spread_over_the_gpus_of_a_machine():
     assert [gpu_for(f"gpu-box-{i}", "cuda", 2) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert gpu_for(3, "cuda:1", 4) == "cuda:1" and gpu_for(3, "cpu", 4) == "cpu", "an explicit device is kept"
     assert gpu_for(3, "auto", 1) == "auto" and gpu_for("scheduler-less", "cuda", 2) == "cuda"
+
+
+def test_partitions_keep_every_worker_busy_to_the_end():
+    """Tasks are at most a shard, in whole batches, and as many as the shards would be rounded up
+    to a multiple of the workers: handed to whichever worker is free (as dask does), no worker
+    finishes more than one batch per task after the others (random cases)."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n, batch, workers = int(rng.integers(1, 60_000)), int(rng.choice([8, 64, 256])), int(rng.integers(1, 9))
+        shard = int(rng.choice([batch, 1000, 4096, 16_384]))
+        size = partition_size(n, shard, batch, workers)
+        sizes = [min(size, n - start) for start in range(0, n, size)]
+        assert sum(sizes) == n and all(0 < s <= shard for s in sizes), (n, shard, batch, workers, sizes)
+        assert all(s % batch == 0 for s in sizes[:-1]) or shard % batch, "whole batches, but for the last task"
+        loads = [0] * workers
+        for s in sizes:
+            loads[loads.index(min(loads))] += s
+        rounds = -(-len(sizes) // workers)
+        assert max(loads) <= n / workers + rounds * batch, (n, shard, batch, workers, sizes, loads)
