@@ -41,7 +41,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import backbones, config, embedder, extract, manifest, manifest_table
+from pipeline import backbones, config, distributed, embedder, extract, manifest, manifest_table
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 
@@ -179,6 +179,18 @@ def forward_only(backbone, n: int, batch_size: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+class TaskCount(logging.Handler):
+    """The dask run's partitions, as pipeline.distributed logs them: proof that (d) ran on dask."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.partitions = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("dask: %d partitions"):
+            self.partitions = record.args[0]
+
+
 class BatchTimes(logging.Handler):
     """Sums the extractor's per-batch debug timings: waiting for the readers (decode), submitting
     (the copy in; on a CPU the whole forward pass), waiting for the device, writing."""
@@ -231,9 +243,12 @@ def timed_extract(
     if times:
         log.addHandler(times)
         log.setLevel(logging.DEBUG)
+    # With extract.scheduler dask, the embedder that scheduler names (a DaskEmbedder): handing a
+    # LocalEmbedder over here made (d) time the local extractor again, from ebf4185 to d29c443.
+    local = None if settings.extract.scheduler == "dask" else embedder.LocalEmbedder(settings, backbone, reader=reader)
     start = time.perf_counter()
     try:
-        extract.run(settings, outputs, embedder=embedder.LocalEmbedder(settings, backbone, reader=reader))
+        extract.run(settings, outputs, embedder=local)
     finally:
         log.removeHandler(times)
         log.setLevel(logging.NOTSET)
@@ -367,7 +382,11 @@ def main() -> None:
         raw = yaml.safe_load((work / "params.yaml").read_text())
         raw["extract"].update(scheduler="dask", dask={"address": "", "n_workers": args.dask})
         (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        tasks = TaskCount()
+        logging.getLogger(distributed.__name__).addHandler(tasks)
+        logging.getLogger(distributed.__name__).setLevel(logging.INFO)
         dask_s, dask_n = timed_extract(config.load(work / "params.yaml"), outputs, None)
+        assert tasks.partitions, "the dask run did not go through the DaskEmbedder"
         rate_dask = dask_n / dask_s
 
     # Cosine of the chosen precision against fp32.
