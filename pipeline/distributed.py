@@ -17,7 +17,8 @@ see the cache directory and the images at the same paths: a shared filesystem); 
 machine: worker i uses GPU i modulo the GPU count), and only when there is something to embed: its
 workers run in this environment, so what loading the model gave is remembered in
 `cache/backbones.json` as for a local run (`backbones.Known`). A remote scheduler's workers may
-differ from this machine: one of them describes the model on every run.
+differ from this machine: they describe the model on every run. Every worker describes it at
+once (loading its model) and the first answer is taken, so none waits idle for another.
 
 With `data.faces`, each worker detects and crops the faces of its partition (the detector on its
 own device), reading and committing the shared detection cache (`cache/faces/`, content-named
@@ -158,9 +159,12 @@ class DaskEmbedder:
         local = Path(settings.model.name).expanduser()
         self.model = replace(settings.model, name=str(local.resolve())) if local.is_dir() else settings.model
         self._client = self.cluster = None
+        self._warming: list = []  # the workers' describe tasks, kept until the run ends (a released one is cancelled)
         self.known = self._stamp = None  # backbones.Known, for a LocalCluster
 
     def __enter__(self) -> DaskEmbedder:
+        from distributed import as_completed
+
         described = None
         if not self.extract.dask.address:  # a LocalCluster: workers on this machine, in this environment
             from pipeline import backbones
@@ -169,7 +173,13 @@ class DaskEmbedder:
             self._stamp = self.known.stamp(self.model, self.extract.device, self.extract.precision)
             described = self.known.lookup(self._stamp)
         if described is None:
-            described = self.client.submit(_describe, self.model, self.extract, pure=False).result()
+            # Every worker describes (loading its model), not one while the others wait: the first
+            # answer is taken, and the others' models are ready by the time their partitions come.
+            workers = [[worker] for worker in self.client.nthreads()] or [None]  # none yet: the first to come
+            self._warming = [
+                self.client.submit(_describe, self.model, self.extract, pure=False, workers=where) for where in workers
+            ]
+            described = next(iter(as_completed(self._warming))).result()
             if self.known is not None:
                 self.known.remember(self._stamp, *described)
         self.description, self.dims = described

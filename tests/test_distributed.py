@@ -153,3 +153,23 @@ def test_partitions_keep_every_worker_busy_to_the_end():
             loads[loads.index(min(loads))] += s
         rounds = -(-len(sizes) // workers)
         assert max(loads) <= n / workers + rounds * batch, (n, shard, batch, workers, sizes, loads)
+
+
+def _models_loaded() -> int:
+    from pipeline import distributed
+
+    return len(distributed._BACKBONES)
+
+
+def test_every_worker_loads_its_model_while_the_first_describes_it(project):
+    """A first run (the model not yet described in cache/backbones.json) asks every worker, not one
+    while the others wait: their models are loaded by the time their partitions come."""
+    from distributed import wait
+
+    from pipeline.distributed import DaskEmbedder
+
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 2})
+    with DaskEmbedder(config.load(project / "params.yaml")) as dask_embedder:
+        wait(dask_embedder._warming)
+        loaded = dask_embedder.client.run(_models_loaded)
+    assert sorted(loaded.values()) == [1, 1], loaded
