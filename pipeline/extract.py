@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import Counter
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from pipeline import frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore, StoreError, cache_dirs, text
+from pipeline.store import EmbeddingStore, StoreError, cache_dirs, reasons_counted, text
 from pipeline.store.summary import ExtractSummary
 
 log = logging.getLogger(__name__)
@@ -269,11 +268,10 @@ def report_failures(store: EmbeddingStore, wanted: set[str]) -> None:
     failed = {d: v for d, v in store.failures().items() if d in wanted}
     if not failed:
         return
-    reasons = Counter(reason.split(" (")[0] for _, reason in failed.values())
     log.warning(
         "%d images could not be embedded (%s); they are recorded in the cache and skipped. First few:\n%s",
         len(failed),
-        ", ".join(f"{n} {r}" for r, n in reasons.most_common()),
+        reasons_counted(reason for _, reason in failed.values()),
         "\n".join(f"  {where(d, p)}: {r}" for d, (p, r) in list(failed.items())[:5]),
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.outputs import Outputs
 from pipeline.probes import Labelled
-from pipeline.store import EmbeddingStore, StoreError
+from pipeline.store import EmbeddingStore, StoreError, reasons_counted
 from pipeline.store.summary import ExtractSummary
 
 log = logging.getLogger(__name__)
@@ -117,13 +116,8 @@ def check_complete(table: pa.Table, store: EmbeddingStore, found: np.ndarray) ->
             f"embedded nor recorded as failed in {store.directory}; the cache is incomplete: run "
             "`python -m pipeline cache verify`, then `dvc repro` (extract embeds what is missing)."
         )
-    reasons = Counter(failed[d][1].split(" (")[0] for d, f in zip(digests, found, strict=True) if not f)
-    log.warning(
-        "%d of %d manifest rows have no embedding (%s) and are left out",
-        (~found).sum(),
-        len(found),
-        ", ".join(f"{n} {r}" for r, n in reasons.most_common()),
-    )
+    reasons = reasons_counted(failed[d][1] for d, f in zip(digests, found, strict=True) if not f)
+    log.warning("%d of %d manifest rows have no embedding (%s) and are left out", (~found).sum(), len(found), reasons)
 
 
 def _metadata(table: pa.Table, found: np.ndarray) -> dict:

@@ -29,7 +29,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -452,6 +453,13 @@ class EmbeddingStore:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.shard_paths())
+
+
+def reasons_counted(reasons: Iterable[str]) -> str:
+    """Recorded failure reasons counted by kind, most frequent first: `36 no face found, 1
+    unreadable image` (a reason's detail in parentheses is left out)."""
+    counts = Counter(reason.split(" (")[0] for reason in reasons)
+    return ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
 
 
 def _file_sha256(path: Path) -> str:
