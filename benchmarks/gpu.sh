@@ -62,7 +62,11 @@ common=(--device cuda --precision bf16 --batch-size 256 --workers 12 --images "$
 # kept only the threads the readers leave), compiled (the fastest ViT-L/14 measured), ViT-B/16
 # (decode-bound: the readers are its limit), and ViT-B/16 with 15 readers (does one more core of
 # decoding pay?).
-step 180 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --original 16 --dask 2
+step 180 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --original 16
+# Item 3: a 2-worker LocalCluster on the one GPU against the local extractor, never measured on a
+# GPU (until 5de228c (d) timed the local extractor again). Its own step, since a bench prints its
+# table only at its end and a real cluster (worker imports, two ViT-L/14 loads) takes longer.
+step 150 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --dask 2
 step 90 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --reader threads
 step 150 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --compile
 step 90 python3 benchmarks/extract_bench.py --model vit-b16 "${common[@]}" --throughput-only
