@@ -136,7 +136,7 @@ def partition_size(n: int, shard_size: int, batch_size: int, workers: int) -> in
     """Images per task (the last takes the rest): as many tasks as shards of `shard_size` would
     hold the `n` images, rounded up to a multiple of the `workers`, in whole batches and at most a
     shard. Partitions of a whole shard each left one worker alone on the last of them (20,000
-    images on 4 workers: 4,096 on one worker after the others had finished); these end together."""
+    images on 4 workers: the last 3,616 on one worker after the others had finished); these end together."""
     tasks = max(1, -(-n // shard_size))
     tasks = -(-tasks // workers) * workers
     per_task = -(-n // tasks)
