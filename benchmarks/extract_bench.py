@@ -2,7 +2,8 @@
 
     python benchmarks/extract_bench.py [--images 300] [--model vit-b32|vit-b16|vit-l14] [--vision-layers N]
                                        [--device auto] [--precision auto] [--batch-size 64] [--workers 2] [--compile]
-                                       [--reader processes|threads] [--dask N] [--torch-threads N]
+                                       [--reader processes|threads] [--dask N] [--dask-readers threads|processes]
+                                       [--torch-threads N]
                                        [--throughput-only]
 
 On the same JPEGs and the same ViT-shaped CLIP (random weights: speed does not depend on
@@ -13,7 +14,9 @@ them), measures images/s of
   (c) the forward pass alone on ready tensors, same batch size and precision as (b)
   (r) the readers alone (decode, preprocess, pin for a GPU), the bound from the CPU side, and
       their start: the seconds until one image comes back (forking the processes, or not)
-  (d) with --dask N, the same run as (b) on a LocalCluster of N workers
+  (d) with --dask N, the same run as (b) on a LocalCluster of N workers, whose readers are threads
+      (dask's daemonic workers) or, with --dask-readers processes, processes forked once per
+      worker (workers that are not daemonic: `distributed.worker.daemon: False`)
 and prints b/a and b/c, (b) without its start, where (b) waited, the cost of an incremental run
 (+1 % new images) and of resuming after a SIGKILL at 50 %, both relative to a full run, peak
 RSS, and the cosine between embeddings at the chosen precision and fp32. Every ratio is
@@ -35,6 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import dask
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -301,6 +305,12 @@ def main() -> None:
     )
     parser.add_argument("--dask", type=int, default=0, help="also time a dask LocalCluster of this many workers")
     parser.add_argument(
+        "--dask-readers",
+        choices=["threads", "processes"],
+        default="threads",
+        help="(d)'s workers decode in threads (daemonic workers, dask's default) or in processes (not daemonic)",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=0,
@@ -385,7 +395,8 @@ def main() -> None:
         tasks = TaskCount()
         logging.getLogger(distributed.__name__).addHandler(tasks)
         logging.getLogger(distributed.__name__).setLevel(logging.INFO)
-        dask_s, dask_n = timed_extract(config.load(work / "params.yaml"), outputs, None)
+        with dask.config.set({"distributed.worker.daemon": args.dask_readers == "threads"}):
+            dask_s, dask_n = timed_extract(config.load(work / "params.yaml"), outputs, None)
         assert tasks.partitions, "the dask run did not go through the DaskEmbedder"
         rate_dask = dask_n / dask_s
 
@@ -442,7 +453,7 @@ def main() -> None:
     if rate_dask is not None:
         rows.append(
             (
-                f"(d) dask LocalCluster, {args.dask} workers",
+                f"(d) dask LocalCluster, {args.dask} workers, readers: {args.dask_readers}",
                 f"{rate_dask:8.1f} img/s",
                 f"d/b {rate_dask / rate_b:.2f}; includes starting the cluster and loading the model in every worker",
             )

@@ -8,8 +8,10 @@ content-named, so workers never collide). The client holds the cache's writer lo
 whole run and shows progress. A task whose worker dies is rerun elsewhere by dask, and one that
 raises is rerun from its start with nothing of the failed attempt committed; a run that
 is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
-Inside a task, `extract.num_workers` threads decode batches ahead of the model
-(`embedder.threaded_batches`: worker processes are daemonic and cannot fork loaders).
+Inside a task, `extract.num_workers` readers decode batches ahead of the model: threads in a
+daemonic worker process (dask's default: it cannot have children; `embedder.threaded_batches`),
+processes forked once and kept for every partition in one that is not
+(`distributed.worker.daemon: False`; `embedder.KeptReaders`).
 
 `extract.dask.address` connects to a running scheduler (`tcp://host:8786`; every worker must
 see the cache directory and the images at the same paths: a shared filesystem); left empty, a
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from pipeline.config import ExtractSettings, FacesSettings, ModelSettings, Setti
 log = logging.getLogger(__name__)
 
 _BACKBONES: dict = {}  # per worker process: (model, device, precision) -> Backbone
+_READERS: list = []  # per worker process: its embedder.KeptReaders, once made
 
 
 def _worker_device(device: str) -> str:
@@ -112,7 +116,6 @@ def embed_partition(
         raise RuntimeError(f"worker {os.getpid()} computes another fingerprint than the cache {store_dir}")
     writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
-        # Dask worker processes are daemonic and cannot fork loaders: threads decode ahead instead.
         changed = embedder.embed_items(
             items,
             backbone,
@@ -120,7 +123,7 @@ def embed_partition(
             extract.batch_size,
             num_workers=max(1, extract.num_workers),
             progress=False,
-            reader=embedder.threaded_batches,
+            reader=_reader(crops),
             crops=crops,
         )
     except BaseException:
@@ -130,6 +133,21 @@ def embed_partition(
         raise
     writer.close()
     return len(items), changed
+
+
+def _reader(crops) -> Callable:
+    """How this worker decodes ahead of its model: in threads where its process is daemonic (dask's
+    default: it cannot have children) or for face crops (each partition lends its own boxes);
+    else in processes forked once and kept for every partition (`embedder.KeptReaders`)."""
+    import multiprocessing
+
+    from pipeline import embedder
+
+    if crops is not None or multiprocessing.current_process().daemon:
+        return embedder.threaded_batches
+    if not _READERS:
+        _READERS.append(embedder.KeptReaders())
+    return _READERS[0]
 
 
 def partition_size(n: int, shard_size: int, batch_size: int, workers: int) -> int:

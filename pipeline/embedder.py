@@ -71,10 +71,8 @@ class Batch(NamedTuple):
 
 
 class ImageDataset(Dataset):
-    """Decodes and preprocesses one batch of items per call; failures come back as values. The
-    frames of one video within a batch are read, hashed and decoded together (one pass), a
-    robustness variant (`<key>~<perturbation>`) is degraded right after decoding, and face
-    detection (`preprocess.for_items`, with data.faces) sees the whole batch at once."""
+    """Decodes and preprocesses one batch of `items`, given as their indices, per call
+    (`read_items`)."""
 
     def __init__(self, items: list[Item], preprocess: Callable):
         self.items = items
@@ -84,35 +82,53 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, indices: list[int]) -> Batch:
-        items = [self.items[i] for i in indices]
-        decoded: list = []
-        start = 0
-        while start < len(items):  # runs of items from the same file: a video's frames
-            end = start + 1
-            if items[start].frame >= 0:
-                while end < len(items) and items[end].file == items[start].file and items[end].frame >= 0:
-                    end += 1
-                run = items[start:end]
-                decoded += images.decode_frames(run[0].file, frames.file_digest(run[0].digest), [i.frame for i in run])
-            else:
-                decoded.append(images.decode(items[start].file, frames.file_digest(items[start].digest)))
-            start = end
-        for n, item in enumerate(items):  # robustness variants: degraded before anything else sees them
-            spec = perturb.split(item.digest)[1]
-            if spec is not None and not isinstance(decoded[n], str):
-                try:
-                    decoded[n] = perturb.apply(decoded[n], spec, item.digest)
-                except Exception as exc:
-                    decoded[n] = images.failure(exc)
-        per_item = getattr(self.preprocess, "for_items", None)  # face crops: one detection per item
-        preprocesses = per_item(items, decoded) if per_item else [self.preprocess] * len(items)
-        results = [images.apply(p, rgb) for p, rgb in zip(preprocesses, decoded, strict=True)]
-        return collate(
-            [
-                (item.digest, item.path, array, error, getattr(p, "detection", None))
-                for item, p, (array, error) in zip(items, preprocesses, results, strict=True)
-            ]
-        )
+        return read_items([self.items[i] for i in indices], self.preprocess)
+
+
+class ItemDataset(Dataset):
+    """`ImageDataset` for readers that outlive one list of items (`KeptReaders`): an index is the
+    items themselves, sent to the reader processes as the sampler yields them."""
+
+    def __init__(self, preprocess: Callable):
+        self.preprocess = preprocess
+
+    def __getitem__(self, items: list[Item]) -> Batch:
+        return read_items(items, self.preprocess)
+
+
+def read_items(items: list[Item], preprocess: Callable) -> Batch:
+    """Decodes and preprocesses one batch; failures come back as values. The frames of one video
+    within a batch are read, hashed and decoded together (one pass), a robustness variant
+    (`<key>~<perturbation>`) is degraded right after decoding, and face detection
+    (`preprocess.for_items`, with data.faces) sees the whole batch at once."""
+    decoded: list = []
+    start = 0
+    while start < len(items):  # runs of items from the same file: a video's frames
+        end = start + 1
+        if items[start].frame >= 0:
+            while end < len(items) and items[end].file == items[start].file and items[end].frame >= 0:
+                end += 1
+            run = items[start:end]
+            decoded += images.decode_frames(run[0].file, frames.file_digest(run[0].digest), [i.frame for i in run])
+        else:
+            decoded.append(images.decode(items[start].file, frames.file_digest(items[start].digest)))
+        start = end
+    for n, item in enumerate(items):  # robustness variants: degraded before anything else sees them
+        spec = perturb.split(item.digest)[1]
+        if spec is not None and not isinstance(decoded[n], str):
+            try:
+                decoded[n] = perturb.apply(decoded[n], spec, item.digest)
+            except Exception as exc:
+                decoded[n] = images.failure(exc)
+    per_item = getattr(preprocess, "for_items", None)  # face crops: one detection per item
+    preprocesses = per_item(items, decoded) if per_item else [preprocess] * len(items)
+    results = [images.apply(p, rgb) for p, rgb in zip(preprocesses, decoded, strict=True)]
+    return collate(
+        [
+            (item.digest, item.path, array, error, getattr(p, "detection", None))
+            for item, p, (array, error) in zip(items, preprocesses, results, strict=True)
+        ]
+    )
 
 
 def collate(batch) -> Batch:
@@ -185,6 +201,73 @@ def threaded_batches(
                 yield joined([f.result() for f in pending.popleft()], pin_memory)
         while pending:
             yield joined([f.result() for f in pending.popleft()], pin_memory)
+
+
+class KeptReaders:
+    """A reader whose decoding processes outlive one call: `read_batches` for a process that
+    embeds list after list of items (a dask worker, partition after partition). Its DataLoader
+    forks `num_workers` processes on the first call and keeps them (`persistent_workers`); each
+    call hands them its items through the sampler. Forking per call would cost, per partition, a
+    copy of the page tables of a process holding the model (1.3 s for 12 readers from 5 GB).
+    One call reads at a time: a call made while another is reading (a worker running two tasks
+    at once) reads in threads (`threaded_batches`)."""
+
+    def __init__(self) -> None:
+        self._parts = _Parts()
+        self._loader: DataLoader | None = None
+        self._made_for: tuple = ()
+        self._preprocess: Callable | None = None
+        self._busy = threading.Lock()
+
+    def __call__(
+        self,
+        items: list[Item],
+        preprocess: Callable,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        in_parts: bool | None = None,
+    ) -> Iterable[Batch]:
+        if num_workers <= 0 or not self._busy.acquire(blocking=False):
+            yield from threaded_batches(items, preprocess, batch_size, num_workers, pin_memory, in_parts)
+            return
+        try:
+            split, whole = _batches(len(items), batch_size, num_workers, pin_memory if in_parts is None else in_parts)
+            if not split:
+                return
+            made_for = (num_workers, pin_memory and whole, whole)
+            if self._loader is None or self._made_for != (id(preprocess), *made_for):
+                self._loader = DataLoader(
+                    ItemDataset(preprocess),
+                    batch_size=None,
+                    sampler=self._parts,
+                    num_workers=num_workers,
+                    persistent_workers=True,
+                    pin_memory=pin_memory and whole,
+                    prefetch_factor=4 if whole else 8,
+                    multiprocessing_context=getattr(preprocess, "multiprocessing_context", None),
+                )
+                self._made_for = (id(preprocess), *made_for)
+                self._preprocess = preprocess  # kept, so that its id is not another's
+            self._parts.parts = [[items[i] for i in part] for batch in split for part in batch]
+            loaded = iter(self._loader)  # the kept processes, their leftovers of a stopped call drained
+            for batch in split:
+                yield joined([next(loaded) for _ in batch], pin_memory)
+        finally:
+            self._busy.release()
+
+
+class _Parts:
+    """The sampler of `KeptReaders`' DataLoader: the current call's parts, each a list of items."""
+
+    def __init__(self) -> None:
+        self.parts: list[list[Item]] = []
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
 
 
 def pinned(batch: Batch) -> Batch:

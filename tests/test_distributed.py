@@ -173,3 +173,51 @@ def test_every_worker_loads_its_model_while_the_first_describes_it(project):
         wait(dask_embedder._warming)
         loaded = dask_embedder.client.run(_models_loaded)
     assert sorted(loaded.values()) == [1, 1], loaded
+
+
+def _reader_processes() -> list[int]:
+    import multiprocessing
+
+    return sorted(child.pid for child in multiprocessing.active_children())
+
+
+def test_a_worker_that_may_fork_decodes_in_processes_kept_for_every_partition(project):
+    """A worker that may have children (`distributed.worker.daemon: False`; dask's default, a
+    daemonic one, decodes in threads) reads in `extract.num_workers` processes, forked on its
+    first partition and kept for all the others, this run's and the next's (forking from a
+    process that holds the model costs a second per partition at ViT-L/14's size); the cache is
+    the one a local run makes."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    outputs = Outputs(project)
+    manifest.run(config.load(project / "params.yaml"), outputs)
+    extract.run(config.load(project / "params.yaml"), outputs)
+    expected = contents(project)
+    shutil.rmtree(outputs.embeddings)
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    everything, tested = params["data"]["datasets"], params["evaluate"]["datasets"]
+    with (
+        dask.config.set({"distributed.worker.daemon": False}),
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        address = {"address": cluster.scheduler_address, "n_workers": 1}
+        update_params(project, "extract", scheduler="dask", dask=address, shard_size=16, num_workers=2)
+        update_params(project, "data", datasets={k: v for k, v in everything.items() if k != "face2face"})
+        update_params(project, "evaluate", datasets=[name for name in tested if name != "face2face"])
+        manifest.run(config.load(project / "params.yaml"), outputs)
+        first = extract.run(config.load(project / "params.yaml"), outputs)
+        (readers,) = client.run(_reader_processes).values()
+        assert len(readers) == 2, "the worker's reader processes, alive after the run"
+
+        update_params(project, "data", datasets=everything)  # a dataset added: the next run embeds it
+        update_params(project, "evaluate", datasets=tested)
+        manifest.run(config.load(project / "params.yaml"), outputs)
+        second = extract.run(config.load(project / "params.yaml"), outputs)
+        assert second.embedded > 0 and second.images > first.images
+        assert list(client.run(_reader_processes).values()) == [readers], "the same processes read the new images"
+    keys, embeddings = contents(project)
+    assert keys == expected[0]
+    np.testing.assert_array_equal(embeddings, expected[1])

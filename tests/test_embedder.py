@@ -74,10 +74,12 @@ def test_an_injected_failing_writer_keeps_earlier_shards_and_the_resumed_run_is_
     np.testing.assert_array_equal(embeddings, ref_embeddings)
 
 
-def test_both_readers_give_the_same_batches_in_order_whole_or_in_parts(project):
-    """The DataLoader reader and the threaded one (dask workers cannot fork DataLoader processes),
-    each batch read whole by one reader or in parts by several and joined (the GPU's way: the
-    first batch is ready sooner), give the same batches: items, order, pixels, failures."""
+def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project):
+    """The DataLoader reader, the threaded one (daemonic dask workers cannot fork) and the kept one
+    (processes forked once for call after call: a dask worker that can fork), each batch read whole
+    by one reader or in parts by several and joined (the GPU's way: the first batch is ready
+    sooner), give the same batches: items, order, pixels, failures. A call to the kept readers
+    stopped after its first batch leaves nothing behind for the next call."""
     settings = load(project / "params.yaml")
     table = manifest.run(settings, Outputs(project))
     paths = table.column("path").to_pylist()[:21]
@@ -92,9 +94,15 @@ def test_both_readers_give_the_same_batches_in_order_whole_or_in_parts(project):
     assert expected[1].errors[2] is not None
     cases = [(embedder.read_batches, n, split) for n in (0, 1, 2) for split in (False, True)]  # 2: parts of 4 + 3
     cases += [(embedder.threaded_batches, n, split) for n in (0, 1, 3) for split in (False, True)]  # 3 + 3 + 1
+    kept = embedder.KeptReaders()
+    cases += [(kept, 2, True), (kept, 2, True), (kept, 2, False), (kept, 1, True)]  # kept, then made again
     for reader, readers, in_parts in cases:
+        if reader is kept:
+            stopped = reader(items[::-1], preprocess, 7, readers, False, in_parts=in_parts)
+            assert next(stopped).digests == [item.digest for item in items[::-1][:7]]
+            stopped.close()  # its other batches, already being read ahead, are never taken
         got = list(reader(items, preprocess, 7, readers, False, in_parts=in_parts))
-        case = (reader.__name__, readers, in_parts)
+        case = (getattr(reader, "__name__", "kept"), readers, in_parts)
         assert [b.digests for b in got] == [b.digests for b in expected], case
         assert [b.errors for b in got] == [b.errors for b in expected], case
         assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
