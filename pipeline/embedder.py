@@ -216,7 +216,6 @@ class KeptReaders:
         self._parts = _Parts()
         self._loader: DataLoader | None = None
         self._made_for: tuple = ()
-        self._preprocess: Callable | None = None
         self._busy = threading.Lock()
 
     def __call__(
@@ -235,8 +234,8 @@ class KeptReaders:
             split, whole = _batches(len(items), batch_size, num_workers, pin_memory if in_parts is None else in_parts)
             if not split:
                 return
-            made_for = (num_workers, pin_memory and whole, whole)
-            if self._loader is None or self._made_for != (id(preprocess), *made_for):
+            made_for = (num_workers, pin_memory, whole)
+            if self._loader is None or self._loader.dataset.preprocess is not preprocess or self._made_for != made_for:
                 self._loader = DataLoader(
                     ItemDataset(preprocess),
                     batch_size=None,
@@ -247,8 +246,7 @@ class KeptReaders:
                     prefetch_factor=4 if whole else 8,
                     multiprocessing_context=getattr(preprocess, "multiprocessing_context", None),
                 )
-                self._made_for = (id(preprocess), *made_for)
-                self._preprocess = preprocess  # kept, so that its id is not another's
+                self._made_for = made_for
             self._parts.parts = [[items[i] for i in part] for batch in split for part in batch]
             loaded = iter(self._loader)  # the kept processes, their leftovers of a stopped call drained
             for batch in split:
