@@ -79,7 +79,8 @@ def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project)
     (processes forked once for call after call: a dask worker that can fork), each batch read whole
     by one reader or in parts by several and joined (the GPU's way: the first batch is ready
     sooner), give the same batches: items, order, pixels, failures. A call to the kept readers
-    stopped after its first batch leaves nothing behind for the next call."""
+    made while another is reading (two tasks at once in one worker) reads in threads and leaves
+    that one undisturbed; a call stopped midway leaves nothing behind for the next."""
     settings = load(project / "params.yaml")
     table = manifest.run(settings, Outputs(project))
     paths = table.column("path").to_pylist()[:21]
@@ -97,15 +98,19 @@ def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project)
     kept = embedder.KeptReaders()
     cases += [(kept, 2, True), (kept, 2, True), (kept, 2, False), (kept, 1, True)]  # kept, then made again
     for reader, readers, in_parts in cases:
+        case = (getattr(reader, "__name__", "kept"), readers, in_parts)
+        runs = []
         if reader is kept:
             stopped = reader(items[::-1], preprocess, 7, readers, False, in_parts=in_parts)
             assert next(stopped).digests == [item.digest for item in items[::-1][:7]]
-            stopped.close()  # its other batches, already being read ahead, are never taken
-        got = list(reader(items, preprocess, 7, readers, False, in_parts=in_parts))
-        case = (getattr(reader, "__name__", "kept"), readers, in_parts)
-        assert [b.digests for b in got] == [b.digests for b in expected], case
-        assert [b.errors for b in got] == [b.errors for b in expected], case
-        assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
+            runs.append(list(reader(items, preprocess, 7, readers, False, in_parts)))  # meanwhile: in threads
+            assert next(stopped).digests == [item.digest for item in items[::-1][7:14]], "undisturbed"
+            stopped.close()  # its last batch, already being read ahead, is never taken
+        runs.append(list(reader(items, preprocess, 7, readers, False, in_parts=in_parts)))
+        for got in runs:
+            assert [b.digests for b in got] == [b.digests for b in expected], case
+            assert [b.errors for b in got] == [b.errors for b in expected], case
+            assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
 
 
 def test_only_a_run_of_at_most_one_batch_per_reader_without_face_crops_reads_in_threads():
