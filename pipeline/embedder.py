@@ -160,18 +160,25 @@ def read_batches(
     split, whole = _batches(len(items), batch_size, num_workers, pin_memory if in_parts is None else in_parts)
     if not split:
         return
-    loader = DataLoader(
-        ImageDataset(items, preprocess),
+    dataset = ImageDataset(items, preprocess)
+    loaded = iter(_loader(dataset, [part for batch in split for part in batch], num_workers, pin_memory, whole))
+    for batch in split:
+        yield joined([next(loaded) for _ in batch], pin_memory)
+
+
+def _loader(dataset, sampler, num_workers: int, pin_memory: bool, whole: bool, keep: bool = False) -> DataLoader:
+    """The readers' DataLoader: `num_workers` processes (0: this thread), batches whole (pinned
+    here for a GPU) or in parts (pinned by `joined`); `keep`: the processes outlive an epoch."""
+    return DataLoader(
+        dataset,
         batch_size=None,  # the dataset makes whole parts
-        sampler=[part for batch in split for part in batch],
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory and whole,  # else `joined` pins
         prefetch_factor=(4 if whole else 8) if num_workers else None,  # whole: 4 x num_workers batches ahead; parts: 8
-        multiprocessing_context=getattr(preprocess, "multiprocessing_context", None) if num_workers else None,
+        persistent_workers=keep,
+        multiprocessing_context=getattr(dataset.preprocess, "multiprocessing_context", None) if num_workers else None,
     )
-    loaded = iter(loader)
-    for batch in split:
-        yield joined([next(loaded) for _ in batch], pin_memory)
 
 
 def threaded_batches(
@@ -236,16 +243,7 @@ class KeptReaders:
                 return
             made_for = (num_workers, pin_memory, whole)
             if self._loader is None or self._loader.dataset.preprocess is not preprocess or self._made_for != made_for:
-                self._loader = DataLoader(
-                    ItemDataset(preprocess),
-                    batch_size=None,
-                    sampler=self._parts,
-                    num_workers=num_workers,
-                    persistent_workers=True,
-                    pin_memory=pin_memory and whole,
-                    prefetch_factor=4 if whole else 8,
-                    multiprocessing_context=getattr(preprocess, "multiprocessing_context", None),
-                )
+                self._loader = _loader(ItemDataset(preprocess), self._parts, num_workers, pin_memory, whole, keep=True)
                 self._made_for = made_for
             self._parts.parts = [[items[i] for i in part] for batch in split for part in batch]
             loaded = iter(self._loader)  # the kept processes, their leftovers of a stopped call drained
