@@ -74,13 +74,16 @@ def test_an_injected_failing_writer_keeps_earlier_shards_and_the_resumed_run_is_
     np.testing.assert_array_equal(embeddings, ref_embeddings)
 
 
-def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project, device):
     """The DataLoader reader, the threaded one (daemonic dask workers cannot fork) and the kept one
     (processes forked once for call after call: a dask worker that can fork), each batch read whole
     by one reader or in parts by several and joined (the GPU's way: the first batch is ready
     sooner), give the same batches: items, order, pixels, failures. A call to the kept readers
     made while another is reading (two tasks at once in one worker) reads in threads and leaves
-    that one undisturbed; a call stopped midway leaves nothing behind for the next."""
+    that one undisturbed; a call stopped midway leaves nothing behind for the next. For a GPU
+    every batch comes in page-locked memory."""
+    pin = device == "cuda"
     settings = load(project / "params.yaml")
     table = manifest.run(settings, Outputs(project))
     paths = table.column("path").to_pylist()[:21]
@@ -101,16 +104,17 @@ def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project)
         case = (getattr(reader, "__name__", "kept"), readers, in_parts)
         runs = []
         if reader is kept:
-            stopped = reader(items[::-1], preprocess, 7, readers, False, in_parts=in_parts)
+            stopped = reader(items[::-1], preprocess, 7, readers, pin, in_parts=in_parts)
             assert next(stopped).digests == [item.digest for item in items[::-1][:7]]
-            runs.append(list(reader(items, preprocess, 7, readers, False, in_parts)))  # meanwhile: in threads
+            runs.append(list(reader(items, preprocess, 7, readers, pin, in_parts)))  # meanwhile: in threads
             assert next(stopped).digests == [item.digest for item in items[::-1][7:14]], "undisturbed"
             stopped.close()  # its last batch, already being read ahead, is never taken
-        runs.append(list(reader(items, preprocess, 7, readers, False, in_parts=in_parts)))
+        runs.append(list(reader(items, preprocess, 7, readers, pin, in_parts=in_parts)))
         for got in runs:
             assert [b.digests for b in got] == [b.digests for b in expected], case
             assert [b.errors for b in got] == [b.errors for b in expected], case
             assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
+            assert all(b.pixels.is_pinned() == pin for b in got), case
 
 
 def test_only_a_run_of_at_most_one_batch_per_reader_without_face_crops_reads_in_threads():
