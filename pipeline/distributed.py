@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ExtractSettings, FacesSettings, ModelSettings, Settings
+from pipeline.config import ConfigError, ExtractSettings, FacesSettings, ModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,14 @@ class DaskEmbedder:
             from distributed import Client, LocalCluster
 
             if self.extract.dask.address:
-                self._client = Client(self.extract.dask.address)
+                try:
+                    self._client = Client(self.extract.dask.address)
+                except OSError as exc:  # refused, or no answer within distributed.comm.timeouts.connect
+                    raise ConfigError(
+                        f"extract.dask.address is {self.extract.dask.address}, where no dask scheduler answered "
+                        f'({exc}); start one there (`dask scheduler`), or set the address to "" for a '
+                        "LocalCluster on this machine."
+                    ) from None
             else:
                 # Our own cluster's start and stop (nannies, comms, workers added and removed) is
                 # not the user's business: dask's warnings and errors still show.

@@ -128,6 +128,23 @@ def test_an_empty_address_means_a_local_cluster(project, address):
     assert config.load(project / "params.yaml").extract.dask.address is None
 
 
+def test_an_address_where_no_scheduler_answers_is_one_sentence_naming_the_key(project):
+    import socket
+
+    import dask
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    update_params(project, "extract", scheduler="dask", dask={"address": address, "n_workers": 1})
+    settings = config.load(project / "params.yaml")
+    manifest.run(settings, Outputs(project))
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(config.ConfigError) as error:
+        extract.run(settings, Outputs(project))
+    assert str(error.value).startswith(f"extract.dask.address is {address}, where no dask scheduler answered")
+    assert "LocalCluster" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_workers_are_spread_over_the_gpus_of_a_machine():
     """Worker i takes GPU i mod n (checked here as logic: this machine has no GPU)."""
     assert [gpu_for(i, "auto", 4) for i in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
