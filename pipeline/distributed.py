@@ -194,6 +194,12 @@ class DaskEmbedder:
             # Every worker describes (loading its model), not one while the others wait: the first
             # answer is taken, and the others' models are ready by the time their partitions come.
             workers = [[worker] for worker in self.client.nthreads()] or [None]  # none yet: the first to come
+            if workers == [None] and self.extract.dask.address:  # workers still queued: say why nothing moves
+                log.warning(
+                    "dask: the scheduler at %s has no workers yet; waiting for the first to join (`dask worker %s`)",
+                    self.extract.dask.address,
+                    self.extract.dask.address,
+                )
             self._warming = [
                 self.client.submit(_describe, self.model, self.extract, pure=False, workers=where) for where in workers
             ]

@@ -145,6 +145,32 @@ def test_an_address_where_no_scheduler_answers_is_one_sentence_naming_the_key(pr
     assert "LocalCluster" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_scheduler_without_workers_yet_is_waited_for_and_says_so(project, caplog):
+    """A scheduler whose workers are still queued (a batch system): the run says that it waits,
+    then runs on the first worker that joins."""
+    import threading
+    import time
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, threads_per_worker=1, dashboard_address=None) as cluster:
+        update_params(project, "extract", scheduler="dask", dask={"address": cluster.scheduler_address, "n_workers": 1})
+        settings = config.load(project / "params.yaml")
+        manifest.run(settings, Outputs(project))
+        done = []
+        run = threading.Thread(target=lambda: done.append(extract.run(settings, Outputs(project))))
+        with caplog.at_level("WARNING", logger="pipeline.distributed"):
+            run.start()
+            deadline = time.monotonic() + 60
+            while "has no workers yet" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert f"waiting for the first to join (`dask worker {cluster.scheduler_address}`)" in caplog.text
+            assert not done, "nothing can run before a worker joins"
+            cluster.scale(1)
+            run.join(120)
+    assert done and done[0].embedded == done[0].images > 0
+
+
 def test_workers_are_spread_over_the_gpus_of_a_machine():
     """Worker i takes GPU i mod n (checked here as logic: this machine has no GPU)."""
     assert [gpu_for(i, "auto", 4) for i in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
