@@ -188,8 +188,7 @@ class DaskEmbedder:
             from pipeline import backbones
 
             self.known = backbones.Known(Path(self.base_dir) / "cache" / "backbones.json")
-            self._stamp = self.known.stamp(self.model, self.extract.device, self.extract.precision)
-            described = self.known.lookup(self._stamp)
+            self._stamp, described = self.known.find(self.model, self.extract.device, self.extract.precision)
         if described is None:
             # Every worker describes (loading its model), not one while the others wait: the first
             # answer is taken, and the others' models are ready by the time their partitions come.

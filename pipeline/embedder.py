@@ -594,8 +594,7 @@ class LocalEmbedder:
         described = None
         if backbone is None:
             self.known = backbones.Known(settings.base_dir / "cache" / "backbones.json")
-            self._stamp = self.known.stamp(settings.model, ex.device, ex.precision)
-            described = self.known.lookup(self._stamp)
+            self._stamp, described = self.known.find(settings.model, ex.device, ex.precision)
         base_description, self.dims = described or (self.backbone.description, self.backbone.dims)
         device = str(self._backbone.device) if self._backbone else str(backbones.resolve_device(ex.device))
         preprocess = self._backbone.preprocess if self._backbone else None

@@ -141,6 +141,22 @@ def test_nothing_to_embed_loads_no_model_and_unchanged_weights_are_not_hashed_ag
     assert not any(name.endswith(".safetensors") for name in hashed), "unchanged weights are not read again"
 
 
+def test_a_second_run_with_precision_auto_loads_no_model_either(project, monkeypatch):
+    """`precision: auto` on the first run; on the next, auto means the precision of the cache the
+    first made (fp32 here), and what the first run learned about the model is still used: a run
+    with nothing to embed (an extract param changed, `dvc repro -f`) does not load the model."""
+    update_params(project, "extract", precision="auto")
+    outputs = Outputs(project)
+    manifest.run(config.load(project / "params.yaml"), outputs)
+    first = extract.run(config.load(project / "params.yaml"), outputs)
+    real_load = backbones.load
+    loads = []
+    monkeypatch.setattr(backbones, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    for _ in range(2):
+        assert extract.run(config.load(project / "params.yaml"), outputs) == first
+    assert loads == [], "a no-op extract never loads the model"
+
+
 def test_a_model_that_cannot_embed_prompts_is_not_loaded_again_to_find_that_out(project, monkeypatch, tiny_clip):
     """A vision-only model (DINOv2, or a checkpoint without tokenizer files) cannot embed the
     zero-shot prompts. A run with nothing to embed (the rerun DVC makes after an `evaluate` param

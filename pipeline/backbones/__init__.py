@@ -166,6 +166,20 @@ class Known:
         entry = self.models.get(stamp)
         return (entry["description"], entry["dims"]) if entry else None
 
+    def find(self, model: ModelSettings, device: str, precision: str) -> tuple[str, tuple[dict, dict] | None]:
+        """The stamp to remember the model under, and what is remembered (None: nothing). A run
+        with `precision: auto` learns under auto's stamp; the next run asks for the precision of
+        the cache the first made (`extract.shared_precision`), and takes what auto learned when
+        auto gave that precision, so it does not load the model only to describe it again."""
+        stamp = self.stamp(model, device, precision)
+        found = self.lookup(stamp)
+        if found is None and precision != "auto":
+            auto = self.stamp(model, device, "auto")
+            learned = self.lookup(auto)
+            if learned is not None and learned[0].get("precision") == precision:
+                return auto, learned
+        return stamp, found
+
     def remember(self, stamp: str, description: dict, dims: dict[str, int]) -> None:
         entry = self.models.pop(stamp, {})
         self.models[stamp] = {**entry, "description": description, "dims": dims}
