@@ -15,7 +15,7 @@ them), measures images/s of
   (r) the readers alone (decode, preprocess, pin for a GPU), the bound from the CPU side, and
       their start: the seconds until one image comes back (forking the processes, or not)
   (d) with --dask N, the same run as (b) on a LocalCluster of N workers, whose readers are threads
-      (dask's daemonic workers) or, with --dask-readers processes, processes forked once per
+      (dask's daemonic workers) or, with --dask-readers processes, processes started once per
       worker (workers that are not daemonic: `distributed.worker.daemon: False`)
 and prints b/a and b/c, (b) without its start, where (b) waited, the cost of an incremental run
 (+1 % new images) and of resuming after a SIGKILL at 50 %, both relative to a full run, peak

@@ -67,7 +67,7 @@ step 180 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --or
 # GPU (until 5de228c (d) timed the local extractor again). Its own step, since a bench prints its
 # table only at its end and a real cluster (worker imports, two ViT-L/14 loads) takes longer.
 step 150 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --dask 2
-# The same with workers that are not daemonic, so that each decodes in processes forked once and
+# The same with workers that are not daemonic, so that each decodes in processes started once and
 # kept for every partition (in the main process, threads reached 0.59 of ViT-L/14's forward pass
 # and processes 0.92): which of the two the README should tell GPU workers to use.
 step 150 python3 benchmarks/extract_bench.py --model vit-l14 "${common[@]}" --throughput-only --dask 2 --dask-readers processes

@@ -10,7 +10,7 @@ raises is rerun from its start with nothing of the failed attempt committed; a r
 is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
 Inside a task, `extract.num_workers` readers decode batches ahead of the model: threads in a
 daemonic worker process (dask's default: it cannot have children; `embedder.threaded_batches`),
-processes forked once and kept for every partition in one that is not
+processes started once and kept for every partition in one that is not
 (`distributed.worker.daemon: False`; `embedder.KeptReaders`).
 
 `extract.dask.address` connects to a running scheduler (`tcp://host:8786`; every worker must
@@ -138,7 +138,7 @@ def embed_partition(
 def _reader(crops) -> Callable:
     """How this worker decodes ahead of its model: in threads where its process is daemonic (dask's
     default: it cannot have children) or for face crops (each partition lends its own boxes);
-    else in processes forked once and kept for every partition (`embedder.KeptReaders`)."""
+    else in processes started once and kept for every partition (`embedder.KeptReaders`)."""
     import multiprocessing
 
     from pipeline import embedder

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -178,7 +180,25 @@ def _loader(dataset, sampler, num_workers: int, pin_memory: bool, whole: bool, k
         prefetch_factor=(4 if whole else 8) if num_workers else None,  # whole: 4 x num_workers batches ahead; parts: 8
         persistent_workers=keep,
         multiprocessing_context=getattr(dataset.preprocess, "multiprocessing_context", None) if num_workers else None,
+        worker_init_fn=_end_with_parent,
     )
+
+
+def _end_with_parent(worker_id: int) -> None:
+    """Each reader ends as soon as the process that started it is gone. DataLoader's own check
+    compares the parent's pid with the one the reader saw when it began to read, so a reader
+    still starting (spawned and importing: a dask worker's start method) when its parent was
+    killed took init for its parent and waited forever: after Ctrl-C on a dask run, whose nanny
+    kills a worker that does not close within 4 s."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns once the parent is gone (the end of a pipe that only it held)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 def threaded_batches(
@@ -213,9 +233,11 @@ def threaded_batches(
 class KeptReaders:
     """A reader whose decoding processes outlive one call: `read_batches` for a process that
     embeds list after list of items (a dask worker, partition after partition). Its DataLoader
-    forks `num_workers` processes on the first call and keeps them (`persistent_workers`); each
-    call hands them its items through the sampler. Forking per call would cost, per partition, a
-    copy of the page tables of a process holding the model (1.3 s for 12 readers from 5 GB).
+    starts `num_workers` processes on the first call and keeps them (`persistent_workers`); each
+    call hands them its items through the sampler. Starting them per call would cost, per
+    partition, seconds: a dask worker spawns them (fresh interpreters that import torch), and
+    elsewhere a fork copies the page tables of a process holding the model (1.3 s for 12 readers
+    from 5 GB).
     One call reads at a time: a call made while another is reading (a worker running two tasks
     at once) reads in threads (`threaded_batches`)."""
 

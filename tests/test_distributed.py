@@ -224,12 +224,11 @@ def _reader_processes() -> list[int]:
     return sorted(child.pid for child in multiprocessing.active_children())
 
 
-def test_a_worker_that_may_fork_decodes_in_processes_kept_for_every_partition(project):
+def test_a_worker_that_may_have_children_decodes_in_processes_kept_for_every_partition(project):
     """A worker that may have children (`distributed.worker.daemon: False`; dask's default, a
-    daemonic one, decodes in threads) reads in `extract.num_workers` processes, forked on its
-    first partition and kept for all the others, this run's and the next's (forking from a
-    process that holds the model costs a second per partition at ViT-L/14's size); the cache is
-    the one a local run makes."""
+    daemonic one, decodes in threads) reads in `extract.num_workers` processes, started on its
+    first partition and kept for all the others, this run's and the next's (a worker spawns them:
+    each imports torch, seconds per partition otherwise); the cache is the one a local run makes."""
     import dask
     from distributed import Client, LocalCluster
 

@@ -3,11 +3,14 @@ test or a benchmark does: a writer that fails at shard k, a reader that records 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import shutil
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +19,7 @@ from pipeline import backbones, embedder, extract, machine, manifest
 from pipeline.config import load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
-from tests.conftest import CUDA, update_params
+from tests.conftest import CUDA, REPO, update_params
 
 
 class FailsAtThirdShard(embedder.ShardWriter):
@@ -77,7 +80,7 @@ def test_an_injected_failing_writer_keeps_earlier_shards_and_the_resumed_run_is_
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project, device):
     """The DataLoader reader, the threaded one (daemonic dask workers cannot fork) and the kept one
-    (processes forked once for call after call: a dask worker that can fork), each batch read whole
+    (processes started once for call after call: a dask worker that may have children), each batch read whole
     by one reader or in parts by several and joined (the GPU's way: the first batch is ready
     sooner), give the same batches: items, order, pixels, failures. A call to the kept readers
     made while another is reading (two tasks at once in one worker) reads in threads and leaves
@@ -272,3 +275,69 @@ def test_submitting_a_batch_on_a_gpu_does_not_wait_for_the_gpu(project):
         torch.cuda.set_sync_debug_mode("default")
     for p in pending:
         assert p.result()["projection"].shape == (8, backbone.dims["projection"])
+
+
+ORPHANED = '''
+import multiprocessing, os, signal, time
+
+import torch
+
+from pipeline import embedder
+
+
+def arrive_slowly():
+    time.sleep(3)
+    return Slow()
+
+
+class Slow:
+    """A preprocess that asks for spawned readers (a dask worker's start method) and takes 3 s to
+    arrive in one: its readers are still starting when this process is killed."""
+
+    multiprocessing_context = "spawn"
+
+    def __reduce__(self):
+        return arrive_slowly, ()
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        self.preprocess = Slow()
+
+    def __getitem__(self, index):
+        return index
+
+
+if __name__ == "__main__":
+    loader = embedder._loader(Data(), [[0], [1]], 2, False, True, keep=True)
+    batches = iter(loader)  # kept: a dropped iterator would shut its readers down
+    print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # what dask's nanny does to a worker that does not close in 4 s
+'''
+
+
+def test_readers_end_with_the_process_that_started_them_even_while_starting(tmp_path):
+    """A reader whose parent is killed while it is still starting (spawned, importing) took init
+    for its parent, and DataLoader's own check then never saw the parent die: after Ctrl-C on a
+    dask run with reader processes, they were left waiting forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "orphans.py"
+    script.write_text(ORPHANED)
+    errors = tmp_path / "stderr"
+    with errors.open("w") as stderr:
+        parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, cwd=REPO)
+    readers = [int(pid) for pid in parent.stdout.readline().split()]  # not to EOF: the readers hold the pipe too
+    parent.wait(120)
+    parent.stdout.close()
+    assert len(readers) == 2, errors.read_text()
+    try:
+        deadline = time.monotonic() + 30
+        while any(psutil.pid_exists(pid) for pid in readers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(psutil.pid_exists(pid) for pid in readers), "the readers outlived their parent"
+    finally:
+        for pid in readers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
