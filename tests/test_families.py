@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -162,15 +163,22 @@ def own_preprocessing(family: str, directory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preprocessing_is_the_familys_own_bit_for_bit(family, checkpoint_dir, tmp_path):
     """The pixels the extractor feeds the model equal the family's own processor or transform on
-    the same file decoded to RGB, for RGB, L, P and CMYK files of several sizes and aspect ratios."""
+    the same file decoded to RGB, for RGB, L, P and CMYK files of several sizes and aspect ratios;
+    also after the preprocess went to a spawned reader (pickled: a dask worker's readers, a GPU
+    face detector's, any reader where the start method is not fork)."""
     directory = checkpoint_dir(family)
     backbone = backbones.load(ModelSettings(name=str(directory), layers=["pooled"]), "cpu", "fp32")
+    spawned = pickle.loads(pickle.dumps(backbone.preprocess))
     theirs_of = own_preprocessing(family, directory)
     for mode in ("RGB", "L", "P", "CMYK"):
         for size in ((72, 64), (40, 30), (200, 90)):
             path = image_file(tmp_path, mode, size)
             ours, error = images.load(path, backbone.preprocess)
             assert error is None
+            there, _ = images.load(path, spawned)
+            pairs = [(there[k], ours[k]) for k in ours] if isinstance(ours, dict) else [(there, ours)]
+            for got, want in pairs:
+                np.testing.assert_array_equal(got, want, err_msg=f"{family} {mode} {size} pickled")
             theirs = theirs_of(path)
             if isinstance(ours, dict):
                 for key in ours:
