@@ -168,9 +168,12 @@ def read_batches(
         yield joined([next(loaded) for _ in batch], pin_memory)
 
 
-def _loader(dataset, sampler, num_workers: int, pin_memory: bool, whole: bool, keep: bool = False) -> DataLoader:
+def _loader(
+    dataset, sampler, num_workers: int, pin_memory: bool, whole: bool, keep: bool = False, start: str | None = None
+) -> DataLoader:
     """The readers' DataLoader: `num_workers` processes (0: this thread), batches whole (pinned
-    here for a GPU) or in parts (pinned by `joined`); `keep`: the processes outlive an epoch."""
+    here for a GPU) or in parts (pinned by `joined`); `keep`: the processes outlive an epoch;
+    `start`: their start method where the preprocess asks for none (default: the process's)."""
     return DataLoader(
         dataset,
         batch_size=None,  # the dataset makes whole parts
@@ -179,7 +182,9 @@ def _loader(dataset, sampler, num_workers: int, pin_memory: bool, whole: bool, k
         pin_memory=pin_memory and whole,  # else `joined` pins
         prefetch_factor=(4 if whole else 8) if num_workers else None,  # whole: 4 x num_workers batches ahead; parts: 8
         persistent_workers=keep,
-        multiprocessing_context=getattr(dataset.preprocess, "multiprocessing_context", None) if num_workers else None,
+        multiprocessing_context=(getattr(dataset.preprocess, "multiprocessing_context", None) or start)
+        if num_workers
+        else None,
         worker_init_fn=_end_with_parent,
     )
 
@@ -234,14 +239,15 @@ class KeptReaders:
     """A reader whose decoding processes outlive one call: `read_batches` for a process that
     embeds list after list of items (a dask worker, partition after partition). Its DataLoader
     starts `num_workers` processes on the first call and keeps them (`persistent_workers`); each
-    call hands them its items through the sampler. Starting them per call would cost, per
-    partition, seconds: a dask worker spawns them (fresh interpreters that import torch), and
-    elsewhere a fork copies the page tables of a process holding the model (1.3 s for 12 readers
-    from 5 GB).
+    call hands them its items through the sampler; starting them per call would pay their start on
+    every partition. `start`: their start method (default: the process's; a dask worker's is
+    spawn, where each reader is a fresh Python that imports torch: seconds, and 0.6 GB of its own;
+    a fork copies the page tables of the process that holds the model: 1.3 s for 12 from 5 GB).
     One call reads at a time: a call made while another is reading (a worker running two tasks
     at once) reads in threads (`threaded_batches`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: str | None = None) -> None:
+        self.start = start
         self._parts = _Parts()
         self._loader: DataLoader | None = None
         self._made_for: tuple = ()
@@ -265,7 +271,8 @@ class KeptReaders:
                 return
             made_for = (num_workers, pin_memory, whole)
             if self._loader is None or self._loader.dataset.preprocess is not preprocess or self._made_for != made_for:
-                self._loader = _loader(ItemDataset(preprocess), self._parts, num_workers, pin_memory, whole, keep=True)
+                dataset, start = ItemDataset(preprocess), self.start
+                self._loader = _loader(dataset, self._parts, num_workers, pin_memory, whole, keep=True, start=start)
                 self._made_for = made_for
             self._parts.parts = [[items[i] for i in part] for batch in split for part in batch]
             loaded = iter(self._loader)  # the kept processes, their leftovers of a stopped call drained

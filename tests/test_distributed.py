@@ -227,8 +227,8 @@ def _reader_processes() -> list[int]:
 def test_a_worker_that_may_have_children_decodes_in_processes_kept_for_every_partition(project):
     """A worker that may have children (`distributed.worker.daemon: False`; dask's default, a
     daemonic one, decodes in threads) reads in `extract.num_workers` processes, started on its
-    first partition and kept for all the others, this run's and the next's (a worker spawns them:
-    each imports torch, seconds per partition otherwise); the cache is the one a local run makes."""
+    first partition and kept for all the others, this run's and the next's (their start is not
+    paid again per partition); the cache is the one a local run makes."""
     import dask
     from distributed import Client, LocalCluster
 
