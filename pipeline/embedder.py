@@ -192,9 +192,10 @@ def _loader(
 def _end_with_parent(worker_id: int) -> None:
     """Each reader ends as soon as the process that started it is gone. DataLoader's own check
     compares the parent's pid with the one the reader saw when it began to read, so a reader
-    still starting (spawned and importing: a dask worker's start method) when its parent was
-    killed took init for its parent and waited forever: after Ctrl-C on a dask run, whose nanny
-    kills a worker that does not close within 4 s."""
+    still starting (spawned and importing: a GPU face detector's readers, or any where the start
+    method is spawn) when its parent was killed took init for its parent and waited forever; seen
+    after Ctrl-C on a dask run with spawned readers, whose nanny kills a worker that does not
+    close within 4 s."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return

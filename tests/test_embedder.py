@@ -291,7 +291,7 @@ def arrive_slowly():
 
 
 class Slow:
-    """A preprocess that asks for spawned readers (a dask worker's start method) and takes 3 s to
+    """A preprocess that asks for spawned readers (as a GPU face detector does) and takes 3 s to
     arrive in one: its readers are still starting when this process is killed."""
 
     multiprocessing_context = "spawn"
@@ -319,7 +319,7 @@ if __name__ == "__main__":
 def test_readers_end_with_the_process_that_started_them_even_while_starting(tmp_path):
     """A reader whose parent is killed while it is still starting (spawned, importing) took init
     for its parent, and DataLoader's own check then never saw the parent die: after Ctrl-C on a
-    dask run with reader processes, they were left waiting forever."""
+    dask run with spawned reader processes, they were left waiting forever."""
     import subprocess
     import sys
 
