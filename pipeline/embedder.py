@@ -241,9 +241,9 @@ class KeptReaders:
     embeds list after list of items (a dask worker, partition after partition). Its DataLoader
     starts `num_workers` processes on the first call and keeps them (`persistent_workers`); each
     call hands them its items through the sampler; starting them per call would pay their start on
-    every partition. `start`: their start method (default: the process's; a dask worker's is
-    spawn, where each reader is a fresh Python that imports torch: seconds, and 0.6 GB of its own;
-    a fork copies the page tables of the process that holds the model: 1.3 s for 12 from 5 GB).
+    every partition (a fork copies the page tables of the process that holds the model: 1.3 s for
+    12 readers from 5 GB). `start`: their start method (default: the process's; dask's workers
+    pass fork, since theirs is spawn, where each reader is a fresh Python importing torch).
     One call reads at a time: a call made while another is reading (a worker running two tasks
     at once) reads in threads (`threaded_batches`)."""
 
@@ -272,8 +272,9 @@ class KeptReaders:
                 return
             made_for = (num_workers, pin_memory, whole)
             if self._loader is None or self._loader.dataset.preprocess is not preprocess or self._made_for != made_for:
-                dataset, start = ItemDataset(preprocess), self.start
-                self._loader = _loader(dataset, self._parts, num_workers, pin_memory, whole, keep=True, start=start)
+                self._loader = _loader(
+                    ItemDataset(preprocess), self._parts, num_workers, pin_memory, whole, keep=True, start=self.start
+                )
                 self._made_for = made_for
             self._parts.parts = [[items[i] for i in part] for batch in split for part in batch]
             loaded = iter(self._loader)  # the kept processes, their leftovers of a stopped call drained
