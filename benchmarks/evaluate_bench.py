@@ -80,6 +80,7 @@ def build(work: Path, videos: int, frames: int, dim: int, spectrum: str = "flat"
                 rows["jpeg_quality"].append(-1)
                 rows["frame"].append(-1)
                 rows["frame_count"].append(-1)
+                rows["orientation"].append(1)
     split_of = splits.assign_splits(rows["video"], config.SplitSpec(), datasets=rows["dataset"])
     rows["split"] = [split_of[v] for v in rows["video"]]
     outputs = Outputs(work)

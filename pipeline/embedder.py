@@ -98,6 +98,11 @@ class ItemDataset(Dataset):
         return read_items(items, self.preprocess)
 
 
+def _same_turned_file(item: Item, file: Path, turn: int) -> bool:
+    """Whether `item` is a frame of `file` turned by `turn` (decoded in the same pass)."""
+    return item.file == file and item.frame >= 0 and frames.orientation(item.digest) == turn
+
+
 def read_items(items: list[Item], preprocess: Callable) -> Batch:
     """Decodes and preprocesses one batch; failures come back as values. The frames of one video
     within a batch are read, hashed and decoded together (one pass), a robustness variant
@@ -105,15 +110,16 @@ def read_items(items: list[Item], preprocess: Callable) -> Batch:
     (`preprocess.for_items`, with data.faces) sees the whole batch at once."""
     decoded: list = []
     start = 0
-    while start < len(items):  # runs of items from the same file: a video's frames
-        end = start + 1
+    while start < len(items):  # runs of items from the same file, turned the same way: a video's frames
+        end, key = start + 1, items[start].digest
+        turn = frames.orientation(key)
         if items[start].frame >= 0:
-            while end < len(items) and items[end].file == items[start].file and items[end].frame >= 0:
+            while end < len(items) and _same_turned_file(items[end], items[start].file, turn):
                 end += 1
-            run = items[start:end]
-            decoded += images.decode_frames(run[0].file, frames.file_digest(run[0].digest), [i.frame for i in run])
+            indices = [i.frame for i in items[start:end]]
+            decoded += images.decode_frames(items[start].file, frames.file_digest(key), indices, turn)
         else:
-            decoded.append(images.decode(items[start].file, frames.file_digest(items[start].digest)))
+            decoded.append(images.decode(items[start].file, frames.file_digest(key), turn))
         start = end
     for n, item in enumerate(items):  # robustness variants: degraded before anything else sees them
         spec = perturb.split(item.digest)[1]

@@ -141,9 +141,10 @@ def _read(path: Path, columns: list[str]) -> pa.Table | None:
     if not path.exists():
         return None
     try:
-        return pq.ParquetFile(path).read(columns=columns)  # not pq.read_table: no pyarrow.dataset import
+        table = pq.ParquetFile(path).read(columns=columns)  # not pq.read_table: no pyarrow.dataset import
     except (pa.ArrowInvalid, OSError, KeyError):
         return None
+    return table if table.num_columns == len(columns) else None  # a column missing: an older version's table
 
 
 def write_known(known: Known, path: Path) -> None:

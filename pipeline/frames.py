@@ -8,12 +8,19 @@ the keyframe before it and decoding forward, never by decoding the whole video. 
 of one video (`decode_many`) come from one pass: the file is opened once, and the decoder only
 seeks when the next frame lies past a keyframe it has not reached yet (decoding through a short
 gap is cheaper than seeking back to the same keyframe for every frame).
+
+A file stored turned (a phone's portrait photo or video) is embedded the way it is shown, as
+cv2 (DeepfakeBench's reader), ffmpeg and every viewer show it: its EXIF orientation, or a video's
+display matrix as an EXIF orientation (`inspect`), is part of its key, `<sha256>^<orientation>`,
+and the key alone says how the bytes are turned (`orientation`), so a cache made before a file's
+orientation was read keeps its vectors under the plain sha256, never mixed with upright ones.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import io
 import re
 from collections.abc import Iterable
@@ -24,18 +31,32 @@ from PIL import Image
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 KEY_SEPARATOR = "@"
+ORIENTATION_SEPARATOR = "^"
 VIDEO_FRAMES = 32  # frames sampled per video when data.frames.per_video is not set
+# A video's display rotation (degrees counter-clockwise) as the EXIF orientation that shows it.
+_ROTATION_ORIENTATION = {0: 1, 90: 8, 180: 3, -180: 3, 270: 6, -90: 6}
 
 
-def key(file_digest: str, index: int) -> str:
-    """The cache key of frame `index` of the video whose bytes hash to `file_digest`."""
-    return f"{file_digest}{KEY_SEPARATOR}{index}"
+def key(file_digest: str, index: int = -1, orientation: int = 1) -> str:
+    """The cache key of the file whose bytes hash to `file_digest` (an image: `index` -1), or of
+    its frame `index` (`@<index>`); `^<orientation>` when the file is shown turned (EXIF 2-8)."""
+    turned = f"{file_digest}{ORIENTATION_SEPARATOR}{orientation}" if orientation != 1 else file_digest
+    return turned if index < 0 else f"{turned}{KEY_SEPARATOR}{index}"
 
 
 def file_digest(row_key: str) -> str:
-    """The sha256 of the file a cache key refers to: the key itself for an image, without the
-    frame index of a video frame (`@<index>`) or a robustness perturbation (`~<spec>`)."""
-    return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
+    """The sha256 of the file a cache key refers to: the key itself for an image, without its
+    orientation (`^<orientation>`), the frame index of a video frame (`@<index>`) or a
+    robustness perturbation (`~<spec>`)."""
+    return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0].split(ORIENTATION_SEPARATOR, 1)[0]
+
+
+def orientation(row_key: str) -> int:
+    """How the bytes of a cache key's file are turned to be shown: its EXIF orientation, 1 (as
+    stored) for a key without `^<orientation>`."""
+    file_part = row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
+    _, turned, code = file_part.partition(ORIENTATION_SEPARATOR)
+    return int(code) if turned else 1
 
 
 _DIGITS = re.compile(r"([0-9]+)")
@@ -71,11 +92,13 @@ class VideoFacts:
     width: int
     height: int
     frame_count: int
+    orientation: int = 1  # the EXIF orientation that shows the frames as the display matrix says
 
 
 def inspect(data: bytes) -> VideoFacts:
-    """Header facts and the number of frames (from the container, or by demuxing packets, which
-    decodes nothing); ValueError if the bytes are not a video with a video stream."""
+    """Header facts, the number of frames (from the container, or by demuxing packets, which
+    decodes nothing) and the orientation (from the first frame, which carries the display
+    matrix); ValueError if the bytes are not a video with a video stream."""
     import av
 
     try:
@@ -85,9 +108,24 @@ def inspect(data: bytes) -> VideoFacts:
             stream = container.streams.video[0]
             count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
             fmt = container.format.name.split(",")[0]
-            return VideoFacts(fmt, stream.codec_context.width, stream.codec_context.height, int(count))
+            facts = VideoFacts(fmt, stream.codec_context.width, stream.codec_context.height, int(count))
     except av.FFmpegError as exc:
         raise ValueError(f"not a readable video ({exc})") from None
+    return dataclasses.replace(facts, orientation=_orientation(data))
+
+
+def _orientation(data: bytes) -> int:
+    """The EXIF orientation of a video's display rotation; 1 (as stored) when it has none, turns
+    by another angle, or its first frame does not decode (extract records that frame by frame)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            first = next(iter(container.decode(container.streams.video[0])), None)
+    except av.FFmpegError:
+        return 1
+    angle = first.rotation if first is not None else 0
+    return _ROTATION_ORIENTATION.get(round(angle), 1) if angle == angle else 1  # NaN: a matrix that is no rotation
 
 
 def decode(data: bytes, index: int) -> Image.Image:

@@ -57,6 +57,19 @@ class FileFacts:
     height: int = -1
     jpeg_quality: int = -1
     frame_count: int = -1  # frames of a video; -1 for an image
+    orientation: int = 1  # EXIF orientation (a video's display rotation as one): 1 as stored, 2-8 turned
+
+
+# EXIF orientation -> the transpose that shows the stored pixels upright (PIL's exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def inspect_file(path: Path) -> FileFacts | None:
@@ -93,16 +106,37 @@ def _video_facts(digest: str, data: bytes) -> FileFacts:
         v = frames.inspect(data)
     except ValueError:  # not a readable video: extract records why, frame by frame
         return FileFacts(digest, frame_count=0)
-    return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count)
+    return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count, v.orientation)
 
 
 def _image_facts(digest: str, fh: io.BufferedReader) -> FileFacts:
     try:
         with Image.open(fh) as im:  # reads the header only
             quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
-            return FileFacts(digest, im.format.lower(), im.width, im.height, quality)
+            return FileFacts(digest, im.format.lower(), im.width, im.height, quality, orientation=orientation(im))
     except Exception:  # not an image, or a header PIL cannot parse: extract records why
         return FileFacts(digest)
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation in an opened image's header (JPEG's APP1, WebP's and PNG's EXIF
+    chunks before the pixels); 1 when it has none or an invalid one. Never decodes the pixels,
+    as `im.getexif()` would for a PNG."""
+    raw = im.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:  # a damaged EXIF block: shown as stored, as viewers do
+        return 1
+    value = exif.get(0x0112, 1)  # ExifTags.Base.Orientation
+    return value if value in _UPRIGHT else 1
+
+
+def upright(rgb: Image.Image, orientation: int) -> Image.Image:
+    """`rgb` (the pixels as stored) turned the way its EXIF `orientation` says it is shown."""
+    return rgb.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else rgb
 
 
 def _hash_stream(fh: io.BufferedReader, hashes: list) -> None:
@@ -175,10 +209,11 @@ def _read(path: Path, digest: str | None) -> bytes | None:
     return data
 
 
-def decode(path: Path, digest: str | None = None) -> Image.Image | str:
+def decode(path: Path, digest: str | None = None, orientation: int = 1) -> Image.Image | str:
     """One image file decoded to RGB, or the reason it failed. With `digest`, the bytes decoded are
     the bytes hashed: a file whose sha256 is not `digest` (it changed after the manifest hashed
-    it) comes back as the reason CHANGED, not decoded."""
+    it) comes back as the reason CHANGED, not decoded. `orientation` (EXIF): how to turn the
+    pixels to show them (the cache key's, `frames.orientation`; not read from the file here)."""
     try:
         data = _read(path, digest)
         if data is None:
@@ -189,14 +224,15 @@ def decode(path: Path, digest: str | None = None) -> Image.Image | str:
                 if im.width * im.height > MAX_PIXELS:
                     return f"image too large ({im.width}x{im.height} pixels)"
                 im.load()
-                return to_rgb(im)
+                return upright(to_rgb(im), orientation)
     except Exception as exc:
         return failure(exc)
 
 
-def decode_frames(path: Path, digest: str | None, indices: list[int]) -> list[Image.Image | str]:
+def decode_frames(path: Path, digest: str | None, indices: list[int], orientation: int = 1) -> list[Image.Image | str]:
     """Frames `indices` of one video file, read, hashed and decoded once (one pass, exact
-    seeks), each an RGB image or the reason it failed (CHANGED for all if the bytes changed)."""
+    seeks), each an RGB image turned by `orientation` (as `decode`) or the reason it failed
+    (CHANGED for all if the bytes changed)."""
     try:
         data = _read(path, digest)
         if data is None:
@@ -212,7 +248,7 @@ def decode_frames(path: Path, digest: str | None, indices: list[int]) -> list[Im
         elif rgb.width * rgb.height > MAX_PIXELS:
             out.append(f"video frame too large ({rgb.width}x{rgb.height} pixels)")
         else:
-            out.append(rgb)
+            out.append(upright(rgb, orientation))
     return out
 
 

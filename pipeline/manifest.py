@@ -321,7 +321,7 @@ def build(settings: Settings, previous: file_index.Known) -> pa.Table:
         "mtime_ns": [f.mtime_ns for f, _, _ in rows],
         "ctime_ns": [f.ctime_ns for f, _, _ in rows],
         **{c: [getattr(x, c) for _, x, _ in rows] for c in CONTENT_COLUMNS},
-        "digest": [x.digest if i < 0 else frames.key(x.digest, i) for _, x, i in rows],
+        "digest": [frames.key(x.digest, i, x.orientation) for _, x, i in rows],
         "frame": [i for _, _, i in rows],
     }
     check_label_conflicts(columns["path"], columns["digest"], columns["label"])

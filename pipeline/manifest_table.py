@@ -26,7 +26,8 @@ SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("ctime_ns", pa.int64()),  # with size and mtime, says whether the stat cache may reuse the digest
-        ("digest", pa.string()),  # the cache key: sha256 of the file bytes (hex); `<sha256>@<frame>` for a video frame
+        # The cache key: sha256 of the file bytes (hex), `^<orientation>` if shown turned, `@<frame>` for a video frame.
+        ("digest", pa.string()),
         # Header facts, for the shortcut audit (-1 / "unknown" when the header is unreadable).
         ("format", pa.string()),
         ("width", pa.int32()),
@@ -34,10 +35,12 @@ SCHEMA = pa.schema(
         ("jpeg_quality", pa.int16()),  # estimated from the quantisation tables; -1 if not JPEG
         ("frame", pa.int32()),  # the frame's index in its video file; -1 for an image file
         ("frame_count", pa.int32()),  # frames in the video file; -1 for an image file
+        ("orientation", pa.int8()),  # EXIF orientation (a video's display rotation as one); 1: shown as stored
     ]
 )
-# Facts that depend only on a file's bytes: reused while its size, mtime and ctime are unchanged.
-CONTENT_COLUMNS = ("digest", "format", "width", "height", "jpeg_quality", "frame_count")
+# Facts that depend only on a file's bytes: reused while its size, mtime and ctime are unchanged
+# (a manifest without one of them, made by an older version, is read again in full, once).
+CONTENT_COLUMNS = ("digest", "format", "width", "height", "jpeg_quality", "frame_count", "orientation")
 
 
 def absolute_path(path: str, root: Path) -> Path:

@@ -73,8 +73,9 @@ def rows_of(settings: Settings, file: Path, facts: images.FileFacts | None) -> l
     if facts is None:
         return []
     if file.suffix.lower() not in frames.VIDEO_SUFFIXES:
-        return [(facts.digest, -1)]
-    return [(frames.key(facts.digest, i), i) for i in frames.sampled(facts.frame_count, settings.data.frames.per_video)]
+        return [(frames.key(facts.digest, -1, facts.orientation), -1)]
+    sampled = frames.sampled(facts.frame_count, settings.data.frames.per_video)
+    return [(frames.key(facts.digest, i, facts.orientation), i) for i in sampled]
 
 
 def embed_missing(

@@ -7,9 +7,12 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import ExifTags, Image
 
 from pipeline import backbones, cli, evaluate, extract, frames, images, manifest, manifest_table, probes, train
 from pipeline.config import ConfigError, load
@@ -212,3 +215,97 @@ def test_per_video_picks_frames_in_numeric_order_when_names_are_not_zero_padded(
     )
     kept = [f.path.rsplit("/", 1)[1] for f in manifest.cap_frames(files, 5)]
     assert sorted(kept, key=lambda name: int(name.split(".")[0])) == ["1.png", "25.png", "50.png", "75.png", "100.png"]
+
+
+# EXIF orientation -> the transpose that shows the file as viewers (and cv2.imread) do.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
+STORED = {o: {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}.get(o, t) for o, t in UPRIGHT.items()}
+
+
+def write_lossless_video(path, pixels: np.ndarray, rotation: int = 0) -> None:
+    """Three frames of `pixels`, lossless (x264 at qp 0, 4:4:4), shown turned `rotation` degrees
+    counter-clockwise (the display matrix phones write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], "yuv444p"
+        stream.options = {"qp": "0"}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_files_stored_turned_are_embedded_the_way_they_are_shown(tmp_path, tiny_clip):
+    # A phone stores a portrait photo or video sideways and says how to show it: an EXIF
+    # orientation, a video's display matrix. cv2 (DeepfakeBench's reader), ffmpeg and every viewer
+    # turn it upright; embedding it sideways gives a vector the model never sees on upright faces.
+    from pipeline import embedder
+
+    shown = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    data = tmp_path / "data"
+    (data / "photos").mkdir(parents=True)
+    Image.fromarray(shown).save(data / "photos" / "upright.png")
+    for o, stored in STORED.items():
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = o
+        Image.fromarray(shown).transpose(stored).save(data / "photos" / f"o{o}.png", exif=exif)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(shown).transpose(STORED[6]).save(data / "photos" / "o6.jpg", exif=exif, quality=95)
+    write_lossless_video(data / "videos" / "upright.mp4", shown)
+    for rotation, o in ((90, 8), (-90, 6), (180, 3)):
+        stored = np.asarray(Image.fromarray(shown).transpose(STORED[o]))
+        write_lossless_video(data / "videos" / f"r{rotation}.mp4", stored, rotation)
+    params = demo_params(data, tiny_clip)
+    params["data"]["datasets"] = {
+        "photos": {"path": "photos", "label": "real"},
+        "videos": {"path": "videos", "label": "fake"},
+    }
+    params["data"]["frames"] = {"per_video": 2}
+    params["train"]["datasets"] = ["photos", "videos"]
+    params["evaluate"]["datasets"] = ["videos"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    settings, outputs = load(tmp_path / "params.yaml"), Outputs(tmp_path)
+    table = manifest.run(settings, outputs).to_pandas().set_index("path")
+    sha = {p: images.inspect_file(data / p).digest for p in table.index}
+
+    # The key says how the bytes are shown (`^<EXIF orientation>`), so a cache made by a reader that
+    # ignored the orientation can never serve its sideways vector for them.
+    expected = {"photos/upright.png": sha["photos/upright.png"], "photos/o6.jpg": sha["photos/o6.jpg"] + "^6"}
+    expected |= {f"photos/o{o}.png": f"{sha[f'photos/o{o}.png']}^{o}" for o in STORED}
+    assert table.loc[list(expected), "digest"].to_dict() == expected
+    assert table.loc[["photos/o6.jpg", "photos/o8.png"], "orientation"].tolist() == [6, 8]
+    videos = {"videos/upright.mp4": "", "videos/r90.mp4": "^8", "videos/r-90.mp4": "^6", "videos/r180.mp4": "^3"}
+    for p, turn in videos.items():
+        assert table.loc[[p], "digest"].tolist() == [f"{sha[p]}{turn}@{i}" for i in (0, 2)]
+    # A manifest made before orientations were read (no such column, plain keys) is read again in full.
+    old = pq.read_table(outputs.manifest).drop_columns(["orientation"]).to_pydict()
+    old["digest"] = [frames.key(frames.file_digest(k), i) for k, i in zip(old["digest"], old["frame"], strict=True)]
+    pq.write_table(pa.table(old), outputs.manifest)
+    assert manifest.run(settings, outputs).to_pandas().set_index("path").digest.equals(table.digest)
+
+    summary = extract.run(settings, outputs)
+    assert summary.failed == 0
+    store = EmbeddingStore.open(outputs.embeddings / summary.embeddings)
+    for upright in ("photos/upright.png", "videos/upright.mp4"):  # each shows `shown` (a video within 2 levels)
+        turned = [p for p in table.index.unique() if p.startswith(upright[:6]) and p != upright and p[-4:] != ".jpg"]
+        rows = table.loc[[upright, *turned]]
+        vectors, found = store.read(rows.digest.tolist(), "projection")
+        assert found.all() and len(vectors) > 4
+        for p, vector in zip(rows.index, vectors, strict=True):
+            np.testing.assert_allclose(vector, vectors[0], rtol=1e-4, atol=1e-5, err_msg=p)
+
+    # The key alone decides how a file is decoded: its plain sha256 reads it as stored, as before.
+    jpg = data / "photos" / "o6.jpg"
+    items = [embedder.Item(key, "o6.jpg", jpg) for key in (sha["photos/o6.jpg"], expected["photos/o6.jpg"])]
+    as_stored, as_shown = (b.pixels.numpy()[0] for b in embedder.read_batches(items, np.asarray, 1, 0, False))
+    assert np.array_equal(as_stored, np.asarray(Image.open(jpg).convert("RGB")))
+    assert np.array_equal(as_shown, np.rot90(as_stored, -1))
