@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,12 +23,19 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+_CELEB_DF_FAKE = re.compile(r"^(id\d+)_id\d+_(\d+)$")
+
+
 def identities(video: str) -> list[str]:
     """The source identities a video id refers to.
 
     `000` -> [000]; `000_003` -> [000, 003] (FF++ target_source); `01_02__scene__X` (DeepFake
-    Detection) -> [01, 02]; anything else is its own identity.
+    Detection) -> [01, 02]; `id0_id16_0000` (Celeb-DF: real clip `id0_0000` with id16's face,
+    whose donor is a person, not a clip) -> [id0_0000]; anything else is its own identity.
     """
+    celeb_df = _CELEB_DF_FAKE.match(video)
+    if celeb_df:
+        return [f"{celeb_df[1]}_{celeb_df[2]}"]
     head = video.split("__", 1)[0]
     parts = head.split("_")
     if all(p.isdigit() for p in parts):

@@ -66,6 +66,11 @@ def test_group_videos_links_chains_and_keeps_strangers_apart():
     assert len({groups["000"], groups["007"], groups["010"], groups["clip_a"]}) == 4
     dfd = splits.group_videos(["01_02__meeting__X1Y2", "01__meeting", "02__walk"])
     assert len(set(dfd.values())) == 1
+    # Celeb-DF: `id0_id16_0000` is real clip `id0_0000` with id16's face swapped in (the donor is
+    # a person, not a clip, so the fake goes with its target clip alone).
+    celeb = splits.group_videos(["id0_0000", "id0_0001", "id16_0000", "id0_id16_0000", "id0_id3_0000", "00012"])
+    assert celeb["id0_id16_0000"] == celeb["id0_id3_0000"] == celeb["id0_0000"]
+    assert len({celeb["id0_0000"], celeb["id0_0001"], celeb["id16_0000"], celeb["00012"]}) == 4
 
 
 def test_random_fake_pairs_never_split_a_group():
