@@ -17,6 +17,7 @@ pipeline works, not how good CLIP is: the model's weights are random.
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,12 @@ def _manipulate(frame: np.ndarray, method: str, rng: np.random.Generator) -> np.
     return shifted.clip(0, 255).astype(np.uint8)
 
 
+# The same demo videos on every machine, run after run. x264 writes other bytes per thread count,
+# per float path (its FMA code rounds otherwise), and run to run with its AVX-512 code (seen on a
+# Zen 4). One thread and SSE2-level code write what x264's plain C code writes.
+X264_OPTIONS = {"threads": "1"} | ({"x264-params": "asm=SSE2"} if platform.machine() in ("x86_64", "AMD64") else {})
+
+
 def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25, gop: int = 12) -> None:
     import av
 
@@ -273,6 +280,7 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25, gop: int =
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
         stream.codec_context.gop_size = gop
+        stream.options = X264_OPTIONS
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
