@@ -130,16 +130,23 @@ def video_project(tmp_path, tiny_clip):
         write_video(data / "original" / "videos" / f"{i:03d}.mp4", seed=i)
         partner = i + 1 if i % 2 == 0 else i - 1
         write_video(data / "fake" / "videos" / f"{i:03d}_{partner:03d}.mp4", seed=100 + i)
-    params = demo_params(data, tiny_clip)
-    params["data"]["datasets"] = {
-        "real": {"path": "original/videos", "label": "real"},
-        "fake": {"path": "fake/videos", "label": "fake"},
-    }
-    params["data"]["frames"] = {"per_video": 4}
-    params["train"]["datasets"] = ["real", "fake"]
-    params["evaluate"].update(datasets=["fake"], protocols=["heldout"], bootstrap=0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, data, tiny_clip, ("real", "original/videos"), ("fake", "fake/videos"), per_video=4)
     return tmp_path
+
+
+def write_params(project, data, model, real: tuple[str, str], fake: tuple[str, str], per_video: int) -> None:
+    """`project/params.yaml` for two datasets under `data`, each (name, folder): one real, one fake
+    (trained on both, the fake one evaluated held out), `per_video` frames sampled per video."""
+    (real_name, real_folder), (fake_name, fake_folder) = real, fake
+    params = demo_params(data, model)
+    params["data"]["datasets"] = {
+        real_name: {"path": real_folder, "label": "real"},
+        fake_name: {"path": fake_folder, "label": "fake"},
+    }
+    params["data"]["frames"] = {"per_video": per_video}
+    params["train"]["datasets"] = [real_name, fake_name]
+    params["evaluate"].update(datasets=[fake_name], protocols=["heldout"], bootstrap=0)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def test_a_video_dataset_runs_end_to_end_one_row_per_sampled_frame(video_project):
@@ -264,15 +271,7 @@ def test_files_stored_turned_are_embedded_the_way_they_are_shown(tmp_path, tiny_
     for rotation, o in ((90, 8), (-90, 6), (180, 3)):
         stored = np.asarray(Image.fromarray(shown).transpose(STORED[o]))
         write_lossless_video(data / "videos" / f"r{rotation}.mp4", stored, rotation)
-    params = demo_params(data, tiny_clip)
-    params["data"]["datasets"] = {
-        "photos": {"path": "photos", "label": "real"},
-        "videos": {"path": "videos", "label": "fake"},
-    }
-    params["data"]["frames"] = {"per_video": 2}
-    params["train"]["datasets"] = ["photos", "videos"]
-    params["evaluate"]["datasets"] = ["videos"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, data, tiny_clip, ("photos", "photos"), ("videos", "videos"), per_video=2)
     settings, outputs = load(tmp_path / "params.yaml"), Outputs(tmp_path)
     table = manifest.run(settings, outputs).to_pandas().set_index("path")
     sha = {p: images.inspect_file(data / p).digest for p in table.index}
