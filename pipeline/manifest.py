@@ -346,4 +346,12 @@ def run(settings: Settings, outputs: Outputs) -> pa.Table:
     table = build(settings, read_previous(outputs))
     write(table, out)
     log.info("manifest: %d images -> %s\n%s", table.num_rows, out, summary(table))
+    turned = {p for p, o in zip(*table.select(["path", "orientation"]).to_pydict().values(), strict=True) if o != 1}
+    if turned:
+        log.info(
+            "manifest: %d files are stored turned (an EXIF orientation, a video's display rotation) and are embedded "
+            "the way they are shown, e.g. %s",
+            len(turned),
+            min(turned),
+        )
     return table

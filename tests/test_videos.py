@@ -250,7 +250,7 @@ def write_lossless_video(path, pixels: np.ndarray, rotation: int = 0) -> None:
             container.mux(packet)
 
 
-def test_files_stored_turned_are_embedded_the_way_they_are_shown(tmp_path, tiny_clip):
+def test_files_stored_turned_are_embedded_the_way_they_are_shown(tmp_path, tiny_clip, caplog):
     # A phone stores a portrait photo or video sideways and says how to show it: an EXIF
     # orientation, a video's display matrix. cv2 (DeepfakeBench's reader), ffmpeg and every viewer
     # turn it upright; embedding it sideways gives a vector the model never sees on upright faces.
@@ -273,7 +273,9 @@ def test_files_stored_turned_are_embedded_the_way_they_are_shown(tmp_path, tiny_
         write_lossless_video(data / "videos" / f"r{rotation}.mp4", stored, rotation)
     write_params(tmp_path, data, tiny_clip, ("photos", "photos"), ("videos", "videos"), per_video=2)
     settings, outputs = load(tmp_path / "params.yaml"), Outputs(tmp_path)
-    table = manifest.run(settings, outputs).to_pandas().set_index("path")
+    with caplog.at_level("INFO", logger="pipeline.manifest"):
+        table = manifest.run(settings, outputs).to_pandas().set_index("path")
+    assert "11 files are stored turned" in caplog.text and "the way they are shown, e.g. photos/o2.png" in caplog.text
     sha = {p: images.inspect_file(data / p).digest for p in table.index}
 
     # The key says how the bytes are shown (`^<EXIF orientation>`), so a cache made by a reader that
