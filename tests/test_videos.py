@@ -224,13 +224,13 @@ def test_per_video_picks_frames_in_numeric_order_when_names_are_not_zero_padded(
     assert sorted(kept, key=lambda name: int(name.split(".")[0])) == ["1.png", "25.png", "50.png", "75.png", "100.png"]
 
 
-# EXIF orientation -> the transpose that shows the file as viewers (and cv2.imread) do.
-UPRIGHT = {
+# EXIF orientation -> how a camera stores an upright picture so that the tag shows it upright
+# again (the inverse of what viewers and cv2.imread do to show it: 6 and 8 turn the other way).
+STORED = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
 }  # fmt: skip
-STORED = {o: {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}.get(o, t) for o, t in UPRIGHT.items()}
 
 
 def write_lossless_video(path, pixels: np.ndarray, rotation: int = 0) -> None:
