@@ -113,12 +113,12 @@ def _image_facts(digest: str, fh: io.BufferedReader) -> FileFacts:
     try:
         with Image.open(fh) as im:  # reads the header only
             quality = jpeg_quality(im.quantization) if im.format == "JPEG" else -1
-            return FileFacts(digest, im.format.lower(), im.width, im.height, quality, orientation=orientation(im))
+            return FileFacts(digest, im.format.lower(), im.width, im.height, quality, orientation=exif_orientation(im))
     except Exception:  # not an image, or a header PIL cannot parse: extract records why
         return FileFacts(digest)
 
 
-def orientation(im: Image.Image) -> int:
+def exif_orientation(im: Image.Image) -> int:
     """The EXIF orientation in an opened image's header (JPEG's APP1, WebP's and PNG's EXIF
     chunks before the pixels); 1 when it has none or an invalid one. Never decodes the pixels,
     as `im.getexif()` would for a PNG."""
