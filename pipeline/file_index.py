@@ -25,6 +25,10 @@ from pipeline.images import IMAGE_SUFFIXES, FileFacts
 from pipeline.manifest_table import CONTENT_COLUMNS
 
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | frames.VIDEO_SUFFIXES
+# Picture and video formats that phones and cameras write but the pipeline does not read: each
+# such file is named among the problems, never left out without a word (other files are not media).
+UNREAD_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jxl", ".tif", ".tiff", ".gif"})
+UNREAD_VIDEO_SUFFIXES = frozenset({".m4v", ".3gp", ".mpg", ".mpeg", ".wmv", ".flv", ".mts", ".m2ts"})
 
 Stamp = tuple[int, int, int]  # size, mtime_ns, ctime_ns (ctime changes on every write, even one restoring the mtime)
 Known = dict[str, tuple[Stamp, FileFacts]]  # path as the manifest writes it -> (stamp, facts)
@@ -59,13 +63,20 @@ def walk_images(folder: Path, problems: list[str]) -> Iterable[tuple[str, os.sta
         seen.add((st.st_dev, st.st_ino))
         dirs, files = [], []
         for entry in entries:
+            suffix = os.path.splitext(entry.name)[1].lower()
             if _is_dir(entry):
                 if _utf8(entry.name):
                     dirs.append(entry.name)
                 else:
                     problems.append(f"{entry.path!r}: folder name is not valid UTF-8; rename it")
-            elif os.path.splitext(entry.name)[1].lower() in MEDIA_SUFFIXES and not entry.name.startswith("."):
+            elif entry.name.startswith("."):
+                continue
+            elif suffix in MEDIA_SUFFIXES:
                 files.append(entry.name)
+            elif suffix in UNREAD_IMAGE_SUFFIXES or suffix in UNREAD_VIDEO_SUFFIXES:
+                to = ".jpg or .png" if suffix in UNREAD_IMAGE_SUFFIXES else ".mp4"
+                where = entry.path if _utf8(entry.name) else repr(entry.path)
+                problems.append(f"{where}: {suffix} files are not read; convert them to {to}")
         for fname in sorted(files):
             full = os.path.join(dirpath, fname)
             if not _utf8(fname):

@@ -312,17 +312,23 @@ def test_two_datasets_on_the_same_or_nested_folders_are_refused(project, nested)
         build(project)
 
 
-def test_links_loops_fifos_and_undecodable_names_are_reported_never_followed_or_waited_on(project, caplog):
+def test_links_loops_fifos_undecodable_names_and_unread_formats_are_reported_never_followed_or_waited_on(
+    project, caplog
+):
     before = len(build(project))
     video = project / "data" / "Train_Real" / "Real_youtube" / "000"
     (video / "loop").symlink_to(".")
     (video / "loop2").symlink_to("..")
     os.mkfifo(video / "9999.png")
     os.close(os.open(os.fsencode(video) + b"/\xff\xfe.png", os.O_CREAT | os.O_WRONLY))
+    (video / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")  # a format the pipeline does not read
+    (video / "notes.txt").write_text("not media: nothing to say")
     df = build(project)  # would repeat every frame through the loops, block on the FIFO, or crash
     assert len(df) == before and df.path.is_unique
     for reason in ("a link to a folder already scanned", "not a regular file", "not valid UTF-8"):
         assert reason in caplog.text
+    assert "IMG_0001.HEIC: .heic files are not read; convert them to .jpg or .png" in caplog.text
+    assert "notes.txt" not in caplog.text
 
 
 def test_an_unreadable_folder_is_reported_not_skipped_silently(project):
