@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import file_index, frames, images
 from pipeline.config import ConfigError, Settings
@@ -346,12 +347,12 @@ def run(settings: Settings, outputs: Outputs) -> pa.Table:
     table = build(settings, read_previous(outputs))
     write(table, out)
     log.info("manifest: %d images -> %s\n%s", table.num_rows, out, summary(table))
-    turned = {p for p, o in zip(*table.select(["path", "orientation"]).to_pydict().values(), strict=True) if o != 1}
-    if turned:
+    turned = pc.unique(table.filter(pc.not_equal(table["orientation"], 1))["path"])
+    if len(turned):
         log.info(
             "manifest: %d files are stored turned (an EXIF orientation, a video's display rotation) and are embedded "
             "the way they are shown, e.g. %s",
             len(turned),
-            min(turned),
+            pc.min(turned).as_py(),
         )
     return table
