@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import dataclasses
 import io
 import re
 from collections.abc import Iterable
@@ -48,15 +47,19 @@ def file_digest(row_key: str) -> str:
     """The sha256 of the file a cache key refers to: the key itself for an image, without its
     orientation (`^<orientation>`), the frame index of a video frame (`@<index>`) or a
     robustness perturbation (`~<spec>`)."""
-    return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0].split(ORIENTATION_SEPARATOR, 1)[0]
+    return _file_part(row_key).split(ORIENTATION_SEPARATOR, 1)[0]
 
 
 def orientation(row_key: str) -> int:
     """How the bytes of a cache key's file are turned to be shown: its EXIF orientation, 1 (as
     stored) for a key without `^<orientation>`."""
-    file_part = row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
-    _, turned, code = file_part.partition(ORIENTATION_SEPARATOR)
+    _, turned, code = _file_part(row_key).partition(ORIENTATION_SEPARATOR)
     return int(code) if turned else 1
+
+
+def _file_part(row_key: str) -> str:
+    """A cache key without its frame index and perturbation: `<sha256>[^<orientation>]`."""
+    return row_key.split(KEY_SEPARATOR, 1)[0].split("~", 1)[0]
 
 
 _DIGITS = re.compile(r"([0-9]+)")
@@ -106,22 +109,26 @@ def inspect(data: bytes) -> VideoFacts:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
-            count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            count = stream.frames
+            if not count:  # counted by demuxing, which leaves the container at its end
+                count = sum(1 for packet in container.demux(stream) if packet.size)
+                container.seek(0)
             fmt = container.format.name.split(",")[0]
-            facts = VideoFacts(fmt, stream.codec_context.width, stream.codec_context.height, int(count))
+            return VideoFacts(
+                fmt, stream.codec_context.width, stream.codec_context.height, int(count), _orientation(container)
+            )
     except av.FFmpegError as exc:
         raise ValueError(f"not a readable video ({exc})") from None
-    return dataclasses.replace(facts, orientation=_orientation(data))
 
 
-def _orientation(data: bytes) -> int:
-    """The EXIF orientation of a video's display rotation; 1 (as stored) when it has none, turns
-    by another angle, or its first frame does not decode (extract records that frame by frame)."""
+def _orientation(container) -> int:
+    """The EXIF orientation of a video's display rotation, from its first frame; 1 (as stored)
+    when it has none, turns by another angle, or its first frame does not decode (extract
+    records that frame by frame)."""
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
-            first = next(iter(container.decode(container.streams.video[0])), None)
+        first = next(iter(container.decode(container.streams.video[0])), None)
     except av.FFmpegError:
         return 1
     angle = first.rotation if first is not None else 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from pipeline import frames
 
@@ -130,7 +130,7 @@ def exif_orientation(im: Image.Image) -> int:
         exif.load(raw)
     except Exception:  # a damaged EXIF block: shown as stored, as viewers do
         return 1
-    value = exif.get(0x0112, 1)  # ExifTags.Base.Orientation
+    value = exif.get(ExifTags.Base.Orientation, 1)
     return value if value in _UPRIGHT else 1
 
 
