@@ -62,12 +62,36 @@ def shared_precision(settings: Settings, outputs: Outputs) -> Settings:
     return dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
 
 
+def shared_layer_order(settings: Settings, outputs: Outputs) -> Settings:
+    """`model.layers` in the order of this project's cache of the same layers of the model (the
+    one `cache/extract.json` names first, else the first here; of `extract.precision`'s, unless
+    auto), where none has them in the order asked for: the order changes no number, so listing
+    the layers in another order extends that cache instead of embedding every image again."""
+    named = None
+    with contextlib.suppress(ConfigError, OSError):
+        named = outputs.embeddings / ExtractSummary.read(outputs.extract_summary).embeddings
+    wanted, precision = settings.model.layers, settings.extract.precision
+    orders = []
+    for directory in sorted(cache_dirs(outputs.embeddings), key=lambda d: d != named):
+        with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, TypeError, StoreError):
+            card = EmbeddingStore.open(directory).card
+            of_model = card["model"] == settings.model.name and card["dtype"] == settings.model.dtype
+            in_precision = precision in ("auto", card["description"]["precision"])
+            if of_model and in_precision and sorted(card["layers"]) == sorted(wanted):
+                orders.append(list(card["layers"]))
+    if not orders or wanted in orders:
+        return settings
+    log.info("model.layers: %s, the order of this project's cache of these layers (the order changes no number)",
+             ", ".join(orders[0]))  # fmt: skip
+    return dataclasses.replace(settings, model=dataclasses.replace(settings.model, layers=orders[0]))
+
+
 def run(
     settings: Settings, outputs: Outputs, retry_failed: bool = False, embedder: LocalEmbedder | None = None
 ) -> ExtractSummary:
     """Extract; `embedder` replaces the one `extract.scheduler` names (tests, benchmarks)."""
     table = manifest_table.read(outputs.manifest)
-    settings = shared_precision(settings, outputs)
+    settings = shared_precision(shared_layer_order(settings, outputs), outputs)
     with embedder_for(settings, embedder) as embedder:
         store = EmbeddingStore.create(outputs.embeddings, settings.model.name, embedder.description, embedder.dims)
         with store.writer_lock():

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel
 
-from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, manifest, train
+from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, manifest, predict, train
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore, caches, text
@@ -310,6 +310,18 @@ def test_several_layers_in_one_pass(project):
     pooled, _ = store.read([digest], "pooled")
     block, _ = store.read([digest], "block_1")
     assert not np.allclose(pooled, block)  # pooled = post-layernorm CLS, block_1 = raw CLS
+
+    # The same layers in another order change no number: the cache is extended, not made again,
+    # and predict, with the reordered params, embeds its new images beside it.
+    train.run(config.load(project / "params.yaml"), outputs)
+    update_params(project, "model", layers=["block_1", "projection", "pooled"])
+    again, _ = run_stages(project)
+    assert again == summary and [c.directory for c in caches(outputs.embeddings)] == [store.directory]
+    new = project / "new.png"
+    Image.new("RGB", (72, 64), (200, 10, 40)).save(new)
+    out = project / "predictions.csv"
+    predict.run(config.load(project / "params.yaml"), outputs, [new], None, out)
+    assert out.read_text().splitlines()[1].split(",")[2], "the new image is scored"
 
 
 @pytest.mark.parametrize("workers", [2])
