@@ -595,12 +595,20 @@ def embed_items(
                 started = time.perf_counter()
             while pending:
                 collect()
-        except BaseException:
+        except BaseException as exc:
             # Stopped early (Ctrl-C while reading, a bad batch): the batches already submitted are
             # still written, unless the writer itself is what failed.
             with contextlib.suppress(Exception):
                 while pending:
                     collect()
+            if isinstance(exc, torch.OutOfMemoryError):  # extract.batch_size too large for the GPU
+                faces_too = ", with face detection" if crops else ""
+                raise backbones.out_of_memory(
+                    backbone.device,
+                    f"on a batch of {batch_size} images ({backbone.name}{faces_too})",
+                    f"set extract.batch_size lower than {batch_size} (e.g. {max(1, batch_size // 2)}) and rerun: "
+                    "the images embedded before that batch are cached",
+                ) from None
             raise
         finally:
             if crops:

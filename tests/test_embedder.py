@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import importlib
 import shutil
 import time
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline import backbones, embedder, extract, machine, manifest
-from pipeline.config import load
+from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from tests.conftest import CUDA, REPO, update_params
@@ -156,6 +157,44 @@ def test_batches_are_split_into_near_equal_parts_in_order():
     assert max(map(len, split[0])) == 22
 
 
+def test_a_batch_the_device_has_no_memory_for_is_one_sentence_and_the_batches_before_stay_cached(project, monkeypatch):
+    """`extract.batch_size` too large for the GPU: CUDA's out-of-memory error (raised here at the
+    third batch, as no GPU is at hand) ends the run with one sentence that names the fix, and the
+    batches embedded before it are committed; the rerun embeds only the rest. A model too large
+    for the GPU is one sentence too."""
+    update_params(project, "extract", batch_size=8, shard_size=8)
+    settings, outputs = load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    submit, submitted = backbone.submit, []
+
+    def short_of_memory(pixels):
+        submitted.append(len(pixels))
+        if len(submitted) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return submit(pixels)
+
+    backbone.submit = short_of_memory
+    with pytest.raises(ConfigError) as stopped:
+        extract.run(settings, outputs, embedder=embedder.LocalEmbedder(settings, backbone))
+    assert str(stopped.value) == (
+        f"cpu ran out of memory on a batch of 8 images ({settings.model.name}); set extract.batch_size lower than 8 "
+        "(e.g. 4) and rerun: the images embedded before that batch are cached."
+    )
+    (store,) = caches(outputs.embeddings)
+    assert store.count() == 16 and store.verify() == []
+    backbone.submit = submit
+    summary = extract.run(settings, outputs, embedder=embedder.LocalEmbedder(settings, backbone))
+    assert summary.embedded == summary.images
+
+    def too_large(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.20 GiB")
+
+    monkeypatch.setattr(importlib.import_module(backbones.FAMILIES["clip"]), "load", too_large)
+    with pytest.raises(ConfigError, match=r"^cpu ran out of memory loading .+ in fp32; free its memory"):
+        backbones.load(settings.model, "cpu", "fp32")
+
+
 def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
     """The loop submits up to `in_flight` batches before collecting the oldest (on a GPU: copies
     and forward passes overlap); the rows, their order and the shard contents do not change."""
@@ -275,6 +314,31 @@ def test_submitting_a_batch_on_a_gpu_does_not_wait_for_the_gpu(project):
         torch.cuda.set_sync_debug_mode("default")
     for p in pending:
         assert p.result()["projection"].shape == (8, backbone.dims["projection"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_gpu_out_of_memory_is_the_one_sentence(project):
+    """The real thing behind the out-of-memory test above: with the GPU's memory all held but
+    for a few MiB, a batch cannot be embedded, and the sentence names the GPU."""
+    settings = load(project / "params.yaml")
+    backbone = backbones.load(settings.model, "cuda", "fp32")
+    batch = torch.from_numpy(np.stack([backbone.preprocess(blank())] * 64))
+    item = embedder.Item("d" * 64, "a.png", "a.png")
+    held = []
+    for size in (1 << 30, 1 << 24, 1 << 21):  # fill the GPU, in ever smaller blocks
+        with contextlib.suppress(torch.OutOfMemoryError):
+            while True:
+                held.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+
+    def reader(*args):
+        yield embedder.Batch([item.digest] * 64, [item.path] * 64, batch, [None] * 64)
+
+    try:
+        with pytest.raises(ConfigError, match=r"^cuda(:0)? \(.+ GiB\) ran out of memory on a batch of 64 images"):
+            embedder.embed_items([item] * 64, backbone, None, 64, 0, progress=False, reader=reader)
+    finally:
+        del held
+        torch.cuda.empty_cache()
 
 
 ORPHANED = '''

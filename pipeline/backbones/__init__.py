@@ -25,6 +25,7 @@ from pipeline.backbones.base import (
     EMBEDDING_VERSION,
     Backbone,
     cpu_supports_bf16,
+    out_of_memory,
     read_json,
     resolve_device,
     resolve_directory,
@@ -101,7 +102,14 @@ def load(
         if resolved == "fp32":  # fp32 means fp32: cuDNN's convolutions default to TF32 (matmuls do not)
             torch.backends.cudnn.allow_tf32 = False
     module = importlib.import_module(FAMILIES[family])
-    backbone = module.load(directory, config, model, dev, resolved)
+    try:
+        backbone = module.load(directory, config, model, dev, resolved)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(
+            dev,
+            f"loading {model.name} in {resolved}",
+            "free its memory (another process may hold it: nvidia-smi), or set extract.precision to bf16 or fp16",
+        ) from None
     if compiled:
         backbone.compile(batch_size)
     log.info("loaded %s on %s (%s), layers %s", model.name, dev, backbone.precision, backbone.dims)

@@ -114,6 +114,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def out_of_memory(device: torch.device, doing: str, fix: str) -> ConfigError:
+    """The sentence for `torch.OutOfMemoryError` on `device` while `doing`, with the `fix`."""
+    where = str(device)
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_properties(device)
+        where = f"{device} ({gpu.name}, {gpu.total_memory / 2**30:.1f} GiB)"
+    return ConfigError(f"{where} ran out of memory {doing}; {fix}.")
+
+
 def _mps_available() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
