@@ -601,19 +601,39 @@ def embed_items(
             with contextlib.suppress(Exception):
                 while pending:
                     collect()
-            if isinstance(exc, torch.OutOfMemoryError):  # extract.batch_size too large for the GPU
-                faces_too = ", with face detection" if crops else ""
-                raise backbones.out_of_memory(
-                    backbone.device,
-                    f"on a batch of {batch_size} images ({backbone.name}{faces_too})",
-                    f"set extract.batch_size lower than {batch_size} (e.g. {max(1, batch_size // 2)}) and rerun: "
-                    "the images embedded before that batch are cached",
-                ) from None
+            sentence = settings_at_fault(exc, backbone, batch_size, crops is not None)
+            if sentence is not None:
+                raise sentence from None
             raise
         finally:
             if crops:
                 crops.commit()  # detections made so far are kept, also when the run stops early
     return changed
+
+
+def settings_at_fault(
+    exc: BaseException, backbone: backbones.Backbone, batch_size: int, crops: bool
+) -> ConfigError | None:
+    """The sentence for a run stopped by its settings, not its images: `extract.batch_size` too
+    large for the GPU's memory, or `extract.compile` on a machine where torch.compile cannot
+    compile (Inductor finds no C++ compiler, Triton no C compiler); None for anything else."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return backbones.out_of_memory(
+            backbone.device,
+            f"on a batch of {batch_size} images ({backbone.name}{', with face detection' if crops else ''})",
+            f"set extract.batch_size lower than {batch_size} (e.g. {max(1, batch_size // 2)}) and rerun: "
+            "the images embedded before that batch are cached",
+        )
+    if hasattr(backbone.forward, "compiled"):
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        if isinstance(exc, BackendCompilerFailed):
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return ConfigError(
+                f"torch.compile could not compile {backbone.name} for {backbone.device} ({cause}); install what it "
+                "names, or set extract.compile: false, then rerun."
+            )
+    return None
 
 
 class LocalEmbedder:

@@ -276,6 +276,24 @@ def test_a_compiled_forward_pass_is_one_graph_compiled_once_and_gives_the_eager_
         assert cosine.min() > 0.9999, layer
 
 
+def test_a_forward_pass_torch_compile_cannot_compile_is_one_sentence(project):
+    """`extract.compile: true` where Inductor finds no C++ compiler (a bare GPU image without gcc,
+    which Triton needs too): one sentence with the cause and the fix, not dynamo's traceback."""
+    update_params(project, "extract", compile=True, precision="fp32", batch_size=4)
+    settings, outputs = load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    torch._dynamo.reset()
+    no_compiler = {"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}
+    try:
+        with torch._inductor.config.patch(no_compiler), pytest.raises(ConfigError) as stopped:
+            extract.run(settings, outputs)
+    finally:
+        torch._dynamo.reset()
+    assert str(stopped.value).startswith(
+        f"torch.compile could not compile {settings.model.name} for cpu (InvalidCxxCompiler: No working C++ compiler"
+    ) and str(stopped.value).endswith("); install what it names, or set extract.compile: false, then rerun.")
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_uint8_batches_normalised_on_the_device_are_the_float_batches_bit_for_bit(project, device):
     """On a GPU the CLIP preprocessing stops at the uint8 crop and the model's device finishes
