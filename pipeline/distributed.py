@@ -6,8 +6,10 @@ partition is one task. A worker builds the backbone once (inside its own process
 pickled) and commits its own shards straight into the shared cache directory (atomic,
 content-named, so workers never collide). The client holds the cache's writer lock for the
 whole run and shows progress. A task whose worker dies is rerun elsewhere by dask, and one that
-raises is rerun from its start with nothing of the failed attempt committed; a run that
-is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
+raises is rerun from its start with nothing of the failed attempt committed, unless its settings
+stopped it (a batch the GPU has no memory for): that one would fail again, so it keeps what it
+embedded and the run stops with its sentence. A run that is stopped loses only uncommitted
+partitions, and the next run embeds just what is missing.
 Inside a task, `extract.num_workers` readers decode batches ahead of the model: threads in a
 daemonic worker process (dask's default: it cannot have children; `embedder.threaded_batches`),
 processes started once and kept for every partition in one that is not
@@ -94,14 +96,22 @@ class FaceJob:
 
 def embed_partition(
     items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings, faces_job: FaceJob | None = None
-) -> tuple[int, list]:
+) -> tuple[int, list, str | None]:
     """Runs on a worker: embed `items` (their face crops, with `faces_job`) and commit them as
     shard(s) of the cache at `store_dir`; returns (items done, paths of files that changed since
-    the manifest). Face detections are read from and committed to the shared detection cache."""
+    the manifest, None). Face detections are read from and committed to the shared detection cache.
+
+    A task stopped by its settings (a `ConfigError`: a batch the GPU has no memory for, NaN at
+    fp16, a model that does not fit) would fail the same way again if dask retried it, so it
+    commits the batches embedded before, as a local run does, and returns (0, [], the sentence)
+    instead of raising: dask retries a task that raises."""
     from pipeline import embedder, faces
     from pipeline.store import EmbeddingStore
 
-    backbone = _backbone(model, extract)
+    try:
+        backbone = _backbone(model, extract)
+    except ConfigError as exc:
+        return 0, [], str(exc)
     description = backbone.description
     crops = None
     if faces_job is not None:
@@ -126,13 +136,16 @@ def embed_partition(
             reader=_reader(crops),
             crops=crops,
         )
+    except ConfigError as exc:
+        writer.close()
+        return 0, [], str(exc)
     except BaseException:
         # dask reruns the task from its first item (`retries`), and a partition is one shard: what
         # this attempt embedded is dropped, not committed beside the rerun's rows.
         writer.abandon()
         raise
     writer.close()
-    return len(items), changed
+    return len(items), changed, None
 
 
 def _reader(crops) -> Callable:
@@ -268,7 +281,9 @@ class DaskEmbedder:
         changed: list[str] = []
         with tqdm(total=len(items), desc="embedding (dask)", unit="img", smoothing=0.1) as bar:
             for future in as_completed(futures):
-                n, partition_changed = future.result()
+                n, partition_changed, stopped = future.result()
+                if stopped is not None:
+                    raise ConfigError(stopped)
                 changed += partition_changed
                 bar.update(n)
         return changed

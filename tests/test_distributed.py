@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline import config, extract, manifest
+from pipeline.config import ConfigError
 from pipeline.distributed import gpu_for, partition_size
 from pipeline.outputs import Outputs
 from pipeline.store import caches
@@ -75,6 +76,26 @@ def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, 
     (store,) = caches(outputs.embeddings)
     committed = [d for shard in store.shard_paths() for d in read_keys(shard)[0]]
     assert sorted(committed) == sorted(set(table.column("digest").to_pylist()))
+
+
+def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedded(project, monkeypatch, tmp_path):
+    """A task that dask would retry, but that its settings stopped (a batch too large for the
+    GPU's memory, raised here whenever one image is read), would fail the same way again: it
+    runs once, the run stops with the local run's sentence, the images before it stay cached."""
+    from tests.conftest import PAUSE_DIR
+
+    log = tmp_path / "out of memory"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OUT_OF_MEMORY_LOG", str(log))
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1}, batch_size=4)
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    table = manifest.run(settings, outputs)
+    monkeypatch.setenv("OUT_OF_MEMORY_ON", table.column("path")[10].as_py())  # one image, read by one task
+    with pytest.raises(ConfigError, match=r"^cpu ran out of memory on a batch of 4 images .+ extract.batch_size lower"):
+        extract.run(settings, outputs)
+    assert len(log.read_text().splitlines()) == 1, "the task ran once"
+    (store,) = caches(outputs.embeddings)
+    assert store.count() > 0 and store.verify() == []
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:

@@ -2,7 +2,9 @@
 process (`images.apply`, called once per image) stops for good after N images and prints
 "paused"; with FAIL_ONCE_AFTER_IMAGES=N and FAIL_ONCE_MARKER=<path>, the first process to read N
 images raises there once (it creates the marker; no process fails after that), as a transient
-error in a dask task would; without them, this file does nothing."""
+error in a dask task would; with OUT_OF_MEMORY_ON=<end of a path> and OUT_OF_MEMORY_LOG=<path>,
+reading the file whose path ends so raises CUDA's out-of-memory error, every time (a line is appended to the log
+each time), as a batch too large for a GPU would; without them, this file does nothing."""
 
 import os
 
@@ -41,3 +43,19 @@ if os.environ.get("FAIL_ONCE_AFTER_IMAGES"):
         return _apply(*args, **kwargs)
 
     images.apply = _failing_once
+
+if os.environ.get("OUT_OF_MEMORY_ON"):
+    import torch
+
+    from pipeline import images
+
+    _end, _decode = os.environ["OUT_OF_MEMORY_ON"], images.decode
+
+    def _out_of_memory_on(path, *args, **kwargs):
+        if str(path).endswith(_end):
+            with open(os.environ["OUT_OF_MEMORY_LOG"], "a") as log:
+                log.write(f"{path}\n")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _decode(path, *args, **kwargs)
+
+    images.decode = _out_of_memory_on
