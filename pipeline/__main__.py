@@ -1,3 +1,13 @@
+import sys
+
+if sys.platform == "win32":  # before anything imports fcntl
+    print(
+        "error: the pipeline needs a POSIX system such as Linux (file locks, fork); on Windows, run it inside "
+        "WSL2, whose CUDA support reaches the GPU.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
 from pipeline.cli import leave, main
 
 leave(main())

@@ -165,6 +165,15 @@ def test_help_lists_every_subcommand():
         assert command in out
 
 
+def test_windows_is_one_sentence_that_points_to_wsl():
+    """The pipeline needs POSIX (file locks, fork hooks, non-blocking opens): on Windows the CLI
+    says so and where to run it, instead of failing to import `fcntl`."""
+    code = "import runpy, sys; sys.platform = 'win32'; runpy.run_module('pipeline', run_name='__main__')"
+    run = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "WSL" in run.stderr
+
+
 def test_train_and_evaluate_do_not_import_torch():
     code = "import sys, pipeline.cli, pipeline.train, pipeline.evaluate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
