@@ -54,6 +54,20 @@ def test_a_device_this_machine_lacks_is_one_sentence():
             resolve_device("mps")
 
 
+def test_precision_auto_on_a_gpu_is_bf16_only_where_its_tensor_cores_have_it():
+    """`precision: auto` on CUDA: bf16 from Ampere (compute capability 8) on, fp16 before it (a T4,
+    a V100), where torch runs bf16 emulated, far slower (`torch.cuda.is_bf16_supported()` counts
+    the emulation: it says yes on a T4); on ROCm, bf16, as torch says."""
+    from pipeline.backbones.base import gpu_precision
+
+    assert [gpu_precision((major, 0)) for major in (6, 7, 8, 9, 10)] == ["fp16", "fp16", "bf16", "bf16", "bf16"]
+    assert gpu_precision((7, 5)) == "fp16" and gpu_precision((9, 4), rocm=True) == "bf16"
+    if torch.cuda.is_available():
+        assert backbones.base.resolve_precision("auto", torch.device("cuda")) == gpu_precision(
+            torch.cuda.get_device_capability()
+        )
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, device):
     """Also on a GPU, where the readers pin their batches, several batches are in flight and the

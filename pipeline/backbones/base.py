@@ -136,17 +136,26 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is one fixed precision per device class: bf16 (fp16 where the GPU lacks bf16) on
-    CUDA, fp32 on CPU and MPS. On CPU it never depends on the processor's features, so teammates
-    with and without native bf16 fill the same cache (bf16 on CPU is there to ask for).
+    """`auto` is one fixed precision per device class: bf16 (fp16 where the GPU lacks native
+    bf16: `gpu_precision`) on CUDA, fp32 on CPU and MPS. On CPU it never depends on the
+    processor's features, so teammates with and without native bf16 fill the same cache (bf16
+    on CPU is there to ask for).
     `extract.run` resolves `auto` to the precision of the cache already shared, when there is one."""
     if precision != "auto":
         if device.type == "cpu" and precision in ("bf16", "fp16") and not cpu_supports_bf16():
             log.warning("this CPU has no native bf16/fp16: %s is emulated and slower than fp32", precision)
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return gpu_precision(torch.cuda.get_device_capability(device), rocm=bool(torch.version.hip))
     return "fp32"
+
+
+def gpu_precision(capability: tuple[int, int], rocm: bool = False) -> str:
+    """`auto`'s precision on a CUDA GPU of this compute capability: bf16 where its tensor cores
+    have it (Ampere, 8.0, and later; every ROCm GPU, as torch counts them), else fp16 (a T4, a
+    V100), where torch would run bf16 emulated, far slower: `torch.cuda.is_bf16_supported()`
+    counts the emulation and says yes there."""
+    return "bf16" if rocm or capability[0] >= 8 else "fp16"
 
 
 class Backbone(ABC):
