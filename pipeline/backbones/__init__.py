@@ -108,7 +108,8 @@ def load(
         raise out_of_memory(
             dev,
             f"loading {model.name} in {resolved}",
-            "free its memory (another process may hold it: nvidia-smi), or set extract.precision to bf16 or fp16",
+            "free its memory (another process may hold it: see nvidia-smi), or use a larger GPU or extract.device: cpu "
+            "(the weights stay float32 in every precision)",
         ) from None
     if compiled:
         backbone.compile(batch_size)
