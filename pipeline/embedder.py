@@ -585,9 +585,15 @@ def embed_items(
             bar.update(len(batch.digests))
 
         started = time.perf_counter()
+        first, starved, count = None, 0.0, 0  # after the first batch: the time spent waiting for the readers
         try:
             for batch in batches:
                 read = time.perf_counter()
+                if first is None:
+                    first = read
+                else:
+                    starved += read - started
+                count += 1
                 submitted = backbone.submit(batch.pixels) if batch.pixels is not None else None
                 pending.append((batch, submitted, (read - started, time.perf_counter() - read)))
                 if len(pending) > in_flight:
@@ -595,6 +601,10 @@ def embed_items(
                 started = time.perf_counter()
             while pending:
                 collect()
+            if first is not None:
+                hint = readers_hint(starved, time.perf_counter() - first, count, num_workers)
+                if hint:
+                    log.info(hint)
         except BaseException as exc:
             # Stopped early (Ctrl-C while reading, a bad batch): the batches already submitted are
             # still written, unless the writer itself is what failed.
@@ -609,6 +619,23 @@ def embed_items(
             if crops:
                 crops.commit()  # detections made so far are kept, also when the run stops early
     return changed
+
+
+READERS_HINT_BATCHES = 10  # batches a run needs before it says that its readers were the limit
+
+
+def readers_hint(starved: float, seconds: float, batches: int, readers: int) -> str | None:
+    """A line for a run whose model waited for its `readers` (`extract.num_workers`) more than
+    half of the `seconds` after its first batch (`starved`), over at least READERS_HINT_BATCHES
+    batches, on a machine with cores to spare for more readers (one stays with the model's
+    process); None otherwise."""
+    cores = machine.cores()
+    if batches < READERS_HINT_BATCHES or starved <= 0.5 * seconds or readers + 1 >= cores:
+        return None
+    return (
+        f"the model waited for decoded images {starved / seconds:.0%} of the run with extract.num_workers: "
+        f"{readers}; this machine has {cores} cores, so more readers (up to {cores - 1}) may feed it faster"
+    )
 
 
 def settings_at_fault(

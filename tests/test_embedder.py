@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import errno
 import importlib
+import logging
 import shutil
 import time
 
@@ -238,6 +239,38 @@ def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
     with pytest.raises(KeyboardInterrupt):
         embedder.embed_items(items, backbone, writer, 8, 0, progress=False, reader=interrupted, in_flight=3)
     assert [r.digests for r in writer.rows] == [r.digests for r in runs[0].rows[:4]], "what was submitted is written"
+
+
+def test_a_run_whose_model_waits_for_its_readers_says_how_many_cores_could_read(project, monkeypatch, caplog):
+    """A run whose model spent most of its time waiting for decoded batches (a reader slowed to
+    50 ms a batch here, for a tiny model; on a GPU, the default 2 readers for ViT-B) says so, with
+    the cores that could read; a run that kept its model busy, a short one, or one on a machine
+    without a core to spare says nothing."""
+    settings = load(project / "params.yaml")
+    table = manifest.run(settings, Outputs(project))
+    items = [
+        embedder.Item(d, p, settings.data_root / p)
+        for d, p in zip(table.column("digest").to_pylist()[:48], table.column("path").to_pylist()[:48], strict=True)
+    ]
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+
+    def slow_reader(*args):
+        for batch in embedder.read_batches(*args):
+            time.sleep(0.05)
+            yield batch
+
+    class Discard:
+        def put(self, rows):
+            pass
+
+    monkeypatch.setattr(machine, "cores", lambda: 8)
+    caplog.set_level(logging.INFO)
+    embedder.embed_items(items, backbone, Discard(), 4, 0, progress=False, reader=slow_reader)
+    assert "with extract.num_workers: 0; this machine has 8 cores, so more readers (up to 7) may feed it" in caplog.text
+    assert embedder.readers_hint(6.0, 10.0, 12, 2) is not None
+    assert embedder.readers_hint(4.0, 10.0, 12, 2) is None, "the model was busy most of the run"
+    assert embedder.readers_hint(6.0, 10.0, 9, 2) is None, "too short a run to tell"
+    assert embedder.readers_hint(6.0, 10.0, 12, 7) is None, "no core to spare"
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
