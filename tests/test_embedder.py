@@ -196,16 +196,19 @@ def test_a_batch_the_device_has_no_memory_for_is_one_sentence_and_the_batches_be
         backbones.load(settings.model, "cpu", "fp32")
 
 
+def first_items(project, n: int) -> tuple[list[embedder.Item], backbones.Backbone]:
+    """The project's first `n` manifest rows as reader items, and its model on the CPU in fp32."""
+    settings = load(project / "params.yaml")
+    table = manifest.run(settings, Outputs(project))
+    digests, paths = table.column("digest").to_pylist()[:n], table.column("path").to_pylist()[:n]
+    items = [embedder.Item(d, p, settings.data_root / p) for d, p in zip(digests, paths, strict=True)]
+    return items, backbones.load(settings.model, "cpu", "fp32")
+
+
 def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
     """The loop submits up to `in_flight` batches before collecting the oldest (on a GPU: copies
     and forward passes overlap); the rows, their order and the shard contents do not change."""
-    settings = load(project / "params.yaml")
-    table = manifest.run(settings, Outputs(project))
-    items = [
-        embedder.Item(d, p, settings.data_root / p)
-        for d, p in zip(table.column("digest").to_pylist()[:40], table.column("path").to_pylist()[:40], strict=True)
-    ]
-    backbone = backbones.load(settings.model, "cpu", "fp32")
+    items, backbone = first_items(project, 40)
     submit = backbone.submit
 
     class Recorder:
@@ -246,13 +249,7 @@ def test_a_run_whose_model_waits_for_its_readers_says_how_many_cores_could_read(
     50 ms a batch here, for a tiny model; on a GPU, the default 2 readers for ViT-B) says so, with
     the cores that could read; a run that kept its model busy, a short one, or one on a machine
     without a core to spare says nothing."""
-    settings = load(project / "params.yaml")
-    table = manifest.run(settings, Outputs(project))
-    items = [
-        embedder.Item(d, p, settings.data_root / p)
-        for d, p in zip(table.column("digest").to_pylist()[:48], table.column("path").to_pylist()[:48], strict=True)
-    ]
-    backbone = backbones.load(settings.model, "cpu", "fp32")
+    items, backbone = first_items(project, 48)
 
     def slow_reader(*args):
         for batch in embedder.read_batches(*args):
