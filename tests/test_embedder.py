@@ -246,14 +246,14 @@ def test_batches_in_flight_give_the_rows_of_one_at_a_time_in_order(project):
 
 def test_a_run_whose_model_waits_for_its_readers_says_how_many_cores_could_read(project, monkeypatch, caplog):
     """A run whose model spent most of its time waiting for decoded batches (a reader slowed to
-    50 ms a batch here, for a tiny model; on a GPU, the default 2 readers for ViT-B) says so, with
+    250 ms a batch here, for a tiny model; on a GPU, the default 2 readers for ViT-B) says so, with
     the cores that could read; a run that kept its model busy, a short one, or one on a machine
     without a core to spare says nothing."""
-    items, backbone = first_items(project, 48)
+    items, backbone = first_items(project, 40)  # 10 batches of 4
 
     def slow_reader(*args):
         for batch in embedder.read_batches(*args):
-            time.sleep(0.05)
+            time.sleep(0.25)
             yield batch
 
     class Discard:
