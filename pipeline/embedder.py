@@ -555,7 +555,8 @@ def embed_items(
     last. A run stopped early (Ctrl-C) still writes the batches it submitted; a killed one loses
     them and what the writer buffered (embedded next time), never a committed shard. On a GPU this
     process keeps only the intra-op threads the readers leave (`gpu_host_threads`). Per-batch
-    read/submit/wait/write times are logged at debug level, so a slow run says where its time goes."""
+    read/submit/wait/write times are logged at debug level, so a slow run says where its time goes,
+    and a run whose model mostly waited for its readers says so at its end (`readers_hint`)."""
     if in_flight is None:
         in_flight = IN_FLIGHT if backbone.device.type == "cuda" else 0
     preprocess = crops.preprocess if crops else backbone.preprocess
