@@ -114,7 +114,7 @@ def run(settings: Settings, outputs: Outputs, paths: list[Path], probe_dir: Path
     files = collect(paths)
     if not files:
         raise ConfigError("no image or video files found in the given paths.")
-    facts = [images.inspect_file(f) for f in files]
+    facts = file_index.read_all(files, images.inspect_file, "hashing")  # in threads, with progress
     keys_of = [rows_of(settings, f, x) for f, x in zip(files, facts, strict=True)]
     wanted = {k: (f, frame) for f, keys in zip(files, keys_of, strict=True) for k, frame in keys}
     store = cache_for(outputs, card["fingerprint"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -29,7 +30,9 @@ def trained(project):
     return project
 
 
-def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(trained, tmp_path, caplog):
+def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(trained, tmp_path, caplog, capsys):
+    """...and hashes the files in threads with a progress bar, as the scan stage does (a folder of
+    5,000 videos is minutes of reading)."""
     caplog.set_level(logging.INFO)
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -42,8 +45,11 @@ def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(tr
     tracked = sorted(p.relative_to(trained) for p in (trained / "cache").rglob("*") if p.is_file())
     tracked_bytes = [(trained / p).read_bytes() for p in tracked]
 
+    capsys.readouterr()
     code = cli.main(["predict", str(folder), "--params", str(trained / "params.yaml"), "--out", str(out)])
     assert code == 0
+    err = capsys.readouterr().err
+    assert re.search(r"hashing: +0%\|[^|]*\| 0/5 ", err), "the files are hashed with a progress bar"
     assert "embedding 2 images not in the cache (3 already there)" in caplog.text
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"renamed_0.png", "renamed_1.png", "renamed_2.png", "new.jpg", "broken.png"}
