@@ -37,6 +37,23 @@ def embedder_for(settings: Settings, embedder: LocalEmbedder | None = None):
     return LocalEmbedder(settings)
 
 
+def _model_caches(settings: Settings, outputs: Outputs) -> tuple[ExtractSummary | None, list[dict]]:
+    """What `cache/extract.json` records (None without it) and the cards of this project's caches
+    of `model.name` stored as `model.dtype`, the one extract.json names first; an unreadable card
+    is left out."""
+    summary = None
+    with contextlib.suppress(ConfigError, OSError):
+        summary = ExtractSummary.read(outputs.extract_summary)
+    named = outputs.embeddings / summary.embeddings if summary else None
+    cards = []
+    for directory in sorted(cache_dirs(outputs.embeddings), key=lambda d: d != named):
+        with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, TypeError, StoreError):
+            card = EmbeddingStore.open(directory).card
+            if card["model"] == settings.model.name and card["dtype"] == settings.model.dtype:
+                cards.append({**card, "layers": list(card["layers"]), "precision": card["description"]["precision"]})
+    return summary, cards
+
+
 def shared_precision(settings: Settings, outputs: Outputs) -> Settings:
     """`extract.precision: auto` means the precision of the cache this project already has for
     the model (the one `cache/extract.json` names, shared through git and DVC, else any cache of
@@ -44,17 +61,9 @@ def shared_precision(settings: Settings, outputs: Outputs) -> Settings:
     starting a second one; without such a cache, the device class decides (backbones)."""
     if settings.extract.precision != "auto":
         return settings
-    recorded = []
-    with contextlib.suppress(ConfigError, OSError):
-        summary = ExtractSummary.read(outputs.extract_summary)
-        if summary.model == settings.model.name:
-            recorded.append(summary.precision)
-    for directory in cache_dirs(outputs.embeddings):
-        with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, StoreError):
-            card = EmbeddingStore.open(directory).card
-            same = card["model"] == settings.model.name and card["layers"] == settings.model.layers
-            if same and card["dtype"] == settings.model.dtype:
-                recorded.append(card["description"]["precision"])
+    summary, cards = _model_caches(settings, outputs)
+    recorded = [summary.precision] if summary and summary.model == settings.model.name else []
+    recorded += [card["precision"] for card in cards if card["layers"] == settings.model.layers]
     precision = next((p for p in recorded if p in ("fp32", "bf16", "fp16")), None)
     if precision is None:
         return settings
@@ -67,18 +76,12 @@ def shared_layer_order(settings: Settings, outputs: Outputs) -> Settings:
     one `cache/extract.json` names first, else the first here; of `extract.precision`'s, unless
     auto), where none has them in the order asked for: the order changes no number, so listing
     the layers in another order extends that cache instead of embedding every image again."""
-    named = None
-    with contextlib.suppress(ConfigError, OSError):
-        named = outputs.embeddings / ExtractSummary.read(outputs.extract_summary).embeddings
     wanted, precision = settings.model.layers, settings.extract.precision
-    orders = []
-    for directory in sorted(cache_dirs(outputs.embeddings), key=lambda d: d != named):
-        with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, TypeError, StoreError):
-            card = EmbeddingStore.open(directory).card
-            of_model = card["model"] == settings.model.name and card["dtype"] == settings.model.dtype
-            in_precision = precision in ("auto", card["description"]["precision"])
-            if of_model and in_precision and sorted(card["layers"]) == sorted(wanted):
-                orders.append(list(card["layers"]))
+    orders = [
+        card["layers"]
+        for card in _model_caches(settings, outputs)[1]
+        if precision in ("auto", card["precision"]) and sorted(card["layers"]) == sorted(wanted)
+    ]
     if not orders or wanted in orders:
         return settings
     log.info("model.layers: %s, the order of this project's cache of these layers (the order changes no number)",
