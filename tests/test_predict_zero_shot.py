@@ -31,8 +31,9 @@ def trained(project):
 
 
 def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(trained, tmp_path, caplog, capsys):
-    """...and hashes the files in threads with a progress bar, as the scan stage does (a folder of
-    5,000 videos is minutes of reading)."""
+    """predict scores files already in the cache without embedding them again, embeds the others
+    into an untracked layer, and hashes the files in threads with a progress bar, as the manifest
+    does (a folder of 5,000 videos is minutes of reading)."""
     caplog.set_level(logging.INFO)
     folder = tmp_path / "incoming"
     folder.mkdir()

@@ -3,8 +3,8 @@ process (`images.apply`, called once per image) stops for good after N images an
 "paused"; with FAIL_ONCE_AFTER_IMAGES=N and FAIL_ONCE_MARKER=<path>, the first process to read N
 images raises there once (it creates the marker; no process fails after that), as a transient
 error in a dask task would; with OUT_OF_MEMORY_ON=<end of a path> and OUT_OF_MEMORY_LOG=<path>,
-reading the file whose path ends so raises CUDA's out-of-memory error, every time (a line is appended to the log
-each time), as a batch too large for a GPU would; without them, this file does nothing."""
+decoding the file whose path ends so raises CUDA's out-of-memory error every time (and appends a
+line to the log), as a batch too large for a GPU would; without them, this file does nothing."""
 
 import os
 
