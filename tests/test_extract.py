@@ -68,6 +68,27 @@ def test_precision_auto_on_a_gpu_is_bf16_only_where_its_tensor_cores_have_it():
         )
 
 
+def test_a_precision_the_device_would_emulate_is_warned_about(monkeypatch, caplog):
+    """bf16 on a GPU before Ampere (asked for, or the precision of the cache auto extends: a
+    teammate's A100 made it) and bf16/fp16 on a CPU without native bf16 run emulated: one warning
+    that says what is faster; the precision stays what was asked for."""
+    from pipeline.backbones import base
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    t4 = base.emulated("bf16", cuda, capability=(7, 5))
+    assert t4 is not None and "compute capability 7.5" in t4 and "extract.precision: fp16" in t4
+    assert base.emulated("fp16", cuda, capability=(7, 5)) is None
+    assert base.emulated("bf16", cuda, capability=(8, 0)) is None
+    monkeypatch.setattr(base, "cpu_supports_bf16", lambda: False)
+    assert base.emulated("fp32", cpu) is None
+    with caplog.at_level(logging.WARNING, logger=base.log.name):
+        assert base.resolve_precision("fp16", cpu) == "fp16"
+    warned = "this CPU has no native bf16/fp16: fp16 is emulated and slower than fp32"
+    assert [r.getMessage() for r in caplog.records] == [warned]
+    monkeypatch.setattr(base, "cpu_supports_bf16", lambda: True)
+    assert base.emulated("bf16", cpu) is None
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_every_image_is_embedded_once_and_matches_clip(project, tiny_clip, device):
     """Also on a GPU, where the readers pin their batches, several batches are in flight and the

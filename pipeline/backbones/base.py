@@ -142,8 +142,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     on CPU is there to ask for).
     `extract.run` resolves `auto` to the precision of the cache already shared, when there is one."""
     if precision != "auto":
-        if device.type == "cpu" and precision in ("bf16", "fp16") and not cpu_supports_bf16():
-            log.warning("this CPU has no native bf16/fp16: %s is emulated and slower than fp32", precision)
+        if (warning := emulated(precision, device)) is not None:
+            log.warning(warning)
         return precision
     if device.type == "cuda":
         return gpu_precision(torch.cuda.get_device_capability(device), rocm=bool(torch.version.hip))
@@ -156,6 +156,24 @@ def gpu_precision(capability: tuple[int, int], rocm: bool = False) -> str:
     V100), where torch would run bf16 emulated, far slower: `torch.cuda.is_bf16_supported()`
     counts the emulation and says yes there."""
     return "bf16" if rocm or capability[0] >= 8 else "fp16"
+
+
+def emulated(precision: str, device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
+    """The warning for a precision that `device` runs emulated, slower than another, else None:
+    bf16/fp16 on a CPU without native bf16, bf16 on a CUDA GPU before Ampere (`gpu_precision`;
+    a T4 meets it where a teammate's A100 made the bf16 cache that auto extends). `capability`:
+    the GPU's compute capability, read from it when not given."""
+    if device.type == "cpu" and precision in ("bf16", "fp16") and not cpu_supports_bf16():
+        return f"this CPU has no native bf16/fp16: {precision} is emulated and slower than fp32"
+    if device.type == "cuda" and precision == "bf16":
+        capability = capability or torch.cuda.get_device_capability(device)
+        if gpu_precision(capability, rocm=bool(torch.version.hip)) != "bf16":
+            return (
+                f"this GPU (compute capability {capability[0]}.{capability[1]}) has no bf16 tensor cores: torch "
+                "emulates bf16, several times slower than fp16; set extract.precision: fp16 for a cache of "
+                "its own, unless this run must extend the project's bf16 cache"
+            )
+    return None
 
 
 class Backbone(ABC):
