@@ -549,7 +549,7 @@ def run(settings: Settings, outputs: Outputs) -> dict:
             results["zero_shot"] = zero_shot(settings, store, projected, reals)
         except ConfigError as exc:  # the other protocols' results are still written
             log.warning("zero_shot protocol skipped: %s", exc)
-    audit = shortcut.audit(table)
+    audit = shortcut.audit(table, list(dict.fromkeys([*settings.train.datasets, *settings.evaluate.datasets])))
 
     for protocol in PROTOCOLS:
         # In the order of evaluate.datasets, as the user listed them.

@@ -396,7 +396,8 @@ def write(directory: Path, results: dict, curves: dict, scores: dict, audit: dic
     verdict = "a SHORTCUT: metadata alone separates the classes" if audit.get("shortcut") else "no shortcut found"
     parts += [
         "<h2>Shortcut audit (file metadata only)</h2>",
-        f"<p>Metadata probe test AUC: {_fmt(audit.get('auc'))} — {verdict}.</p>",
+        f"<p>Metadata probe test AUC: {_fmt(audit.get('auc'))} — {verdict} "
+        f"(on {html.escape(', '.join(audit.get('datasets', [])))}).</p>",
         "<table><tr><th>feature</th><th>AUC alone</th></tr>"
         + "".join(
             f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in audit.get("feature_auc", {}).items()

@@ -2,7 +2,9 @@
 real from fake? If it can, a detector may be learning the metadata, not the manipulation.
 
 Fits a logistic regression on metadata from the manifest alone (no image, no embedding) on the
-train split and reports its AUC on the test split, plus each feature's own AUC.
+train split and reports its AUC on the test split, plus each feature's own AUC, over the datasets
+that train and evaluate name: a cross-dataset test set (all of it test rows, of another source)
+blended in would move the AUC with data the probe never learned from, and could hide a shortcut.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
     return max(auc, 1.0 - auc)  # a feature separates whichever way round it points
 
 
-def audit(table: pa.Table) -> dict:
+def audit(table: pa.Table, datasets: list[str]) -> dict:
+    """The audit of the manifest rows of `datasets` (train.datasets and evaluate.datasets)."""
+    wanted = set(datasets)
+    table = table.filter(pa.array([d in wanted for d in table.column("dataset").to_pylist()]))
     X, names = metadata_features(table)
     y = np.array(table.column("label").to_pylist(), dtype=int)
     split = np.array(table.column("split").to_pylist())
     train, test = split != "test", split == "test"
-    result: dict = {"features": names, "warn_above": WARN_AUC}
+    result: dict = {"datasets": list(datasets), "features": names, "warn_above": WARN_AUC}
     if len(np.unique(y[train])) < 2 or len(np.unique(y[test])) < 2:
         result.update(auc=None, feature_auc={}, shortcut=False)
         return result

@@ -517,25 +517,32 @@ def test_seeds_redraw_each_family_of_datasets_to_its_own_val_share():
 
 
 def test_shortcut_audit_flags_metadata_that_separates_the_classes(caplog):
-    n = 200
-    labels = np.arange(n) % 2
+    """The audit reads the datasets train and evaluate name, never a cross-dataset test set: 600
+    Celeb-DF-style test rows, PNG on both sides, blended into the FF++ test rows (fakes PNG, reals
+    JPEG) would take the audit's AUC below the warning and hide the shortcut."""
+    n, rng = 200, np.random.default_rng(0)
+    labels = np.r_[np.arange(n) % 2, np.arange(600) % 2]
+    ff = np.arange(n + 600) < n
     table = pa.table(
         {
+            "dataset": np.where(ff, np.where(labels == 1, "ff_fake", "ff_real"), "celeb"),
             "label": labels,
-            "split": np.where(np.arange(n) % 5 == 0, "test", "train"),
-            "format": np.where(labels == 1, "png", "jpeg"),  # fakes PNG, reals JPEG
-            "width": np.full(n, 256),
-            "height": np.full(n, 256),
-            "jpeg_quality": np.where(labels == 1, -1, 90),
-            "size": np.random.default_rng(0).integers(10_000, 20_000, n),
+            "split": np.where(ff & (np.arange(n + 600) % 5 != 0), "train", "test"),
+            "format": np.where(ff & (labels == 0), "jpeg", "png"),  # FF++ fakes PNG, reals JPEG; Celeb-DF PNG
+            "width": np.full(n + 600, 256),
+            "height": np.full(n + 600, 256),
+            "jpeg_quality": np.where(ff & (labels == 0), 90, -1),
+            "size": rng.integers(10_000, 20_000, n + 600),
         }
     )
-    result = shortcut.audit(table)
-    assert result["shortcut"] and result["auc"] > 0.99
+    result = shortcut.audit(table, ["ff_real", "ff_fake"])
+    assert result["shortcut"] and result["auc"] > 0.99 and result["datasets"] == ["ff_real", "ff_fake"]
     assert result["feature_auc"]["format=png"] == 1.0
     assert "SHORTCUT" in caplog.text
-    same = table.set_column(2, "format", pa.array(["png"] * n)).set_column(5, "jpeg_quality", pa.array([-1] * n))
-    assert not shortcut.audit(same)["shortcut"]
+    assert shortcut.audit(table, ["ff_real", "ff_fake", "celeb"])["auc"] < shortcut.WARN_AUC, "what the blend hid"
+    same = table.set_column(3, "format", pa.array(["png"] * (n + 600)))
+    same = same.set_column(6, "jpeg_quality", pa.array([-1] * (n + 600)))
+    assert not shortcut.audit(same, ["ff_real", "ff_fake"])["shortcut"]
 
 
 # --------------------------------------------------------------------------- the demo, end to end
@@ -578,7 +585,9 @@ def test_demo_evaluation_writes_every_protocol_report_and_table(project, caplog)
     zero_shot = json.loads(outputs.protocol_metrics("zero_shot").read_text())
     assert list(zero_shot) == list(settings.evaluate.datasets)
     assert zero_shot["faceswap"]["frame"]["n_real"] == real_test
-    assert json.loads(outputs.shortcut.read_text())["shortcut"] is False  # the demo is all PNG, same size
+    audit = json.loads(outputs.shortcut.read_text())
+    assert audit["shortcut"] is False  # the demo is all PNG, same size
+    assert audit["datasets"] == ["real_youtube", "faceswap", "neuraltextures", "deepfakes", "face2face"]
 
     page = (outputs.reports / "index.html").read_text()
     for png in ("roc.png", "scores.png", "cross_manipulation.png"):
