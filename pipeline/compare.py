@@ -2,8 +2,9 @@
 `model.name`) x held-out test sets: frame AUC with its 95 % interval and video AUC, and which
 differences are significant.
 
-Each run is the workspace or a DVC experiment (its git ref `refs/exps/.../<name>`); from each,
-params.yaml, metrics/evaluate.json and metrics/scores.csv are read as that commit holds them.
+Each run is the workspace, the commit checked out (the baseline of `dvc exp run`) or a DVC
+experiment (its git ref `refs/exps/.../<name>`), each listed once; from each, params.yaml,
+metrics/evaluate.json and metrics/scores.csv are read as that commit holds them.
 Significance: for each test set, the best run (frame AUC) against every other, by a paired
 bootstrap over videos on the frames both scored (`metrics.paired_bootstrap_auc`): the same
 resampled videos for both, so a difference is judged on the same test frames.
@@ -72,11 +73,12 @@ def differences(runs: list[Run]) -> dict[str, str]:
     return {r.name: ", ".join(f"{k}={r.params[k]}" for k in differing if k in r.params) or "-" for r in runs}
 
 
-def _run(name: str, read) -> Run | None:
-    """A run from a `read(relative path) -> text | None` view of one commit or the workspace."""
-    params, metrics, scores = read("params.yaml"), read("metrics/evaluate.json"), read("metrics/scores.csv")
-    if params is None or metrics is None or scores is None:
-        return None
+RUN_FILES = ("params.yaml", "metrics/evaluate.json", "metrics/scores.csv")
+
+
+def _run(name: str, texts: tuple[str, ...]) -> Run:
+    """A run from the texts of its `RUN_FILES`."""
+    params, metrics, scores = texts
     try:
         p = yaml.safe_load(params) or {}
         heldout, by_set = json.loads(metrics), _parse_scores(scores)
@@ -91,27 +93,33 @@ def _run(name: str, read) -> Run | None:
 
 
 def collect(outputs: Outputs) -> list[Run]:
-    """The workspace's results (if evaluated) and every DVC experiment's, in ref order."""
+    """The evaluated runs: the workspace, the commit checked out (named by its branch) and every
+    DVC experiment, in ref order. A run is listed once: the workspace is left out where it holds
+    the results of a commit listed (the baseline it was committed as, or the experiment that
+    `dvc exp run` left in it), which is then listed under its own name."""
     root = outputs.root
-    runs = []
-    workspace = _run("workspace", lambda rel: (root / rel).read_text() if (root / rel).is_file() else None)
-    if workspace is not None:
-        runs.append(workspace)
-    refs = _git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps") or ""
     prefix = (_git(root, "rev-parse", "--show-prefix") or "").strip()  # the project may sit in a sub-folder
+    commits = []
+    head = (_git(root, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
+    if head:  # "HEAD" when detached
+        commits.append((head, "HEAD"))
+    refs = _git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps") or ""
     for line in refs.splitlines():
         ref, sha = line.split()
-        m = _EXP_REF.match(ref)
-        if m:
-            run = _run(m.group("name"), lambda rel, sha=sha: _git(root, "show", f"{sha}:{prefix}{rel}"))
-            if run is not None:
-                runs.append(run)
-    if not runs:
+        if m := _EXP_REF.match(ref):
+            commits.append((m.group("name"), sha))
+    found = [(name, tuple(_git(root, "show", f"{sha}:{prefix}{rel}") for rel in RUN_FILES)) for name, sha in commits]
+    found = [(name, texts) for name, texts in found if None not in texts]
+    workspace = tuple((root / rel).read_text() if (root / rel).is_file() else None for rel in RUN_FILES)
+    if None not in workspace and workspace not in {texts for _, texts in found}:
+        found.insert(0, ("workspace", workspace))
+    if not found:
         raise ConfigError(
-            f"no evaluated runs in {root} (neither the workspace nor any DVC experiment has metrics/scores.csv); "
-            "run `dvc repro` or a sweep (`dvc exp run --queue -S model.name=... && dvc queue start`) first."
+            f"no evaluated runs in {root} (neither the workspace, the commit checked out nor any DVC experiment has "
+            "metrics/scores.csv); run `dvc repro` or a sweep (`dvc exp run --queue -S model.name=... && "
+            "dvc queue start`) first."
         )
-    return runs
+    return [_run(name, texts) for name, texts in found]
 
 
 def significance(runs: list[Run], test_set: str, n: int = 1000) -> dict[str, dict]:

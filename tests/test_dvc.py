@@ -127,6 +127,14 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     assert json.loads((repo / "models" / "probe" / "card.json").read_text())["probe"] == "linear_svm"
     assert "linear_svm" in sh(repo, "dvc", "exp", "show", "--json"), "the experiment is recorded with its params"
 
+    # compare: the committed baseline beside the experiment. `dvc exp run` left the experiment's
+    # results in the workspace: they are listed once, under the experiment's name.
+    table = sh(repo, sys.executable, "-m", "pipeline", "compare", "--resamples", "50")
+    branch = sh(repo, "git", "rev-parse", "--abbrev-ref", "HEAD").strip()
+    runs = {line.split()[0]: line.split()[-1] for line in table.split("\n\n")[0].splitlines()[1:]}
+    assert len(runs) == 2 and runs.pop(branch) == "train.probe=logreg", table
+    assert list(runs.values()) == ["train.probe=linear_svm"] and "workspace" not in runs, table
+
 
 def test_queued_experiments_run_in_their_own_workspace(repo):
     """`dvc exp run --queue` runs each experiment in a temporary copy of the repo: the demo data
@@ -141,10 +149,11 @@ def test_queued_experiments_run_in_their_own_workspace(repo):
     shown = sh(repo, "dvc", "exp", "show", "--csv")
     assert "0.5" in shown and "5.0" in shown, "both experiments are recorded with their params"
 
-    # One table of every run (workspace + experiments) x test set, with paired significance.
+    # One table of every run (the baseline commit + experiments) x test set, with paired significance.
     table = sh(repo, sys.executable, "-m", "pipeline", "compare", "--resamples", "200")
     names = [line.split()[0] for line in table.splitlines()[1:4]]
-    assert names[0] == "workspace" and len(set(names)) == 3, table
+    # The workspace holds the baseline commit's results: listed once, under the branch's name.
+    assert names[0] == sh(repo, "git", "rev-parse", "--abbrev-ref", "HEAD").strip() and len(set(names)) == 3, table
     # Each run says what sets it apart: the params that differ between the runs compared.
     assert table.splitlines()[0].split()[-1] == "differs", table
     swept = [line.split("train.C=")[-1] for line in table.splitlines()[1:4]]
