@@ -340,10 +340,13 @@ def layers(
     return out
 
 
-def robustness(settings: Settings, probe: LinearProbe, card: dict, frames: Frames, store, reals: list[str]) -> dict:
+def robustness(
+    settings: Settings, probe: LinearProbe, card: dict, frames: Frames, store, reals: list[str], sides: dict[str, int]
+) -> dict:
     """The train stage's probe on every perturbed variant of the held-out test sets (embedded by
-    extract under `<key>~<perturbation>`): frame and video AUC per perturbation, level and test
-    set, beside the clean numbers."""
+    extract under `<key>~<perturbation>`; a variant that leaves its image as it is, the clean row:
+    `perturb.variant` with the rows' shorter `sides`): frame and video AUC per perturbation, level
+    and test set, beside the clean numbers."""
     ev = settings.evaluate
     specs = perturb.specs(ev.robustness)
     clean = {name: scored(frames, reals, name, probe.predict_proba) for name in ev.datasets}
@@ -354,7 +357,9 @@ def robustness(settings: Settings, probe: LinearProbe, card: dict, frames: Frame
         return {"auc": binary_metrics(s.y, scores)["auc"], "video_auc": binary_metrics(v_labels, v_scores)["auc"]}
 
     out["clean"] = {name: aucs(s, s.scores) for name, s in clean.items()}
-    keys = list(dict.fromkeys(perturb.key(d, spec) for spec in specs for s in clean.values() for d in s.digest))
+    keys = list(
+        dict.fromkeys(perturb.variant(d, spec, sides) for spec in specs for s in clean.values() for d in s.digest)
+    )
     X, found = features.read_layers(store, keys, card["layer"])  # every level in one read of the cache
     if not found.all():
         spec = perturb.split(keys[int(np.argmin(found))])[1]
@@ -366,15 +371,17 @@ def robustness(settings: Settings, probe: LinearProbe, card: dict, frames: Frame
     for spec in tqdm(specs, desc="robustness", unit="level"):
         kind, level = perturb.parse(spec)
         out[kind][f"{level:g}"] = {
-            name: aucs(s, np.array([score_of[perturb.key(d, spec)] for d in s.digest])) for name, s in clean.items()
+            name: aucs(s, np.array([score_of[perturb.variant(d, spec, sides)] for d in s.digest]))
+            for name, s in clean.items()
         }
     return out
 
 
-def warn_unchanged_by_resize(settings: Settings, table) -> None:
+def warn_unchanged_by_resize(settings: Settings, sides: dict[str, int]) -> None:
     """A resize level downscales only the test images whose shorter side is larger: the others
-    are embedded as they are, and that level's AUC on them is the clean one. Say how many."""
-    sides = perturb.shorter_sides(table, perturb.test_keys(settings, table))
+    are scored as they are (their clean rows), and that level's AUC on them is the clean one. Say
+    how many. `sides`: the test rows' shorter sides."""
+    sides = list(sides.values())
     for level in settings.evaluate.robustness.resize:
         n = sum(side <= level for side in sides)
         if n:
@@ -534,8 +541,9 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
         results["cross_dataset"] = cross_dataset(settings, probe, card, frames)
     if "robustness" in protocols and perturb.specs(settings.evaluate.robustness):
-        warn_unchanged_by_resize(settings, table)
-        results["robustness"] = robustness(settings, probe, card, frames, store, reals)
+        sides = perturb.shorter_sides(table, perturb.test_keys(settings, table))
+        warn_unchanged_by_resize(settings, sides)
+        results["robustness"] = robustness(settings, probe, card, frames, store, reals, sides)
     if "layers" in protocols:
         main = by_name or {n: scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
         results["layers"] = layers(settings, table, store, (probe, card), reals, main, frames)

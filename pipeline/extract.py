@@ -186,12 +186,18 @@ def embed_perturbed(settings: Settings, table, items_of, embedder, store: Embedd
         return store
     embedded = store.keys()
     clean = [k for k in perturb.test_keys(settings, table) if k in embedded]  # failed clean rows would fail again
-    wanted = [perturb.key(k, spec) for spec in specs for k in clean]
+    sides = perturb.shorter_sides(table, clean)
+    variants = {spec: [perturb.variant(k, spec, sides) for k in clean] for spec in specs}
+    wanted = [k for keys in variants.values() for k in keys if perturb.split(k)[1] is not None]
     todo = plan(wanted, store.keys(), set(store.failures()), retry_failed)
     log.info(
         "robustness: %d perturbations x %d test images, %d cached, %d to embed", len(specs), len(clean),
         len(wanted) - len(todo), len(todo),
     )  # fmt: skip
+    for spec, keys in variants.items():
+        if same := sum(perturb.split(k)[1] is None for k in keys):
+            how_many = f"all {same}" if same == len(keys) else f"{same} of {len(keys)}"
+            log.info("robustness: %s leaves %s test images as they are: their clean rows serve it", spec, how_many)
     if not todo:
         return store
     crops = getattr(embedder, "crops", None)

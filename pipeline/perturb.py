@@ -35,12 +35,26 @@ def test_keys(settings, table) -> list[str]:
     return list(dict.fromkeys(d for d, ds, sp in zip(*columns, strict=True) if sp == "test" and ds in wanted))
 
 
-def shorter_sides(table, keys: list[str]) -> list[int]:
-    """The shorter side in pixels of each of these manifest rows (a video frame: its video's), as
-    the manifest recorded it; rows without a size are left out."""
+def shorter_sides(table, keys: list[str]) -> dict[str, int]:
+    """{key: shorter side in pixels} of these manifest rows (a video frame: its video's), as the
+    manifest recorded it; rows without a size are left out."""
+    wanted = set(keys)
     columns = (table.column(c).to_pylist() for c in ("digest", "width", "height"))
-    side = {d: min(w, h) for d, w, h in zip(*columns, strict=True) if w and h}
-    return [side[k] for k in keys if k in side]
+    return {d: min(w, h) for d, w, h in zip(*columns, strict=True) if w and h and d in wanted}
+
+
+def unchanged(spec: str, side: int | None) -> bool:
+    """True where `spec` leaves an image whose shorter side is `side` pixels as it is: a resize to
+    a side it has already or exceeds (`apply` then returns the same pixels). Unknown sides: False."""
+    kind, level = parse(spec)
+    return kind == "resize" and side is not None and side <= level
+
+
+def variant(row_key: str, spec: str, sides: dict[str, int]) -> str:
+    """The cache row that holds `row_key`'s `spec` variant: the clean row itself where `spec`
+    leaves the image as it is (`unchanged`; nothing to embed), else `key(row_key, spec)`. `sides`:
+    `shorter_sides` of the rows."""
+    return row_key if unchanged(spec, sides.get(row_key)) else key(row_key, spec)
 
 
 def specs(robustness) -> list[str]:

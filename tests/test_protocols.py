@@ -207,7 +207,12 @@ def test_robustness_variants_are_embedded_once_incrementally_deterministically_a
     update_params(project, "evaluate", robustness={"jpeg": [60, 20], "noise": [10.0], "resize": [4096]})
     settings = load(project / "params.yaml")
     extract.run(settings, outputs)
-    assert f"{2 * n} cached, {2 * n} to embed" in caplog.text, "a new level embeds only itself"
+    assert f"{2 * n} cached, {n} to embed" in caplog.text, "a new level embeds only itself"
+    # The demo's images are 64 px on their shorter side: resizing them to 4096 leaves them as they
+    # are, so their clean rows serve that level and nothing is embedded for it.
+    assert f"resize=4096 leaves all {n} test images as they are: their clean rows serve it" in caplog.text
+    cached = features.open_cache(outputs).keys()
+    assert not [k for k in cached if k.endswith("~resize=4096")]
 
     # A cached variant is the model's output on the degraded image; noise is seeded by the key.
     store = features.open_cache(outputs)
