@@ -181,7 +181,8 @@ def main() -> None:
     t_matrix, matrix = timed(evaluate.cross_manipulation, settings, frames, reals, (probe, card))
     t_loo, _ = timed(evaluate.leave_one_out, settings, frames, reals)
     t_cross_dataset, _ = timed(evaluate.cross_dataset, settings, probe, card, frames)
-    t_robust, _ = timed(evaluate.robustness, settings, probe, card, frames, store, reals)
+    sides = perturb.shorter_sides(table, perturb.test_keys(settings, table))
+    t_robust, _ = timed(evaluate.robustness, settings, probe, card, frames, store, reals, sides)
     main_sets = {n: evaluate.scored(frames, reals, n, probe.predict_proba) for n in settings.evaluate.datasets}
     t_layers, _ = timed(evaluate.layers, settings, table, store, (probe, card), reals, main_sets, frames)
     t_stage, _ = timed(evaluate.run, settings, outputs)
