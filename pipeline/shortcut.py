@@ -3,8 +3,8 @@ real from fake? If it can, a detector may be learning the metadata, not the mani
 
 Fits a logistic regression on metadata from the manifest alone (no image, no embedding) on the
 train split and reports its AUC on the test split, plus each feature's own AUC, over the datasets
-that train and evaluate name: a cross-dataset test set (all of it test rows, of another source)
-blended in would move the AUC with data the probe never learned from, and could hide a shortcut.
+that train and evaluate name: the rows of a cross-dataset test set (another source, which the
+probe never learns from) blended in would move the AUC, and could hide a shortcut.
 """
 
 from __future__ import annotations
