@@ -94,9 +94,10 @@ def _run(name: str, texts: tuple[str, ...]) -> Run:
 
 def collect(outputs: Outputs) -> list[Run]:
     """The evaluated runs: the workspace, the commit checked out (named by its branch) and every
-    DVC experiment, in ref order. A run is listed once: the workspace is left out where it holds
-    the results of a commit listed (the baseline it was committed as, or the experiment that
-    `dvc exp run` left in it), which is then listed under its own name."""
+    DVC experiment, in ref order. A run is listed once, under its first name: the workspace is
+    left out where it holds the results of a commit listed (the baseline it was committed as, or
+    the experiment that `dvc exp run` left in it), and an experiment committed as the branch is
+    the branch."""
     root = outputs.root
     prefix = (_git(root, "rev-parse", "--show-prefix") or "").strip()  # the project may sit in a sub-folder
     commits = []
@@ -108,18 +109,21 @@ def collect(outputs: Outputs) -> list[Run]:
         ref, sha = line.split()
         if m := _EXP_REF.match(ref):
             commits.append((m.group("name"), sha))
-    found = [(name, tuple(_git(root, "show", f"{sha}:{prefix}{rel}") for rel in RUN_FILES)) for name, sha in commits]
-    found = [(name, texts) for name, texts in found if None not in texts]
+    found: dict[tuple, str] = {}  # texts -> the first name they were found under
+    for name, sha in commits:
+        texts = tuple(_git(root, "show", f"{sha}:{prefix}{rel}") for rel in RUN_FILES)
+        if None not in texts:
+            found.setdefault(texts, name)
     workspace = tuple((root / rel).read_text() if (root / rel).is_file() else None for rel in RUN_FILES)
-    if None not in workspace and workspace not in {texts for _, texts in found}:
-        found.insert(0, ("workspace", workspace))
+    if None not in workspace and workspace not in found:
+        found = {workspace: "workspace", **found}
     if not found:
         raise ConfigError(
             f"no evaluated runs in {root} (neither the workspace, the commit checked out nor any DVC experiment has "
             "metrics/scores.csv); run `dvc repro` or a sweep (`dvc exp run --queue -S model.name=... && "
             "dvc queue start`) first."
         )
-    return [_run(name, texts) for name, texts in found]
+    return [_run(name, texts) for texts, name in found.items()]
 
 
 def significance(runs: list[Run], test_set: str, n: int = 1000) -> dict[str, dict]:

@@ -134,6 +134,9 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     runs = {line.split()[0]: line.split()[-1] for line in table.split("\n\n")[0].splitlines()[1:]}
     assert len(runs) == 2 and runs.pop(branch) == "train.probe=logreg", table
     assert list(runs.values()) == ["train.probe=linear_svm"] and "workspace" not in runs, table
+    commit(repo, "the experiment, kept")  # the branch now holds the experiment's results: one run
+    table = sh(repo, sys.executable, "-m", "pipeline", "compare", "--resamples", "50")
+    assert [line.split()[0] for line in table.split("\n\n")[0].splitlines()[1:]] == [branch], table
 
 
 def test_queued_experiments_run_in_their_own_workspace(repo):
