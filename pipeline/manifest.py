@@ -295,8 +295,9 @@ def row_labels(settings: Settings, rows: list[tuple[str, str, str]]) -> list[int
     return out
 
 
-def build(settings: Settings, previous: file_index.Known) -> pa.Table:
-    """The manifest table for the current folders (a pure function of files + settings)."""
+def build(settings: Settings, previous: file_index.Known) -> tuple[pa.Table, file_index.Known]:
+    """The manifest table for the current folders (a pure function of files + settings), and the
+    facts of the files it leaves out as copies of a held-out image (no row of their own)."""
     files = scan(settings)
     if not files:
         raise ConfigError(
@@ -339,13 +340,29 @@ def build(settings: Settings, previous: file_index.Known) -> pa.Table:
         )
         keep = sorted(set(range(table.num_rows)) - set(drop))
         table = table.take(keep)
-    return table
+    rowed = set(table.column("path").to_pylist())
+    left_out = {
+        f.path: ((f.size, f.mtime_ns, f.ctime_ns), x)
+        for f, x in zip(files, facts, strict=True)
+        if x is not None and f.path not in rowed
+    }
+    return table, left_out
+
+
+def remember(outputs: Outputs, left_out: file_index.Known) -> None:
+    """The facts of files the manifest leaves out join the scan stage's table, which keeps them
+    while the files are unchanged (`scan.new_files`), so that no later manifest reads them again:
+    the manifest is the other place that remembers what each file holds, and they are not in it."""
+    scanned = file_index.read_known(outputs.scanned)
+    if scanned | left_out != scanned:
+        file_index.write_known(scanned | left_out, outputs.scanned)
 
 
 def run(settings: Settings, outputs: Outputs) -> pa.Table:
     out = outputs.manifest
-    table = build(settings, read_previous(outputs))
+    table, left_out = build(settings, read_previous(outputs))
     write(table, out)
+    remember(outputs, left_out)
     log.info("manifest: %d images -> %s\n%s", table.num_rows, out, summary(table))
     turned = pc.unique(table.filter(pc.not_equal(table["orientation"], 1))["path"])
     if len(turned):

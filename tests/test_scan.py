@@ -90,6 +90,30 @@ def test_the_manifest_reuses_the_scan_and_reads_nothing(project, monkeypatch):
     assert reads == []
 
 
+def test_a_file_the_manifest_leaves_out_as_a_duplicate_is_not_read_again(project, monkeypatch):
+    """A frame whose bytes repeat one in a held-out split has no row of its own (the held-out
+    copy is kept); its facts are remembered all the same, so no later manifest reads it again."""
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    scan.run(settings, outputs)
+    rows = manifest.run(settings, outputs).to_pandas()
+    kept = rows[(rows.dataset == "faceswap") & (rows.split == "train")].path.iloc[0]
+    test_video = Path(rows[(rows.dataset == "faceswap") & (rows.split == "test")].path.iloc[0]).parent
+    data = project / "data"
+    shutil.copy(data / kept, data / test_video / "9999.png")  # the same bytes, in the test split
+    scan.run(settings, outputs)
+    rows = manifest.run(settings, outputs).to_pandas()
+    assert kept not in set(rows.path) and f"{test_video.as_posix()}/9999.png" in set(rows.path), "test wins"
+
+    scan.run(settings, outputs)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(data / test_video / "9998.png")  # the data changes: a new manifest
+    scan.run(settings, outputs)
+    reads = []
+    real_inspect = images.inspect_file
+    monkeypatch.setattr(images, "inspect_file", lambda path: reads.append(path) or real_inspect(path))
+    manifest.run(settings, outputs)
+    assert reads == [], "the left-out original is known, and the new image was read by the scan"
+
+
 def test_the_data_json_changes_exactly_when_the_data_does(project, tmp_path, monkeypatch):
     """The manifest reruns when data.json changes: on new, changed, renamed or deleted files,
     never on a no-op or a touched file, and a copy of the data elsewhere gives the same json."""
