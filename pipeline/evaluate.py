@@ -306,7 +306,7 @@ def cross_dataset(settings: Settings, probe: LinearProbe, card: dict, frames: Fr
 def layers(
     settings: Settings, table, store, trained: tuple, reals: list[str], main: dict[str, Scored], loaded: Frames
 ) -> dict:
-    """One probe per cached layer (the train stage's datasets and settings), scored on every
+    """One probe per layer of `model.layers` (the train stage's datasets and settings), scored on every
     evaluate dataset: AUC per layer and test set, the mean over the fakes trained on (in-domain)
     and over the others (cross-manipulation), and per layer and test set the paired bootstrap
     difference to the train stage's probe on the same frames (`main`). The train stage's layer is
@@ -314,9 +314,11 @@ def layers(
     ev = settings.evaluate
     card = trained[1]
     trained_fakes = [d for d in card["datasets"] if d not in reals]
-    out: dict = {"layers": list(store.layers), "reference": card["layer"], "auc": {}, "video_auc": {}}
+    # In the cache's order; a cache of more layers (a sweep's, `extract.wider_cache`) may hold them.
+    chosen = [layer for layer in store.layers if layer in settings.model.layers]
+    out: dict = {"layers": chosen, "reference": card["layer"], "auc": {}, "video_auc": {}}
     out.update(mean_in_domain_auc={}, mean_cross_auc={}, vs_reference={})
-    for layer in tqdm(store.layers, desc="layers protocol", unit="layer"):
+    for layer in tqdm(chosen, desc="layers protocol", unit="layer"):
         frames = loaded if layer == card["layer"] else features.load(table, store, layer, stream=settings.train.stream)
         probe = train_stage_probe(settings, trained, card["datasets"], layer)
         probe = probe or fit(frames, card["datasets"], settings.train).probe

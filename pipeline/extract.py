@@ -20,7 +20,7 @@ from pipeline import frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore, StoreError, cache_dirs, reasons_counted, text
+from pipeline.store import EmbeddingStore, StoreError, cache_dirs, fingerprint, reasons_counted, text
 from pipeline.store.summary import ExtractSummary
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,41 @@ def run(
     """Extract; `embedder` replaces the one `extract.scheduler` names (tests, benchmarks)."""
     table = manifest_table.read(outputs.manifest)
     settings = shared_precision(shared_layer_order(settings, outputs), outputs)
-    with embedder_for(settings, embedder) as embedder:
-        store = EmbeddingStore.create(outputs.embeddings, settings.model.name, embedder.description, embedder.dims)
-        with store.writer_lock():
-            return _extract(settings, outputs, table, embedder, store, retry_failed)
+    with embedder_for(settings, embedder) as built:
+        wider = None if embedder is not None else wider_cache(settings, outputs, built.description)
+        if wider is None:
+            return _extract_into(settings, outputs, table, built, retry_failed)
+    log.info(
+        "model.layers: %s served by this project's cache of %s (a cache of more layers serves fewer: nothing is "
+        "embedded again; new images get all of its layers)", ", ".join(settings.model.layers), ", ".join(wider),
+    )  # fmt: skip
+    settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, layers=wider))
+    with embedder_for(settings) as built:
+        return _extract_into(settings, outputs, table, built, retry_failed)
+
+
+def wider_cache(settings: Settings, outputs: Outputs, description: dict) -> list[str] | None:
+    """The layers of this project's cache of more layers than `model.layers` that the model, as
+    `description` describes it, fills (the same description but for its layers), where there is
+    no cache of exactly `model.layers`: after a layer sweep, one layer of it is read from the
+    sweep's cache instead of embedding every image again. None where there is no such cache."""
+    cards = _model_caches(settings, outputs)[1]  # extract.json's first
+    if any(card["fingerprint"] == fingerprint(description) for card in cards):
+        return None
+    wanted = set(settings.model.layers)
+    for card in cards:
+        if (
+            set(card["layers"]) > wanted
+            and fingerprint({**description, "layers": card["layers"]}) == card["fingerprint"]
+        ):
+            return card["layers"]
+    return None
+
+
+def _extract_into(settings, outputs, table, embedder, retry_failed: bool) -> ExtractSummary:
+    store = EmbeddingStore.create(outputs.embeddings, settings.model.name, embedder.description, embedder.dims)
+    with store.writer_lock():
+        return _extract(settings, outputs, table, embedder, store, retry_failed)
 
 
 def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_failed: bool) -> ExtractSummary:

@@ -93,7 +93,7 @@ def embed_missing(
     if settings.extract.precision == "auto":  # the probe's cache decides, whatever this machine's default
         precision = store.card["description"]["precision"]
         settings = dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
-    if sorted(settings.model.layers) == sorted(store.layers):  # the same layers in the cache's order
+    if set(settings.model.layers) <= set(store.layers):  # the cache's layers, in its order (more serve fewer)
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, layers=list(store.layers)))
     local = embedder.LocalEmbedder(settings)
     if local.description != store.card["description"]:

@@ -358,6 +358,21 @@ def test_several_layers_in_one_pass(project):
     predict.run(config.load(project / "params.yaml"), outputs, [new], None, out)
     assert out.read_text().splitlines()[1].split(",")[2], "the new image is scored"
 
+    # A cache of more layers serves fewer (after a layer sweep, one layer): nothing is embedded
+    # again, train reads its layer from that cache, and predict embeds new images with its layers.
+    update_params(project, "model", layers=["pooled", "projection"])
+    update_params(project, "evaluate", protocols=["heldout", "layers"], bootstrap=0)
+    narrowed, _ = run_stages(project)
+    assert narrowed == summary and [c.directory for c in caches(outputs.embeddings)] == [store.directory]
+    card = train.run(config.load(project / "params.yaml"), outputs)
+    assert card["fingerprint"] == summary.fingerprint
+    layers = evaluate.run(config.load(project / "params.yaml"), outputs)["layers"]
+    assert layers["layers"] == ["projection", "pooled"], "the layers asked for, in the cache's order"
+    newer = project / "newer.png"
+    Image.new("RGB", (72, 64), (20, 210, 40)).save(newer)
+    predict.run(config.load(project / "params.yaml"), outputs, [newer], None, out)
+    assert out.read_text().splitlines()[1].split(",")[2], "the new image is scored"
+
 
 @pytest.mark.parametrize("workers", [2])
 def test_worker_processes_give_the_same_embeddings(project, workers):
