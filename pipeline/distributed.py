@@ -192,6 +192,7 @@ class DaskEmbedder:
         # Workers resolve the model themselves: a relative model path must mean the same to them.
         local = Path(settings.model.name).expanduser()
         self.model = replace(settings.model, name=str(local.resolve())) if local.is_dir() else settings.model
+        self.asked = settings.model  # as params name it: what a local run remembers the model under (Known)
         self._client = self.cluster = None
         self._warming: list = []  # the workers' describe tasks, kept until the run ends (a released one is cancelled)
         self.known = self._stamp = None  # backbones.Known, for a LocalCluster
@@ -204,7 +205,7 @@ class DaskEmbedder:
             from pipeline import backbones
 
             self.known = backbones.Known(Path(self.base_dir) / "cache" / "backbones.json")
-            self._stamp, described = self.known.find(self.model, self.extract.device, self.extract.precision)
+            self._stamp, described = self.known.find(self.asked, self.extract.device, self.extract.precision)
         if described is None:
             # Every worker describes (loading its model), not one while the others wait: the first
             # answer is taken, and the others' models are ready by the time their partitions come.

@@ -59,6 +59,23 @@ def test_a_dask_cluster_fills_the_cache_exactly_as_a_local_run(project, monkeypa
     assert extract.run(config.load(project / "params.yaml"), outputs) == local and started == []
 
 
+def test_a_dask_run_with_nothing_new_after_a_local_run_starts_no_cluster(project, tiny_clip, monkeypatch):
+    """The model named by a path relative to where the command runs (as the demo's params name
+    it): the dask embedder, which hands its workers the resolved path, takes the description a
+    local run remembered, instead of starting a cluster to have the workers describe the model."""
+    import distributed as dask_distributed
+
+    update_params(project, "model", name=os.path.relpath(tiny_clip))
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    local = extract.run(settings, outputs)
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
+    started = []
+    real_cluster = dask_distributed.LocalCluster
+    monkeypatch.setattr(dask_distributed, "LocalCluster", lambda *a, **k: started.append(1) or real_cluster(*a, **k))
+    assert extract.run(config.load(project / "params.yaml"), outputs) == local and started == []
+
+
 def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, monkeypatch, tmp_path):
     """dask reruns a task that raised (`retries`), from its first image: the rows its failed
     attempt had embedded are not committed beside the rerun's (each digest in one shard)."""
