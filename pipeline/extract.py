@@ -54,14 +54,14 @@ def _model_caches(settings: Settings, outputs: Outputs) -> tuple[ExtractSummary 
     return summary, cards
 
 
-def shared_precision(settings: Settings, outputs: Outputs) -> Settings:
+def shared_precision(settings: Settings, summary: ExtractSummary | None, cards: list[dict]) -> Settings:
     """`extract.precision: auto` means the precision of the cache this project already has for
     the model (the one `cache/extract.json` names, shared through git and DVC, else any cache of
     the model here), so that teammates on other kinds of machine extend one cache instead of
-    starting a second one; without such a cache, the device class decides (backbones)."""
+    starting a second one; without such a cache, the device class decides (backbones).
+    `summary`, `cards`: `_model_caches`."""
     if settings.extract.precision != "auto":
         return settings
-    summary, cards = _model_caches(settings, outputs)
     recorded = [summary.precision] if summary and summary.model == settings.model.name else []
     recorded += [card["precision"] for card in cards if card["layers"] == settings.model.layers]
     precision = next((p for p in recorded if p in ("fp32", "bf16", "fp16")), None)
@@ -71,15 +71,16 @@ def shared_precision(settings: Settings, outputs: Outputs) -> Settings:
     return dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
 
 
-def shared_layer_order(settings: Settings, outputs: Outputs) -> Settings:
+def shared_layer_order(settings: Settings, cards: list[dict]) -> Settings:
     """`model.layers` in the order of this project's cache of the same layers of the model (the
     one `cache/extract.json` names first, else the first here; of `extract.precision`'s, unless
     auto), where none has them in the order asked for: the order changes no number, so listing
-    the layers in another order extends that cache instead of embedding every image again."""
+    the layers in another order extends that cache instead of embedding every image again.
+    `cards`: `_model_caches`'s."""
     wanted, precision = settings.model.layers, settings.extract.precision
     orders = [
         card["layers"]
-        for card in _model_caches(settings, outputs)[1]
+        for card in cards
         if precision in ("auto", card["precision"]) and sorted(card["layers"]) == sorted(wanted)
     ]
     if not orders or wanted in orders:
@@ -94,9 +95,10 @@ def run(
 ) -> ExtractSummary:
     """Extract; `embedder` replaces the one `extract.scheduler` names (tests, benchmarks)."""
     table = manifest_table.read(outputs.manifest)
-    settings = shared_precision(shared_layer_order(settings, outputs), outputs)
+    summary, cards = _model_caches(settings, outputs)  # read once: the three choices below use them
+    settings = shared_precision(shared_layer_order(settings, cards), summary, cards)
     with embedder_for(settings, embedder) as built:
-        wider = None if embedder is not None else wider_cache(settings, outputs, built.description)
+        wider = None if embedder is not None else wider_cache(settings, cards, built.description)
         if wider is None:
             return _extract_into(settings, outputs, table, built, retry_failed)
     log.info(
@@ -108,13 +110,14 @@ def run(
         return _extract_into(settings, outputs, table, built, retry_failed)
 
 
-def wider_cache(settings: Settings, outputs: Outputs, description: dict) -> list[str] | None:
+def wider_cache(settings: Settings, cards: list[dict], description: dict) -> list[str] | None:
     """The layers of this project's cache of more layers than `model.layers` that the model, as
     `description` describes it, fills (the same description but for its layers), where there is
     no cache of exactly `model.layers`: after a layer sweep, one layer of it is read from the
-    sweep's cache instead of embedding every image again. None where there is no such cache."""
-    cards = _model_caches(settings, outputs)[1]  # extract.json's first
-    if any(card["fingerprint"] == fingerprint(description) for card in cards):
+    sweep's cache instead of embedding every image again. None where there is no such cache.
+    `cards`: `_model_caches`'s, extract.json's first."""
+    exact = fingerprint(description)
+    if any(card["fingerprint"] == exact for card in cards):
         return None
     wanted = set(settings.model.layers)
     for card in cards:
