@@ -485,11 +485,13 @@ class NonFiniteEmbeddings(ConfigError):
 
 def finish_rows(batch: Batch, backbone: backbones.Backbone, embedded: dict[str, np.ndarray]) -> ShardData:
     """A batch and its embeddings -> rows (failed images get zero rows and their reason). Files
-    that changed since the manifest get no row at all: their digest is not theirs. NaN or inf in
+    that changed since the manifest, or are not on this machine, get no row at all
+    (`images.STALE`): their digest is not theirs, or their absence is not a fact about the image,
+    and a recorded failure would be shared with every teammate, who would skip it. NaN or inf in
     an embedding (or in what the storage dtype would make of it) raises `NonFiniteEmbeddings`: no
     such vector is ever cached."""
     ok = np.array([e is None for e in batch.errors], dtype=bool)
-    keep = np.array([e != images.CHANGED for e in batch.errors], dtype=bool)
+    keep = np.array([e not in images.STALE for e in batch.errors], dtype=bool)
     arrays = {}
     for layer in backbone.layers:
         full = np.zeros((len(batch.digests), backbone.dims[layer]), dtype=np.float32)
@@ -546,7 +548,8 @@ def embed_items(
     in_flight: int | None = None,
 ) -> list[str]:
     """Run the reader -> model -> writer loop over `items` (face crops first, with `crops`);
-    returns the paths of files that changed since the manifest (embedded under no key).
+    returns the paths of files that changed since the manifest or are not on this machine
+    (`images.STALE`: embedded and recorded under no key).
 
     Up to `in_flight` batches (default: IN_FLIGHT on a GPU, none on a CPU, where submitting does
     the work and holding it back would only delay writing it) are submitted to the model
@@ -582,7 +585,7 @@ def embed_items(
                 detecting.update(crops.found(batch.digests, batch.detections))
             timings += (written - waited, time.perf_counter() - written)
             log.debug("batch of %d: read %.3f s, submit %.3f s, wait %.3f s, write %.3f s", len(rows), *timings)
-            changed.extend(p for p, e in zip(batch.paths, batch.errors, strict=True) if e == images.CHANGED)
+            changed.extend(p for p, e in zip(batch.paths, batch.errors, strict=True) if e in images.STALE)
             bar.update(len(batch.digests))
 
         started = time.perf_counter()
@@ -720,7 +723,8 @@ class LocalEmbedder:
         pass
 
     def embed(self, items: list[Item], store: EmbeddingStore) -> list[str]:
-        """Embed `items` into `store`; returns the paths of files that changed since the manifest."""
+        """Embed `items` into `store`; returns the paths of files that changed since the manifest or
+        are not on this machine."""
         ex = self.settings.extract
         reader = self.reader
         if reader is read_batches and small_run(len(items), ex.batch_size, ex.num_workers, self.crops):

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from pipeline import frames, manifest_table, perturb
+from pipeline import frames, images, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan
 from pipeline.outputs import Outputs
@@ -141,7 +141,7 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
         log.info("removed %d unfinished temp files of an interrupted run", removed)
     digests = table.column("digest").to_pylist()
     paths = table.column("path").to_pylist()
-    todo = plan(digests, store.keys(), set(store.failures()), retry_failed)
+    todo = plan(digests, store.keys(), recorded_failures(store), retry_failed)
     frame_numbers = table.column("frame").to_pylist()
     first = {}
     for d, p, f in zip(digests, paths, frame_numbers, strict=True):
@@ -162,10 +162,10 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     )
 
     started = time.perf_counter()
-    changed: list[str] = []
+    stale: list[str] = []
     if items:
         try:
-            changed = embedder.embed(items, store)
+            stale = embed_here(embedder, items, store)
         finally:
             store = EmbeddingStore.open(store.directory)  # re-read: shards may come from other processes
             store.write_index()  # what was committed, also when the run stops early
@@ -173,15 +173,14 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
     if settings.data.faces is not None and settings.data.faces.no_face == "nearest":
-        store = embed_nearest(table, items_of, embedder, store)
+        store, more = embed_nearest(table, items_of, embedder, store)
+        stale += more
     if settings.data.faces is not None and settings.data.faces.save_crops:
         save_missing_crops(settings, table, items_of, embedder, store)
-    store = embed_perturbed(settings, table, items_of, embedder, store, retry_failed)
-    if changed:
-        raise ConfigError(
-            f"{len(changed)} image files changed since the manifest was built (e.g. {changed[0]}) and were not "
-            "embedded; rerun the manifest stage (`dvc repro -f manifest`, then `dvc repro`): everything else is cached."
-        )
+    store, more = embed_perturbed(settings, table, items_of, embedder, store, retry_failed)
+    stale += more
+    if stale:
+        raise stale_files(list(dict.fromkeys(stale)), root)
 
     embed_prompts(settings, store, embedder)
     summary = summarize(store, set(digests), settings.model.name, outputs)
@@ -190,40 +189,77 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     return summary
 
 
-def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> EmbeddingStore:
+def recorded_failures(store: EmbeddingStore) -> set[str]:
+    """The keys whose failure is a fact about the image, skipped unless `--retry-failed`: not
+    'file not found', which a cache written before it was refused could hold (a machine without
+    the images), and which is tried again."""
+    return {k for k, (_, reason) in store.failures().items() if reason != images.MISSING}
+
+
+def embed_here(embedder, items: list[Item], store: EmbeddingStore) -> list[str]:
+    """`embedder.embed(items, store)`, unless none of their files is on this machine (a teammate
+    who pulled the cache but not the images): then one sentence, before any model is loaded.
+    Returns the paths of the files not embedded as listed (`images.STALE`)."""
+    files = dict.fromkeys(item.file for item in items)
+    if not any(f.exists() for f in files):  # stops at the first file that is here
+        raise stale_files(list(dict.fromkeys(item.path for item in items)), None)
+    return embedder.embed(items, store)
+
+
+def stale_files(paths: list[str], root) -> ConfigError:
+    """The sentence for manifest files that were not embedded as listed: not on this machine, or
+    changed since the manifest hashed them (`root`: where the manifest's paths are; None: all
+    are known to be absent)."""
+    gone = paths if root is None else [p for p in paths if not manifest_table.absolute_path(p, root).exists()]
+    if gone:
+        return ConfigError(
+            f"{len(gone)} files the manifest lists are not on this machine (e.g. {gone[0]}), so they were not "
+            "embedded: run extract where the images are (or put them under data.root here), or, if they were "
+            "deleted, rerun the manifest stage (`dvc repro -f manifest`, then `dvc repro`); everything else is cached."
+        )
+    return ConfigError(
+        f"{len(paths)} image files changed since the manifest was built (e.g. {paths[0]}) and were not embedded; "
+        "rerun the manifest stage (`dvc repro -f manifest`, then `dvc repro`): everything else is cached."
+    )
+
+
+def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> tuple[EmbeddingStore, list[str]]:
     """`data.faces.no_face: nearest`: the frames recorded without a face are embedded again,
     cropped with the box of the nearest frame of their video that has one (a later success
-    replaces a recorded failure)."""
+    replaces a recorded failure). Returns the store and the paths `embed_here` returns."""
     from pipeline import faces
 
     crops = embedder.crops
     lent = lent_boxes(table, crops)
     todo = [k for k, (_, reason) in store.failures().items() if reason == faces.NO_FACE and k in lent]
     if not todo:
-        return store
+        return store, []
     log.info("no_face nearest: %d frames without a face take the box of the nearest frame with one", len(todo))
     crops.preprocess.borrowed = lent
     try:
-        embedder.embed(items_of(todo), store)
+        stale = embed_here(embedder, items_of(todo), store)
     finally:
         crops.preprocess.borrowed = {}
         store = EmbeddingStore.open(store.directory)
         store.write_index()
-    return store
+    return store, stale
 
 
-def embed_perturbed(settings: Settings, table, items_of, embedder, store: EmbeddingStore, retry_failed: bool):
+def embed_perturbed(
+    settings: Settings, table, items_of, embedder, store: EmbeddingStore, retry_failed: bool
+) -> tuple[EmbeddingStore, list[str]]:
     """`evaluate.robustness`: every perturbed variant of the test images the cache lacks, embedded
-    like any other row under `<key>~<perturbation>` (incremental and resumable, as the clean rows)."""
+    like any other row under `<key>~<perturbation>` (incremental and resumable, as the clean rows).
+    Returns the store and the paths `embed_here` returns."""
     specs = perturb.specs(settings.evaluate.robustness)
     if not specs:
-        return store
+        return store, []
     embedded = store.keys()
     clean = [k for k in perturb.test_keys(settings, table) if k in embedded]  # failed clean rows would fail again
     sides = perturb.shorter_sides(table, clean)
     variants = {spec: [perturb.variant(k, spec, sides) for k in clean] for spec in specs}
     wanted = [k for keys in variants.values() for k in keys if perturb.split(k)[1] is not None]
-    todo = plan(wanted, store.keys(), set(store.failures()), retry_failed)
+    todo = plan(wanted, store.keys(), recorded_failures(store), retry_failed)
     log.info(
         "robustness: %d perturbations x %d test images, %d cached, %d to embed", len(specs), len(clean),
         len(wanted) - len(todo), len(todo),
@@ -233,7 +269,7 @@ def embed_perturbed(settings: Settings, table, items_of, embedder, store: Embedd
             how_many = f"all {same}" if same == len(keys) else f"{same} of {len(keys)}"
             log.info("robustness: %s leaves %s test images as they are: their clean rows serve it", spec, how_many)
     if not todo:
-        return store
+        return store, []
     crops = getattr(embedder, "crops", None)
     if crops is not None:  # crops of perturbed frames use the clean frames' boxes (and lent ones)
         crops.refresh()
@@ -242,13 +278,13 @@ def embed_perturbed(settings: Settings, table, items_of, embedder, store: Embedd
     clean_items = {i.digest: i for i in items_of(list(dict.fromkeys(perturb.split(k)[0] for k in todo)))}
     items = [dataclasses.replace(clean_items[perturb.split(k)[0]], digest=k) for k in todo]
     try:
-        embedder.embed(items, store)
+        stale = embed_here(embedder, items, store)
     finally:
         if crops is not None:
             crops.preprocess.borrowed = {}
         store = EmbeddingStore.open(store.directory)
         store.write_index()
-    return store
+    return store, stale
 
 
 def lent_boxes(table, crops) -> dict:

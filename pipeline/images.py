@@ -24,8 +24,12 @@ from pipeline import frames
 # Refuse decompression bombs: at most this many pixels (a 16k x 8k frame is already absurd),
 # decoded or after the resize (a 1 x 2,000,000 strip would become 224 x 448,000,000).
 MAX_PIXELS = 128_000_000
-# The reason recorded for a file whose bytes are not the ones the manifest hashed.
+# Why a file the manifest lists was not read as listed: its bytes are not the ones the manifest
+# hashed, or it is not on this machine. Neither is a fact about the content, so neither is ever
+# recorded in the cache under the manifest's key (extract names such files and stops instead).
 CHANGED = "changed since the manifest was built"
+MISSING = "file not found"
+STALE = frozenset({CHANGED, MISSING})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 
@@ -187,7 +191,7 @@ def failure(exc: BaseException) -> str:
     if isinstance(exc, Rejected):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
-        return "file not found"
+        return MISSING
     if isinstance(exc, IsADirectoryError):
         return "not a regular file"
     if isinstance(exc, MemoryError):

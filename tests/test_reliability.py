@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import cli, config, extract, images, manifest, manifest_table, probes, train
+from pipeline import backbones, cli, config, extract, images, manifest, manifest_table, perturb, probes, train
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
+from pipeline.store.shard import ShardData
 from tests.conftest import contents, make_project, run_to_end, start_extract, update_params
 
 
@@ -127,6 +128,54 @@ def test_a_file_rewritten_after_the_manifest_is_never_cached_under_its_old_diges
     assert new_digest in manifest_table.read(outputs.manifest).column("digest").to_pylist()
     summary = extract.run(settings, outputs)
     assert summary.embedded + summary.failed == summary.images
+
+
+def test_images_this_machine_lacks_are_never_recorded_as_failures_in_the_shared_cache(project, capsys, monkeypatch):
+    # A teammate who pulled the cache but not the images asks for a robustness level: extract must
+    # say that the images are not here, not record "file not found" under content keys (a fact
+    # about this machine, pushed to everyone: the machine with the images would then skip them).
+    params = str(project / "params.yaml")
+    assert cli.main(["manifest", "--params", params]) == 0
+    assert cli.main(["extract", "--params", params]) == 0
+    update_params(project, "evaluate", robustness={"jpeg": [50]})
+    (project / "data").rename(project / "elsewhere")
+    capsys.readouterr()
+    real_load, loads = backbones.load, []
+    monkeypatch.setattr(backbones, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+
+    assert cli.main(["extract", "--params", params]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not on this machine" in err[0] and "data.root" in err[0], err
+    assert loads == [], "the model is not loaded for images that are not here"
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.failures() == {}, "nothing is recorded about files that are merely absent here"
+
+    # The images are back, and one test image was deleted after the manifest listed it: the others
+    # are embedded, the deleted one is named, and nothing is recorded for it either.
+    (project / "elsewhere").rename(project / "data")
+    table = manifest_table.read(project / "cache" / "manifest.parquet")
+    rows = zip(table.column("path").to_pylist(), table.column("split").to_pylist(), strict=True)
+    test_path = next(path for path, split in rows if split == "test")
+    (project / "data" / test_path).unlink()
+    assert cli.main(["extract", "--params", params]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"1 files the manifest lists are not on this machine (e.g. {test_path})" in err
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.failures() == {}
+    keys = store.keys()
+    variants = [k for k in keys if k.endswith("~jpeg=50")]
+    assert variants, "the test images that are here were embedded"
+
+    # A cache written before this fix holds such records: they are tried again, not skipped forever.
+    update_params(project, "evaluate", robustness={"jpeg": [50, 30]})
+    assert cli.main(["manifest", "--params", params]) == 0  # the deleted image leaves the manifest
+    legacy = [perturb.key(perturb.split(k)[0], "jpeg=30") for k in variants]
+    store.commit(ShardData(legacy, [test_path] * len(legacy), ["file not found"] * len(legacy), {
+        layer: np.zeros((len(legacy), dim), np.float32) for layer, dim in store.header.dims.items()
+    }))  # fmt: skip
+    assert cli.main(["extract", "--params", params]) == 0
+    (store,) = caches(project / "cache" / "embeddings")
+    assert set(legacy) <= store.keys() and store.failures() == {}
 
 
 def test_train_refuses_a_cache_with_a_deleted_or_damaged_shard_and_repair_fixes_it(project, capsys, caplog):
