@@ -7,6 +7,7 @@ import contextlib
 
 import pyarrow.parquet as pq
 
+from pipeline import perturb
 from pipeline.config import ConfigError
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, StoreError, cache_dirs
@@ -33,8 +34,12 @@ def describe(store: EmbeddingStore, wanted: set[str] | None, current: str | None
     else:
         failed = len(wanted & set(failures))
         coverage = f"{len(wanted & keys)} / {len(wanted)} manifest images embedded, {failed} failed"
-        if len(keys - wanted):
-            coverage += f" ({len(keys - wanted)} more not in the manifest)"
+        extra = keys - wanted
+        variants = {k for k in extra if perturb.split(k)[0] in wanted}  # `<key>~<perturbation>` rows
+        if variants:
+            coverage += f", and {len(variants)} robustness variants of them"
+        if len(extra) > len(variants):
+            coverage += f" ({len(extra) - len(variants)} more not in the manifest)"
     layers = ", ".join(f"{k} ({v})" for k, v in store.header.dims.items())
     precision = card["description"].get("precision")
     shards = store.shard_paths()

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluate, extract, features, manifest, manifest_table, probes, train
+from pipeline import cache_report, evaluate, extract, features, manifest, manifest_table, probes, train
 from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore
@@ -213,6 +213,8 @@ def test_robustness_variants_are_embedded_once_incrementally_deterministically_a
     assert f"resize=4096 leaves all {n} test images as they are: their clean rows serve it" in caplog.text
     cached = features.open_cache(outputs).keys()
     assert not [k for k in cached if k.endswith("~resize=4096")]
+    info = cache_report.describe(features.open_cache(outputs), set(table.column("digest").to_pylist()), None)
+    assert f"manifest images embedded, 0 failed, and {3 * n} robustness variants of them\n" in info
 
     # A cached variant is the model's output on the degraded image; noise is seeded by the key.
     store = features.open_cache(outputs)
