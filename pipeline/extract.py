@@ -270,13 +270,16 @@ def embed_perturbed(
             log.info("robustness: %s leaves %s test images as they are: their clean rows serve it", spec, how_many)
     if not todo:
         return store, []
+    clean_items = {i.digest: i for i in items_of(list(dict.fromkeys(perturb.split(k)[0] for k in todo)))}
+    items = [dataclasses.replace(clean_items[perturb.split(k)[0]], digest=k) for k in todo]
     crops = getattr(embedder, "crops", None)
     if crops is not None:  # crops of perturbed frames use the clean frames' boxes (and lent ones)
         crops.refresh()
+        if any(i.file.exists() for i in clean_items.values()):  # else `embed_here` says that they are not here
+            ex = settings.extract
+            crops.detect(list(clean_items.values()), embedder.reader, ex.batch_size, ex.num_workers)
         if settings.data.faces.no_face == "nearest":
             crops.preprocess.borrowed = lent_boxes(table, crops)
-    clean_items = {i.digest: i for i in items_of(list(dict.fromkeys(perturb.split(k)[0] for k in todo)))}
-    items = [dataclasses.replace(clean_items[perturb.split(k)[0]], digest=k) for k in todo]
     try:
         stale = embed_here(embedder, items, store)
     finally:
@@ -314,6 +317,7 @@ def save_missing_crops(settings: Settings, table, items_of, embedder, store: Emb
     if not missing:
         return
     log.info("data.faces.save_crops: writing %d crops of frames embedded earlier -> %s", len(missing), crops.crops)
+    crops.detect(missing, embedder.reader, settings.extract.batch_size, settings.extract.num_workers)
     if settings.data.faces.no_face == "nearest":
         crops.preprocess.borrowed = lent_boxes(table, crops)
     try:

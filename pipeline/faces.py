@@ -641,6 +641,24 @@ class FaceStage:
             self.commit()
         return new
 
+    def detect(self, items: list, reader, batch_size: int, num_workers: int) -> None:
+        """Detect and cache the faces of the clean frames among `items` that have no cached
+        detection, without embedding them: before their robustness variants are cropped with the
+        clean frames' boxes, or their crops written, on a machine whose detection cache (local,
+        not DVC-tracked) lacks them, e.g. a teammate's who pulled the embeddings. Otherwise the
+        variants would be cropped with boxes found on the degraded frames: other crops than on
+        the machine that has the detections, under the same cache keys."""
+        todo = [i for i in items if i.digest not in self._known]
+        if not todo:
+            return
+        p = self.preprocess
+        only = FacePreprocess(p.settings, p.found, _nothing, {}, None)
+        with tqdm(total=len(todo), desc="face detection", unit="frame", smoothing=0.1) as bar:
+            for batch in reader(todo, only, batch_size, num_workers, False):
+                self.found(batch.digests, batch.detections)
+                bar.update(len(batch.digests))
+        self.refresh()
+
     def missing_crops(self, items: list) -> list:
         """With data.faces.save_crops: the items whose crop has not been written yet."""
         return [i for i in items if not crop_path(self.crops, i).exists()] if self.crops else []

@@ -506,3 +506,27 @@ def test_robustness_variants_of_face_frames_are_cropped_with_the_clean_frames_bo
     cached, _ = store.read([perturb.key(key, "blur=2")], "projection")
     expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
     np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+    # A teammate who pulled the embeddings lacks the detection cache (local, not DVC-tracked): the
+    # clean frames are detected again, never the degraded ones, so the variants are the crops the
+    # first machine would have made, and none is recorded as a face the blur hid.
+    boxes = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))
+    shutil.rmtree(face_project / "cache" / "faces")
+    monkeypatch.undo()
+    update_params(face_project, "evaluate", robustness={"blur": [2.0, 8.0]})
+    settings = load(face_project / "params.yaml")
+    extract.run(settings, outputs)
+    (store,) = caches(outputs.embeddings)
+    assert not [k for k in store.failures() if perturb.split(k)[1]]
+    paths = table.to_pandas().drop_duplicates("digest").set_index("digest").loc[test_keys, "path"]
+
+    def crop_of_blurred(key: str, path: str) -> np.ndarray:
+        frame = Image.open(manifest_table.absolute_path(path, settings.data_root)).convert("RGB")
+        blurred = perturb.apply(frame, "blur=8", perturb.key(key, "blur=8"))
+        return backbone.preprocess(faces.crop(blurred, boxes[key].box, 1.3, 64))
+
+    pixels = np.stack([crop_of_blurred(k, p) for k, p in paths.items()])
+    cached, found = store.read([perturb.key(k, "blur=8") for k in test_keys], "projection")
+    assert found.all()
+    expected = backbone.embed(torch.from_numpy(pixels))["projection"]
+    np.testing.assert_allclose(cached, expected, rtol=1e-4, atol=1e-5)
