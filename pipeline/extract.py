@@ -173,7 +173,7 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     if todo:
         log.info("embedded %d images in %.1f s (%.1f img/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
     if settings.data.faces is not None and settings.data.faces.no_face == "nearest":
-        store, more = embed_nearest(table, items_of, embedder, store)
+        store, more = embed_nearest(settings, table, items_of, embedder, store)
         stale += more
     if settings.data.faces is not None and settings.data.faces.save_crops:
         save_missing_crops(settings, table, items_of, embedder, store)
@@ -223,15 +223,29 @@ def stale_files(paths: list[str], root) -> ConfigError:
     )
 
 
-def embed_nearest(table, items_of, embedder, store: EmbeddingStore) -> tuple[EmbeddingStore, list[str]]:
+def embed_nearest(
+    settings: Settings, table, items_of, embedder, store: EmbeddingStore
+) -> tuple[EmbeddingStore, list[str]]:
     """`data.faces.no_face: nearest`: the frames recorded without a face are embedded again,
     cropped with the box of the nearest frame of their video that has one (a later success
-    replaces a recorded failure). Returns the store and the paths `embed_here` returns."""
+    replaces a recorded failure). The frames of their videos that this machine has no detection
+    of (its detection cache is local: a teammate's who pulled the embeddings lacks the frames
+    embedded elsewhere) are detected first, so the same box is lent on every machine. Returns the
+    store and the paths `embed_here` returns."""
     from pipeline import faces
 
     crops = embedder.crops
+    failures = store.failures()
+    faceless = [k for k, (_, reason) in failures.items() if reason == faces.NO_FACE]
+    if not faceless:
+        return store, []
+    videos = frames_in_time_order(table).values()
+    lenders = [k for keys in videos if not set(faceless).isdisjoint(keys) for k in keys]
+    ex = settings.extract
+    crops.detect(items_of([k for k in lenders if k not in failures or k in faceless]), embedder.reader,
+                 ex.batch_size, ex.num_workers)  # fmt: skip
     lent = lent_boxes(table, crops)
-    todo = [k for k, (_, reason) in store.failures().items() if reason == faces.NO_FACE and k in lent]
+    todo = [k for k in faceless if k in lent]
     if not todo:
         return store, []
     log.info("no_face nearest: %d frames without a face take the box of the nearest frame with one", len(todo))

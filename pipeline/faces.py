@@ -643,14 +643,19 @@ class FaceStage:
 
     def detect(self, items: list, reader, batch_size: int, num_workers: int) -> None:
         """Detect and cache the faces of the clean frames among `items` that have no cached
-        detection, without embedding them: before their robustness variants are cropped with the
-        clean frames' boxes, or their crops written, on a machine whose detection cache (local,
-        not DVC-tracked) lacks them, e.g. a teammate's who pulled the embeddings. Otherwise the
-        variants would be cropped with boxes found on the degraded frames: other crops than on
-        the machine that has the detections, under the same cache keys."""
-        todo = [i for i in items if i.digest not in self._known]
+        detection, without embedding them, on a machine whose detection cache (local, not
+        DVC-tracked) lacks them, e.g. a teammate's who pulled the embeddings: before their
+        robustness variants are cropped with their boxes, before `nearest` lends their boxes to
+        the faceless frames of their videos, and before their crops are written. Otherwise the
+        variants would be cropped with boxes found on the degraded frames, and a faceless frame
+        would borrow from another frame than on the machine that has every detection: other
+        crops under the same cache keys."""
+        self.refresh()  # dask workers commit their detections to the shared cache, not to this object
+        self._known |= set(self.preprocess.cached)
+        todo = list({i.digest: i for i in items if i.digest not in self._known}.values())
         if not todo:
             return
+        log.info("face detection: %d frames embedded before have no detection here; detecting them", len(todo))
         p = self.preprocess
         only = FacePreprocess(p.settings, p.found, _nothing, {}, None)
         with tqdm(total=len(todo), desc="face detection", unit="frame", smoothing=0.1) as bar:

@@ -227,6 +227,36 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
     assert "embedded earlier" not in caplog.text
 
 
+def test_nearest_on_a_machine_without_the_detection_cache_lends_the_boxes_the_first_machine_would(face_project):
+    # The detection cache is local (not DVC-tracked): a teammate who pulled the embeddings and
+    # adds frames to a video must lend its new faceless frames the boxes the first machine would
+    # have lent, from every frame of the video, not only from the frames it detected itself.
+    set_faces(face_project, no_face="nearest")
+    settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
+    manifest.run(settings, outputs)
+    extract.run(settings, outputs)
+    boxes = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))
+    shutil.rmtree(face_project / "cache" / "faces")
+
+    video = face_project / "data" / "fake" / "000_001"  # 0000 and 0001 have a face, 0002 has none
+    noise_frame(9).save(video / "0003.png")
+    noise_frame(10).save(video / "0004.png")
+    face_frame(150, 60, seed=99)[0].save(video / "0005.png")
+    table = manifest.run(settings, outputs)
+    summary = extract.run(settings, outputs)
+    assert summary.failed == 0
+    digest = table.to_pandas().set_index("path")["digest"]
+    # 0003 lies two frames from 0001 and two from 0005: the tie goes to the earlier, 0001.
+    frame = Image.open(video / "0003.png").convert("RGB")
+    backbone = backbones.load(settings.model, "cpu", "fp32")
+    pixels = backbone.preprocess(faces.crop(frame, boxes[digest["fake/000_001/0001.png"]].box, 1.3, 64))
+    (store,) = caches(outputs.embeddings)
+    cached, found = store.read([digest["fake/000_001/0003.png"]], "projection")
+    assert found.all()
+    expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
+    np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_nearest_takes_the_closest_frame_with_a_face_and_the_earlier_on_ties():
     face, none = faces.Detection((0, 0, 10, 10), 1.0, 1), faces.Detection(None, 0.0, 0)
     other = faces.Detection((5, 5, 15, 15), 2.0, 1)
