@@ -239,8 +239,8 @@ def embed_nearest(
     faceless = [k for k, (_, reason) in failures.items() if reason == faces.NO_FACE]
     if not faceless:
         return store, []
-    videos = frames_in_time_order(table).values()
-    lenders = [k for keys in videos if not set(faceless).isdisjoint(keys) for k in keys]
+    videos, without = frames_in_time_order(table).values(), set(faceless)
+    lenders = [k for keys in videos if not without.isdisjoint(keys) for k in keys]
     ex = settings.extract
     crops.detect(items_of([k for k in lenders if k not in failures or k in faceless]), embedder.reader,
                  ex.batch_size, ex.num_workers)  # fmt: skip
@@ -288,10 +288,8 @@ def embed_perturbed(
     items = [dataclasses.replace(clean_items[perturb.split(k)[0]], digest=k) for k in todo]
     crops = getattr(embedder, "crops", None)
     if crops is not None:  # crops of perturbed frames use the clean frames' boxes (and lent ones)
-        crops.refresh()
-        if any(i.file.exists() for i in clean_items.values()):  # else `embed_here` says that they are not here
-            ex = settings.extract
-            crops.detect(list(clean_items.values()), embedder.reader, ex.batch_size, ex.num_workers)
+        ex = settings.extract
+        crops.detect(list(clean_items.values()), embedder.reader, ex.batch_size, ex.num_workers)
         if settings.data.faces.no_face == "nearest":
             crops.preprocess.borrowed = lent_boxes(table, crops)
     try:

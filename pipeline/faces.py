@@ -653,7 +653,7 @@ class FaceStage:
         self.refresh()  # dask workers commit their detections to the shared cache, not to this object
         self._known |= set(self.preprocess.cached)
         todo = list({i.digest: i for i in items if i.digest not in self._known}.values())
-        if not todo:
+        if not any(i.file.exists() for i in todo):  # none (or none here: extract says so if it needs them)
             return
         log.info("face detection: %d frames embedded before have no detection here; detecting them", len(todo))
         p = self.preprocess
