@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 
@@ -50,7 +51,10 @@ def _model_caches(settings: Settings, outputs: Outputs) -> tuple[ExtractSummary 
         with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, TypeError, StoreError):
             card = EmbeddingStore.open(directory).card
             if card["model"] == settings.model.name and card["dtype"] == settings.model.dtype:
-                cards.append({**card, "layers": list(card["layers"]), "precision": card["description"]["precision"]})
+                cards.append({
+                    **card, "layers": list(card["layers"]), "precision": card["description"]["precision"],
+                    "directory": directory.name,
+                })  # fmt: skip
     return summary, cards
 
 
@@ -100,6 +104,7 @@ def run(
     with embedder_for(settings, embedder) as built:
         wider = None if embedder is not None else wider_cache(settings, cards, built.description)
         if wider is None:
+            explain_new_cache(outputs, cards, built.description)
             return _extract_into(settings, outputs, table, built, retry_failed)
     log.info(
         "model.layers: %s served by this project's cache of %s (a cache of more layers serves fewer: nothing is "
@@ -108,6 +113,46 @@ def run(
     settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, layers=wider))
     with embedder_for(settings) as built:
         return _extract_into(settings, outputs, table, built, retry_failed)
+
+
+def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) -> None:
+    """Where this project has caches of the model but none for `description`, say what sets the
+    nearest apart before every image is embedded again: a library upgrade, other weights, a
+    teammate's other versions, or a setting. `cards`: `_model_caches`'s."""
+    if not cards or any(outputs.embeddings.glob(f"*-{fingerprint(description)}/card.json")):
+        return
+    here = _leaves(json.loads(json.dumps(description)))  # as the cards hold it (lists, not tuples)
+
+    def differences(card: dict) -> list[tuple[str, object, object]]:
+        there = _leaves(card["description"])
+        return [
+            (k, here.get(k), there.get(k)) for k in sorted(here.keys() | there.keys()) if here.get(k) != there.get(k)
+        ]
+
+    nearest = min(cards, key=lambda card: len(differences(card)))
+    shown = [f"{k} ({_short(mine)} here, {_short(theirs)} there)" for k, mine, theirs in differences(nearest)]
+    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+    log.info(
+        "model settings as loaded here match none of this project's caches of %s: the nearest, %s, differs in %s%s; "
+        "every image is embedded again, into a new cache",
+        nearest["model"], nearest["directory"], ", ".join(shown[:3]), more,
+    )  # fmt: skip
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested dict's values by dotted path (`libraries.transformers`)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(value: object, width: int = 40) -> str:
+    text = "absent" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def wider_cache(settings: Settings, cards: list[dict], description: dict) -> list[str] | None:

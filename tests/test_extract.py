@@ -384,6 +384,28 @@ def test_worker_processes_give_the_same_embeddings(project, workers):
     np.testing.assert_array_equal(single, multi)
 
 
+def test_a_new_cache_of_a_model_the_project_has_says_what_sets_it_apart(project, monkeypatch, caplog):
+    # A teammate (or this machine after an upgrade) whose transformers differs gets another
+    # fingerprint, so every image is embedded again: extract says why before it starts.
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    first = extract.run(settings, outputs)
+    versions = backbones.base.library_versions
+    monkeypatch.setattr(backbones.base, "library_versions", lambda *n: {**versions(*n), "transformers": "9.9"})
+    (project / "cache" / "backbones.json").unlink()  # what this machine remembers of the model
+    caplog.set_level(logging.INFO, logger="pipeline.extract")
+    second = extract.run(settings, outputs)
+    assert second.fingerprint != first.fingerprint
+    ours = versions("transformers")["transformers"]
+    assert (
+        f"match none of this project's caches of {settings.model.name}: the nearest, {first.embeddings}, differs in "
+        f"libraries.transformers (9.9 here, {ours} there); every image is embedded again"
+    ) in caplog.text
+    caplog.clear()
+    extract.run(settings, outputs)
+    assert "match none" not in caplog.text, "said once, when the cache is started"
+
+
 def test_moving_images_and_switching_models_back_re_embed_nothing(project, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     run_stages(project)
