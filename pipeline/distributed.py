@@ -40,6 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, ExtractSettings, FacesSettings, ModelSettings, Settings
+from pipeline.outputs import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def embed_partition(
     if faces_job is not None:
         base = Path(faces_job.base_dir)
         crops = faces.FaceStage(
-            faces_job.settings, backbone.preprocess, base / "cache" / "faces", str(backbone.device), base
+            faces_job.settings, backbone.preprocess, Outputs(base).faces, str(backbone.device), base
         )
         crops.preprocess.borrowed = faces_job.borrowed
         description = {**description, "faces": crops.spec}

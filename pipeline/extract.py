@@ -99,6 +99,7 @@ def run(
 ) -> ExtractSummary:
     """Extract; `embedder` replaces the one `extract.scheduler` names (tests, benchmarks)."""
     table = manifest_table.read(outputs.manifest)
+    outputs.faces.mkdir(parents=True, exist_ok=True)  # a DVC output of this stage, empty without data.faces
     summary, cards = _model_caches(settings, outputs)  # read once: the three choices below use them
     settings = shared_precision(shared_layer_order(settings, cards), summary, cards)
     with embedder_for(settings, embedder) as built:

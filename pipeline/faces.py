@@ -19,7 +19,8 @@ the box of the nearest frame of the same video that has a face (a second pass af
 a video without any face keeps its frames recorded as `no face found`).
 
 Detections are cached per (frame key, detector) in `cache/faces/<detector>-<fingerprint>/`
-(Parquet parts written atomically), so changing `scale` or `size` re-crops without detecting
+(Parquet parts written atomically; a DVC output of extract, so experiments' workspaces and
+teammates get them), so changing `scale` or `size` re-crops without detecting
 again; the crop spec is part of the embedding cache's fingerprint, so full-frame and face
 caches coexist. `save_crops` writes what is embedded under `cache/crops/<crop spec>/`.
 """
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 from pipeline import atomic, images, perturb
 from pipeline.config import ConfigError, FacesSettings
+from pipeline.outputs import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +614,7 @@ class FaceStage:
     @classmethod
     def create(cls, settings, preprocess, device: str = "cpu") -> FaceStage:
         """`device`: the extractor's; a detector that can use a GPU runs there too."""
-        return cls(settings.data.faces, preprocess, settings.base_dir / "cache" / "faces", device, settings.base_dir)
+        return cls(settings.data.faces, preprocess, Outputs(settings.base_dir).faces, device, settings.base_dir)
 
     def refresh(self) -> None:
         """Commit what was detected and hand the reader every cached detection (before a second

@@ -43,6 +43,12 @@ class Outputs:
         return self.root / "cache" / "predict"
 
     @property
+    def faces(self) -> Path:
+        """Face detections (`data.faces`), per detector: a DVC output of extract, like the
+        embeddings, so that experiments' workspaces and teammates crop without detecting again."""
+        return self.root / "cache" / "faces"
+
+    @property
     def extract_summary(self) -> Path:
         return self.root / "cache" / "extract.json"
 

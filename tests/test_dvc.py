@@ -169,6 +169,21 @@ def test_queued_experiments_run_in_their_own_workspace(repo):
     assert "paired bootstrap" in (repo / "reports" / "compare.html").read_text()
 
 
+def test_an_experiment_workspace_reuses_the_face_detections(tmp_path):
+    """A queued or `--temp` experiment runs in a fresh copy of the repo: git files and DVC outputs
+    only. The face detections must be an output, or every experiment of a backbone sweep detects
+    every frame again (hours of a CPU at FF++'s size). A teammate's `dvc pull` gets them too."""
+    repo = copy_project(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["faces"] = {"detector": "dlib_hog", "size": 64, "no_face": "full_frame"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "face detection: 100%" in sh(repo, "dvc", "repro")
+    commit(repo, "baseline")
+    out = sh(repo, "dvc", "exp", "run", "--temp", "-S", "model.layers=[pooled]", "-S", "train.layer=pooled")
+    assert "Running stage 'extract'" in out and "to embed" in out, out
+    assert "face detection" not in out, "the experiment detected the faces again"
+
+
 AUDIT_HOOK = """
 import os, sys
 _under, _log = os.environ["READS_UNDER"], os.environ["READS_LOG"]
