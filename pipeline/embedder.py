@@ -681,7 +681,9 @@ class LocalEmbedder:
         backbone: backbones.Backbone | None = None,
         reader: Reader = read_batches,
         writer: Writer = ShardWriter,
+        faces_dir: Path | None = None,
     ):
+        """`faces_dir`: where face detections are cached (default: the project's, `Outputs.faces`)."""
         self.settings = settings
         self.reader, self.writer = reader, writer
         self._backbone = backbone
@@ -694,7 +696,7 @@ class LocalEmbedder:
         base_description, self.dims = described or (self.backbone.description, self.backbone.dims)
         device = str(self._backbone.device) if self._backbone else str(backbones.resolve_device(ex.device))
         preprocess = self._backbone.preprocess if self._backbone else None
-        self.crops = faces.FaceStage.create(settings, preprocess, device) if settings.data.faces else None
+        self.crops = faces.FaceStage.create(settings, preprocess, device, faces_dir) if settings.data.faces else None
         self.description = {**base_description, **({"faces": self.crops.spec} if self.crops else {})}
 
     @property

@@ -612,9 +612,11 @@ class FaceStage:
         self.competing = self.missing = 0
 
     @classmethod
-    def create(cls, settings, preprocess, device: str = "cpu") -> FaceStage:
-        """`device`: the extractor's; a detector that can use a GPU runs there too."""
-        return cls(settings.data.faces, preprocess, Outputs(settings.base_dir).faces, device, settings.base_dir)
+    def create(cls, settings, preprocess, device: str = "cpu", directory: Path | None = None) -> FaceStage:
+        """`device`: the extractor's; a detector that can use a GPU runs there too. `directory`:
+        the detection cache (default: the project's, `Outputs.faces`)."""
+        directory = directory or Outputs(settings.base_dir).faces
+        return cls(settings.data.faces, preprocess, directory, device, settings.base_dir)
 
     def refresh(self) -> None:
         """Commit what was detected and hand the reader every cached detection (before a second

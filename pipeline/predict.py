@@ -95,7 +95,7 @@ def embed_missing(
         settings = dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
     if set(settings.model.layers) <= set(store.layers):  # the cache's layers, in its order (more serve fewer)
         settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, layers=list(store.layers)))
-    local = embedder.LocalEmbedder(settings)
+    local = embedder.LocalEmbedder(settings, faces_dir=layer.directory.parent / "faces")  # not the tracked one
     if local.description != store.card["description"]:
         raise ConfigError(
             f"params.yaml's model settings do not reproduce the probe's cache {store.directory.name}; "

@@ -4,6 +4,7 @@ without a face follow `no_face`, and re-cropping never runs the detector again."
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import logging
@@ -18,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import backbones, demo, extract, faces, frames, images, manifest, manifest_table
+from pipeline import backbones, cli, demo, extract, faces, frames, images, manifest, manifest_table
 from pipeline.config import ConfigError, FacesSettings, ModelSettings, load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
@@ -255,6 +256,23 @@ def test_nearest_on_a_machine_without_the_detection_cache_lends_the_boxes_the_fi
     assert found.all()
     expected = backbone.embed(torch.from_numpy(pixels[None]))["projection"][0]
     np.testing.assert_allclose(cached[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_keeps_the_detections_of_new_images_out_of_the_tracked_cache(face_project, tmp_path):
+    # cache/faces is a DVC output of extract: predict must not add to it (the next `dvc repro`
+    # would rerun extract), as it keeps new images' embeddings out of the tracked cache.
+    params = str(face_project / "params.yaml")
+    for stage in ("manifest", "extract", "train"):
+        assert cli.main([stage, "--params", params]) == 0
+    tracked = face_project / "cache" / "faces"
+    before = {p: p.read_bytes() for p in tracked.rglob("*") if p.is_file()}
+    face_frame(60, 40, seed=123)[0].save(tmp_path / "new.png")
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", str(tmp_path / "new.png"), "--params", params, "--out", str(out)]) == 0
+    (row,) = csv.DictReader(out.open())
+    assert row["error"] == "" and 0.0 <= float(row["score"]) <= 1.0
+    assert {p: p.read_bytes() for p in tracked.rglob("*") if p.is_file()} == before
+    assert list((face_project / "cache" / "predict").rglob("part-*.parquet")), "its detection is kept beside"
 
 
 def test_nearest_takes_the_closest_frame_with_a_face_and_the_earlier_on_ties():
