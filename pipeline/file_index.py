@@ -9,6 +9,7 @@ manifest) another.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -183,6 +184,19 @@ def read_md5s(path: Path) -> Md5s:
         return {}
     cols = [table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "ctime_ns", "md5")]
     return {p: ((size, mtime, ctime), md5) for p, size, mtime, ctime, md5 in zip(*cols, strict=True)}
+
+
+def machine_md5s(data_root: Path) -> Path | None:
+    """Where this machine remembers the md5s of the files under `data_root` for every workspace
+    that scans them (a queued or `--temp` experiment's copy of the repo, a second clone), beside
+    the workspace's own `cache/md5.parquet`: `$XDG_CACHE_HOME` (default `~/.cache`)
+    `/ffpp-cache/md5/<sha256 of the data root>.parquet`. None without a home folder."""
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home folder to resolve
+        return None
+    name = hashlib.sha256(str(data_root.resolve()).encode()).hexdigest()[:16]
+    return base / "ffpp-cache" / "md5" / f"{name}.parquet"
 
 
 def write_md5s(md5s: Md5s, path: Path) -> None:

@@ -16,7 +16,9 @@ then, and it is the same on every machine holding the same files (paths relative
 `data.root`). It is small and lives in git (`cache: false`), like `dvc.lock`.
 
 Each file's md5 comes, in this order, from this machine's memory of it (`cache/md5.parquet`,
-keyed by path, size, mtime and ctime), from DVC's own hash cache (a file DVC pulled or checked
+keyed by path, size, mtime and ctime, and the same per data root for every workspace on the
+machine, `file_index.machine_md5s`: a queued experiment's copy of the repo, a second clone),
+from DVC's own hash cache (a file DVC pulled or checked
 out: a teammate's copy, a queued experiment's workspace; DVC keys it by inode, mtime and size),
 or from reading the file once, which also gives the sha256 and header facts the manifest needs
 (`cache/scan.parquet`, until a manifest holds them). A file DVC knows is not read here; the
@@ -61,7 +63,10 @@ def run(settings: Settings, outputs: Outputs) -> None:
     files = list(current_files(settings))
     pending, todo = new_files(outputs, files)
     remembered = file_index.read_md5s(outputs.md5s)
-    md5s = {p: remembered[p] for p, _, st in files if remembered.get(p, (None,))[0] == file_index.stamp(st)}
+    machine = file_index.machine_md5s(settings.data_root)
+    shared = file_index.read_md5s(machine) if machine else {}
+    known = {**shared, **remembered}
+    md5s = {p: known[p] for p, _, st in files if known.get(p, (None,))[0] == file_index.stamp(st)}
     unknown = [f for f in files if f[0] not in md5s]
     if unknown:
         with dvc_repo(settings.base_dir) as repo:
@@ -76,6 +81,12 @@ def run(settings: Settings, outputs: Outputs) -> None:
     file_index.write_known(pending, outputs.scanned)
     if md5s != remembered:
         file_index.write_md5s(md5s, outputs.md5s)
+    if machine is not None and {**shared, **md5s} != shared:
+        try:
+            machine.parent.mkdir(parents=True, exist_ok=True)
+            file_index.write_md5s({**shared, **md5s}, machine)
+        except OSError as exc:  # an optimisation: never fail the run over it
+            log.info("scan: this machine's md5 memory %s could not be written (%s)", machine, exc)
     write_data(outputs.data, files, md5s)
 
 

@@ -30,6 +30,13 @@ DEMO_FRAMES = 2
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_memory(tmp_path_factory) -> None:
+    """The scan remembers md5s per machine, under $XDG_CACHE_HOME (`file_index.machine_md5s`):
+    the tests, and the stages they run in subprocesses, keep theirs in the session's own folder."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models") / "tiny-clip"

@@ -180,3 +180,21 @@ def test_files_dvc_already_knows_are_not_read(project, monkeypatch):
     scan.run(settings, outputs)
     assert reads == [str(new)], "a file DVC does not know is read once"
     assert recorded(outputs) == data_digest(project / "data")
+
+
+def test_another_workspace_on_the_same_data_reads_nothing(project, tmp_path, monkeypatch):
+    """A queued or `--temp` experiment runs in a fresh copy of the repo, and a second clone is
+    another folder: with the data outside the repo (an absolute data.root, as queued experiments
+    need) DVC knows none of its files there, and the workspace's own memory is not copied. The
+    md5s are also remembered per machine, by data root, so that workspace reads none of them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine"))
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    assert settings.data_root.is_absolute()
+    scan.run(settings, outputs)
+    other = tmp_path / "workspace"
+    other.mkdir()
+    shutil.copy(project / "params.yaml", other / "params.yaml")
+    reads = counting_reads(monkeypatch)
+    scan.run(config.load(other / "params.yaml"), Outputs(other))
+    assert reads == [], "the other workspace read the data again"
+    assert recorded(Outputs(other)) == recorded(outputs) == data_digest(project / "data")
