@@ -285,12 +285,12 @@ def embed_nearest(
     faceless = [k for k, (_, reason) in failures.items() if reason == faces.NO_FACE]
     if not faceless:
         return store, []
-    videos, without = frames_in_time_order(table).values(), set(faceless)
-    lenders = [k for keys in videos if not without.isdisjoint(keys) for k in keys]
+    videos, without = frames_in_time_order(table), set(faceless)
+    lenders = [k for keys in videos.values() if not without.isdisjoint(keys) for k in keys]
     ex = settings.extract
     crops.detect(items_of([k for k in lenders if k not in failures or k in faceless]), embedder.reader,
                  ex.batch_size, ex.num_workers)  # fmt: skip
-    lent = lent_boxes(table, crops)
+    lent = lent_boxes(table, crops, videos)
     todo = [k for k in faceless if k in lent]
     if not todo:
         return store, []
@@ -348,11 +348,12 @@ def embed_perturbed(
     return store, stale
 
 
-def lent_boxes(table, crops) -> dict:
-    """`no_face: nearest`: per frame without a face, the detection of the nearest frame with one."""
+def lent_boxes(table, crops, videos: dict[str, list[str]] | None = None) -> dict:
+    """`no_face: nearest`: per frame without a face, the detection of the nearest frame with one,
+    from the detections `crops.detect` has just read (`videos`: `frames_in_time_order(table)`)."""
     from pipeline import faces
 
-    return faces.nearest_boxes(frames_in_time_order(table), faces.read_cache(crops.directory))
+    return faces.nearest_boxes(videos or frames_in_time_order(table), crops.preprocess.cached)
 
 
 def frames_in_time_order(table) -> dict[str, list[str]]:

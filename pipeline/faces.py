@@ -647,14 +647,15 @@ class FaceStage:
 
     def detect(self, items: list, reader, batch_size: int, num_workers: int) -> None:
         """Detect and cache the faces of the clean frames among `items` that have no cached
-        detection, without embedding them, on a machine whose detection cache (local, not
-        DVC-tracked) lacks them, e.g. a teammate's who pulled the embeddings: before their
-        robustness variants are cropped with their boxes, before `nearest` lends their boxes to
-        the faceless frames of their videos, and before their crops are written. Otherwise the
-        variants would be cropped with boxes found on the degraded frames, and a faceless frame
-        would borrow from another frame than on the machine that has every detection: other
-        crops under the same cache keys."""
-        self.refresh()  # dask workers commit their detections to the shared cache, not to this object
+        detection, without embedding them, where the detection cache lacks them (a teammate who
+        pulled only the embeddings, a cache from before the detections were a DVC output):
+        before their robustness variants are cropped with their boxes, before `nearest` lends
+        their boxes to the faceless frames of their videos, and before their crops are written.
+        Otherwise the variants would be cropped with boxes found on the degraded frames, and a
+        faceless frame would borrow from another frame than on the machine that has every
+        detection: other crops under the same cache keys. Leaves every cached detection in
+        `self.preprocess.cached` (read again: dask workers commit theirs to the shared cache)."""
+        self.refresh()
         self._known |= set(self.preprocess.cached)
         todo = list({i.digest: i for i in items if i.digest not in self._known}.values())
         if not any(i.file.exists() for i in todo):  # none (or none here: extract says so if it needs them)
@@ -676,8 +677,7 @@ class FaceStage:
         """Write the crops of `items` (embedded before save_crops was set): crops only, no model,
         with the cached detections (and the boxes `nearest` lends)."""
         p = self.preprocess
-        cached = {**read_cache(self.directory), **p.cached}
-        only = FacePreprocess(p.settings, p.found, _nothing, cached, p.crops)
+        only = FacePreprocess(p.settings, p.found, _nothing, p.cached, p.crops)  # fresh: `detect` ran first
         only.borrowed = p.borrowed
         with tqdm(total=len(items), desc="saving crops", unit="img", smoothing=0.1) as bar:
             for batch in reader(items, only, batch_size, num_workers, False):
