@@ -642,7 +642,7 @@ class FaceStage:
             self.competing += detection.boxes > 1
             self.missing += detection.box is None
         if len(self._new) >= self.COMMIT_EVERY:
-            self.commit()
+            self.commit(report=False)
         return new
 
     def detect(self, items: list, reader, batch_size: int, num_workers: int) -> None:
@@ -683,13 +683,16 @@ class FaceStage:
             for batch in reader(items, only, batch_size, num_workers, False):
                 bar.update(len(batch.digests))
 
-    def commit(self) -> None:
+    def commit(self, report: bool = True) -> None:
+        """Write the new detections; `report`: also say how many of those found since the last
+        report had no face or competing boxes (not on the periodic commits within a pass)."""
         write_cache(self.directory, self._new)
         self._new = {}
-        if self.competing or self.missing:
+        if report and (self.competing or self.missing):
             log.info(
                 "face detection: %d frames without a face (data.faces.no_face decides), %d with competing boxes "
                 "(the most confident was kept)",
                 self.missing,
                 self.competing,
             )
+            self.competing = self.missing = 0
