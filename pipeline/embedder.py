@@ -53,6 +53,13 @@ def plan(wanted: Iterable[str], done: set[str], failed: set[str], retry_failed: 
     return out
 
 
+def recorded_failures(store) -> set[str]:
+    """The keys of `store` (an `EmbeddingStore`) whose failure is a fact about the image, skipped
+    unless retrying: not 'file not found', which a cache written before it was refused could hold
+    (a machine without the images), and which is tried again."""
+    return {k for k, (_, reason) in store.failures().items() if reason != images.MISSING}
+
+
 @dataclass(frozen=True)
 class Item:
     digest: str  # the cache key: the file's sha256, or `<sha256>@<frame>` for a video frame

@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from pipeline import frames, images, manifest_table, perturb
+from pipeline import frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
-from pipeline.embedder import Item, LocalEmbedder, plan
+from pipeline.embedder import Item, LocalEmbedder, plan, recorded_failures
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, StoreError, cache_dirs, fingerprint, reasons_counted, text
 from pipeline.store.summary import ExtractSummary
@@ -233,13 +233,6 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
     report_failures(store, set(digests))
     summary.write(outputs.extract_summary)
     return summary
-
-
-def recorded_failures(store: EmbeddingStore) -> set[str]:
-    """The keys whose failure is a fact about the image, skipped unless `--retry-failed`: not
-    'file not found', which a cache written before it was refused could hold (a machine without
-    the images), and which is tried again."""
-    return {k for k, (_, reason) in store.failures().items() if reason != images.MISSING}
 
 
 def embed_here(embedder, items: list[Item], store: EmbeddingStore) -> list[str]:

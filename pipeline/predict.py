@@ -86,7 +86,7 @@ def embed_missing(
     from pipeline import embedder
 
     done = store.keys() | layer.keys()
-    failed = set(store.failures()) | set(layer.failures())
+    failed = embedder.recorded_failures(store) | embedder.recorded_failures(layer)
     todo = embedder.plan(wanted, done, failed)
     if not todo:
         return

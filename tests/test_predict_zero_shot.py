@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import cli, config, evaluate, extract, manifest, train
+from pipeline import cli, config, evaluate, extract, images, manifest, train
 from pipeline.outputs import Outputs
 from pipeline.store import caches, text
+from pipeline.store.shard import ShardData
 from tests.conftest import update_params
 from tests.test_probes_metrics import synthetic_frames, synthetic_settings
 
@@ -66,6 +67,23 @@ def test_predict_reuses_the_cache_and_keeps_new_images_out_of_the_tracked_one(tr
     caplog.clear()
     assert cli.main(["predict", str(folder), "--params", str(trained / "params.yaml"), "--out", str(out)]) == 0
     assert "embedding" not in caplog.text, "a second predict embeds nothing"
+
+
+def test_predict_embeds_an_image_an_older_cache_recorded_as_not_found(trained, tmp_path):
+    # 'file not found' says nothing about an image (a machine without it wrote it, before such
+    # records were refused): predict embeds the image, as extract retries it.
+    image = tmp_path / "new.png"
+    Image.new("RGB", (80, 70), (10, 200, 10)).save(image)
+    (store,) = caches(trained / "cache" / "embeddings")
+    digest = images.inspect_file(image).digest
+    dims = store.header.dims
+    store.commit(
+        ShardData([digest], ["x.png"], ["file not found"], {k: np.zeros((1, d), np.float32) for k, d in dims.items()})
+    )
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", str(image), "--params", str(trained / "params.yaml"), "--out", str(out)]) == 0
+    (row,) = csv.DictReader(out.open())
+    assert row["error"] == "" and 0.0 <= float(row["score"]) <= 1.0
 
 
 def test_predict_finds_files_as_the_manifest_does_through_linked_folders(tmp_path):
