@@ -237,7 +237,8 @@ def _extract(settings, outputs, table, embedder, store: EmbeddingStore, retry_fa
 
 def embed_here(embedder, items: list[Item], store: EmbeddingStore) -> list[str]:
     """`embedder.embed(items, store)`, unless none of their files is on this machine (a teammate
-    who pulled the cache but not the images): then one sentence, before any model is loaded.
+    who pulled the cache but not the images): then one sentence, before anything is embedded
+    (and before the model is loaded, where `backbones.Known` gave the description).
     Returns the paths of the files not embedded as listed (`images.STALE`)."""
     files = dict.fromkeys(item.file for item in items)
     if not any(f.exists() for f in files):  # stops at the first file that is here
