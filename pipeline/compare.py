@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from pipeline import atomic
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, flatten
 from pipeline.metrics import paired_bootstrap_auc
 from pipeline.outputs import Outputs
 
@@ -54,17 +54,6 @@ def _parse_scores(text: str) -> dict[str, dict[str, tuple[str, int, float]]]:
     return out
 
 
-def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
-    """{"train": {"C": [0.5]}} -> {"train.C": "[0.5]"} (strings as they are, the rest as JSON)."""
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return out
-
-
 def differences(runs: list[Run]) -> dict[str, str]:
     """Per run, the params that set it apart: those whose values differ between the runs (but
     model.name and train.layer, which the backbone column shows), as `key=value, ...`."""
@@ -89,7 +78,7 @@ def _run(name: str, texts: tuple[str, ...]) -> Run:
         ) from None
     layer = p.get("train", {}).get("layer", "projection")
     backbone = f"{p.get('model', {}).get('name', '?')} [{layer if isinstance(layer, str) else '+'.join(layer)}]"
-    return Run(name, backbone, _flatten(p), heldout, by_set)
+    return Run(name, backbone, flatten(p), heldout, by_set)
 
 
 def collect(outputs: Outputs) -> list[Run]:

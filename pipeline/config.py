@@ -7,6 +7,7 @@ message is one sentence naming the key and the fix; the CLI prints it and exits 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -456,3 +457,15 @@ def _kind(value: object) -> str:
     return {dict: "a mapping", list: "a list", str: f"the text {value!r}", bool: f"{value}"}.get(
         type(value), f"{value!r}"
     )
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"C": [0.5]}} -> {"train.C": "[0.5]"}: a nested dict's values by dotted path
+    (strings as they are, the rest as JSON), for params (`compare`) and cache descriptions."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return out

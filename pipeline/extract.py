@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 
 import numpy as np
 
 from pipeline import frames, manifest_table, perturb
-from pipeline.config import ConfigError, Settings
+from pipeline.config import ConfigError, Settings, flatten
 from pipeline.embedder import Item, LocalEmbedder, plan, recorded_failures
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, StoreError, cache_dirs, fingerprint, reasons_counted, text
@@ -122,10 +121,10 @@ def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) ->
     teammate's other versions, or a setting. `cards`: `_model_caches`'s."""
     if not cards or any(outputs.embeddings.glob(f"*-{fingerprint(description)}/card.json")):
         return
-    here = _leaves(json.loads(json.dumps(description)))  # as the cards hold it (lists, not tuples)
+    here = flatten(description)  # values as JSON: a tuple here equals the card's list
 
     def differences(card: dict) -> list[tuple[str, object, object]]:
-        there = _leaves(card["description"])
+        there = flatten(card["description"])
         return [
             (k, here.get(k), there.get(k)) for k in sorted(here.keys() | there.keys()) if here.get(k) != there.get(k)
         ]
@@ -138,17 +137,6 @@ def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) ->
         "every image is embedded again, into a new cache",
         nearest["model"], nearest["directory"], ", ".join(shown[:3]), more,
     )  # fmt: skip
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    """A nested dict's values by dotted path (`libraries.transformers`)."""
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _short(value: object, width: int = 40) -> str:
