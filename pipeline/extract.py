@@ -20,7 +20,15 @@ from pipeline import frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings, flatten
 from pipeline.embedder import Item, LocalEmbedder, plan, recorded_failures
 from pipeline.outputs import Outputs
-from pipeline.store import EmbeddingStore, StoreError, cache_dirs, fingerprint, reasons_counted, text
+from pipeline.store import (
+    EmbeddingStore,
+    StoreError,
+    cache_dirs,
+    existing_cache,
+    fingerprint,
+    reasons_counted,
+    text,
+)
 from pipeline.store.summary import ExtractSummary
 
 log = logging.getLogger(__name__)
@@ -119,7 +127,7 @@ def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) ->
     """Where this project has caches of the model but none for `description`, say what sets the
     nearest apart before every image is embedded again: a library upgrade, other weights, a
     teammate's other versions, or a setting. `cards`: `_model_caches`'s."""
-    if not cards or any(outputs.embeddings.glob(f"*-{fingerprint(description)}/card.json")):
+    if not cards or existing_cache(outputs.embeddings, fingerprint(description)):
         return
     here = flatten(description)  # values as JSON: a tuple here equals the card's list
 

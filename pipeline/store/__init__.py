@@ -94,6 +94,13 @@ def directory_name(model_name: str, fp: str) -> str:
     return f"{slug}-{fp}"
 
 
+def existing_cache(parent: Path, fp: str) -> Path | None:
+    """The cache directory under `parent` with fingerprint `fp`, whatever model name it was made
+    under; None if there is none."""
+    existing = sorted(Path(parent).glob(f"*-{fp}/card.json")) if Path(parent).is_dir() else []
+    return existing[0].parent if existing else None
+
+
 class EmbeddingStore:
     """One model's embeddings, keyed by image digest."""
 
@@ -117,8 +124,7 @@ class EmbeddingStore:
         """Open the cache for this description, creating it on first use."""
         fp = fingerprint(description)
         # The same numbers under another name (a local copy of a hub model) share the cache.
-        existing = sorted(Path(parent).glob(f"*-{fp}/card.json")) if Path(parent).is_dir() else []
-        directory = existing[0].parent if existing else Path(parent) / directory_name(model_name, fp)
+        directory = existing_cache(parent, fp) or Path(parent) / directory_name(model_name, fp)
         card = {
             "fingerprint": fp,
             "format_version": FORMAT_VERSION,
