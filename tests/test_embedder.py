@@ -8,7 +8,10 @@ import dataclasses
 import errno
 import importlib
 import logging
+import os
 import shutil
+import sys
+import threading
 import time
 
 import numpy as np
@@ -120,6 +123,37 @@ def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project,
             assert [b.errors for b in got] == [b.errors for b in expected], case
             assert all(np.array_equal(g.pixels, e.pixels) for g, e in zip(got, expected, strict=True)), case
             assert all(b.pixels.is_pinned() == pin for b in got), case
+
+
+def niceness(image) -> np.ndarray:
+    """A preprocess that gives, as its pixels, the CPU priority of the reader that calls it."""
+    return np.array([os.getpriority(os.PRIO_PROCESS, threading.get_native_id())], np.float32)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_readers_yield_the_cores_to_a_model_on_the_cpu(project, device):
+    """For a model on the CPU every reader, process or thread, runs at nice 19 (the model's intra-op
+    threads stalled whenever a reader took one's core); for a GPU they keep this process's priority.
+    The thread that asked is never reniced, nor is a run read in it (no readers)."""
+    pin = device == "cuda"
+    settings = load(project / "params.yaml")
+    table = manifest.run(settings, Outputs(project))
+    items = [
+        embedder.Item(d, p, settings.data_root / p)
+        for d, p in zip(*table.select(["digest", "path"]).to_pydict().values(), strict=True)
+    ][:12]
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    expected = ours if pin else 19
+    for reader, readers, want in [
+        (embedder.read_batches, 2, expected),
+        (embedder.threaded_batches, 2, expected),
+        (embedder.KeptReaders(), 2, expected),
+        (embedder.threaded_batches, 0, ours),
+    ]:
+        seen = {float(v) for b in reader(items, niceness, 4, readers, pin) for v in b.pixels.flatten()}
+        assert seen == {want}, (reader, readers, seen)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
 
 
 def test_only_a_run_of_at_most_one_batch_per_reader_without_face_crops_reads_in_threads():
