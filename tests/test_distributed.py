@@ -187,7 +187,8 @@ def test_an_address_where_no_scheduler_answers_is_one_sentence_naming_the_key(pr
 
 def test_a_scheduler_without_workers_yet_is_waited_for_and_says_so(project, caplog):
     """A scheduler whose workers are still queued (a batch system): the run says that it waits,
-    then runs on the first worker that joins."""
+    then runs on the first worker that joins, and says that this worker runs with dask's
+    MALLOC_TRIM_THRESHOLD_ (slower) and how to start it without."""
     import threading
     import time
 
@@ -209,6 +210,8 @@ def test_a_scheduler_without_workers_yet_is_waited_for_and_says_so(project, capl
             cluster.scale(1)
             run.join(120)
     assert done and done[0].embedded == done[0].images > 0
+    assert "1 of 1 dask workers run with MALLOC_TRIM_THRESHOLD_ set" in caplog.text
+    assert "`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`" in caplog.text
 
 
 def test_workers_are_spread_over_the_gpus_of_a_machine():
@@ -244,18 +247,29 @@ def _models_loaded() -> int:
     return len(distributed._BACKBONES)
 
 
-def test_every_worker_loads_its_model_while_the_first_describes_it(project):
+def _allocator_setting() -> str | None:
+    import os
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_every_worker_loads_its_model_while_the_first_describes_it(project, monkeypatch):
     """A first run (the model not yet described in cache/backbones.json) asks every worker, not one
-    while the others wait: their models are loaded by the time their partitions come."""
+    while the others wait: their models are loaded by the time their partitions come. The workers
+    run without the MALLOC_TRIM_THRESHOLD_ that dask's nannies set (each large allocation of the
+    model page-faulted anew: 20 % of a forward pass)."""
     from distributed import wait
 
     from pipeline.distributed import DaskEmbedder
 
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # an earlier test's nanny exported it here
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 2})
     with DaskEmbedder(config.load(project / "params.yaml")) as dask_embedder:
         wait(dask_embedder._warming)
         loaded = dask_embedder.client.run(_models_loaded)
+        allocators = dask_embedder.client.run(_allocator_setting)
     assert sorted(loaded.values()) == [1, 1], loaded
+    assert list(allocators.values()) == [None, None], allocators
 
 
 def _reader_processes() -> list[int]:
