@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 # allocation over 128 KiB (a batch of pixels, each activation of the model) is a fresh mmap whose
 # pages fault in, zeroed, on first touch: ViT-B/32's forward pass in one thread ran 20 % slower
 # (bf16 with AMX: 43 -> 35 img/s), and a 2-worker LocalCluster embedded 2,408 images at 49.7 img/s
-# instead of 69.9 (bf16), 24.9 instead of 28.0 (fp32). Our LocalCluster's workers start without
-# it; a remote scheduler's workers are told how (`allocator_hint`).
+# instead of 69.9 (bf16), 1,208 at 24.9 instead of 28.0 (fp32). Our LocalCluster's workers start
+# without it; a remote scheduler's workers that have it are named, with how to start them without
+# (`allocator_hint`).
 TRIM = "MALLOC_TRIM_THRESHOLD_"
 _BACKBONES: dict = {}  # per worker process: (model, device, precision) -> Backbone
 _READERS: list = []  # per worker process: its embedder.KeptReaders, once made
