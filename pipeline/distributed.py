@@ -198,12 +198,17 @@ def _reader(crops) -> Callable:
 def partition_size(n: int, shard_size: int, batch_size: int, workers: int) -> int:
     """Images per task (the last takes the rest): as many tasks as shards of `shard_size` would
     hold the `n` images, rounded up to a multiple of the `workers`, in whole batches and at most a
-    shard. Partitions of a whole shard each left one worker alone on the last of them (20,000
-    images on 4 workers: the last 3,616 on one worker after the others had finished); these end together."""
-    tasks = max(1, -(-n // shard_size))
-    tasks = -(-tasks // workers) * workers
+    shard, or one batch where a shard is smaller (the writer commits whole batches). Partitions of
+    a whole shard each left one worker alone on the last of them (20,000 images on 4 workers: the
+    last 3,616 on one worker after the others had finished); these end together. Whole batches:
+    every task starts where a batch of the local run would, so a worker's batches hold the images
+    a local run's would. On a CPU whose fp32 kernels depend on the batch (AVX2's GEMM: another
+    batch size gave vectors that differ by up to 7e-7), a shard of 24 with batches of 16 made a
+    dask run's vectors differ from a local run's."""
+    most = max(1, shard_size // batch_size) * batch_size  # the whole batches a shard holds
+    tasks = -(-max(1, -(-n // most)) // workers) * workers
     per_task = -(-n // tasks)
-    return max(1, min(shard_size, -(-per_task // batch_size) * batch_size))
+    return min(most, max(1, -(-per_task // batch_size)) * batch_size)
 
 
 class DaskEmbedder:
