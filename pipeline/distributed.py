@@ -31,6 +31,7 @@ parts, like the shards): a rerun, or another scheduler, detects nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -88,6 +89,23 @@ def _describe(model: ModelSettings, extract: ExtractSettings) -> tuple[dict, dic
     """Runs on a worker: the fingerprint description and dims, as the workers will compute them."""
     backbone = _backbone(model, extract)
     return backbone.description, backbone.dims
+
+
+@contextlib.contextmanager
+def _environ_kept():
+    """os.environ as it was before: a nanny exports its worker's settings (OMP_NUM_THREADS=1, ...)
+    into the process that starts it, before spawning the worker, so anything this process started
+    after the cluster (a notebook's next subprocess) ran single-threaded. The workers have started
+    by the time LocalCluster returns."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def _trim_setting() -> str | None:
@@ -279,9 +297,10 @@ class DaskEmbedder:
                     ) from None
             else:
                 # Our own cluster's start and stop (nannies, comms, workers added and removed) is
-                # not the user's business: dask's warnings and errors still show.
+                # not the user's business: dask's warnings and errors still show. See TRIM for its
+                # workers' environment, and `_environ_kept` for this process's.
                 logging.getLogger("distributed").setLevel(logging.WARNING)
-                with dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM}": None}):  # see TRIM
+                with _environ_kept(), dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM}": None}):
                     self.cluster = LocalCluster(
                         n_workers=self.extract.dask.n_workers,
                         threads_per_worker=1,

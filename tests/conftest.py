@@ -37,6 +37,19 @@ def machine_memory(tmp_path_factory) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """Each test leaves os.environ as it found it. A dask nanny started in this process (a test's
+    own LocalCluster) exports its workers' settings here (OMP_NUM_THREADS=1, ...), and a later
+    test's stage in a subprocess then ran single-threaded: on an AVX2 CPU, whose fp32 kernels
+    depend on the thread count, with other last bits than the reference run."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models") / "tiny-clip"
