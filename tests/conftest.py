@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import config, demo, manifest
+from pipeline import config, demo, distributed, manifest
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 
@@ -43,11 +43,8 @@ def environment_kept():
     own LocalCluster) exports its workers' settings here (OMP_NUM_THREADS=1, ...), and a later
     test's stage in a subprocess then ran single-threaded: on an AVX2 CPU, whose fp32 kernels
     depend on the thread count, with other last bits than the reference run."""
-    before = dict(os.environ)
-    yield
-    if dict(os.environ) != before:
-        os.environ.clear()
-        os.environ.update(before)
+    with distributed._environ_kept():
+        yield
 
 
 @pytest.fixture(scope="session")
