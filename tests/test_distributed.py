@@ -14,7 +14,7 @@ import yaml
 
 from pipeline import config, extract, manifest
 from pipeline.config import ConfigError
-from pipeline.distributed import gpu_for, partition_size
+from pipeline.distributed import _trim_setting, gpu_for, partition_size
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from pipeline.store.parquet import read_keys
@@ -253,12 +253,6 @@ def _models_loaded() -> int:
     return len(distributed._BACKBONES)
 
 
-def _allocator_setting() -> str | None:
-    import os
-
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
-
-
 def test_every_worker_loads_its_model_while_the_first_describes_it(project):
     """A first run (the model not yet described in cache/backbones.json) asks every worker, not one
     while the others wait: their models are loaded by the time their partitions come. The workers
@@ -275,7 +269,7 @@ def test_every_worker_loads_its_model_while_the_first_describes_it(project):
         wait(dask_embedder._warming)
         assert dict(os.environ) == environ, "the nannies' settings (OMP_NUM_THREADS=1, ...) stay out of this process"
         loaded = dask_embedder.client.run(_models_loaded)
-        allocators = dask_embedder.client.run(_allocator_setting)
+        allocators = dask_embedder.client.run(_trim_setting)
     assert sorted(loaded.values()) == [1, 1], loaded
     assert list(allocators.values()) == [None, None], allocators
 
