@@ -206,28 +206,22 @@ def zero_shot(settings: Settings, store, frames: Frames, reals: list[str]) -> di
 
 
 def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
-    """An official list of test videos -> {(folder, video id): 0 real | 1 fake | None (unsaid)};
-    folder names compare case-insensitively. Two formats:
+    """An official list of test videos -> {(folder, video id): 1 real | 0 fake | None (unsaid)}, in
+    Celeb-DF's labels (the manifest's are the other way round); folder names compare
+    case-insensitively. Two formats:
       text  Celeb-DF's `List_of_testing_videos.txt`: per line `<label> <folder>/<video file>`
             (label 1 = real, 0 = fake), or just the path
       JSON  a split file mapping video paths to their facts, DFDCP's `dataset.json` style:
             {"<folder>/<video file>": {"label": "fake", "set": "test"}, ...}; only entries whose
             `set` (or `split`) is test are listed"""
     listed: dict[tuple[str, str], int | None] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"{path} is not UTF-8 text; a test list is Celeb-DF's List_of_testing_videos.txt or a JSON split file."
-        ) from None
-    if path.suffix.lower() == ".json":
-        try:
-            entries = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}).") from None
-        if not isinstance(entries, dict):
-            raise ConfigError(f"{path} must map video paths to their facts, like DFDCP's dataset.json.")
-        for name, facts in entries.items():
+    listing = splits.read_listing(
+        path,
+        "a test list is Celeb-DF's List_of_testing_videos.txt or a JSON split file",
+        "map video paths to their facts, like DFDCP's dataset.json",
+    )
+    if isinstance(listing, dict):
+        for name, facts in listing.items():
             facts = facts if isinstance(facts, dict) else {}
             if str(facts.get("set", facts.get("split", "test"))).lower() != "test":
                 continue
@@ -235,7 +229,7 @@ def read_test_list(path: Path) -> dict[tuple[str, str], int | None]:
             word = str(facts.get("label", "")).lower()
             listed[(entry.parent.name.lower(), entry.stem)] = {"real": 1, "fake": 0}.get(word)
         return listed
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(listing.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue

@@ -10,7 +10,6 @@ table's schema and reader live in `pipeline.manifest_table`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from pipeline.config import ConfigError, Settings
 from pipeline.images import FileFacts
 from pipeline.manifest_table import CONTENT_COLUMNS, LABELS, SCHEMA, absolute_path, summary, write
 from pipeline.outputs import Outputs
-from pipeline.splits import assign_splits, cross_split_duplicates, read_split_dir
+from pipeline.splits import assign_splits, cross_split_duplicates, read_listing, read_split_dir
 
 log = logging.getLogger(__name__)
 
@@ -244,22 +243,15 @@ def read_labels(path: Path) -> dict[str, int]:
             raise ConfigError(f"{path}: {where} has label {word!r}; use real or fake.")
         return words[word.lower()]
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"{path} is not UTF-8 text; a labels file is JSON or lines of '<real|fake> <video path>'."
-        ) from None
-    if path.suffix.lower() == ".json":
-        try:
-            entries = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); fix it there.") from None
-        if not isinstance(entries, dict):
-            raise ConfigError(f"{path} must map video file names to labels, like DFDC's metadata.json.")
-        return {PurePosixPath(k).stem: label(v, k) for k, v in entries.items()}
+    listing = read_listing(
+        path,
+        "a labels file is JSON or lines of '<real|fake> <video path>'",
+        "map video file names to labels, like DFDC's metadata.json",
+    )
+    if isinstance(listing, dict):
+        return {PurePosixPath(k).stem: label(v, k) for k, v in listing.items()}
     out = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(listing.splitlines(), 1):
         parts = [p for p in re.split(r"[,\s]+", line.strip()) if p]
         if not parts:
             continue

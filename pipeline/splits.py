@@ -73,6 +73,25 @@ def group_videos(videos: Iterable[str]) -> dict[str, str]:
     return {v: linked.find(identities(v)[0]) for v in videos}
 
 
+def read_listing(path: Path, expected: str, json_shape: str) -> str | dict:
+    """A user's file of videos (a labels file, a test list): its JSON object where the name ends in
+    .json, else its text. `expected` says what such a file is, `json_shape` what its JSON must be;
+    both for the one-sentence errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; {expected}.") from None
+    if path.suffix.lower() != ".json":
+        return text
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); fix it there.") from None
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{path} must {json_shape}.")
+    return entries
+
+
 def read_split_dir(split_dir: Path) -> dict[str, str]:
     """FF++ official split files: identity -> split, from `{train,val,test}.json` lists of pairs."""
     assignment: dict[str, str] = {}

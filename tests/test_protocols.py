@@ -303,9 +303,15 @@ def test_a_labels_file_may_be_lines_of_label_and_path_in_either_order(tmp_path):
     with pytest.raises(ConfigError, match=r"metadata.json is not valid JSON \(.*line 1"):
         manifest.read_labels(metadata)
     (tmp_path / "list.txt").write_bytes(b"1 Celeb-real/id0_0000.mp4\n\xff\xfe")  # a binary file, or UTF-16
-    for read in (manifest.read_labels, evaluate.read_test_list):
+    (tmp_path / "list.json").write_text('["Celeb-real/id0_0000.mp4"]')  # JSON, but not an object
+    for read, shape in (
+        (manifest.read_labels, "must map video file names to labels"),
+        (evaluate.read_test_list, "must map video paths to their facts"),
+    ):
         with pytest.raises(ConfigError, match="is not UTF-8 text"):
             read(tmp_path / "list.txt")
+        with pytest.raises(ConfigError, match=shape):
+            read(tmp_path / "list.json")
 
 
 def test_an_official_split_file_in_json_lists_only_its_test_videos(celeb_project):
