@@ -4,6 +4,8 @@ family's own reference path (its processor or transform, its model forward) comp
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -14,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import backbones, evaluate, extract, images, manifest, manifest_table, train
+from pipeline import backbones, embedder, evaluate, extract, images, manifest, manifest_table, train
 from pipeline.config import ConfigError, ModelSettings, load
 from pipeline.outputs import Outputs
 from pipeline.store import caches
@@ -185,6 +187,30 @@ def test_preprocessing_is_the_familys_own_bit_for_bit(family, checkpoint_dir, tm
                     np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{family} {mode} {size} {key}")
             else:
                 np.testing.assert_array_equal(ours, theirs, err_msg=f"{family} {mode} {size}")
+
+
+def test_a_processor_with_several_outputs_reads_the_same_batches_whole_or_in_parts(checkpoint_dir, tmp_path):
+    """SigLIP2's processor gives each image its patches, their mask and the patch grid: batches
+    read in parts by several readers and joined (a GPU's way) hold what batches read whole hold,
+    also where a part, or a whole batch, failed."""
+    directory = checkpoint_dir("siglip2")
+    preprocess = backbones.load(ModelSettings(name=str(directory), layers=["pooled"]), "cpu", "fp32").preprocess
+    sizes = [(72, 64), (40, 30), (200, 90), (64, 64), (90, 200), (30, 40), (50, 50), (33, 77)]
+    files = [image_file(tmp_path, "RGB", size) for size in sizes]
+    items = [embedder.Item(hashlib.sha256(f.read_bytes()).hexdigest(), f.name, f) for f in files]
+    for n in (2, 4, 5):  # changed since the manifest: a failure inside a part, then a part of failures
+        items[n] = dataclasses.replace(items[n], digest="0" * 64)
+    whole = list(embedder.threaded_batches(items, preprocess, 4, 0, False, in_parts=False))
+    assert whole[0].errors[2] is not None
+    assert set(whole[1].pixels) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
+    for reader in (embedder.read_batches, embedder.threaded_batches):
+        parts = list(reader(items + items[4:6], preprocess, 4, 2, False, in_parts=True))  # the last batch: all failed
+        assert parts[-1].pixels is None and all(parts[-1].errors)
+        for got, want in zip(parts, whole, strict=False):
+            assert (got.digests, got.errors) == (want.digests, want.errors), reader.__name__
+            assert set(got.pixels) == set(want.pixels)
+            for key, values in want.pixels.items():
+                assert torch.equal(got.pixels[key], values), (reader.__name__, key)
 
 
 @pytest.mark.parametrize(
