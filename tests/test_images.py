@@ -61,6 +61,24 @@ def test_every_pixel_value_of_every_channel_is_normalised_as_the_processor_does(
     np.testing.assert_array_equal(array, expected)
 
 
+def test_a_crop_larger_than_the_resized_image_is_zero_padded_as_the_processor_pads(tiny_clip, tmp_path):
+    """A processor whose crop is larger than its shortest edge (or than one side) pads the image
+    with zeros around it before normalising: ours pads as it does, odd margins included."""
+    config = json.loads((tiny_clip / "preprocessor_config.json").read_text())
+    config.update(size={"shortest_edge": 20}, crop_size={"height": 27, "width": 25})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    hf = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    ours = Preprocess.from_hf_config(config)
+    for size in [(72, 64), (20, 23), (19, 61), (200, 90)]:
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        random_image("RGB", size).save(path)
+        array, error = images.load(path, ours)
+        with Image.open(path) as reloaded:
+            expected = hf(images=reloaded, return_tensors="np")["pixel_values"][0]
+        assert error is None and array.shape == expected.shape == (3, 27, 25)
+        np.testing.assert_array_equal(array, expected, err_msg=str(size))
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tiny_clip, tmp_path):
     ours = Preprocess.from_hf_config(json.loads((tiny_clip / "preprocessor_config.json").read_text()))
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
