@@ -298,6 +298,33 @@ def test_a_shard_the_index_lists_but_the_disk_lacks_is_an_error_and_repair_drops
     assert repaired.verify() == [] and repaired.keys() == {"a", "b"}, "the next extract re-embeds c and d only"
 
 
+def test_a_damaged_index_is_one_clear_error_and_repair_rebuilds_it_from_the_shards(store, fmt):
+    """A damaged `index.json` (a crash of an older writer, a bad merge) stops every reader with one
+    sentence naming repair; repair lists the shards on disk again and drops a damaged prompt table
+    too (extract embeds the prompts again), and every embedded row is still there."""
+    store.commit(rows(["a", "b"]), fmt)
+    store.commit(rows(["c"], seed=2), fmt)
+    store.write_index()
+    text.add(
+        store.directory,
+        {"a real face": np.ones(4, np.float32)},
+        {"logit_scale": 100.0, "logit_bias": 0.0, "scoring": "softmax"},
+    )
+    damage(store.directory / "index.json", "truncate")
+    damage(store.directory / text.FILENAME, "truncate")
+    fresh = EmbeddingStore.open(store.directory)
+    with pytest.raises(StoreError, match=r"index\.json is damaged; run `python -m pipeline cache repair`"):
+        fresh.keys()
+    assert any("index.json is damaged" in p for p in fresh.verify())
+
+    with fresh.writer_lock():
+        done = fresh.repair()
+    assert "rebuilt the damaged index.json" in done and any(text.FILENAME in d for d in done)
+    repaired = EmbeddingStore.open(store.directory)
+    assert repaired.verify() == [] and repaired.keys() == {"a", "b", "c"}
+    assert not (store.directory / text.FILENAME).exists()
+
+
 def test_repair_removes_a_damaged_shard_and_keeps_the_sound_ones(store, fmt):
     store.commit(rows(["a", "b"]), fmt)
     victim = store.commit(rows(["c"], seed=2), fmt)
