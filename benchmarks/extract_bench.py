@@ -27,9 +27,15 @@ measured in the same run; --throughput-only leaves out (a), the incremental and 
 
 from __future__ import annotations
 
+import os
+
+# What `python -m pipeline extract` sets before it imports torch (pipeline.cli.idle_openmp_threads_sleep),
+# since (b) and (c) run in this process. Before it: `GOMP_SPINCOUNT=300000 python benchmarks/extract_bench.py`
+# (GNU OpenMP's spin without a policy; a spin count wins over the policy).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import logging
-import os
 import resource
 import shutil
 import signal
@@ -422,7 +428,8 @@ def main() -> None:
         f"precision {backbone.precision}{', compiled' if args.compile else ''}, batch {args.batch_size}, "
         f"workers {args.workers} ({args.reader}), "
         f"torch threads {torch.get_num_threads()}{f' ({host_threads} while embedding)' if gpu else ''}, "
-        f"cpu bf16 {backbones.cpu_supports_bf16()} {cpu_bf16_flags()}"
+        f"cpu bf16 {backbones.cpu_supports_bf16()} {cpu_bf16_flags()}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}"
+        + (f" (GOMP_SPINCOUNT {os.environ['GOMP_SPINCOUNT']})" if "GOMP_SPINCOUNT" in os.environ else "")
     )
     rows = [
         ("(b) this extractor", f"{rate_b:8.1f} img/s", ""),

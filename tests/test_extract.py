@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -24,7 +25,7 @@ from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, 
 from pipeline.outputs import Outputs
 from pipeline.probes import LinearProbe
 from pipeline.store import EmbeddingStore, caches, text
-from tests.conftest import CUDA, update_params
+from tests.conftest import CUDA, REPO, update_params
 
 FORKS: list[str] = []  # every os.fork of this test process (reader processes), for the tests to count
 sys.addaudithook(lambda event, args: FORKS.append(event) if event == "os.fork" else None)
@@ -236,6 +237,28 @@ def strip_png() -> bytes:
     Image.new("L", (1, 2_000_000), 128).save(buf, "PNG")
     assert len(buf.getvalue()) < 10_000
     return buf.getvalue()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU OpenMP's settings display: Linux's torch")
+def test_the_extract_command_lets_torchs_idle_openmp_threads_sleep_unless_told_otherwise(project):
+    """`python -m pipeline extract` loads torch with OMP_WAIT_POLICY=PASSIVE (its threads spun
+    between a model's operations on cores the readers could have used); a policy the user set is
+    kept. GNU OpenMP says what it read as it loads (OMP_DISPLAY_ENV): the spin count tells passive
+    (0) from its default (300,000), which it displays as PASSIVE too."""
+    manifest.run(config.load(project / "params.yaml"), Outputs(project))
+    command = [sys.executable, "-m", "pipeline", "extract", "--params", str(project / "params.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, shown in ((None, "GOMP_SPINCOUNT = '0'"), ("ACTIVE", "OMP_WAIT_POLICY = 'ACTIVE'")):
+        run = subprocess.run(
+            command,
+            env={**env, "OMP_DISPLAY_ENV": "VERBOSE", **({"OMP_WAIT_POLICY": given} if given else {})},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        assert shown in run.stderr, run.stderr[:2000]
 
 
 def test_odd_modes_are_embedded_and_bad_files_recorded_without_stopping_the_run(project, caplog):
