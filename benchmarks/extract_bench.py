@@ -203,6 +203,20 @@ class TaskCount(logging.Handler):
             self.partitions = record.args[0]
 
 
+class EmbeddingPhase(logging.Handler):
+    """The seconds extract.run logs for its embedding phase ("embedded N images in S s"): from the
+    first image read to the last committed, without what comes before it (a dask cluster's start,
+    its workers importing torch and loading the model)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("embedded %d images in"):
+            self.seconds = record.args[1]
+
+
 class BatchTimes(logging.Handler):
     """Sums the extractor's per-batch debug timings: waiting for the readers (decode), submitting
     (the copy in; on a CPU the whole forward pass), waiting for the device, writing."""
@@ -249,7 +263,8 @@ def readers_alone(
 
 def timed_extract(
     settings, outputs, backbone, times: BatchTimes | None = None, reader: embedder.Reader = embedder.read_batches
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
+    """(seconds, images embedded, seconds of the embedding phase: `EmbeddingPhase`)"""
     before = sum(s.count() for s in caches(outputs.embeddings))
     log = logging.getLogger(embedder.__name__)
     if times:
@@ -258,15 +273,20 @@ def timed_extract(
     # With extract.scheduler dask, the embedder that scheduler names (a DaskEmbedder): handing a
     # LocalEmbedder over here made (d) time the local extractor again, from ebf4185 to d29c443.
     local = None if settings.extract.scheduler == "dask" else embedder.LocalEmbedder(settings, backbone, reader=reader)
+    phase, extract_log = EmbeddingPhase(), logging.getLogger(extract.__name__)
+    extract_log.addHandler(phase)
+    extract_log.setLevel(logging.INFO)
     start = time.perf_counter()
     try:
         extract.run(settings, outputs, embedder=local)
     finally:
         log.removeHandler(times)
         log.setLevel(logging.NOTSET)
+        extract_log.removeHandler(phase)
+        extract_log.setLevel(logging.NOTSET)
     seconds = time.perf_counter() - start
     after = sum(s.count() for s in caches(outputs.embeddings))
-    return seconds, after - before
+    return seconds, after - before, phase.seconds
 
 
 def kill_at_half(project: Path, total: int) -> None:
@@ -374,7 +394,7 @@ def main() -> None:
         host_threads = torch.get_num_threads()
         rate_r, first_r, start_r = readers_alone(reader, items, backbone.preprocess, args.batch_size, args.workers, gpu)
     times = BatchTimes()
-    full_s, embedded = timed_extract(settings, outputs, backbone, times, reader)
+    full_s, embedded, phase_b = timed_extract(settings, outputs, backbone, times, reader)
     assert embedded == n, (embedded, n)
     rate_b = n / full_s
     rates_c = (rate_c, forward_only(backbone, n, args.batch_size))
@@ -385,14 +405,14 @@ def main() -> None:
         extra = max(1, n // 100)
         make_images(work / "data" / "real", extra, start=len(paths))
         manifest.run(settings, outputs)
-        inc_s, inc_n = timed_extract(settings, outputs, backbone, reader=reader)
+        inc_s, inc_n, _ = timed_extract(settings, outputs, backbone, reader=reader)
         assert inc_n == extra
 
         # Resume: a fresh cache, SIGKILL at 50 %, then the resumed run.
         for store in caches(outputs.embeddings):
             shutil.rmtree(store.directory)
         kill_at_half(work, n + extra)
-        resume_s, resume_n = timed_extract(settings, outputs, backbone, reader=reader)
+        resume_s, resume_n, _ = timed_extract(settings, outputs, backbone, reader=reader)
 
     # Optionally: the same full run on a dask LocalCluster (each worker builds its own model).
     rate_dask = None
@@ -406,7 +426,7 @@ def main() -> None:
         logging.getLogger(distributed.__name__).addHandler(tasks)
         logging.getLogger(distributed.__name__).setLevel(logging.INFO)
         with dask.config.set({"distributed.worker.daemon": args.dask_readers == "threads"}):
-            dask_s, dask_n = timed_extract(config.load(work / "params.yaml"), outputs, None)
+            dask_s, dask_n, phase_d = timed_extract(config.load(work / "params.yaml"), outputs, None)
         assert tasks.partitions, "the dask run did not go through the DaskEmbedder"
         rate_dask = dask_n / dask_s
 
@@ -471,6 +491,14 @@ def main() -> None:
                 f"(d) dask LocalCluster, {args.dask} workers, readers: {args.dask_readers}",
                 f"{rate_dask:8.1f} img/s",
                 f"d/b {rate_dask / rate_b:.2f}; includes starting the cluster and loading the model in every worker",
+            )
+        )
+        rows.append(
+            (
+                "(d) embedding phase / (b) embedding phase",
+                f"{phase_b / phase_d:8.2f}",
+                f"{dask_n / phase_d:.1f} and {n / phase_b:.1f} img/s: from the first image read to the last committed "
+                f"(extract's log); the dask run's {dask_s - phase_d:.1f} s before and after it are its fixed cost",
             )
         )
     width = max(len(r[0]) for r in rows)
