@@ -203,6 +203,24 @@ def test_a_foreign_shard_is_refused_not_read(store, fmt, tmp_path):
         store.keys()
 
 
+def test_repair_sends_a_shard_of_another_cache_home_and_never_deletes_it(store, fmt, tmp_path):
+    """A shard of another cache (copied into this one by hand) stops every reader; repair moves it
+    into the cache it belongs to where that is beside this one, else into this cache's `foreign/`:
+    embeddings are never deleted for being in the wrong place."""
+    home = EmbeddingStore.create(store.directory.parent, "org/model", {**DESCRIPTION, "dtype": "float16"}, DIMS)
+    elsewhere = EmbeddingStore.create(tmp_path / "elsewhere", "org/model", {**DESCRIPTION, "layers": ["pooled"]}, DIMS)
+    store.commit(rows(["a"]), fmt)
+    strays = [home.commit(rows(["b"], seed=2), fmt), elsewhere.commit(rows(["c"], seed=3), fmt)]
+    for stray in strays:
+        stray.rename(store.directory / "shards" / stray.name)
+    with store.writer_lock():
+        done = store.repair()
+    assert len(done) == 2 and all("another cache" in d for d in done), done
+    assert EmbeddingStore.open(store.directory).keys() == {"a"} and store.verify() == []
+    assert EmbeddingStore.open(home.directory).keys() == {"b"}, "back home, readable there"
+    assert (store.directory / "foreign" / strays[1].name).is_file(), "kept aside: its cache is not here"
+
+
 def test_a_second_writer_gets_a_clear_error(store):
     with store.writer_lock():
         again = EmbeddingStore.open(store.directory)

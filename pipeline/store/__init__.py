@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 FORMATS = {"parquet": parquet, "hdf5": hdf5}
 _BY_SUFFIX = {module.SUFFIX: module for module in FORMATS.values()}
 INDEX = "index.json"
+FOREIGN = "foreign"  # where repair keeps shards of another cache that is not beside this one
 REPAIR_HINT = "run `python -m pipeline cache repair` to drop it, then `dvc repro` (extract re-embeds only its rows)"
 CUT_KEYS = (
     "an HDF5 shard written before 2026-11-27, whose keys were cut to 64 characters: a video frame's "
@@ -65,6 +66,17 @@ class DamagedShard(StoreError):
     def __init__(self, shard: Path, why: str):
         self.shard, self.why = shard, why
         super().__init__(f"shard {shard} is damaged ({why}); {REPAIR_HINT}.")
+
+
+class ForeignShard(StoreError):
+    """A sound shard of another cache (another fingerprint) in this cache's folder."""
+
+    def __init__(self, shard: Path, fingerprint: str, layers: list[str], directory: Path):
+        self.shard, self.fingerprint = shard, fingerprint
+        super().__init__(
+            f"shard {shard} was written for fingerprint {fingerprint} (layers {layers}), not this cache's; move it "
+            f"out of {directory} (`python -m pipeline cache repair` moves it into its own cache, or aside)."
+        )
 
 
 # flock locks belong to the open file, which forked children (DataLoader workers) share: a
@@ -336,10 +348,7 @@ class EmbeddingStore:
         except Exception as exc:
             raise DamagedShard(shard, f"unreadable header: {type(exc).__name__}: {exc}") from None
         if header.fingerprint != self.header.fingerprint or header.layers != self.header.layers:
-            raise StoreError(
-                f"shard {shard} was written for fingerprint {header.fingerprint} (layers {header.layers}), "
-                f"not this cache's {self.header.fingerprint}; move it out of {self.directory}."
-            )
+            raise ForeignShard(shard, header.fingerprint, header.layers, self.directory)
 
     # ------------------------------------------------------------------ writing
 
@@ -436,9 +445,17 @@ class EmbeddingStore:
             done.append(f"forgot the missing shard {name}")
         for shard in self.shard_paths():
             problem = self.shard_problem(shard)
-            if problem:
-                shard.unlink()
-                done.append(f"removed {shard} ({problem})")
+            if not problem:
+                continue
+            try:
+                self._checked(shard, lambda _: None)  # its bytes and its header only
+            except ForeignShard as exc:
+                done.append(self._send_home(shard, exc.fingerprint))
+                continue
+            except StoreError:
+                pass
+            shard.unlink()
+            done.append(f"removed {shard} ({problem})")
         atomic.write_json(self.directory / INDEX, {"shards": sorted(p.name for p in self.shard_paths())})
         prompts = self.directory / text.FILENAME
         if prompts.exists():
@@ -449,6 +466,15 @@ class EmbeddingStore:
                 done.append(f"removed the damaged {prompts} (extract embeds the prompts again)")
         self._index = self._cut = None
         return done
+
+    def _send_home(self, shard: Path, fp: str) -> str:
+        """Move a sound shard of another cache into that cache where it is beside this one (its
+        readers take it as one of theirs), else into `foreign/` here; says which."""
+        home = existing_cache(self.directory.parent, fp)
+        target = home / "shards" if home is not None else self.directory / FOREIGN
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(shard, target / shard.name)  # content-named: the same name there is the same bytes
+        return f"moved {shard} (a shard of another cache, fingerprint {fp}) to {target}"
 
     def remove_leftovers(self) -> int:
         """Delete temp files of interrupted writers (call only while holding the writer lock)."""
