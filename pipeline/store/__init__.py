@@ -471,7 +471,7 @@ class EmbeddingStore:
         """Move a sound shard of another cache into that cache where it is beside this one (its
         readers take it as one of theirs), else into `foreign/` here; says which."""
         home = existing_cache(self.directory.parent, fp)
-        target = home / "shards" if home is not None else self.directory / FOREIGN
+        target = home / "shards" if home not in (None, self.directory) else self.directory / FOREIGN
         target.mkdir(parents=True, exist_ok=True)
         os.replace(shard, target / shard.name)  # content-named: the same name there is the same bytes
         return f"moved {shard} (a shard of another cache, fingerprint {fp}) to {target}"
