@@ -5,11 +5,11 @@ as a multiple of the workers, so that they all finish together (`partition_size`
 partition is one task. A worker builds the backbone once (inside its own process: the model is never
 pickled) and commits its own shards straight into the shared cache directory (atomic,
 content-named, so workers never collide). The client holds the cache's writer lock for the
-whole run and shows progress. A task whose worker dies is rerun elsewhere by dask, and one that
-raises is rerun from its start with nothing of the failed attempt committed, unless its settings
-stopped it (a batch the GPU has no memory for): that one would fail again, so it keeps what it
-embedded and the run stops with its sentence. A run that is stopped loses only uncommitted
-partitions, and the next run embeds just what is missing.
+whole run and shows progress, batch by batch (`PartitionProgress`). A task whose worker dies is
+rerun elsewhere by dask, and one that raises is rerun from its start with nothing of the failed
+attempt committed, unless its settings stopped it (a batch the GPU has no memory for): that one
+would fail again, so it keeps what it embedded and the run stops with its sentence. A run that
+is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
 Inside a task, `extract.num_workers` readers decode batches ahead of the model: threads in a
 daemonic worker process (dask's default: it cannot have children; `embedder.threaded_batches`),
 processes started once and kept for every partition in one that is not
@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -142,11 +144,18 @@ class FaceJob:
 
 
 def embed_partition(
-    items: list, store_dir: str, model: ModelSettings, extract: ExtractSettings, faces_job: FaceJob | None = None
+    items: list,
+    store_dir: str,
+    model: ModelSettings,
+    extract: ExtractSettings,
+    faces_job: FaceJob | None = None,
+    progress: tuple[str, int] | None = None,
 ) -> tuple[int, list, str | None]:
     """Runs on a worker: embed `items` (their face crops, with `faces_job`) and commit them as
     shard(s) of the cache at `store_dir`; returns (items done, paths of files that changed since
     the manifest, None). Face detections are read from and committed to the shared detection cache.
+    `progress`: (topic, partition number): after each batch, how many of its images this attempt
+    has embedded is logged as an event on the topic (`PartitionProgress`, the client's bar).
 
     A task stopped by its settings (a `ConfigError`: a batch the GPU has no memory for, NaN at
     fp16, a model that does not fit) would fail the same way again if dask retried it, so it
@@ -182,6 +191,7 @@ def embed_partition(
             progress=False,
             reader=_reader(crops),
             crops=crops,
+            on_batch=_reporter(*progress) if progress else None,
         )
     except ConfigError as exc:
         writer.close()
@@ -193,6 +203,57 @@ def embed_partition(
         raise
     writer.close()
     return len(items), changed, None
+
+
+def _reporter(topic: str, partition: int) -> Callable[[int], None]:
+    """Runs on a worker: a callback that logs, per batch, [partition, attempt, images embedded by
+    this attempt] on `topic` (an attempt is one run of the task: dask reruns a task whose worker
+    died, from its first image)."""
+    from distributed import get_worker
+
+    worker, attempt, done = get_worker(), uuid.uuid4().hex, 0
+
+    def report(images: int) -> None:
+        nonlocal done
+        done += images
+        worker.log_event(topic, [partition, attempt, done])
+
+    return report
+
+
+class PartitionProgress:
+    """A progress bar over the partitions of a dask run, moved by the workers' per-batch reports
+    (`_reporter`), so that a partition of thousands of images on a CPU worker does not hold the
+    bar still for minutes. A partition counts the images of its latest attempt: one that dask
+    reruns starts again from zero, and a report of an attempt it replaced, or of a partition whose
+    result has come, changes nothing. Reports arrive on the client's event loop, results on the
+    caller's thread: both go through one lock."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+        self._lock = threading.Lock()
+        self._done: dict[int, int] = {}
+        self._attempt: dict[int, str] = {}
+        self._replaced: set[str] = set()
+        self._finished: set[int] = set()
+
+    def report(self, partition: int, attempt: str, done: int) -> None:
+        with self._lock:
+            if partition in self._finished or attempt in self._replaced:
+                return
+            if self._attempt.setdefault(partition, attempt) != attempt:
+                self._replaced.add(self._attempt[partition])
+                self._attempt[partition] = attempt
+            self._move(partition, done)
+
+    def finish(self, partition: int, done: int) -> None:
+        with self._lock:
+            self._finished.add(partition)
+            self._move(partition, done)
+
+    def _move(self, partition: int, done: int) -> None:
+        self.bar.update(done - self._done.get(partition, 0))
+        self._done[partition] = done
 
 
 def _reader(crops) -> Callable:
@@ -326,27 +387,34 @@ class DaskEmbedder:
         size = partition_size(len(items), self.extract.shard_size, self.extract.batch_size, workers)
         partitions = [items[i : i + size] for i in range(0, len(items), size)]
         log.info("dask: %d partitions of up to %d images for %d workers", len(partitions), size, workers)
-        futures = [
-            self.client.submit(
-                embed_partition,
-                part,
-                str(store.directory),
-                self.model,
-                self.extract,
-                self._face_job(part),
-                pure=False,
-                retries=2,
-            )
-            for part in partitions
-        ]
+        topic = f"pipeline-extract-progress-{uuid.uuid4().hex}"  # this run's, on a scheduler others may share
         changed: list[str] = []
         with tqdm(total=len(items), desc="embedding (dask)", unit="img", smoothing=0.1) as bar:
-            for future in as_completed(futures):
-                n, partition_changed, stopped = future.result()
-                if stopped is not None:
-                    raise ConfigError(stopped)
-                changed += partition_changed
-                bar.update(n)
+            progress = PartitionProgress(bar)
+            self.client.subscribe_topic(topic, lambda event: progress.report(*event[1]))
+            try:
+                futures = {
+                    self.client.submit(
+                        embed_partition,
+                        part,
+                        str(store.directory),
+                        self.model,
+                        self.extract,
+                        self._face_job(part),
+                        (topic, number),
+                        pure=False,
+                        retries=2,
+                    ): number
+                    for number, part in enumerate(partitions)
+                }
+                for future in as_completed(futures):
+                    n, partition_changed, stopped = future.result()
+                    if stopped is not None:
+                        raise ConfigError(stopped)
+                    changed += partition_changed
+                    progress.finish(futures[future], n)
+            finally:
+                self.client.unsubscribe_topic(topic)
         return changed
 
     def _face_job(self, items: list) -> FaceJob | None:

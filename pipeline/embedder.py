@@ -586,10 +586,12 @@ def embed_items(
     reader: Reader = read_batches,
     crops: faces.FaceStage | None = None,
     in_flight: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Run the reader -> model -> writer loop over `items` (face crops first, with `crops`);
     returns the paths of files that changed since the manifest or are not on this machine
-    (`images.STALE`: embedded and recorded under no key).
+    (`images.STALE`: embedded and recorded under no key). `on_batch` is told the number of
+    images in each batch handed to the writer (a dask task's progress, for the client's bar).
 
     Up to `in_flight` batches (default: IN_FLIGHT on a GPU, none on a CPU, where submitting does
     the work and holding it back would only delay writing it) are submitted to the model
@@ -627,6 +629,8 @@ def embed_items(
             log.debug("batch of %d: read %.3f s, submit %.3f s, wait %.3f s, write %.3f s", len(rows), *timings)
             changed.extend(p for p, e in zip(batch.paths, batch.errors, strict=True) if e in images.STALE)
             bar.update(len(batch.digests))
+            if on_batch is not None:
+                on_batch(len(batch.digests))
 
         started = time.perf_counter()
         first, starved, count = None, 0.0, 0  # after the first batch: the time spent waiting for the readers

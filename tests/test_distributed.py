@@ -3,7 +3,9 @@ and survives a worker killed mid-run."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 import signal
 
@@ -11,10 +13,11 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from tqdm import tqdm
 
 from pipeline import config, extract, manifest
 from pipeline.config import ConfigError
-from pipeline.distributed import _trim_setting, gpu_for, partition_size
+from pipeline.distributed import PartitionProgress, _trim_setting, gpu_for, partition_size
 from pipeline.outputs import Outputs
 from pipeline.store import caches
 from pipeline.store.parquet import read_keys
@@ -76,9 +79,10 @@ def test_a_dask_run_with_nothing_new_after_a_local_run_starts_no_cluster(project
     assert extract.run(config.load(project / "params.yaml"), outputs) == local and started == []
 
 
-def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, monkeypatch, tmp_path):
+def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, monkeypatch, tmp_path, capfd):
     """dask reruns a task that raised (`retries`), from its first image: the rows its failed
-    attempt had embedded are not committed beside the rerun's (each digest in one shard)."""
+    attempt had embedded are not committed beside the rerun's (each digest in one shard). The
+    progress bar moves batch by batch within the one partition, and never counts an image twice."""
     from tests.conftest import PAUSE_DIR
 
     marker = tmp_path / "failed once"
@@ -93,6 +97,10 @@ def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, 
     (store,) = caches(outputs.embeddings)
     committed = [d for shard in store.shard_paths() for d in read_keys(shard)[0]]
     assert sorted(committed) == sorted(set(table.column("digest").to_pylist()))
+    total = len(set(table.column("digest").to_pylist()))
+    shown = [int(n) for n in re.findall(rf"embedding \(dask\):[^|]*\|[^|]*\| *(\d+)/{total}\b", capfd.readouterr().err)]
+    assert shown[-1] == total and max(shown) == total, shown
+    assert any(0 < n < total for n in shown), f"one partition of {total} images, shown only whole: {shown}"
 
 
 def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedded(project, monkeypatch, tmp_path):
@@ -245,6 +253,26 @@ def test_partitions_keep_every_worker_busy_to_the_end():
             loads[loads.index(min(loads))] += s
         rounds = -(-len(sizes) // workers)
         assert max(loads) <= n / workers + rounds * batch, (n, shard, batch, workers, sizes, loads)
+
+
+def test_progress_counts_each_partitions_latest_attempt_and_its_result_once():
+    """The workers' per-batch reports arrive on the client's event loop, in any order across
+    workers: a rerun attempt restarts its partition's count, a late report of the attempt it
+    replaced or of a finished partition moves nothing, and the results make the exact total."""
+    bar = tqdm(total=100, file=io.StringIO())
+    progress = PartitionProgress(bar)
+    progress.report(0, "a", 20)
+    progress.report(1, "c", 10)
+    progress.report(0, "b", 4)  # partition 0 rerun after its worker died
+    assert bar.n == 14
+    progress.report(0, "a", 40)  # the dead attempt's last report, late
+    assert bar.n == 14
+    progress.finish(1, 50)
+    progress.report(1, "c", 30)  # after its result
+    progress.report(0, "b", 24)
+    assert bar.n == 74
+    progress.finish(0, 50)
+    assert bar.n == 100
 
 
 def _models_loaded() -> int:
