@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tqdm import tqdm
 from transformers import AutoImageProcessor, CLIPModel
 
 from pipeline import backbones, cli, config, demo, embedder, evaluate, extract, manifest, predict, train
@@ -494,7 +496,10 @@ def test_cache_info_and_verify_commands(project, capsys):
     out = capsys.readouterr().out
     assert "(current)" in out and "manifest images embedded, 0 failed" in out and "shards" in out
     assert cli.main(["cache", "verify", "--params", params]) == 0
-    assert ", ok" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert ", ok" in shown.out
+    size = tqdm.format_sizeof(sum(p.stat().st_size for p in (project / "cache" / "embeddings").glob("*/shards/*")))
+    assert re.search(rf"verifying tiny-clip-\w+: 100%.*\| {size}/{size} ", shown.err), "progress in bytes read"
 
     shard = next((project / "cache" / "embeddings").glob("*/shards/*.parquet"))
     data = bytearray(shard.read_bytes())

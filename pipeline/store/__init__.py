@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline import atomic
 from pipeline.config import ConfigError
@@ -414,6 +415,21 @@ class EmbeddingStore:
             return "it repeats a digest"
         return None
 
+    def _rechecking(self, what: str) -> Iterator[Path]:
+        """The shards, with a progress bar of the bytes read again (rate, ETA): a cache of every
+        layer of a large model on tens of thousands of frames holds gigabytes."""
+        shards = self.shard_paths()
+        sizes = []
+        for shard in shards:
+            try:
+                sizes.append(shard.stat().st_size)
+            except OSError:
+                sizes.append(0)
+        with tqdm(total=sum(sizes), desc=f"{what} {self.directory.name}", unit="B", unit_scale=True) as bar:
+            for shard, size in zip(shards, sizes, strict=True):
+                yield shard
+                bar.update(size)
+
     def verify(self) -> list[str]:
         """Problems found re-checking every shard, the index and the prompt table (empty when sound)."""
         problems = []
@@ -421,7 +437,7 @@ class EmbeddingStore:
             problems += [f"{p}: listed in {INDEX} but missing" for p in self.missing_shards()]
         except StoreError as exc:
             problems.append(str(exc))
-        for shard in self.shard_paths():
+        for shard in self._rechecking("verifying"):
             problem = self.shard_problem(shard)
             if problem:
                 problems.append(f"{shard}: {problem}")
@@ -443,7 +459,7 @@ class EmbeddingStore:
             done.append(f"rebuilt the damaged {INDEX}")
         for name in sorted(listed - {p.name for p in self.shard_paths()}):
             done.append(f"forgot the missing shard {name}")
-        for shard in self.shard_paths():
+        for shard in self._rechecking("repairing"):
             problem = self.shard_problem(shard)
             if not problem:
                 continue
