@@ -32,6 +32,7 @@ parts, like the shards): a rerun, or another scheduler, detects nothing twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 # without it; a remote scheduler's workers that have it are named, with how to start them without
 # (`allocator_hint`).
 TRIM = "MALLOC_TRIM_THRESHOLD_"
+# Write errors that a rerun of the task would meet again, after embedding its partition again: a
+# full disk, a quota, a read-only or forbidden cache folder.
+LASTING_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _BACKBONES: dict = {}  # per worker process: (model, device, precision) -> Backbone
 _READERS: list = []  # per worker process: its embedder.KeptReaders, once made
 
@@ -150,7 +154,7 @@ def embed_partition(
     extract: ExtractSettings,
     faces_job: FaceJob | None = None,
     progress: tuple[str, int] | None = None,
-) -> tuple[int, list, str | None]:
+) -> tuple[int, list, str | OSError | None]:
     """Runs on a worker: embed `items` (their face crops, with `faces_job`) and commit them as
     shard(s) of the cache at `store_dir`; returns (items done, paths of files that changed since
     the manifest, None). Face detections are read from and committed to the shared detection cache.
@@ -160,7 +164,8 @@ def embed_partition(
     A task stopped by its settings (a `ConfigError`: a batch the GPU has no memory for, NaN at
     fp16, a model that does not fit) would fail the same way again if dask retried it, so it
     commits the batches embedded before, as a local run does, and returns (0, [], the sentence)
-    instead of raising: dask retries a task that raises."""
+    instead of raising: dask retries a task that raises. So does one stopped by a write error
+    that lasts (`LASTING_ERRORS`: a full disk), returning (0, [], the OSError)."""
     from pipeline import embedder, faces
     from pipeline.store import EmbeddingStore
 
@@ -182,26 +187,31 @@ def embed_partition(
         raise RuntimeError(f"worker {os.getpid()} computes another fingerprint than the cache {store_dir}")
     writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
-        changed = embedder.embed_items(
-            items,
-            backbone,
-            writer,
-            extract.batch_size,
-            num_workers=max(1, extract.num_workers),
-            progress=False,
-            reader=_reader(crops),
-            crops=crops,
-            on_batch=_reporter(*progress) if progress else None,
-        )
-    except ConfigError as exc:
+        try:
+            changed = embedder.embed_items(
+                items,
+                backbone,
+                writer,
+                extract.batch_size,
+                num_workers=max(1, extract.num_workers),
+                progress=False,
+                reader=_reader(crops),
+                crops=crops,
+                on_batch=_reporter(*progress) if progress else None,
+            )
+        except ConfigError as exc:
+            writer.close()
+            return 0, [], str(exc)
+        except BaseException:
+            # dask reruns the task from its first item (`retries`), and a partition is one shard:
+            # what this attempt embedded is dropped, not committed beside the rerun's rows.
+            writer.abandon()
+            raise
         writer.close()
-        return 0, [], str(exc)
-    except BaseException:
-        # dask reruns the task from its first item (`retries`), and a partition is one shard: what
-        # this attempt embedded is dropped, not committed beside the rerun's rows.
-        writer.abandon()
-        raise
-    writer.close()
+    except OSError as exc:
+        if exc.errno not in LASTING_ERRORS:
+            raise
+        return 0, [], exc
     return len(items), changed, None
 
 
@@ -409,6 +419,8 @@ class DaskEmbedder:
                 }
                 for future in as_completed(futures):
                     n, partition_changed, stopped = future.result()
+                    if isinstance(stopped, OSError):
+                        raise stopped  # the local run's error (cli.os_error_sentence)
                     if stopped is not None:
                         raise ConfigError(stopped)
                     changed += partition_changed

@@ -3,6 +3,7 @@ and survives a worker killed mid-run."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -123,6 +124,24 @@ def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedde
     (store,) = caches(outputs.embeddings)
     assert store.keys() == set(table.column("digest").to_pylist()[:8]), "its first two batches are committed"
     assert store.verify() == []
+
+
+def test_a_task_stopped_by_a_full_disk_is_not_retried(project, monkeypatch, tmp_path):
+    """A full disk (or quota, or a read-only cache) is no transient error: a task whose shard
+    cannot be written runs once, not three times (each rerun embeds its whole partition again
+    before it fails at the same write), and the run stops with the local run's error."""
+    from tests.conftest import PAUSE_DIR
+
+    log = tmp_path / "shards refused"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("NO_SPACE_LEFT_LOG", str(log))
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    with pytest.raises(OSError) as stopped:
+        extract.run(settings, outputs)
+    assert stopped.value.errno == errno.ENOSPC and "/shards/" in stopped.value.filename
+    assert len(log.read_text().splitlines()) == 1, "the task ran once"
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:

@@ -4,7 +4,9 @@ process (`images.apply`, called once per image) stops for good after N images an
 images raises there once (it creates the marker; no process fails after that), as a transient
 error in a dask task would; with OUT_OF_MEMORY_ON=<end of a path> and OUT_OF_MEMORY_LOG=<path>,
 decoding the file whose path ends so raises CUDA's out-of-memory error every time (and appends a
-line to the log), as a batch too large for a GPU would; without them, this file does nothing."""
+line to the log), as a batch too large for a GPU would; with NO_SPACE_LEFT_LOG=<path>, writing a
+shard raises ENOSPC every time (and appends a line to the log), as a full disk would; without
+them, this file does nothing."""
 
 import os
 
@@ -59,3 +61,19 @@ if os.environ.get("OUT_OF_MEMORY_ON"):
         return _decode(path, *args, **kwargs)
 
     images.decode = _out_of_memory_on
+
+if os.environ.get("NO_SPACE_LEFT_LOG"):
+    import errno
+
+    from pipeline import atomic
+
+    _write_bytes = atomic.write_bytes
+
+    def _no_space_for_shards(target, data):
+        if target.parent.name == "shards":
+            with open(os.environ["NO_SPACE_LEFT_LOG"], "a") as log:
+                log.write(f"{target}\n")
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return _write_bytes(target, data)
+
+    atomic.write_bytes = _no_space_for_shards
