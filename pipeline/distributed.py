@@ -184,7 +184,7 @@ def embed_partition(
         description = {**description, "faces": crops.spec}
     store = EmbeddingStore.open(Path(store_dir))
     if description != store.card["description"]:
-        raise RuntimeError(f"worker {os.getpid()} computes another fingerprint than the cache {store_dir}")
+        return 0, [], other_description(store_dir, store.card["description"], description)
     writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
         try:
@@ -213,6 +213,22 @@ def embed_partition(
             raise
         return 0, [], exc
     return len(items), changed, None
+
+
+def other_description(store_dir: str, cache: dict, worker: dict) -> str:
+    """The sentence for a worker that describes the model otherwise than the cache it was handed
+    (a remote worker with other library versions or model files): its vectors would not be the
+    cache's, so it embeds nothing, and a rerun elsewhere would meet the same worker again."""
+    from distributed import get_worker
+
+    from pipeline.extract import differences_shown
+
+    differ = differences_shown(cache, worker, names=("in the cache", "on the worker"))
+    return (
+        f"dask worker {get_worker().address} loads the model otherwise than the cache {store_dir} was made: "
+        f"{differ}; give every worker the same model files and library versions, or leave that worker out "
+        "(it embedded nothing)."
+    )
 
 
 def _reporter(topic: str, partition: int) -> Callable[[int], None]:

@@ -129,22 +129,27 @@ def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) ->
     teammate's other versions, or a setting. `cards`: `_model_caches`'s."""
     if not cards or existing_cache(outputs.embeddings, fingerprint(description)):
         return
-    here = flatten(description)  # values as JSON: a tuple here equals the card's list
-
-    def differences(card: dict) -> list[tuple[str, object, object]]:
-        there = flatten(card["description"])
-        return [
-            (k, here.get(k), there.get(k)) for k in sorted(here.keys() | there.keys()) if here.get(k) != there.get(k)
-        ]
-
-    nearest = min(cards, key=lambda card: len(differences(card)))
-    shown = [f"{k} ({_short(mine)} here, {_short(theirs)} there)" for k, mine, theirs in differences(nearest)]
-    more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+    nearest = min(cards, key=lambda card: len(differences(description, card["description"])))
     log.info(
-        "model settings as loaded here match none of this project's caches of %s: the nearest, %s, differs in %s%s; "
+        "model settings as loaded here match none of this project's caches of %s: the nearest, %s, differs in %s; "
         "every image is embedded again, into a new cache",
-        nearest["model"], nearest["directory"], ", ".join(shown[:3]), more,
+        nearest["model"], nearest["directory"], differences_shown(description, nearest["description"]),
     )  # fmt: skip
+
+
+def differences(here: dict, there: dict) -> list[tuple[str, object, object]]:
+    """(key, value here, value there) for each key of two fingerprint descriptions, flattened
+    (`libraries.transformers`), whose values differ."""
+    here, there = flatten(here), flatten(there)  # values as JSON: a tuple here equals a card's list
+    return [(k, here.get(k), there.get(k)) for k in sorted(here.keys() | there.keys()) if here.get(k) != there.get(k)]
+
+
+def differences_shown(here: dict, there: dict, most: int = 3, names: tuple[str, str] = ("here", "there")) -> str:
+    """`differences` for people: `libraries.transformers (5.25 here, 5.24 there)`, the first `most`."""
+    shown = [
+        f"{k} ({_short(mine)} {names[0]}, {_short(theirs)} {names[1]})" for k, mine, theirs in differences(here, there)
+    ]
+    return ", ".join(shown[:most]) + (f" and {len(shown) - most} more" if len(shown) > most else "")
 
 
 def _short(value: object, width: int = 40) -> str:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from tqdm import tqdm
 
-from pipeline import config, extract, manifest
+from pipeline import backbones, config, extract, manifest
 from pipeline.config import ConfigError
 from pipeline.distributed import PartitionProgress, _trim_setting, gpu_for, partition_size
 from pipeline.outputs import Outputs
@@ -142,6 +142,32 @@ def test_a_task_stopped_by_a_full_disk_is_not_retried(project, monkeypatch, tmp_
         extract.run(settings, outputs)
     assert stopped.value.errno == errno.ENOSPC and "/shards/" in stopped.value.filename
     assert len(log.read_text().splitlines()) == 1, "the task ran once"
+
+
+def test_a_worker_that_computes_another_fingerprint_stops_the_run_saying_what_differs(project, monkeypatch):
+    """A worker whose libraries differ from the machine that described the model (a remote
+    cluster's worker with another transformers) would put other numbers into the cache: it
+    embeds nothing, and the run stops with one sentence naming the worker and what differs,
+    instead of a traceback after dask retried the task on it."""
+    from tests.conftest import PAUSE_DIR
+
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    extract.run(settings, outputs)  # cache/backbones.json now describes the model as loaded here
+    shutil.rmtree(outputs.embeddings)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OTHER_LIBRARY_VERSIONS", "1")
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
+    here = backbones.base.library_versions("transformers")["transformers"]
+    with pytest.raises(ConfigError) as stopped:
+        extract.run(config.load(project / "params.yaml"), outputs)
+    assert re.fullmatch(
+        rf"dask worker tcp://\S+ loads the model otherwise than the cache \S+ was made: libraries\.transformers "
+        rf"\({re.escape(here)} in the cache, {re.escape(here)}-other on the worker\); give every worker .+",
+        str(stopped.value),
+    ), str(stopped.value)
+    (store,) = caches(outputs.embeddings)
+    assert store.keys() == set()
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:

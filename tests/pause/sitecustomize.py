@@ -5,8 +5,9 @@ images raises there once (it creates the marker; no process fails after that), a
 error in a dask task would; with OUT_OF_MEMORY_ON=<end of a path> and OUT_OF_MEMORY_LOG=<path>,
 decoding the file whose path ends so raises CUDA's out-of-memory error every time (and appends a
 line to the log), as a batch too large for a GPU would; with NO_SPACE_LEFT_LOG=<path>, writing a
-shard raises ENOSPC every time (and appends a line to the log), as a full disk would; without
-them, this file does nothing."""
+shard raises ENOSPC every time (and appends a line to the log), as a full disk would; with
+OTHER_LIBRARY_VERSIONS=1, the versions of the libraries in a model's fingerprint end in "-other",
+as on a machine with other versions installed; without them, this file does nothing."""
 
 import os
 
@@ -77,3 +78,9 @@ if os.environ.get("NO_SPACE_LEFT_LOG"):
         return _write_bytes(target, data)
 
     atomic.write_bytes = _no_space_for_shards
+
+if os.environ.get("OTHER_LIBRARY_VERSIONS"):
+    from pipeline.backbones import base
+
+    _versions = base.library_versions
+    base.library_versions = lambda *names: {k: f"{v}-other" for k, v in _versions(*names).items()}
