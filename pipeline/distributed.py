@@ -84,6 +84,8 @@ def gpu_for(worker: int | str, device: str, gpus: int) -> str:
 def _backbone(model: ModelSettings, extract: ExtractSettings):
     from pipeline import backbones
 
+    if Path(model.name).is_absolute() and not Path(model.name).is_dir():  # a folder the client has (DaskEmbedder)
+        raise ConfigError(not_found_on(_this_worker(), f"the model directory {model.name}"))
     device = _worker_device(extract.device)
     key = (repr(model), device, extract.precision, extract.compile, extract.batch_size)
     if key not in _BACKBONES:
@@ -154,25 +156,25 @@ def embed_partition(
     extract: ExtractSettings,
     faces_job: FaceJob | None = None,
     progress: tuple[str, int] | None = None,
-) -> tuple[int, list, str | OSError | None]:
+) -> PartitionResult:
     """Runs on a worker: embed `items` (their face crops, with `faces_job`) and commit them as
-    shard(s) of the cache at `store_dir`; returns (items done, paths of files that changed since
-    the manifest, None). Face detections are read from and committed to the shared detection cache.
+    shard(s) of the cache at `store_dir`. Face detections are read from and committed to the
+    shared detection cache.
     `progress`: (topic, partition number): after each batch, how many of its images this attempt
     has embedded is logged as an event on the topic (`PartitionProgress`, the client's bar).
 
     A task stopped by its settings (a `ConfigError`: a batch the GPU has no memory for, NaN at
     fp16, a model that does not fit) would fail the same way again if dask retried it, so it
-    commits the batches embedded before, as a local run does, and returns (0, [], the sentence)
-    instead of raising: dask retries a task that raises. So does one stopped by a write error
-    that lasts (`LASTING_ERRORS`: a full disk), returning (0, [], the OSError)."""
+    commits the batches embedded before, as a local run does, and returns the sentence instead of
+    raising: dask retries a task that raises. So does one stopped by a write error that lasts
+    (`LASTING_ERRORS`: a full disk), returning the OSError."""
     from pipeline import embedder, faces
     from pipeline.store import EmbeddingStore
 
     try:
         backbone = _backbone(model, extract)
     except ConfigError as exc:
-        return 0, [], str(exc)
+        return PartitionResult.stop(str(exc))
     description = backbone.description
     crops = None
     if faces_job is not None:
@@ -182,9 +184,11 @@ def embed_partition(
         )
         crops.preprocess.borrowed = faces_job.borrowed
         description = {**description, "faces": crops.spec}
+    if not Path(store_dir).is_dir():  # made by the client
+        return PartitionResult.stop(not_found_on(_this_worker(), f"the cache directory {store_dir}"))
     store = EmbeddingStore.open(Path(store_dir))
     if description != store.card["description"]:
-        return 0, [], other_description(store_dir, store.card["description"], description)
+        return PartitionResult.stop(other_description(store_dir, store.card["description"], description))
     writer = embedder.ShardWriter(store, extract.shard_size, extract.format)
     try:
         try:
@@ -201,7 +205,7 @@ def embed_partition(
             )
         except ConfigError as exc:
             writer.close()
-            return 0, [], str(exc)
+            return PartitionResult.stop(str(exc))
         except BaseException:
             # dask reruns the task from its first item (`retries`), and a partition is one shard:
             # what this attempt embedded is dropped, not committed beside the rerun's rows.
@@ -211,24 +215,54 @@ def embed_partition(
     except OSError as exc:
         if exc.errno not in LASTING_ERRORS:
             raise
-        return 0, [], exc
-    return len(items), changed, None
+        return PartitionResult.stop(exc)
+    return PartitionResult(len(items), changed, None, _this_worker())
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    """What a task returns: the images done; the files it did not embed as the manifest lists them,
+    path -> `images.CHANGED` or `images.MISSING` (not found on the worker); the reason the run
+    stops (a sentence, or an OSError that lasts), or None; the worker's address."""
+
+    done: int
+    stale: dict[str, str]
+    stopped: str | OSError | None
+    worker: str
+
+    @classmethod
+    def stop(cls, why: str | OSError) -> PartitionResult:
+        return cls(0, {}, why, _this_worker())
 
 
 def other_description(store_dir: str, cache: dict, worker: dict) -> str:
     """The sentence for a worker that describes the model otherwise than the cache it was handed
     (a remote worker with other library versions or model files): its vectors would not be the
     cache's, so it embeds nothing, and a rerun elsewhere would meet the same worker again."""
-    from distributed import get_worker
-
     from pipeline.extract import differences_shown
 
     differ = differences_shown(cache, worker, names=("in the cache", "on the worker"))
     return (
-        f"dask worker {get_worker().address} loads the model otherwise than the cache {store_dir} was made: "
+        f"dask worker {_this_worker()} loads the model otherwise than the cache {store_dir} was made: "
         f"{differ}; give every worker the same model files and library versions, or leave that worker out "
         "(it embedded nothing)."
     )
+
+
+def not_found_on(worker: str, what: str) -> str:
+    """The sentence for a worker that does not find `what` ("the cache directory <path>"), which
+    this machine has: a remote worker without the shared folders, or with them mounted elsewhere."""
+    return (
+        f"dask worker {worker} cannot find {what} that this machine has; every worker needs the model files, the "
+        "images and the cache at the same paths as this machine (a shared filesystem, mounted at the same place): "
+        "mount them there, or leave that worker out."
+    )
+
+
+def _this_worker() -> str:
+    from distributed import get_worker
+
+    return get_worker().address
 
 
 def _reporter(topic: str, partition: int) -> Callable[[int], None]:
@@ -328,8 +362,14 @@ class DaskEmbedder:
         self.crops = faces.FaceStage.create(settings, None) if settings.data.faces else None
         self.base_dir = str(settings.base_dir.resolve())
         self.reader = embedder.read_batches
-        # Workers resolve the model themselves: a relative model path must mean the same to them.
+        # Workers resolve the model themselves: a relative model path must mean the same to them. An
+        # absolute path is never a Hugging Face id: one that is no folder here is refused here, so
+        # that a worker that lacks an absolute model folder knows this machine has it (`_backbone`).
         local = Path(settings.model.name).expanduser()
+        if local.is_absolute() and not local.is_dir():
+            from pipeline.backbones.base import resolve_directory
+
+            resolve_directory(settings.model)  # the sentence a local run gives
         self.model = replace(settings.model, name=str(local.resolve())) if local.is_dir() else settings.model
         self.asked = settings.model  # as params name it: what a local run remembers the model under (Known)
         self._client = self.cluster = None
@@ -407,6 +447,8 @@ class DaskEmbedder:
     def embed(self, items: list, store) -> list[str]:
         from distributed import as_completed
 
+        from pipeline import images
+
         workers = max(1, len(self.client.nthreads()))
         if self.extract.dask.address and (hint := allocator_hint(self.client.run(_trim_setting))):
             log.warning(hint)
@@ -415,6 +457,7 @@ class DaskEmbedder:
         log.info("dask: %d partitions of up to %d images for %d workers", len(partitions), size, workers)
         topic = f"pipeline-extract-progress-{uuid.uuid4().hex}"  # this run's, on a scheduler others may share
         changed: list[str] = []
+        files = {item.path: item.file for item in items}
         with tqdm(total=len(items), desc="embedding (dask)", unit="img", smoothing=0.1) as bar:
             progress = PartitionProgress(bar)
             self.client.subscribe_topic(topic, lambda event: progress.report(*event[1]))
@@ -434,13 +477,19 @@ class DaskEmbedder:
                     for number, part in enumerate(partitions)
                 }
                 for future in as_completed(futures):
-                    n, partition_changed, stopped = future.result()
-                    if isinstance(stopped, OSError):
-                        raise stopped  # the local run's error (cli.os_error_sentence)
-                    if stopped is not None:
-                        raise ConfigError(stopped)
-                    changed += partition_changed
-                    progress.finish(futures[future], n)
+                    result = future.result()
+                    if isinstance(result.stopped, OSError):
+                        raise result.stopped  # the local run's error (cli.os_error_sentence)
+                    if result.stopped is not None:
+                        raise ConfigError(result.stopped)
+                    unseen = [
+                        files[p] for p, why in result.stale.items() if why == images.MISSING and files[p].exists()
+                    ]
+                    if unseen:
+                        files = f"{len(unseen)} image file{'s' if len(unseen) > 1 else ''} (e.g. {unseen[0]})"
+                        raise ConfigError(not_found_on(result.worker, files))
+                    changed += result.stale
+                    progress.finish(futures[future], result.done)
             finally:
                 self.client.unsubscribe_topic(topic)
         return changed

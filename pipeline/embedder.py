@@ -587,9 +587,9 @@ def embed_items(
     crops: faces.FaceStage | None = None,
     in_flight: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> list[str]:
+) -> dict[str, str]:
     """Run the reader -> model -> writer loop over `items` (face crops first, with `crops`);
-    returns the paths of files that changed since the manifest or are not on this machine
+    returns the files that changed since the manifest or are not on this machine, path -> reason
     (`images.STALE`: embedded and recorded under no key). `on_batch` is told the number of
     images in each batch handed to the writer (a dask task's progress, for the client's bar).
 
@@ -606,7 +606,7 @@ def embed_items(
         in_flight = IN_FLIGHT if backbone.device.type == "cuda" else 0
     preprocess = crops.preprocess if crops else backbone.preprocess
     batches = reader(items, preprocess, batch_size, num_workers, backbone.device.type == "cuda")
-    changed: list[str] = []
+    changed: dict[str, str] = {}
     undetected = crops.undetected(items) if crops else 0
     pending: deque = deque()
     with (
@@ -627,7 +627,7 @@ def embed_items(
                 detecting.update(crops.found(batch.digests, batch.detections))
             timings += (written - waited, time.perf_counter() - written)
             log.debug("batch of %d: read %.3f s, submit %.3f s, wait %.3f s, write %.3f s", len(rows), *timings)
-            changed.extend(p for p, e in zip(batch.paths, batch.errors, strict=True) if e in images.STALE)
+            changed.update((p, e) for p, e in zip(batch.paths, batch.errors, strict=True) if e in images.STALE)
             bar.update(len(batch.digests))
             if on_batch is not None:
                 on_batch(len(batch.digests))
@@ -777,8 +777,10 @@ class LocalEmbedder:
             reader = threaded_batches
         writer = self.writer(store, ex.shard_size, ex.format)
         try:
-            return embed_items(
-                items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=reader, crops=self.crops
+            return list(
+                embed_items(
+                    items, self.backbone, writer, ex.batch_size, ex.num_workers, reader=reader, crops=self.crops
+                )
             )
         finally:
             writer.close()  # commits what is buffered, also on Ctrl-C

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import psutil
@@ -168,6 +172,85 @@ def test_a_worker_that_computes_another_fingerprint_stops_the_run_saying_what_di
     ), str(stopped.value)
     (store,) = caches(outputs.embeddings)
     assert store.keys() == set()
+
+
+def test_a_worker_that_cannot_find_images_this_machine_has_stops_the_run_naming_it(project, monkeypatch):
+    """A remote worker without the shared folder (or with it mounted elsewhere) finds no image:
+    the run stops with one sentence naming the worker and a file, not the local run's advice to
+    rebuild the manifest (the files are there, and unchanged)."""
+    from tests.conftest import PAUSE_DIR
+
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    table = manifest.run(settings, outputs)
+    hidden = table.column("path")[5].as_py()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("HIDDEN_FILE", hidden)
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
+    with pytest.raises(ConfigError) as stopped:
+        extract.run(config.load(project / "params.yaml"), outputs)
+    assert re.fullmatch(
+        rf"dask worker tcp://\S+ cannot find 1 image file \(e\.g\. \S+{re.escape(hidden)}\) that this machine has; "
+        r"every worker needs the model files, the images and the cache at the same paths as this machine \(.+",
+        str(stopped.value),
+    ), str(stopped.value)
+
+
+def test_a_remote_worker_without_the_shared_folders_stops_the_run_naming_what_it_lacks(
+    project, tiny_clip, tmp_path_factory
+):
+    """A remote scheduler's worker on a machine without the shared folders (here: a worker in a
+    mount namespace of its own, with an empty tmpfs over the project folder) stops the run with
+    one sentence naming the worker and what it cannot find, the model directory or the cache
+    (not "download the model from the Hugging Face hub" or "run the extract stage first")."""
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode:
+        pytest.skip("cannot start a process in a mount namespace of its own here (needs root and unshare)")
+    shutil.copytree(tiny_clip, project / "model")
+    scheduler_file = tmp_path_factory.mktemp("scheduler") / "scheduler.json"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    dask_cli = [sys.executable, "-m"]
+    scheduler = subprocess.Popen(
+        [*dask_cli, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", str(scheduler_file)], **quiet,
+    )  # fmt: skip
+    worker = None
+    try:
+        for _ in range(300):
+            if scheduler_file.exists() and scheduler_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        command = [*dask_cli, "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard"]
+        worker = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             'mount -t tmpfs none "$0" && exec "$@"', str(project), *command], **quiet,
+        )  # fmt: skip
+        update_params(project, "extract", scheduler="dask", dask={"address": address, "n_workers": 1})
+        update_params(project, "model", name=str(project / "model"))
+        manifest.run(config.load(project / "params.yaml"), Outputs(project))
+        with pytest.raises(ConfigError) as stopped:
+            extract.run(config.load(project / "params.yaml"), Outputs(project))
+        assert re.fullmatch(
+            rf"dask worker tcp://\S+ cannot find the model directory {re.escape(str(project / 'model'))} that this "
+            r"machine has; every worker needs the model files, the images and the cache at the same paths .+",
+            str(stopped.value),
+        ), str(stopped.value)
+
+        update_params(project, "model", name=str(tiny_clip))  # a folder the worker sees
+        with pytest.raises(ConfigError) as stopped:
+            extract.run(config.load(project / "params.yaml"), Outputs(project))
+        assert re.fullmatch(
+            rf"dask worker tcp://\S+ cannot find the cache directory {re.escape(str(project))}/cache/embeddings/\S+ "
+            r"that this machine has; every worker needs .+",
+            str(stopped.value),
+        ), str(stopped.value)
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:

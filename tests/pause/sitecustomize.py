@@ -7,7 +7,9 @@ decoding the file whose path ends so raises CUDA's out-of-memory error every tim
 line to the log), as a batch too large for a GPU would; with NO_SPACE_LEFT_LOG=<path>, writing a
 shard raises ENOSPC every time (and appends a line to the log), as a full disk would; with
 OTHER_LIBRARY_VERSIONS=1, the versions of the libraries in a model's fingerprint end in "-other",
-as on a machine with other versions installed; without them, this file does nothing."""
+as on a machine with other versions installed; with HIDDEN_FILE=<end of a path>, the file whose
+path ends so cannot be found, as on a machine without the folder that holds it; without them,
+this file does nothing."""
 
 import os
 
@@ -84,3 +86,15 @@ if os.environ.get("OTHER_LIBRARY_VERSIONS"):
 
     _versions = base.library_versions
     base.library_versions = lambda *names: {k: f"{v}-other" for k, v in _versions(*names).items()}
+
+if os.environ.get("HIDDEN_FILE"):
+    from pipeline import images
+
+    _read_file = images.read_regular_file
+
+    def _hidden(path, *args, **kwargs):
+        if str(path).endswith(os.environ["HIDDEN_FILE"]):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return _read_file(path, *args, **kwargs)
+
+    images.read_regular_file = _hidden
