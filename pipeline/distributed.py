@@ -175,6 +175,8 @@ def embed_partition(
         backbone = _backbone(model, extract)
     except ConfigError as exc:
         return PartitionResult.stop(str(exc))
+    if not Path(store_dir).is_dir():  # made by the client
+        return PartitionResult.stop(not_found_on(_this_worker(), f"the cache directory {store_dir}"))
     description = backbone.description
     crops = None
     if faces_job is not None:
@@ -184,8 +186,6 @@ def embed_partition(
         )
         crops.preprocess.borrowed = faces_job.borrowed
         description = {**description, "faces": crops.spec}
-    if not Path(store_dir).is_dir():  # made by the client
-        return PartitionResult.stop(not_found_on(_this_worker(), f"the cache directory {store_dir}"))
     store = EmbeddingStore.open(Path(store_dir))
     if description != store.card["description"]:
         return PartitionResult.stop(other_description(store_dir, store.card["description"], description))
