@@ -239,7 +239,7 @@ def other_description(store_dir: str, cache: dict, worker: dict) -> str:
     """The sentence for a worker that describes the model otherwise than the cache it was handed
     (a remote worker with other library versions or model files): its vectors would not be the
     cache's, so it embeds nothing, and a rerun elsewhere would meet the same worker again."""
-    from pipeline.extract import differences_shown
+    from pipeline.store import differences_shown
 
     differ = differences_shown(cache, worker, names=("in the cache", "on the worker"))
     return (

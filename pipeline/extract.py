@@ -17,13 +17,15 @@ import time
 import numpy as np
 
 from pipeline import frames, manifest_table, perturb
-from pipeline.config import ConfigError, Settings, flatten
+from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan, recorded_failures
 from pipeline.outputs import Outputs
 from pipeline.store import (
     EmbeddingStore,
     StoreError,
     cache_dirs,
+    differences,
+    differences_shown,
     existing_cache,
     fingerprint,
     reasons_counted,
@@ -135,26 +137,6 @@ def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) ->
         "every image is embedded again, into a new cache",
         nearest["model"], nearest["directory"], differences_shown(description, nearest["description"]),
     )  # fmt: skip
-
-
-def differences(here: dict, there: dict) -> list[tuple[str, object, object]]:
-    """(key, value here, value there) for each key of two fingerprint descriptions, flattened
-    (`libraries.transformers`), whose values differ."""
-    here, there = flatten(here), flatten(there)  # values as JSON: a tuple here equals a card's list
-    return [(k, here.get(k), there.get(k)) for k in sorted(here.keys() | there.keys()) if here.get(k) != there.get(k)]
-
-
-def differences_shown(here: dict, there: dict, most: int = 3, names: tuple[str, str] = ("here", "there")) -> str:
-    """`differences` for people: `libraries.transformers (5.25 here, 5.24 there)`, the first `most`."""
-    shown = [
-        f"{k} ({_short(mine)} {names[0]}, {_short(theirs)} {names[1]})" for k, mine, theirs in differences(here, there)
-    ]
-    return ", ".join(shown[:most]) + (f" and {len(shown) - most} more" if len(shown) > most else "")
-
-
-def _short(value: object, width: int = 40) -> str:
-    text = "absent" if value is None else str(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def wider_cache(settings: Settings, cards: list[dict], description: dict) -> list[str] | None:

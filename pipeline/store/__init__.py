@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import atomic
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, flatten
 from pipeline.store import hdf5, parquet, text
 from pipeline.store.shard import ShardData, ShardHeader
 
@@ -100,6 +100,26 @@ def fingerprint(description: dict) -> str:
     """A short, stable hash of everything that changes the numbers (an explicit, sorted dict)."""
     payload = json.dumps({"format_version": FORMAT_VERSION, **description}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def differences(here: dict, there: dict) -> list[tuple[str, object, object]]:
+    """(key, value here, value there) for each key of two fingerprint descriptions, flattened
+    (`libraries.transformers`), whose values differ."""
+    here, there = flatten(here), flatten(there)  # values as JSON: a tuple here equals a card's list
+    return [(k, here.get(k), there.get(k)) for k in sorted(here.keys() | there.keys()) if here.get(k) != there.get(k)]
+
+
+def differences_shown(here: dict, there: dict, most: int = 3, names: tuple[str, str] = ("here", "there")) -> str:
+    """`differences` for people: `libraries.transformers (5.25 here, 5.24 there)`, the first `most`."""
+    shown = [
+        f"{k} ({_short(mine)} {names[0]}, {_short(theirs)} {names[1]})" for k, mine, theirs in differences(here, there)
+    ]
+    return ", ".join(shown[:most]) + (f" and {len(shown) - most} more" if len(shown) > most else "")
+
+
+def _short(value: object, width: int = 40) -> str:
+    shown = "absent" if value is None else str(value)
+    return shown if len(shown) <= width else shown[: width - 3] + "..."
 
 
 def directory_name(model_name: str, fp: str) -> str:
