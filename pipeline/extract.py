@@ -236,14 +236,20 @@ def stale_files(paths: list[str], root) -> ConfigError:
     gone = paths if root is None else [p for p in paths if not manifest_table.absolute_path(p, root).exists()]
     if gone:
         return ConfigError(
-            f"{len(gone)} files the manifest lists are not on this machine (e.g. {gone[0]}), so they were not "
-            "embedded: run extract where the images are (or put them under data.root here), or, if they were "
-            "deleted, rerun the manifest stage (`dvc repro -f manifest`, then `dvc repro`); everything else is cached."
+            f"{_files(len(gone))} the manifest lists {'is' if len(gone) == 1 else 'are'} not on this machine "
+            f"(e.g. {gone[0]}), so {'it was' if len(gone) == 1 else 'they were'} not embedded: run extract where "
+            "the images are (or put them under data.root here), or, if they were deleted, rerun the manifest "
+            "stage (`dvc repro -f manifest`, then `dvc repro`); everything else is cached."
         )
     return ConfigError(
-        f"{len(paths)} image files changed since the manifest was built (e.g. {paths[0]}) and were not embedded; "
+        f"{_files(len(paths), 'image ')} changed since the manifest was built (e.g. {paths[0]}) and "
+        f"{'was' if len(paths) == 1 else 'were'} not embedded; "
         "rerun the manifest stage (`dvc repro -f manifest`, then `dvc repro`): everything else is cached."
     )
+
+
+def _files(n: int, kind: str = "") -> str:
+    return f"{n} {kind}file{'' if n == 1 else 's'}"
 
 
 def embed_nearest(

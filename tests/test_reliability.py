@@ -117,7 +117,7 @@ def test_a_file_rewritten_after_the_manifest_is_never_cached_under_its_old_diges
 
     assert cli.main(["extract", "--params", params]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "1 image files changed since the manifest was built" in err and "rerun the manifest stage" in err
+    assert "1 image file changed since the manifest was built" in err and "rerun the manifest stage" in err
     (store,) = caches(outputs.embeddings)
     assert old_digest not in store.keys() | set(store.failures()), "nothing stored under the old key"
     unique = len(set(manifest_table.read(outputs.manifest).column("digest").to_pylist()))
@@ -159,7 +159,7 @@ def test_images_this_machine_lacks_are_never_recorded_as_failures_in_the_shared_
     (project / "data" / test_path).unlink()
     assert cli.main(["extract", "--params", params]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"1 files the manifest lists are not on this machine (e.g. {test_path})" in err
+    assert f"1 file the manifest lists is not on this machine (e.g. {test_path}), so it was not embedded" in err
     (store,) = caches(project / "cache" / "embeddings")
     assert store.failures() == {}
     keys = store.keys()
