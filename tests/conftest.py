@@ -119,6 +119,12 @@ def make_project(path, images, tiny_clip, fmt="parquet", workers=0):
 PAUSE_DIR = Path(__file__).parent / "pause"
 
 
+def fault_hooks(monkeypatch) -> None:
+    """Put `tests/pause/sitecustomize.py` on PYTHONPATH for the processes this test starts (dask
+    workers inherit it); the test then sets the variable of the fault it injects."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+
+
 def paused_env(pause_after_images: int | None) -> dict:
     if pause_after_images is None:
         return dict(os.environ)

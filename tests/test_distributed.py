@@ -28,6 +28,7 @@ from pipeline.store import caches
 from pipeline.store.parquet import read_keys
 from tests.conftest import (
     contents,
+    fault_hooks,
     make_project,
     run_to_end,
     start_extract,
@@ -88,10 +89,8 @@ def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, 
     """dask reruns a task that raised (`retries`), from its first image: the rows its failed
     attempt had embedded are not committed beside the rerun's (each digest in one shard). The
     progress bar moves batch by batch within the one partition, and never counts an image twice."""
-    from tests.conftest import PAUSE_DIR
-
     marker = tmp_path / "failed once"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    fault_hooks(monkeypatch)
     monkeypatch.setenv("FAIL_ONCE_AFTER_IMAGES", "20")
     monkeypatch.setenv("FAIL_ONCE_MARKER", str(marker))
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1}, batch_size=4)
@@ -112,10 +111,8 @@ def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedde
     """A task that dask would retry, but that its settings stopped (a batch too large for the
     GPU's memory, raised here whenever one image is read), would fail the same way again: it
     runs once, the run stops with the local run's sentence, the images before it stay cached."""
-    from tests.conftest import PAUSE_DIR
-
     log = tmp_path / "out of memory"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    fault_hooks(monkeypatch)
     monkeypatch.setenv("OUT_OF_MEMORY_LOG", str(log))
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1}, batch_size=4)
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
@@ -134,10 +131,8 @@ def test_a_task_stopped_by_a_full_disk_is_not_retried(project, monkeypatch, tmp_
     """A full disk (or quota, or a read-only cache) is no transient error: a task whose shard
     cannot be written runs once, not three times (each rerun embeds its whole partition again
     before it fails at the same write), and the run stops with the local run's error."""
-    from tests.conftest import PAUSE_DIR
-
     log = tmp_path / "shards refused"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    fault_hooks(monkeypatch)
     monkeypatch.setenv("NO_SPACE_LEFT_LOG", str(log))
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
@@ -153,13 +148,11 @@ def test_a_worker_that_computes_another_fingerprint_stops_the_run_saying_what_di
     cluster's worker with another transformers) would put other numbers into the cache: it
     embeds nothing, and the run stops with one sentence naming the worker and what differs,
     instead of a traceback after dask retried the task on it."""
-    from tests.conftest import PAUSE_DIR
-
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
     manifest.run(settings, outputs)
     extract.run(settings, outputs)  # cache/backbones.json now describes the model as loaded here
     shutil.rmtree(outputs.embeddings)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    fault_hooks(monkeypatch)
     monkeypatch.setenv("OTHER_LIBRARY_VERSIONS", "1")
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
     here = backbones.base.library_versions("transformers")["transformers"]
@@ -178,12 +171,10 @@ def test_a_worker_that_cannot_find_images_this_machine_has_stops_the_run_naming_
     """A remote worker without the shared folder (or with it mounted elsewhere) finds no image:
     the run stops with one sentence naming the worker and a file, not the local run's advice to
     rebuild the manifest (the files are there, and unchanged)."""
-    from tests.conftest import PAUSE_DIR
-
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
     table = manifest.run(settings, outputs)
     hidden = table.column("path")[5].as_py()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PAUSE_DIR), os.environ.get("PYTHONPATH")])))
+    fault_hooks(monkeypatch)
     monkeypatch.setenv("HIDDEN_FILE", hidden)
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
     with pytest.raises(ConfigError) as stopped:
