@@ -95,7 +95,10 @@ def _backbone(model: ModelSettings, extract: ExtractSettings):
 
 def _describe(model: ModelSettings, extract: ExtractSettings) -> tuple[dict, dict[str, int]]:
     """Runs on a worker: the fingerprint description and dims, as the workers will compute them."""
-    backbone = _backbone(model, extract)
+    try:
+        backbone = _backbone(model, extract)
+    except ConfigError as exc:
+        raise ConfigError(on_worker(str(exc))) from None
     return backbone.description, backbone.dims
 
 
@@ -174,7 +177,7 @@ def embed_partition(
     try:
         backbone = _backbone(model, extract)
     except ConfigError as exc:
-        return PartitionResult.stop(str(exc))
+        return PartitionResult.stop(on_worker(str(exc)))
     if not Path(store_dir).is_dir():  # made by the client
         return PartitionResult.stop(not_found_on(_this_worker(), f"the cache directory {store_dir}"))
     description = backbone.description
@@ -205,7 +208,7 @@ def embed_partition(
             )
         except ConfigError as exc:
             writer.close()
-            return PartitionResult.stop(str(exc))
+            return PartitionResult.stop(on_worker(str(exc)))
         except BaseException:
             # dask reruns the task from its first item (`retries`), and a partition is one shard:
             # what this attempt embedded is dropped, not committed beside the rerun's rows.
@@ -257,6 +260,14 @@ def not_found_on(worker: str, what: str) -> str:
         "images and the cache at the same paths as this machine (a shared filesystem, mounted at the same place): "
         "mount them there, or leave that worker out."
     )
+
+
+def on_worker(sentence: str) -> str:
+    """A sentence from this worker (its device ran out of memory, its model does not load), named
+    by the worker's address, as the sentences that are about the worker already are: on a cluster
+    of unlike machines, the one to fix."""
+    prefix = f"dask worker {_this_worker()}"
+    return sentence if sentence.startswith(f"{prefix} ") else f"{prefix}: {sentence}"
 
 
 def _this_worker() -> str:
@@ -486,8 +497,8 @@ class DaskEmbedder:
                         files[p] for p, why in result.stale.items() if why == images.MISSING and files[p].exists()
                     ]
                     if unseen:
-                        files = f"{len(unseen)} image file{'s' if len(unseen) > 1 else ''} (e.g. {unseen[0]})"
-                        raise ConfigError(not_found_on(result.worker, files))
+                        what = f"{len(unseen)} image file{'s' if len(unseen) > 1 else ''} (e.g. {unseen[0]})"
+                        raise ConfigError(not_found_on(result.worker, what))
                     changed += result.stale
                     progress.finish(futures[future], result.done)
             finally:

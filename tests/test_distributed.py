@@ -110,7 +110,8 @@ def test_a_task_retried_after_a_failure_midway_commits_each_image_once(project, 
 def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedded(project, monkeypatch, tmp_path):
     """A task that dask would retry, but that its settings stopped (a batch too large for the
     GPU's memory, raised here whenever one image is read), would fail the same way again: it
-    runs once, the run stops with the local run's sentence, the images before it stay cached."""
+    runs once, the run stops with the local run's sentence, named by the worker (on a cluster of
+    unlike machines, the one to fix), and the images before it stay cached."""
     log = tmp_path / "out of memory"
     fault_hooks(monkeypatch)
     monkeypatch.setenv("OUT_OF_MEMORY_LOG", str(log))
@@ -119,12 +120,33 @@ def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedde
     table = manifest.run(settings, outputs)
     # The 11th image, in the third batch of the one task (160 images, one worker, shards of 4,096).
     monkeypatch.setenv("OUT_OF_MEMORY_ON", table.column("path")[10].as_py())
-    with pytest.raises(ConfigError, match=r"^cpu ran out of memory on a batch of 4 images .+ extract.batch_size lower"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^dask worker tcp://\S+: cpu ran out of memory on a batch of 4 images .+ extract.batch_size lower",
+    ):
         extract.run(settings, outputs)
     assert len(log.read_text().splitlines()) == 1, "the task ran once"
     (store,) = caches(outputs.embeddings)
     assert store.keys() == set(table.column("digest").to_pylist()[:8]), "its first two batches are committed"
     assert store.verify() == []
+
+
+def test_a_model_that_a_worker_cannot_load_stops_the_run_naming_the_worker(project):
+    """The model is loaded, and described, on the workers only (this machine never loads it for a
+    dask run it has not described before): a worker that cannot load it (here: a checkpoint of a
+    family this version does not know) gives the local run's sentence, named by the worker, once."""
+    (project / "model").mkdir()
+    (project / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
+    update_params(project, "model", name=str(project / "model"))
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    with pytest.raises(ConfigError) as stopped:
+        extract.run(settings, outputs)
+    assert re.fullmatch(r"dask worker tcp://\S+: model '\S+/model' is a 'gpt2' checkpoint .+", str(stopped.value)), str(
+        stopped.value
+    )
+    assert str(stopped.value).count("dask worker") == 1
 
 
 def test_a_task_stopped_by_a_full_disk_is_not_retried(project, monkeypatch, tmp_path):
