@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from pipeline import frames, manifest_table, perturb
+from pipeline import atomic, frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
 from pipeline.embedder import Item, LocalEmbedder, plan, recorded_failures
 from pipeline.outputs import Outputs
@@ -108,7 +108,7 @@ def run(
 ) -> ExtractSummary:
     """Extract; `embedder` replaces the one `extract.scheduler` names (tests, benchmarks)."""
     table = manifest_table.read(outputs.manifest)
-    outputs.faces.mkdir(parents=True, exist_ok=True)  # a DVC output of this stage, empty without data.faces
+    faces_folder(outputs.faces)
     summary, cards = _model_caches(settings, outputs)  # read once: the three choices below use them
     settings = shared_precision(shared_layer_order(settings, cards), summary, cards)
     with embedder_for(settings, embedder) as built:
@@ -123,6 +123,22 @@ def run(
     settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, layers=wider))
     with embedder_for(settings) as built:
         return _extract_into(settings, outputs, table, built, retry_failed)
+
+
+# cache/faces, a DVC output of this stage, holds no detection without data.faces, and DVC warned
+# "'cache/faces' is empty" on every run: it holds this note, the same bytes on every machine.
+FACES_NOTE = (
+    b"Face detections of data.faces, made by the extract stage: a folder per detector, of Parquet parts.\n"
+    b"Without data.faces this note is all there is.\n"
+)
+
+
+def faces_folder(directory) -> None:
+    """Make the detection cache's folder (`Outputs.faces`) with its note (`FACES_NOTE`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    note = directory / "README.txt"
+    if not note.is_file() or note.read_bytes() != FACES_NOTE:
+        atomic.write_bytes(note, FACES_NOTE)
 
 
 def explain_new_cache(outputs: Outputs, cards: list[dict], description: dict) -> None:

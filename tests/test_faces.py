@@ -145,6 +145,12 @@ def face_project(tmp_path, tiny_clip):
     return tmp_path
 
 
+def detections_dir(project) -> pathlib.Path:
+    """The one detector's folder of the project's detection cache (beside the folder's note)."""
+    (found,) = [p for p in (project / "cache" / "faces").iterdir() if p.is_dir()]
+    return found
+
+
 def set_faces(project, **values) -> None:
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
@@ -200,7 +206,7 @@ def test_face_crops_are_embedded_no_face_is_a_policy_and_recropping_never_detect
     lonely = rows[rows.path.str.endswith("000_001/0002.png")].iloc[0]
     neighbour = rows[rows.path.str.endswith("000_001/0001.png")].iloc[0]
     (store,) = [s for s in caches(outputs.embeddings) if s.card["description"]["faces"]["no_face"] == "nearest"]
-    box = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))[neighbour.digest].box
+    box = faces.read_cache(detections_dir(face_project))[neighbour.digest].box
     frame = Image.open(manifest_table.absolute_path(lonely.path, settings.data_root)).convert("RGB")
     pixels = backbone.preprocess(faces.crop(frame, box, 1.3, 64))
     cached, found = store.read([lonely.digest], "projection")
@@ -236,7 +242,7 @@ def test_nearest_on_a_machine_without_the_detection_cache_lends_the_boxes_the_fi
     settings, outputs = load(face_project / "params.yaml"), Outputs(face_project)
     manifest.run(settings, outputs)
     extract.run(settings, outputs)
-    boxes = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))
+    boxes = faces.read_cache(detections_dir(face_project))
     shutil.rmtree(face_project / "cache" / "faces")
 
     video = face_project / "data" / "fake" / "000_001"  # 0000 and 0001 have a face, 0002 has none
@@ -523,7 +529,7 @@ def test_face_crops_on_a_dask_cluster_are_the_local_ones(face_project):
     got, _ = store.read(keys, "projection")
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)  # the frames with a face: the local vectors
     assert set(failures) <= store.keys(), "frames without a face borrowed their neighbour's box on the workers"
-    assert len(faces.read_cache(next((face_project / "cache" / "faces").iterdir()))) == local.images
+    assert len(faces.read_cache(detections_dir(face_project))) == local.images
 
 
 def test_robustness_variants_of_face_frames_are_cropped_with_the_clean_frames_boxes(face_project, monkeypatch):
@@ -548,7 +554,7 @@ def test_robustness_variants_of_face_frames_are_cropped_with_the_clean_frames_bo
     key = test_keys[0]
     row = table.to_pandas().set_index("digest").loc[key]
     frame = Image.open(manifest_table.absolute_path(row.path, settings.data_root)).convert("RGB")
-    box = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))[key].box
+    box = faces.read_cache(detections_dir(face_project))[key].box
     backbone = backbones.load(settings.model, "cpu", "fp32")
     pixels = backbone.preprocess(faces.crop(perturb.apply(frame, "blur=2", perturb.key(key, "blur=2")), box, 1.3, 64))
     cached, _ = store.read([perturb.key(key, "blur=2")], "projection")
@@ -558,7 +564,7 @@ def test_robustness_variants_of_face_frames_are_cropped_with_the_clean_frames_bo
     # A teammate who pulled the embeddings lacks the detection cache (local, not DVC-tracked): the
     # clean frames are detected again, never the degraded ones, so the variants are the crops the
     # first machine would have made, and none is recorded as a face the blur hid.
-    boxes = faces.read_cache(next((face_project / "cache" / "faces").iterdir()))
+    boxes = faces.read_cache(detections_dir(face_project))
     shutil.rmtree(face_project / "cache" / "faces")
     monkeypatch.undo()
     update_params(face_project, "evaluate", robustness={"blur": [2.0, 8.0]})
