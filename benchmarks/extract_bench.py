@@ -18,7 +18,9 @@ them), measures images/s of
       their start: the seconds until one image comes back (forking the processes, or not)
   (d) with --dask N, the same run as (b) on a LocalCluster of N workers, whose readers are threads
       (dask's daemonic workers) or, with --dask-readers processes, processes started once per
-      worker (workers that are not daemonic: `distributed.worker.daemon: False`)
+      worker (workers that are not daemonic: `distributed.worker.daemon: False`); d/b counts its
+      cluster's start and its workers' model loads, and a second ratio adds to (b) its own model
+      load (handed to it here, loaded by `python -m pipeline extract`)
 and prints b/a and b/c, (b) without its start, where (b) waited, the cost of an incremental run
 (+1 % new images) and of resuming after a SIGKILL at 50 %, both relative to a full run, peak
 RSS, and the cosine between embeddings at the chosen precision and fp32. Every ratio is
@@ -381,7 +383,9 @@ def main() -> None:
     paths = sorted((work / "data" / "real").rglob("*.jpg"))
 
     rate_a = None if args.throughput_only else original_loop(paths, model_dir, min(args.original, n))
+    load_s = time.perf_counter()  # (b) is handed this model; extract.run, and each of (d)'s workers, loads its own
     backbone = backbones.load(settings.model, args.device, args.precision, args.compile, args.batch_size)
+    load_s = time.perf_counter() - load_s
     rate_c = forward_only(backbone, n, args.batch_size)
     table = pq.read_table(outputs.manifest, columns=["digest", "path"])
     items = [
@@ -491,6 +495,14 @@ def main() -> None:
                 f"(d) dask LocalCluster, {args.dask} workers, readers: {args.dask_readers}",
                 f"{rate_dask:8.1f} img/s",
                 f"d/b {rate_dask / rate_b:.2f}; includes starting the cluster and loading the model in every worker",
+            )
+        )
+        rows.append(
+            (
+                "(d) / (b) with its model's load",
+                f"{rate_dask / (n / (full_s + load_s)):8.2f}",
+                f"(b) as `python -m pipeline extract` runs it: {full_s:.1f} s plus {load_s:.1f} s to load the model"
+                f"{' (after (a) imported its code)' if rate_a is not None else ''}, which (d) includes in every worker",
             )
         )
         rows.append(
