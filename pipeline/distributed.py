@@ -31,8 +31,10 @@ parts, like the shards): a rerun, or another scheduler, detects nothing twice.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
+import gc
 import logging
 import os
 import threading
@@ -89,6 +91,12 @@ def _backbone(model: ModelSettings, extract: ExtractSettings):
     device = _worker_device(extract.device)
     key = (repr(model), device, extract.precision, extract.compile, extract.batch_size)
     if key not in _BACKBONES:
+        if not _BACKBONES:
+            # At the worker's exit, Python's last garbage collections walk every object that torch and
+            # transformers made, to find cycles to free in a process about to end: 1 s of a LocalCluster's
+            # close (1.24 -> 0.24 s, 2 workers), which the run waits for. Frozen objects are not walked;
+            # the exit is otherwise the normal one (atexit handlers, logging's flush, module teardown).
+            atexit.register(gc.freeze)
         _BACKBONES[key] = backbones.load(model, device, extract.precision, extract.compile, extract.batch_size)
     return _BACKBONES[key]
 
