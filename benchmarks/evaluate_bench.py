@@ -18,6 +18,8 @@ have): the probes' solver takes many more steps on such rows than on the isotrop
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--spectrum", choices=["flat", "backbone"], default="flat")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # a model and images: hundreds of MB per run
     build(work, args.videos, args.frames, args.dim, args.spectrum)
     settings = config.load(work / "params.yaml")
     outputs = Outputs(work)

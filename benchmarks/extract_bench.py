@@ -37,6 +37,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import atexit
 import logging
 import resource
 import shutil
@@ -373,6 +374,7 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
 
     work = Path(tempfile.mkdtemp(prefix="extract-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # a model and images: hundreds of MB per run
     model_dir = work / "model"
     make_model(model_dir, args.model, args.vision_layers)
     make_images(work / "data" / "real", args.images)
