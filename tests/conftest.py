@@ -35,6 +35,9 @@ def machine_memory(tmp_path_factory) -> None:
     """The scan remembers md5s per machine, under $XDG_CACHE_HOME (`file_index.machine_md5s`):
     the tests, and the stages they run in subprocesses, keep theirs in the session's own folder."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    # `dvc init` in a test's new repo (whose config does not turn analytics off yet, as this project's
+    # .dvc/config does) started DVC's analytics daemon: a request to the internet, a file left in /tmp.
+    os.environ["DVC_NO_ANALYTICS"] = "1"
 
 
 @pytest.fixture(autouse=True)
