@@ -39,6 +39,7 @@ test: lint
 
 bench: venv
 	python benchmarks/extract_bench.py
+	python benchmarks/cli_dask_bench.py
 	python -m benchmarks.families_bench
 	python -m benchmarks.faces_bench
 	python benchmarks/evaluate_bench.py
