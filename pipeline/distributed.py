@@ -396,6 +396,16 @@ class DaskEmbedder:
         self.known = self._stamp = None  # backbones.Known, for a LocalCluster
 
     def __enter__(self) -> DaskEmbedder:
+        try:
+            return self._enter()
+        except BaseException:
+            # `with` calls __exit__ only after __enter__ returned: a model the workers cannot load
+            # (or a Ctrl-C while they load it) left the cluster it started running, the model in
+            # its workers' memory, a GPU's too, in a notebook until the kernel ended.
+            self.__exit__(None, None, None)
+            raise
+
+    def _enter(self) -> DaskEmbedder:
         from distributed import as_completed
 
         described = None

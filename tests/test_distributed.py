@@ -134,7 +134,8 @@ def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedde
 def test_a_model_that_a_worker_cannot_load_stops_the_run_naming_the_worker(project):
     """The model is loaded, and described, on the workers only (this machine never loads it for a
     dask run it has not described before): a worker that cannot load it (here: a checkpoint of a
-    family this version does not know) gives the local run's sentence, named by the worker, once."""
+    family this version does not know) gives the local run's sentence, named by the worker, once,
+    and the cluster started for it is closed (its workers held the model's memory, a GPU's too)."""
     (project / "model").mkdir()
     (project / "model" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
@@ -147,6 +148,7 @@ def test_a_model_that_a_worker_cannot_load_stops_the_run_naming_the_worker(proje
         stopped.value
     )
     assert str(stopped.value).count("dask worker") == 1
+    assert worker_processes(os.getpid()) == [], "the LocalCluster's workers outlived the run"
 
 
 def test_a_task_stopped_by_a_full_disk_is_not_retried(project, monkeypatch, tmp_path):
