@@ -442,6 +442,9 @@ def main() -> None:
         load_s = model_load_seconds(work / "params.yaml")
         for store in caches(outputs.embeddings):
             shutil.rmtree(store.directory)
+        # Without what the resume run's command remembered of the model, every run's workers load it
+        # (describing it) before the first partition, outside the embedding phase timed below.
+        (work / "cache" / "backbones.json").unlink(missing_ok=True)
         raw = yaml.safe_load((work / "params.yaml").read_text())
         raw["extract"].update(scheduler="dask", dask={"address": "", "n_workers": args.dask})
         (work / "params.yaml").write_text(yaml.safe_dump(raw))
