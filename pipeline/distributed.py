@@ -9,7 +9,8 @@ whole run and shows progress, batch by batch (`PartitionProgress`). A task whose
 rerun elsewhere by dask, and one that raises is rerun from its start with nothing of the failed
 attempt committed, unless its settings stopped it (a batch the GPU has no memory for): that one
 would fail again, so it keeps what it embedded and the run stops with its sentence. A run that
-is stopped loses only uncommitted partitions, and the next run embeds just what is missing.
+is stopped loses only uncommitted partitions, and the next run embeds just what is missing; on a
+scheduler that outlives it, its partitions still running stop at their next batch (`_reporter`).
 Inside a task, `extract.num_workers` readers decode batches ahead of the model: threads in a
 daemonic worker process (dask's default: it cannot have children; `embedder.threaded_batches`),
 processes started once and kept for every partition in one that is not
@@ -284,16 +285,31 @@ def _this_worker() -> str:
     return get_worker().address
 
 
+class RunGone(Exception):
+    """Raised in a task whose run has gone (see `_reporter`): it embeds nothing more and commits nothing."""
+
+
 def _reporter(topic: str, partition: int) -> Callable[[int], None]:
     """Runs on a worker: a callback that logs, per batch, [partition, attempt, images embedded by
     this attempt] on `topic` (an attempt is one run of the task: dask reruns a task whose worker
-    died, from its first image)."""
+    died, from its first image), after checking that the task's run still wants it.
+
+    A run that stops (one partition out of memory, Ctrl-C, a killed client) releases its tasks,
+    but dask cannot interrupt the thread of a task already running: on a scheduler that outlives
+    the run (a cluster's), each of its other partitions ran to its end, holding its worker from
+    the next run, and committed its shard after the run had let the cache's writer lock go. The
+    worker marks such a task cancelled: at its next batch it raises `RunGone`, and
+    `embed_partition` drops what it embedded, as for any failed attempt (the next run embeds it)."""
     from distributed import get_worker
 
     worker, attempt, done = get_worker(), uuid.uuid4().hex, 0
+    key = worker.get_current_task()
 
     def report(images: int) -> None:
         nonlocal done
+        task = worker.state.tasks.get(key)
+        if task is None or task.state == "cancelled":
+            raise RunGone(f"partition {partition}: the run that submitted it has stopped; nothing of it was committed")
         done += images
         worker.log_event(topic, [partition, attempt, done])
 

@@ -131,6 +131,48 @@ def test_a_task_stopped_by_its_settings_is_not_retried_and_keeps_what_it_embedde
     assert store.verify() == []
 
 
+def _executing(dask_worker) -> int:
+    return dask_worker.state.executing_count  # a task whose client has gone counts until it returns
+
+
+def test_a_stopped_runs_other_tasks_on_a_remote_scheduler_stop_at_their_next_batch(project, monkeypatch, tmp_path):
+    """A run on a scheduler that outlives it (a cluster's) stops (here: one partition out of
+    memory); dask cannot interrupt the threads of its other partitions, which ran to their end,
+    holding their workers from the next run and committing their shards after the run had let the
+    cache's writer lock go. Each now notices at its next batch that its run has gone, and stops
+    there, committing nothing."""
+    from distributed import Client, LocalCluster, wait
+
+    from pipeline.distributed import DaskEmbedder
+
+    reads, log = tmp_path / "reads", tmp_path / "out of memory"
+    fault_hooks(monkeypatch)
+    monkeypatch.setenv("SLOW_READS_LOG", str(reads))
+    monkeypatch.setenv("OUT_OF_MEMORY_LOG", str(log))
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    table = manifest.run(settings, outputs)
+    # Two partitions of 80 (two workers, batches of 4): the first's first image is out of memory.
+    monkeypatch.setenv("OUT_OF_MEMORY_ON", table.column("path")[0].as_py())
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        update_params(
+            project, "extract", scheduler="dask", dask={"address": cluster.scheduler_address, "n_workers": 2},
+            batch_size=4, num_workers=2,
+        )  # fmt: skip
+        with DaskEmbedder(config.load(project / "params.yaml")) as warm:
+            wait(warm._warming)  # both workers hold the model: each takes a partition at once
+        with pytest.raises(ConfigError, match="ran out of memory"):
+            extract.run(config.load(project / "params.yaml"), outputs)
+        deadline = time.monotonic() + 120
+        while any(client.run(_executing).values()):
+            assert time.monotonic() < deadline, "the stopped run's other partition is still running"
+            time.sleep(0.2)
+    (store,) = caches(outputs.embeddings)
+    assert store.keys() == set(), "nothing committed after the run stopped"
+    (stopped,) = {line.split()[0] for line in log.read_text().splitlines()}
+    other = sum(pid != stopped for pid in reads.read_text().split())
+    assert 0 < other < 80, f"the other partition read {other} of its 80 images"
+
+
 def test_a_model_that_a_worker_cannot_load_stops_the_run_naming_the_worker(project):
     """The model is loaded, and described, on the workers only (this machine never loads it for a
     dask run it has not described before): a worker that cannot load it (here: a checkpoint of a

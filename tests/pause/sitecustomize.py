@@ -3,13 +3,14 @@ process (`images.apply`, called once per image) stops for good after N images an
 "paused"; with FAIL_ONCE_AFTER_IMAGES=N and FAIL_ONCE_MARKER=<path>, the first process to read N
 images raises there once (it creates the marker; no process fails after that), as a transient
 error in a dask task would; with OUT_OF_MEMORY_ON=<end of a path> and OUT_OF_MEMORY_LOG=<path>,
-decoding the file whose path ends so raises CUDA's out-of-memory error every time (and appends a
-line to the log), as a batch too large for a GPU would; with NO_SPACE_LEFT_LOG=<path>, writing a
-shard raises ENOSPC every time (and appends a line to the log), as a full disk would; with
-OTHER_LIBRARY_VERSIONS=1, the versions of the libraries in a model's fingerprint end in "-other",
-as on a machine with other versions installed; with HIDDEN_FILE=<end of a path>, the file whose
-path ends so cannot be found, as on a machine without the folder that holds it; without them,
-this file does nothing."""
+decoding the file whose path ends so raises CUDA's out-of-memory error every time (and appends
+the process id and the path to the log), as a batch too large for a GPU would; with
+NO_SPACE_LEFT_LOG=<path>, writing a shard raises ENOSPC every time (and appends a line to the
+log), as a full disk would; with OTHER_LIBRARY_VERSIONS=1, the versions of the libraries in a
+model's fingerprint end in "-other", as on a machine with other versions installed; with
+HIDDEN_FILE=<end of a path>, the file whose path ends so cannot be found, as on a machine without
+the folder that holds it; with SLOW_READS_LOG=<path>, reading each image takes 0.2 s (and appends
+the process id to the log), as a long partition would; without them, this file does nothing."""
 
 import os
 
@@ -59,7 +60,7 @@ if os.environ.get("OUT_OF_MEMORY_ON"):
     def _out_of_memory_on(path, *args, **kwargs):
         if str(path).endswith(_end):
             with open(os.environ["OUT_OF_MEMORY_LOG"], "a") as log:
-                log.write(f"{path}\n")
+                log.write(f"{os.getpid()} {path}\n")
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return _decode(path, *args, **kwargs)
 
@@ -98,3 +99,18 @@ if os.environ.get("HIDDEN_FILE"):
         return _read_file(path, *args, **kwargs)
 
     images.read_regular_file = _hidden
+
+if os.environ.get("SLOW_READS_LOG"):
+    import time
+
+    from pipeline import images
+
+    _apply_now = images.apply
+
+    def _slow(*args, **kwargs):
+        with open(os.environ["SLOW_READS_LOG"], "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(0.2)
+        return _apply_now(*args, **kwargs)
+
+    images.apply = _slow
