@@ -22,8 +22,10 @@ see the cache directory and the images at the same paths: a shared filesystem); 
 machine: worker i uses GPU i modulo the GPU count), and only when there is something to embed: its
 workers run in this environment, so what loading the model gave is remembered in
 `cache/backbones.json` as for a local run (`backbones.Known`). A remote scheduler's workers may
-differ from this machine: they describe the model on every run. Every worker describes it at
-once (loading its model) and the first answer is taken, so none waits idle for another.
+differ from this machine: what they said is remembered under the scheduler's address too, so a
+run with nothing to embed needs no worker, but they describe the model again before they embed
+anything (`DaskEmbedder._confirm`). Every worker describes it at once (loading its model) and the
+first answer is taken, so none waits idle for another.
 
 With `data.faces`, each worker detects and crops the faces of its partition (the detector on its
 own device), reading and committing the shared detection cache (`cache/faces/`, content-named
@@ -36,6 +38,7 @@ import atexit
 import contextlib
 import errno
 import gc
+import hashlib
 import logging
 import os
 import threading
@@ -409,7 +412,8 @@ class DaskEmbedder:
         self.asked = settings.model  # as params name it: what a local run remembers the model under (Known)
         self._client = self.cluster = None
         self._warming: list = []  # the workers' describe tasks, kept until the run ends (a released one is cancelled)
-        self.known = self._stamp = None  # backbones.Known, for a LocalCluster
+        self.known = self._stamp = None  # backbones.Known, and the model's stamp there (None: not remembered)
+        self._unconfirmed = False  # a remote scheduler's description taken from memory, its workers not yet asked
 
     def __enter__(self) -> DaskEmbedder:
         try:
@@ -422,34 +426,80 @@ class DaskEmbedder:
             raise
 
     def _enter(self) -> DaskEmbedder:
+        from pipeline import backbones
+
+        self.known = backbones.Known(Path(self.base_dir) / "cache" / "backbones.json")
+        if not self.extract.dask.address:  # a LocalCluster: workers on this machine, in this environment
+            self._stamp, described = self.known.find(self.asked, self.extract.device, self.extract.precision)
+        else:
+            self._stamp, described = self._remembered()
+            self._unconfirmed = described is not None
+        if described is None:
+            described = self._ask_workers()
+            if self._stamp is not None:
+                self.known.remember(self._stamp, *described)
+        self._use(described)
+        return self
+
+    def _remembered(self) -> tuple[str | None, tuple[dict, dict] | None]:
+        """A remote scheduler's: the stamp of the model files as this machine sees them (the shared
+        filesystem), the settings and the scheduler's address, and what its workers said under it
+        last time; (None, None) where this machine cannot see the model files (a Hugging Face id
+        only the workers' caches hold). With it, a run with nothing to embed (after an `evaluate`
+        param changed) neither connects nor loads the model on every worker, and needs no worker
+        at all: the cluster's job may have ended. Its workers' libraries may have changed since,
+        which this machine cannot see: the workers confirm before anything is embedded (`_confirm`)."""
+        try:
+            local = self.known.stamp(self.asked, self.extract.device, self.extract.precision)
+        except ConfigError:
+            return None, None
+        stamp = hashlib.sha256(f"{local} on dask {self.extract.dask.address}".encode()).hexdigest()
+        return stamp, self.known.lookup(stamp)
+
+    def _ask_workers(self) -> tuple[dict, dict[str, int]]:
+        """The fingerprint description and dims as the workers compute them. Every worker describes
+        (loading its model), not one while the others wait: the first answer is taken, and the
+        others' models are ready by the time their partitions come."""
         from distributed import as_completed
 
-        described = None
-        if not self.extract.dask.address:  # a LocalCluster: workers on this machine, in this environment
-            from pipeline import backbones
+        workers = [[worker] for worker in self.client.nthreads()] or [None]  # none yet: the first to come
+        if workers == [None] and self.extract.dask.address:  # workers still queued: say why nothing moves
+            log.warning(
+                "dask: the scheduler at %s has no workers yet; waiting for the first to join (`dask worker %s`)",
+                self.extract.dask.address,
+                self.extract.dask.address,
+            )
+        self._warming = [
+            self.client.submit(_describe, self.model, self.extract, pure=False, workers=where) for where in workers
+        ]
+        return next(iter(as_completed(self._warming))).result()
 
-            self.known = backbones.Known(Path(self.base_dir) / "cache" / "backbones.json")
-            self._stamp, described = self.known.find(self.asked, self.extract.device, self.extract.precision)
-        if described is None:
-            # Every worker describes (loading its model), not one while the others wait: the first
-            # answer is taken, and the others' models are ready by the time their partitions come.
-            workers = [[worker] for worker in self.client.nthreads()] or [None]  # none yet: the first to come
-            if workers == [None] and self.extract.dask.address:  # workers still queued: say why nothing moves
-                log.warning(
-                    "dask: the scheduler at %s has no workers yet; waiting for the first to join (`dask worker %s`)",
-                    self.extract.dask.address,
-                    self.extract.dask.address,
-                )
-            self._warming = [
-                self.client.submit(_describe, self.model, self.extract, pure=False, workers=where) for where in workers
-            ]
-            described = next(iter(as_completed(self._warming))).result()
-            if self.known is not None:
-                self.known.remember(self._stamp, *described)
+    def _use(self, described: tuple[dict, dict[str, int]]) -> None:
+        self.described = described
         self.description, self.dims = described
         if self.crops is not None:
             self.description = {**self.description, "faces": self.crops.spec}
-        return self
+
+    def _confirm(self) -> None:
+        """Before the first thing a remote scheduler's workers embed, where the description came from
+        memory (`_remembered`): they describe the model; if they now load it otherwise, that is
+        remembered and used, and `Redescribed` starts the extract again with it (a new cache)."""
+        if not self._unconfirmed:
+            return
+        self._unconfirmed = False
+        from pipeline.embedder import Redescribed
+        from pipeline.store import differences_shown, fingerprint
+
+        now = self._ask_workers()
+        before = self.described
+        if fingerprint(now[0]) == fingerprint(before[0]) and now[1] == before[1]:
+            return
+        self.known.remember(self._stamp, *now)
+        self._use(now)
+        raise Redescribed(
+            f"the dask workers of {self.extract.dask.address} load {self.asked.name} otherwise than when they last "
+            f"described it: {differences_shown(before[0], now[0], names=('then', 'now'))}"
+        )
 
     @property
     def client(self):
@@ -494,6 +544,7 @@ class DaskEmbedder:
 
         from pipeline import images
 
+        self._confirm()
         workers = max(1, len(self.client.nthreads()))
         if self.extract.dask.address and (hint := allocator_hint(self.client.run(_trim_setting))):
             log.warning(hint)
@@ -549,6 +600,7 @@ class DaskEmbedder:
 
     def embed_text(self, prompts: list[str]):
         def embed():
+            self._confirm()
             return self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()
 
-        return self.known.embed_text(self._stamp, embed) if self.known is not None else embed()
+        return self.known.embed_text(self._stamp, embed) if self._stamp is not None else embed()

@@ -519,6 +519,13 @@ Writer = Callable[[EmbeddingStore, int, str], ShardWriter]
 IN_FLIGHT = 2  # on a GPU: batches submitted to the model ahead of the one whose rows are being written
 
 
+class Redescribed(ConfigError):
+    """An embedder whose fingerprint description, taken from memory, proved out of date when it was
+    about to embed (a remote dask cluster's workers now load the model otherwise: another library
+    version); it now holds what they say, and the extract starts again with it. The sentence says
+    what changed."""
+
+
 class NonFiniteEmbeddings(ConfigError):
     """The model gave NaN or inf: its precision, kernels or weights are at fault, not the images."""
 

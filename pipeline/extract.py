@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import atomic, frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
-from pipeline.embedder import Item, LocalEmbedder, plan, recorded_failures
+from pipeline.embedder import Item, LocalEmbedder, Redescribed, plan, recorded_failures
 from pipeline.outputs import Outputs
 from pipeline.store import (
     EmbeddingStore,
@@ -111,6 +111,20 @@ def run(
     faces_folder(outputs.faces)
     summary, cards = _model_caches(settings, outputs)  # read once: the three choices below use them
     settings = shared_precision(shared_layer_order(settings, cards), summary, cards)
+    try:
+        return _run(settings, outputs, table, cards, embedder, retry_failed)
+    except Redescribed as changed:  # a remote cluster's workers upgraded since they last described the model
+        log.info("%s; extract starts again with the model as they load it now", changed)
+    try:
+        return _run(settings, outputs, table, cards, embedder, retry_failed)
+    except Redescribed as changed:
+        raise ConfigError(
+            f"{changed}, and it changed again within this run: the workers load it in different ways; give every "
+            "worker the same model files and library versions."
+        ) from None
+
+
+def _run(settings: Settings, outputs: Outputs, table, cards: list[dict], embedder, retry_failed: bool):
     with embedder_for(settings, embedder) as built:
         wider = None if embedder is not None else wider_cache(settings, cards, built.description)
         if wider is None:
@@ -392,6 +406,8 @@ def embed_prompts(settings: Settings, store: EmbeddingStore, embedder) -> None:
         return
     try:
         embedded = embedder.embed_text(wanted)
+    except Redescribed:
+        raise  # the prompts are embedded into the cache of the model as the workers load it now
     except Exception as exc:  # auxiliary: the images are committed; zero_shot will say what is missing
         log.warning("zero-shot prompts could not be embedded (%s); the zero_shot protocol will be unavailable", exc)
         return

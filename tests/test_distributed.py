@@ -173,6 +173,56 @@ def test_a_stopped_runs_other_tasks_on_a_remote_scheduler_stop_at_their_next_bat
     assert 0 < other < 80, f"the other partition read {other} of its 80 images"
 
 
+def test_a_remote_clusters_workers_are_remembered_and_confirm_before_they_embed(project, monkeypatch, caplog):
+    """What a remote scheduler's workers said of the model is remembered (under the model files as
+    this machine sees them, the settings and the scheduler's address): a run with nothing to embed
+    (the rerun DVC makes after an `evaluate` param changed) neither connects nor loads the model on
+    every worker, and needs no scheduler at all (the cluster's job may have ended). Before they
+    embed anything the workers describe it again: where they now load it otherwise (the cluster
+    upgraded transformers), the run starts again with what they say, into a new cache."""
+    import socket
+
+    import dask
+    from distributed import LocalCluster
+    from PIL import Image
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+
+    def cluster() -> LocalCluster:  # the same address each time, as a cluster's head node gives
+        return LocalCluster(
+            n_workers=1, threads_per_worker=1, dashboard_address=None, host="127.0.0.1", scheduler_port=port
+        )
+
+    update_params(project, "extract", scheduler="dask", dask={"address": f"tcp://127.0.0.1:{port}", "n_workers": 1})
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    manifest.run(settings, outputs)
+    with cluster():
+        first = extract.run(settings, outputs)
+    assert first.embedded == first.images
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):  # no scheduler answers there now
+        assert extract.run(settings, outputs) == first
+
+    fault_hooks(monkeypatch)
+    monkeypatch.setenv("OTHER_LIBRARY_VERSIONS", "1")  # for the workers of the clusters started from here on
+    new = project / "data" / "Train_Real" / "Real_youtube" / "901"
+    new.mkdir()
+    for i in range(3):
+        Image.new("RGB", (72, 64), (i * 40, 10, 200)).save(new / f"{i:04d}.png")
+    manifest.run(settings, outputs)
+    here = backbones.base.library_versions("transformers")["transformers"]
+    with cluster(), caplog.at_level("INFO", logger="pipeline.extract"):
+        upgraded = extract.run(settings, outputs)
+    assert (
+        f"load {settings.model.name} otherwise than when they last described it: libraries.transformers "
+        f"({here} then, {here}-other now); extract starts again" in caplog.text
+    ), caplog.text
+    assert upgraded.fingerprint != first.fingerprint and upgraded.embedded == upgraded.images == first.images + 3
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert extract.run(settings, outputs) == upgraded
+
+
 def test_a_model_that_a_worker_cannot_load_stops_the_run_naming_the_worker(project):
     """The model is loaded, and described, on the workers only (this machine never loads it for a
     dask run it has not described before): a worker that cannot load it (here: a checkpoint of a
