@@ -38,7 +38,6 @@ import atexit
 import contextlib
 import errno
 import gc
-import hashlib
 import logging
 import os
 import threading
@@ -450,11 +449,9 @@ class DaskEmbedder:
         at all: the cluster's job may have ended. Its workers' libraries may have changed since,
         which this machine cannot see: the workers confirm before anything is embedded (`_confirm`)."""
         try:
-            local = self.known.stamp(self.asked, self.extract.device, self.extract.precision)
+            return self.known.find(self.asked, self.extract.device, self.extract.precision, self.extract.dask.address)
         except ConfigError:
             return None, None
-        stamp = hashlib.sha256(f"{local} on dask {self.extract.dask.address}".encode()).hexdigest()
-        return stamp, self.known.lookup(stamp)
 
     def _ask_workers(self) -> tuple[dict, dict[str, int]]:
         """The fingerprint description and dims as the workers compute them. Every worker describes

@@ -195,7 +195,9 @@ def test_a_remote_clusters_workers_are_remembered_and_confirm_before_they_embed(
             n_workers=1, threads_per_worker=1, dashboard_address=None, host="127.0.0.1", scheduler_port=port
         )
 
-    update_params(project, "extract", scheduler="dask", dask={"address": f"tcp://127.0.0.1:{port}", "n_workers": 1})
+    # precision auto (as params.yaml has it): the next run asks for the precision of the cache auto made
+    address = f"tcp://127.0.0.1:{port}"
+    update_params(project, "extract", scheduler="dask", dask={"address": address, "n_workers": 1}, precision="auto")
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
     manifest.run(settings, outputs)
     with cluster():

@@ -138,7 +138,9 @@ class Known:
         base.FILE_DIGESTS.update(data.get("weights", {}) if isinstance(data, dict) else {})
 
     @staticmethod
-    def stamp(model: ModelSettings, device: str, precision: str) -> str:
+    def stamp(model: ModelSettings, device: str, precision: str, where: str = "") -> str:
+        """`where`: the workers that load the model, where not this machine's (a dask scheduler's
+        address): this machine's files and libraries then stand for theirs, which they confirm."""
         from dataclasses import asdict
         from importlib.metadata import PackageNotFoundError, version
 
@@ -169,21 +171,26 @@ class Known:
             "precision": precision,
             "cuda": torch.cuda.is_available(),
         }
+        if where:
+            what["where"] = where
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     def lookup(self, stamp: str) -> tuple[dict, dict[str, int]] | None:
         entry = self.models.get(stamp)
         return (entry["description"], entry["dims"]) if entry else None
 
-    def find(self, model: ModelSettings, device: str, precision: str) -> tuple[str, tuple[dict, dict] | None]:
+    def find(
+        self, model: ModelSettings, device: str, precision: str, where: str = ""
+    ) -> tuple[str, tuple[dict, dict] | None]:
         """The stamp to remember the model under, and what is remembered (None: nothing). A run
         with `precision: auto` learns under auto's stamp; the next run asks for the precision of
         the cache the first made (`extract.shared_precision`), and takes what auto learned when
-        auto gave that precision, so it does not load the model only to describe it again."""
-        stamp = self.stamp(model, device, precision)
+        auto gave that precision, so it does not load the model only to describe it again.
+        `where`: as for `stamp`."""
+        stamp = self.stamp(model, device, precision, where)
         found = self.lookup(stamp)
         if found is None and precision != "auto":
-            auto = self.stamp(model, device, "auto")
+            auto = self.stamp(model, device, "auto", where)
             learned = self.lookup(auto)
             if learned is not None and learned[0].get("precision") == precision:
                 return auto, learned
