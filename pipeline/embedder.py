@@ -270,9 +270,10 @@ def threaded_batches(
         for batch in split:
             yield joined([load(part) for part in batch], pin_memory)
         return
-    with ThreadPoolExecutor(
+    pool = ThreadPoolExecutor(
         max_workers=num_threads, thread_name_prefix="reader", initializer=None if pin_memory else yield_cpu
-    ) as pool:
+    )
+    try:
         pending: deque = deque()
         for batch in split:
             pending.append([pool.submit(load, part) for part in batch])
@@ -280,6 +281,10 @@ def threaded_batches(
                 yield joined([f.result() for f in pending.popleft()], pin_memory)
         while pending:
             yield joined([f.result() for f in pending.popleft()], pin_memory)
+    finally:
+        # Stopped early (Ctrl-C, a dask partition whose run has gone): the parts queued ahead are
+        # not read; the threads finish only what they are reading.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class KeptReaders:

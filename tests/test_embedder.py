@@ -125,6 +125,31 @@ def test_every_reader_gives_the_same_batches_in_order_whole_or_in_parts(project,
             assert all(b.pixels.is_pinned() == pin for b in got), case
 
 
+def test_threaded_readers_stopped_early_read_no_batch_they_had_not_started(project):
+    """A run stopped early (Ctrl-C; a dask partition whose run has gone) closes its reader: the
+    batches queued ahead for its threads are not read any more; only those being read finish (a
+    dask worker with batches of 64 and 2 threads read 128 images more, for nothing)."""
+    settings = load(project / "params.yaml")
+    table = manifest.run(settings, Outputs(project))
+    items = [
+        embedder.Item(d, p, settings.data_root / p)
+        for d, p in zip(table.column("digest").to_pylist(), table.column("path").to_pylist(), strict=True)
+    ][:64]
+    calls = []
+
+    def slow(image) -> np.ndarray:
+        calls.append(1)
+        time.sleep(0.1)
+        return np.zeros(1, np.float32)
+
+    # Batches of 8 in 2 parts of 4 (a part per thread), 4 batches in flight: 16 images being read,
+    # 16 queued, when the first batch comes.
+    batches = embedder.threaded_batches(items, slow, 8, 2, False, in_parts=True)
+    assert len(next(batches).digests) == 8
+    batches.close()
+    assert len(calls) <= 16, f"{len(calls)} images read: the batches queued were read after the reader closed"
+
+
 def niceness(image) -> np.ndarray:
     """A preprocess that gives, as its pixels, the CPU priority of the reader that calls it."""
     return np.array([os.getpriority(os.PRIO_PROCESS, threading.get_native_id())], np.float32)
