@@ -137,9 +137,9 @@ def _executing(dask_worker) -> int:
 
 def test_a_stopped_runs_other_tasks_on_a_remote_scheduler_stop_at_their_next_batch(project, monkeypatch, tmp_path):
     """A run on a scheduler that outlives it (a cluster's) stops (here: one partition out of
-    memory); dask cannot interrupt the threads of its other partitions, which ran to their end,
-    holding their workers from the next run and committing their shards after the run had let the
-    cache's writer lock go. Each now notices at its next batch that its run has gone, and stops
+    memory); dask cannot interrupt the threads of its other partitions, which used to run to their
+    end, holding their workers from the next run and committing their shards after the run had let
+    the cache's writer lock go. Each now notices at its next batch that its run has gone, and stops
     there, committing nothing."""
     from distributed import Client, LocalCluster, wait
 

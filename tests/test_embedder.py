@@ -142,8 +142,8 @@ def test_threaded_readers_stopped_early_read_no_batch_they_had_not_started(proje
         time.sleep(0.1)
         return np.zeros(1, np.float32)
 
-    # Batches of 8 in 2 parts of 4 (a part per thread), 4 batches in flight: 16 images being read,
-    # 16 queued, when the first batch comes.
+    # Batches of 8 in 2 parts of 4 (a part per thread), 4 batches in flight: when the first comes,
+    # the second is being read and two more (16 images) wait for a thread.
     batches = embedder.threaded_batches(items, slow, 8, 2, False, in_parts=True)
     assert len(next(batches).digests) == 8
     batches.close()
