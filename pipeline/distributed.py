@@ -17,7 +17,8 @@ processes started once and kept for every partition in one that is not
 (`distributed.worker.daemon: False`; `embedder.KeptReaders`).
 
 `extract.dask.address` connects to a running scheduler (`tcp://host:8786`; every worker must
-see the cache directory and the images at the same paths: a shared filesystem); left empty, a
+see the cache directory and the images at the same paths: a shared filesystem, and must run this
+version of the package: `other_code`); left empty, a
 `LocalCluster` with `extract.dask.n_workers` processes is started (one per GPU on a multi-GPU
 machine: worker i uses GPU i modulo the GPU count), and only when there is something to embed: its
 workers run in this environment, so what loading the model gave is remembered in
@@ -38,6 +39,7 @@ import atexit
 import contextlib
 import errno
 import gc
+import hashlib
 import logging
 import os
 import threading
@@ -67,6 +69,38 @@ TRIM = "MALLOC_TRIM_THRESHOLD_"
 LASTING_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _BACKBONES: dict = {}  # per worker process: (model, device, precision) -> Backbone
 _READERS: list = []  # per worker process: its embedder.KeptReaders, once made
+
+
+def _source_digests() -> dict[str, str]:
+    """This package's source files (`pipeline/...py` -> the first 16 hex digits of their sha256)."""
+    root = Path(__file__).resolve().parent
+    return {
+        f"pipeline/{path.relative_to(root).as_posix()}": hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for path in sorted(root.rglob("*.py"))
+    }
+
+
+# The package's source as this process found it when it imported this module: on a worker, with its
+# first task (the modules that task needs are imported with it). The client sends its own with every
+# task (`other_code`): a long-lived worker that imported another version (a cluster started before a
+# `git pull`, a worker of another checkout) would put what that version computes into the cache
+# this version names, or fail with a traceback where a function's arguments changed.
+SOURCE = _source_digests()
+
+
+def other_code(source: dict[str, str]) -> str | None:
+    """Runs on a worker: None where it imported the source the client has (`SOURCE`), else the
+    sentence naming the files that differ."""
+    if source == SOURCE:
+        return None
+    differ = sorted(name for name in source.keys() | SOURCE.keys() if source.get(name) != SOURCE.get(name))
+    named = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    return (
+        f"dask worker {_this_worker()} runs another version of this package than this machine ({named} "
+        f"differ{'s' if len(differ) == 1 else ''}): it was started before the code changed, or from another "
+        "checkout; start the workers again from this checkout (`dask worker <scheduler>`), so that they embed "
+        "what this version computes (it embedded nothing)."
+    )
 
 
 def _worker_device(device: str) -> str:
@@ -104,8 +138,10 @@ def _backbone(model: ModelSettings, extract: ExtractSettings):
     return _BACKBONES[key]
 
 
-def _describe(model: ModelSettings, extract: ExtractSettings) -> tuple[dict, dict[str, int]]:
+def _describe(model: ModelSettings, extract: ExtractSettings, source: dict[str, str]) -> tuple[dict, dict[str, int]]:
     """Runs on a worker: the fingerprint description and dims, as the workers will compute them."""
+    if why := other_code(source):
+        raise ConfigError(why)
     try:
         backbone = _backbone(model, extract)
     except ConfigError as exc:
@@ -149,7 +185,9 @@ def allocator_hint(settings: dict[str, str | None]) -> str | None:
     )
 
 
-def _embed_text(model: ModelSettings, extract: ExtractSettings, prompts: list[str]):
+def _embed_text(model: ModelSettings, extract: ExtractSettings, prompts: list[str], source: dict[str, str]):
+    if why := other_code(source):
+        raise ConfigError(why)
     return _backbone(model, extract).embed_text(prompts)
 
 
@@ -168,12 +206,13 @@ def embed_partition(
     store_dir: str,
     model: ModelSettings,
     extract: ExtractSettings,
+    source: dict[str, str],
     faces_job: FaceJob | None = None,
     progress: tuple[str, int] | None = None,
 ) -> PartitionResult:
     """Runs on a worker: embed `items` (their face crops, with `faces_job`) and commit them as
     shard(s) of the cache at `store_dir`. Face detections are read from and committed to the
-    shared detection cache.
+    shared detection cache. `source`: the client's `SOURCE` (see `other_code`).
     `progress`: (topic, partition number): after each batch, how many of its images this attempt
     has embedded is logged as an event on the topic (`PartitionProgress`, the client's bar).
 
@@ -185,6 +224,8 @@ def embed_partition(
     from pipeline import embedder, faces
     from pipeline.store import EmbeddingStore
 
+    if why := other_code(source):
+        return PartitionResult.stop(why)
     try:
         backbone = _backbone(model, extract)
     except ConfigError as exc:
@@ -467,7 +508,8 @@ class DaskEmbedder:
                 self.extract.dask.address,
             )
         self._warming = [
-            self.client.submit(_describe, self.model, self.extract, pure=False, workers=where) for where in workers
+            self.client.submit(_describe, self.model, self.extract, SOURCE, pure=False, workers=where)
+            for where in workers
         ]
         return next(iter(as_completed(self._warming))).result()
 
@@ -562,6 +604,7 @@ class DaskEmbedder:
                         str(store.directory),
                         self.model,
                         self.extract,
+                        SOURCE,
                         self._face_job(part),
                         (topic, number),
                         pure=False,
@@ -598,6 +641,6 @@ class DaskEmbedder:
     def embed_text(self, prompts: list[str]):
         def embed():
             self._confirm()
-            return self.client.submit(_embed_text, self.model, self.extract, prompts, pure=False).result()
+            return self.client.submit(_embed_text, self.model, self.extract, prompts, SOURCE, pure=False).result()
 
         return self.known.embed_text(self._stamp, embed) if self._stamp is not None else embed()

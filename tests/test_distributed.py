@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -360,6 +361,44 @@ def test_a_remote_worker_without_the_shared_folders_stops_the_run_naming_what_it
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def test_a_worker_running_other_code_of_this_package_stops_the_run_naming_the_files(project, tmp_path):
+    """A remote scheduler's worker that imported this package before a `git pull` changed it (a
+    cluster started days ago), or from another checkout, would embed what that version computes
+    into the cache this version names: the run stops before it embeds anything, with one sentence
+    naming the worker and the files that differ. Here the worker imports a copy of the package in
+    which one file has one more line."""
+    from distributed import LocalCluster
+
+    import pipeline
+
+    other = tmp_path / "other checkout"
+    shutil.copytree(Path(pipeline.__file__).parent, other / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    changed = other / "pipeline" / "images.py"
+    changed.write_text(changed.read_text() + "# a line added after the worker started\n")
+    environment = {**os.environ, "PYTHONPATH": str(other)}  # and a folder without this checkout as its cwd
+    with LocalCluster(n_workers=0, threads_per_worker=1, dashboard_address=None) as cluster:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address, "--nthreads", "1",
+             "--no-dashboard"], env=environment, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            update_params(project, "extract", scheduler="dask", dask={"address": cluster.scheduler_address})
+            settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+            manifest.run(settings, outputs)
+            with pytest.raises(ConfigError) as stopped:
+                extract.run(settings, outputs)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=20)
+    assert re.fullmatch(
+        r"dask worker tcp://\S+ runs another version of this package than this machine \(pipeline/images\.py "
+        r"differs\): it was started before the code changed, or from another checkout; start the workers again "
+        r"from this checkout .+",
+        str(stopped.value),
+    ), str(stopped.value)
+    assert all(store.keys() == set() for store in caches(outputs.embeddings))
 
 
 def worker_processes(pid: int) -> list[psutil.Process]:
