@@ -8,6 +8,7 @@ if sys.platform == "win32":  # before anything imports fcntl
     )
     sys.exit(2)
 
-from pipeline.cli import leave, main
+from pipeline.cli import leave, main, stop_on_sigterm
 
+stop_on_sigterm()
 leave(main())

@@ -9,6 +9,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -124,6 +125,26 @@ def idle_openmp_threads_sleep() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be (`stop_on_sigterm`)."""
+
+
+def _terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM stops a stage as Ctrl-C does. It is how a run is stopped where nobody is at the
+    keyboard: a batch system's time limit (SLURM sends it to every process of the job, then
+    SIGKILL after a grace period), `timeout`, `docker stop`, an evicted pod. Python's default
+    ends the process at once: extract lost what its writer had buffered (up to a shard of
+    `extract.shard_size` images: minutes of a CPU's work), and DataLoader workers that got it too
+    made the run fail with "killed by signal". Now the writer commits what is buffered, and the
+    DataLoader workers stop quietly (`embedder._end_quietly`), as on Ctrl-C. Installed by
+    `python -m pipeline` (`__main__`), not by `main` called in a process that is not ours."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -132,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM): committed shards are kept; run the same command again to resume.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; run the same command again to resume.", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -221,6 +222,16 @@ def _end_with_parent(worker_id: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+    signal.signal(signal.SIGTERM, _end_quietly)
+
+
+def _end_quietly(signum: int, frame) -> None:
+    """A reader's SIGTERM (a batch system's, sent to every process of the job; or its parent's, at
+    its exit): it ends at once, as a reader that ran out of work does. Killed by the signal (torch
+    sets its default for readers), it made the parent fail with "DataLoader worker ... is killed by
+    signal" while the parent's own SIGTERM (`cli.stop_on_sigterm`) was committing what it had
+    embedded."""
+    os._exit(0)
 
 
 def _end_with_parent_yielding(worker_id: int) -> None:

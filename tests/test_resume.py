@@ -77,6 +77,34 @@ def test_ctrl_c_commits_what_is_buffered_and_exits_cleanly(tmp_path, many_images
     np.testing.assert_array_equal(embeddings, reference[1])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_commits_what_is_buffered_as_ctrl_c_does(tmp_path, many_images, tiny_clip, reference, workers):
+    """SIGTERM is how a run is usually stopped where nobody is at the keyboard: a batch system's
+    time limit (SLURM sends it to every process of the job, then SIGKILL), `timeout`, `docker
+    stop`, a pod evicted. It stops extract as Ctrl-C does: what is buffered is committed (up to a
+    shard's worth of work, minutes of a CPU's), the DataLoader workers stop quietly, exit 143.
+    Sent to the process group here, the workers' too."""
+    project = make_project(tmp_path, many_images, tiny_clip, workers=workers)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["extract"]["shard_size"] = 10_000  # everything stays buffered until the end
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = start_extract(project, pause_after_images=40)
+    wait_until_paused(proc)  # with workers, each has read its first 40 images (10 batches)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM): committed shards are kept; run the same command again to resume." in err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+
+    (store,) = caches(project / "cache" / "embeddings")
+    assert store.count() >= 40, "the buffered rows were committed on SIGTERM"
+    log = run_to_end(project)
+    assert f"{len(reference[0]) - store.count()} to embed" in log
+    keys, embeddings = contents(project)
+    assert keys == reference[0]
+    np.testing.assert_array_equal(embeddings, reference[1])
+
+
 def test_a_second_extractor_on_the_same_cache_is_refused(tmp_path, many_images, tiny_clip, reference):
     project = make_project(tmp_path, many_images, tiny_clip)
     proc = start_extract(project, pause_after_images=8)
