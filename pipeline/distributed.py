@@ -42,6 +42,7 @@ import gc
 import hashlib
 import logging
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable
@@ -101,6 +102,22 @@ def other_code(source: dict[str, str]) -> str | None:
         "checkout; start the workers again from this checkout (`dask worker <scheduler>`), so that they embed "
         "what this version computes (it embedded nothing)."
     )
+
+
+def dask_setup(worker) -> None:
+    """dask's hook for a worker preload (`LocalCluster(preload=[__name__])`), run in each of our
+    LocalCluster's workers as it starts: Ctrl-C, which a terminal sends to every process of the
+    job, is left to the run, which closes the cluster. A worker that took it cancelled its own
+    event loop and printed its KeyboardInterrupt traceback above the run's one sentence; closed
+    with a partition running (which stops at its next batch: `_reporter`), it warns that the
+    task was cancelled, which is what closing the run's own cluster means."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_cancelled_task)
+
+
+def _not_a_cancelled_task(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Async instruction for") and message.endswith("ended with CancelledError"))
 
 
 def _worker_device(device: str) -> str:
@@ -567,6 +584,7 @@ class DaskEmbedder:
                         threads_per_worker=1,
                         processes=True,
                         dashboard_address=None,
+                        preload=[__name__],  # dask_setup
                     )
                 self._client = Client(self.cluster)
             log.info("dask: %s", self._client)

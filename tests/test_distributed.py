@@ -413,6 +413,22 @@ def worker_processes(pid: int) -> list[psutil.Process]:
     return found
 
 
+def test_ctrl_c_on_a_local_clusters_run_is_one_sentence(tmp_path, many_images, tiny_clip):
+    """Ctrl-C in a terminal goes to every process of the job, the LocalCluster's workers too: a
+    busy one printed its KeyboardInterrupt traceback (dask's event loop, cancelled) and each warned
+    that its running task "ended with CancelledError", above the run's one sentence. The workers
+    leave Ctrl-C to the run, which closes the cluster."""
+    project = make_project(tmp_path, many_images, tiny_clip)
+    update_params(project, "extract", scheduler="dask", dask={"address": "", "n_workers": 1})
+    proc = start_extract(project, pause_after_images=8)
+    wait_until_paused(proc, timeout=180)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: committed shards are kept; run the same command again to resume." in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "CancelledError" not in err, err
+
+
 def test_killing_a_worker_mid_run_then_rerunning_redoes_no_committed_shard(tmp_path, many_images, tiny_clip, reference):
     project = make_project(tmp_path, many_images, tiny_clip)
     params = yaml.safe_load((project / "params.yaml").read_text())
