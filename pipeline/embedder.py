@@ -212,7 +212,8 @@ def _end_with_parent(worker_id: int) -> None:
     still starting (spawned and importing: a GPU face detector's readers, or any where the start
     method is spawn) when its parent was killed took init for its parent and waited forever; seen
     after Ctrl-C on a dask run with spawned readers, whose nanny kills a worker that does not
-    close within 4 s."""
+    close within 4 s. A SIGTERM ends it quietly (`_end_quietly`)."""
+    signal.signal(signal.SIGTERM, _end_quietly)
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -222,7 +223,6 @@ def _end_with_parent(worker_id: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
-    signal.signal(signal.SIGTERM, _end_quietly)
 
 
 def _end_quietly(signum: int, frame) -> None:
