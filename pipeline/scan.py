@@ -22,7 +22,8 @@ from DVC's own hash cache (a file DVC pulled or checked
 out: a teammate's copy, a queued experiment's workspace; DVC keys it by inode, mtime and size),
 or from reading the file once, which also gives the sha256 and header facts the manifest needs
 (`cache/scan.parquet`, until a manifest holds them). A file DVC knows is not read here; the
-manifest reads it if it runs at all.
+manifest reads it if it runs at all. A scan stopped midway (Ctrl-C, SIGTERM) writes what it
+read before it stops (`keep`): minutes of reading on a large dataset are not read again.
 
 On a machine without the images (none of the dataset folders exists: a teammate who pulls the
 embeddings only) the recorded `cache/data.json` is kept, so the manifest and extract are not
@@ -68,16 +69,32 @@ def run(settings: Settings, outputs: Outputs) -> None:
     known = {**shared, **remembered}
     md5s = {p: known[p] for p, _, st in files if known.get(p, (None,))[0] == file_index.stamp(st)}
     unknown = [f for f in files if f[0] not in md5s]
-    if unknown:
-        with dvc_repo(settings.base_dir) as repo:
-            known_to_dvc = md5s_from_dvc(repo, [full for _, full, _ in unknown])
-        if known_to_dvc:
-            log.info("scan: DVC holds the md5 of %d files already; they are not read", len(known_to_dvc))
-        for path, full, st in unknown:
-            if full in known_to_dvc:
-                md5s[path] = (file_index.stamp(st), known_to_dvc[full])
-        new = {path for path, _, _ in todo}
-        read_once([f for f in unknown if f[1] not in known_to_dvc], new, pending, md5s)
+    try:
+        if unknown:
+            with dvc_repo(settings.base_dir) as repo:
+                known_to_dvc = md5s_from_dvc(repo, [full for _, full, _ in unknown])
+            if known_to_dvc:
+                log.info("scan: DVC holds the md5 of %d files already; they are not read", len(known_to_dvc))
+            for path, full, st in unknown:
+                if full in known_to_dvc:
+                    md5s[path] = (file_index.stamp(st), known_to_dvc[full])
+            new = {path for path, _, _ in todo}
+            read_once([f for f in unknown if f[1] not in known_to_dvc], new, pending, md5s)
+    finally:  # also when stopped (SIGTERM, Ctrl-C): what was read is kept, the next scan reads the rest
+        keep(outputs, pending, md5s, remembered, machine, shared)
+    write_data(outputs.data, files, md5s)
+
+
+def keep(
+    outputs: Outputs,
+    pending: file_index.Known,
+    md5s: file_index.Md5s,
+    remembered: file_index.Md5s,
+    machine: Path | None,
+    shared: file_index.Md5s,
+) -> None:
+    """Write what the files read gave: their facts for the manifest, and their md5s, in this
+    project's memory and (where it gained any) this machine's."""
     file_index.write_known(pending, outputs.scanned)
     if md5s != remembered:
         file_index.write_md5s(md5s, outputs.md5s)
@@ -87,7 +104,6 @@ def run(settings: Settings, outputs: Outputs) -> None:
             file_index.write_md5s({**shared, **md5s}, machine)
         except OSError as exc:  # an optimisation: never fail the run over it
             log.info("scan: this machine's md5 memory %s could not be written (%s)", machine, exc)
-    write_data(outputs.data, files, md5s)
 
 
 def new_files(outputs: Outputs, files: list[Found]) -> tuple[file_index.Known, list[Found]]:
@@ -115,13 +131,16 @@ def read_once(todo: list[Found], new: set[str], pending: file_index.Known, md5s:
     if not todo:
         return
     log.info("scan: reading %d new or changed files once (sha256 and header for the manifest, md5)", len(todo))
-    read = file_index.read_all([full for _, full, _ in todo], images.inspect_file_md5, "scanning")
-    for (path, _, st), result in zip(todo, read, strict=True):
-        if result is not None:
-            facts, md5 = result
-            md5s[path] = (file_index.stamp(st), md5)
-            if path in new:
-                pending[path] = (file_index.stamp(st), facts)
+    read: dict = {}
+    try:
+        file_index.read_into([full for _, full, _ in todo], images.inspect_file_md5, "scanning", read.__setitem__)
+    finally:  # a scan stopped midway keeps every file it read
+        for i in sorted(read):
+            if read[i] is not None:
+                (path, _, st), (facts, md5) = todo[i], read[i]
+                md5s[path] = (file_index.stamp(st), md5)
+                if path in new:
+                    pending[path] = (file_index.stamp(st), facts)
 
 
 def write_data(target: Path, files: list[Found], md5s: file_index.Md5s) -> None:

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,43 @@ def test_another_workspace_on_the_same_data_reads_nothing(project, tmp_path, mon
     scan.run(config.load(other / "params.yaml"), Outputs(other))
     assert reads == [], "the other workspace read the data again"
     assert recorded(Outputs(other)) == recorded(outputs) == data_digest(project / "data")
+
+
+def test_a_scan_stopped_midway_stops_at_once_and_keeps_what_it_read(project, monkeypatch):
+    """SIGTERM (a batch system's time limit) or Ctrl-C during the first scan of a large dataset,
+    minutes of reading on a network filesystem: the scan stops with the files its threads are
+    reading, not after every file queued for them, and what it read is kept (`cache/md5.parquet`,
+    `cache/scan.parquet`): the next scan reads only the rest. Here a real SIGTERM, handled as
+    `python -m pipeline` handles it, arrives while the 20th file is read."""
+    from pipeline import cli
+
+    settings, outputs = config.load(project / "params.yaml"), Outputs(project)
+    files = {p.relative_to(project / "data").as_posix() for p in (project / "data").rglob("*.png")}
+    reads = []
+    real = images.inspect_file_md5
+
+    def reading(path):
+        reads.append(path)
+        if len(reads) == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if len(reads) >= 20:
+            time.sleep(0.05)  # the reads of a large file, during which the run takes the signal
+        return real(path)
+
+    monkeypatch.setattr(images, "inspect_file_md5", reading)
+    before = signal.signal(signal.SIGTERM, cli._terminated)
+    try:
+        with pytest.raises(cli.Terminated):
+            scan.run(settings, outputs)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert len(reads) < 40 < len(files), f"{len(reads)} of {len(files)} files read after the stop"
+    assert not outputs.data.exists(), "data.json is written only by a scan that read everything"
+    kept = set(file_index.read_md5s(outputs.md5s))
+    assert kept and kept == set(file_index.read_known(outputs.scanned)) and kept < files
+
+    reads.clear()
+    monkeypatch.setattr(images, "inspect_file_md5", lambda path: reads.append(path) or real(path))
+    scan.run(settings, outputs)
+    assert sorted(Path(p).relative_to(project / "data").as_posix() for p in reads) == sorted(files - kept)
+    assert recorded(outputs) == data_digest(project / "data")
