@@ -8,7 +8,8 @@ if sys.platform == "win32":  # before anything imports fcntl
     )
     sys.exit(2)
 
-from pipeline.cli import leave, main, stop_on_sigterm
+from pipeline.cli import end_with_dvc, leave, main, stop_on_sigterm
 
 stop_on_sigterm()
+end_with_dvc()
 leave(main())

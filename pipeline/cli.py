@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import errno
 import importlib
 import logging
@@ -18,6 +19,7 @@ from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 
 log = logging.getLogger("pipeline")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 STAGES = {
     "scan": "read new images once; the data's files and digest -> cache/data.json (what the manifest depends on)",
@@ -143,6 +145,23 @@ def stop_on_sigterm() -> None:
     DataLoader workers stop quietly (`embedder._end_quietly`), as on Ctrl-C. Installed by
     `python -m pipeline` (`__main__`), not by `main` called in a process that is not ours."""
     signal.signal(signal.SIGTERM, _terminated)
+
+
+def end_with_dvc() -> None:
+    """As a DVC stage (DVC sets DVC_STAGE), end with the `dvc` that ran it, as on SIGTERM. A SIGTERM
+    that reaches DVC alone (`timeout 8h dvc repro`, `kill <dvc>`, `docker stop`) ends DVC, which
+    leaves SIGINT to its stage and SIGTERM to nobody: the stage ran on orphaned, writing into the
+    cache and holding its lock while the user started again, and in a container was SIGKILLed at
+    the teardown with what it had buffered. Linux tells a process of its parent's end
+    (PR_SET_PDEATHSIG): the parent is DVC (its shell hands a one-command stage its place) or a
+    shell of DVC's that waits for this process. Outside DVC (a user's shell, `nohup`) a stage
+    outlives its parent, as it should."""
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # DVC ended before it could tell
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

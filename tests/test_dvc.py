@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import DEMO_FRAMES, DEMO_VIDEOS, REPO, demo_params
+from pipeline.store import caches
+from tests.conftest import DEMO_FRAMES, DEMO_VIDEOS, REPO, demo_params, paused_env, wait_until_paused
 
 PROJECT_FILES = [
     "pipeline",
@@ -246,3 +248,32 @@ def test_the_first_repro_reads_each_image_once(tmp_path, demo_images, monkeypatc
     rows = pq.read_table(repo / "cache" / "manifest.parquet", columns=["path", "digest"]).to_pylist()
     digest = next(r["digest"] for r in rows if r["path"].endswith("900_901/0000.png"))
     assert digest == hashlib.sha256(b"other bytes").hexdigest(), "the manifest reran on the change"
+
+
+def test_a_stage_ends_with_the_dvc_that_ran_it(tmp_path):
+    """`timeout 8h dvc repro`, `docker stop`, `kill <dvc>`: SIGTERM reaches DVC alone, which ends
+    without stopping its stage (it leaves SIGINT to the stage, and SIGTERM to nobody). The extract
+    ran on orphaned, writing into the cache and holding its lock while the user started again;
+    in a container it was SIGKILLed at the teardown, losing what it had buffered. A stage now
+    ends with the `dvc` that ran it, as on Ctrl-C: what is buffered is committed."""
+    import psutil
+
+    repo = copy_project(tmp_path / "repo", shard_size=10_000)  # everything stays buffered until the end
+    sh(repo, "dvc", "repro", "demo")
+    env = {**paused_env(40), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "extract"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_until_paused(dvc)
+    (stage,) = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "extract" in " ".join(p.cmdline())]
+    dvc.send_signal(signal.SIGTERM)  # to DVC alone
+    dvc.wait(timeout=60)
+    try:
+        stage.wait(timeout=60)
+    except psutil.TimeoutExpired:
+        stage.kill()
+        raise AssertionError("the stage outlived the dvc that ran it") from None
+    finally:
+        dvc.communicate()  # the stage held DVC's output pipes
+    (store,) = caches(repo / "cache" / "embeddings")
+    assert store.count() == 32, "the two batches of 16 embedded before the pause were committed"
