@@ -13,8 +13,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -128,21 +127,16 @@ def read_all(paths: list[Path], inspect: Callable[[Path], T], desc: str) -> list
 
 def read_into(paths: list[Path], inspect: Callable[[Path], T], desc: str, take: Callable[[int, T], None]) -> None:
     """`inspect` of every path, in threads, with progress; `take(i, result)` as soon as path i is
-    read (in a reading thread, in any order). Stopped (SIGTERM, Ctrl-C), the reads not yet started
+    read (in the reading thread, in any order). Stopped (SIGTERM, Ctrl-C), the reads not yet started
     are cancelled, and those in flight finish and are taken: whatever was read, the caller has."""
 
-    def taken(i: int, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            take(i, future.result())
+    def read(numbered: tuple[int, Path]) -> None:
+        take(numbered[0], inspect(numbered[1]))
 
     pool = ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2))
     try:
-        futures = []
-        for i, path in enumerate(paths):
-            futures.append(pool.submit(inspect, path))
-            futures[-1].add_done_callback(partial(taken, i))
-        for future in tqdm(as_completed(futures), total=len(paths), desc=desc, unit="file", leave=False):
-            future.result()  # an error of `inspect` itself (bad files are results) stops the reading
+        for _ in tqdm(pool.map(read, enumerate(paths)), total=len(paths), desc=desc, unit="file", leave=False):
+            pass  # an error of `inspect` itself (bad files are results) stops the reading
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
