@@ -25,7 +25,11 @@ if os.environ.get("PAUSE_AFTER_IMAGES"):
     def _pausing_load(*args, **kwargs):
         _calls[0] += 1
         if _calls[0] > _limit:
-            print("paused", flush=True, file=sys.stdout)
+            # One write, whole: two processes that pause together (two dask workers) under
+            # PYTHONUNBUFFERED, where print writes "paused" and "\n" apart, wrote "pausedpaused\n\n",
+            # and the test waiting for a line "paused" waited forever.
+            sys.stdout.flush()
+            os.write(sys.stdout.fileno(), b"paused\n")
             while True:
                 time.sleep(3600)
         return _load(*args, **kwargs)
