@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import errno
 import importlib
 import logging
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 
 log = logging.getLogger("pipeline")
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 STAGES = {
     "scan": "read new images once; the data's files and digest -> cache/data.json (what the manifest depends on)",
@@ -152,16 +152,49 @@ def end_with_dvc() -> None:
     that reaches DVC alone (`timeout 8h dvc repro`, `kill <dvc>`, `docker stop`) ends DVC, which
     leaves SIGINT to its stage and SIGTERM to nobody: the stage ran on orphaned, writing into the
     cache and holding its lock while the user started again, and in a container was SIGKILLed at
-    the teardown with what it had buffered. Linux tells a process of its parent's end
-    (PR_SET_PDEATHSIG): the parent is DVC (its shell hands a one-command stage its place) or a
-    shell of DVC's that waits for this process. Outside DVC (a user's shell, `nohup`) a stage
-    outlives its parent, as it should."""
+    the teardown with what it had buffered. DVC runs the command in `$SHELL -c` (`/bin/sh -c`
+    where SHELL is unset: CI, cron, containers); bash hands a one-command stage its place, while
+    dash stays between and waits, outliving DVC too, so the stage watches DVC itself (`_dvc_pid`),
+    not its parent. Outside DVC (a user's shell, `nohup`) a stage outlives its parent, as it
+    should."""
     if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # DVC ended before it could tell
-        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=_terminate_after, args=(_dvc_pid(),), name="end-with-dvc", daemon=True).start()
+
+
+def _dvc_pid() -> int:
+    """The nearest process above this one that is not part of the stage: the processes DVC starts
+    for a stage (its shell, and the shell's) have the stage's DVC_STAGE in their environment, DVC
+    has not. 1 (or a subreaper) once DVC has ended, where its children were handed on."""
+    pid, stage = os.getppid(), os.environ["DVC_STAGE"].encode()
+    while pid > 1:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if b"DVC_STAGE=" + stage not in environ:
+                return pid
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone, or another user's
+            return pid
+        pid = int(stat.rpartition(")")[2].split()[1])  # the field after the state; the name may hold ")"
+    return pid
+
+
+def _terminate_after(dvc: int) -> None:
+    """SIGTERM to this process once `dvc` has ended: at once where Linux hands out a pidfd (5.3 and
+    newer), within a second where not (the walk up `_dvc_pid` no longer meets it, since its
+    children were handed on). Opened first, then checked: a pidfd of a pid DVC no longer holds
+    is never waited on."""
+    try:
+        ended = os.pidfd_open(dvc)
+    except (AttributeError, OSError):  # ended already (ESRCH), or an older kernel (ENOSYS)
+        ended = None
+    if dvc > 1 and _dvc_pid() == dvc:
+        if ended is not None:
+            select.select([ended], [], [])
+        else:
+            while _dvc_pid() == dvc:
+                time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

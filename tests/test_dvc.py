@@ -33,6 +33,9 @@ PROJECT_FILES = [
 ]
 
 
+MODULE_EXTRACT = ["-m", "pipeline", "extract"]
+
+
 def sh(cwd: Path, *cmd: str) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -255,17 +258,25 @@ def test_a_stage_ends_with_the_dvc_that_ran_it(tmp_path):
     without stopping its stage (it leaves SIGINT to the stage, and SIGTERM to nobody). The extract
     ran on orphaned, writing into the cache and holding its lock while the user started again;
     in a container it was SIGKILLed at the teardown, losing what it had buffered. A stage now
-    ends with the `dvc` that ran it, as on Ctrl-C: what is buffered is committed."""
+    ends with the `dvc` that ran it, as on Ctrl-C: what is buffered is committed. DVC runs a
+    stage's command in `$SHELL -c`, or `/bin/sh -c` where SHELL is unset (CI, cron, containers):
+    bash hands its place to a one-command stage, while Debian's /bin/sh (dash) stays between
+    and waits, and it outlives DVC too (a stage that watched its parent's end ran on). Here a
+    shell stays between, whatever /bin/sh is."""
     import psutil
 
     repo = copy_project(tmp_path / "repo", shard_size=10_000)  # everything stays buffered until the end
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    pipeline["stages"]["extract"]["cmd"] += " && true"  # no shell runs the command in its own place
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     sh(repo, "dvc", "repro", "demo")
     env = {**paused_env(40), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dvc = subprocess.Popen(
         ["dvc", "repro", "extract"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_until_paused(dvc)
-    (stage,) = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "extract" in " ".join(p.cmdline())]
+    (stage,) = [p for p in psutil.Process(dvc.pid).children(recursive=True) if p.cmdline()[1:4] == MODULE_EXTRACT]
+    assert stage.ppid() != dvc.pid, "a shell stays between"
     dvc.send_signal(signal.SIGTERM)  # to DVC alone
     dvc.wait(timeout=60)
     try:
@@ -277,3 +288,39 @@ def test_a_stage_ends_with_the_dvc_that_ran_it(tmp_path):
         dvc.communicate()  # the stage held DVC's output pipes
     (store,) = caches(repo / "cache" / "embeddings")
     assert store.count() == 32, "the two batches of 16 embedded before the pause were committed"
+
+
+WATCHED_STAGE = """
+import os, sys, time
+if sys.argv[1] == "poll":
+    del os.pidfd_open  # as on a kernel before 5.3 (RHEL 8's 4.18)
+from pipeline.cli import Terminated, end_with_dvc, stop_on_sigterm
+stop_on_sigterm()
+end_with_dvc()
+print("watching", flush=True)
+try:
+    time.sleep(60)
+except Terminated:
+    print("terminated", flush=True)
+"""
+
+FAKE_DVC = """
+import os, subprocess, sys
+subprocess.Popen(["/bin/sh", "-c", sys.argv[1] + " && true"], env={**os.environ, "DVC_STAGE": "extract"})
+sys.stdin.read()  # ends when the test closes stdin, leaving its shell and stage behind, as a killed DVC does
+"""
+
+
+@pytest.mark.parametrize("watch", ["pidfd", "poll"])
+def test_a_stage_watches_dvc_through_the_shell_between(watch):
+    """The mechanism of the test above, without DVC, both ways a stage can watch for DVC's end."""
+    import shlex
+
+    stage = shlex.join([sys.executable, "-c", WATCHED_STAGE, watch])
+    dvc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DVC, stage], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert dvc.stdout.readline() == "watching\n"
+    dvc.stdin.close()
+    dvc.wait(timeout=10)
+    assert dvc.stdout.read() == "terminated\n", "the stage ended when DVC did, not 60 s later"
