@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -167,9 +168,12 @@ def video_id(relative: Path, pattern: re.Pattern[str]) -> str | None:
 # --------------------------------------------------------------------------- digests
 
 
-def inspect_files(files: list[ImageFile], root: Path, known: file_index.Known) -> list[FileFacts | None]:
+def inspect_files(
+    files: list[ImageFile], root: Path, known: file_index.Known, keep: Callable[[file_index.Known], None]
+) -> list[FileFacts | None]:
     """Facts of each file (None if unreadable), taken from `known` when the file's stamp (size,
-    mtime, ctime) is unchanged, so unchanged files are not read again."""
+    mtime, ctime) is unchanged, so unchanged files are not read again. Stopped while reading
+    (SIGTERM, Ctrl-C, an error), it hands `keep` the facts of the files it read."""
     out: list[FileFacts | None] = []
     todo: list[int] = []
     for i, f in enumerate(files):
@@ -182,8 +186,19 @@ def inspect_files(files: list[ImageFile], root: Path, known: file_index.Known) -
     if todo:
         log.info("hashing %d new or changed files (%d reused)", len(todo), len(files) - len(todo))
         paths = [absolute_path(files[i].path, root) for i in todo]
-        for i, facts in zip(todo, file_index.read_all(paths, images.inspect_file, "hashing"), strict=True):
-            out[i] = facts
+        read: file_index.Known = {}
+
+        def take(j: int, facts: FileFacts | None) -> None:
+            f = files[todo[j]]
+            out[todo[j]] = facts
+            if facts is not None:
+                read[f.path] = ((f.size, f.mtime_ns, f.ctime_ns), facts)
+
+        try:
+            file_index.read_into(paths, images.inspect_file, "hashing", take)
+        except BaseException:
+            keep(read)
+            raise
     return out
 
 
@@ -287,16 +302,19 @@ def row_labels(settings: Settings, rows: list[tuple[str, str, str]]) -> list[int
     return out
 
 
-def build(settings: Settings, previous: file_index.Known) -> tuple[pa.Table, file_index.Known]:
+def build(
+    settings: Settings, previous: file_index.Known, keep: Callable[[file_index.Known], None] = lambda read: None
+) -> tuple[pa.Table, file_index.Known]:
     """The manifest table for the current folders (a pure function of files + settings), and the
-    facts of the files it leaves out as copies of a held-out image (no row of their own)."""
+    facts of the files it leaves out as copies of a held-out image (no row of their own). Stopped
+    while hashing, it hands `keep` what it read (`inspect_files`)."""
     files = scan(settings)
     if not files:
         raise ConfigError(
             f"no image or video files ({', '.join(sorted(file_index.MEDIA_SUFFIXES))}) found under the "
             "data.datasets folders."
         )
-    facts = inspect_files(files, settings.data_root, previous)
+    facts = inspect_files(files, settings.data_root, previous, keep)
     warn_unreadable([f.path for f, x in zip(files, facts, strict=True) if x is None])
     readable = [i for i, x in enumerate(facts) if x is not None]
     rows = expand([files[i] for i in readable], [facts[i] for i in readable], settings.data.frames.per_video)
@@ -344,7 +362,8 @@ def build(settings: Settings, previous: file_index.Known) -> tuple[pa.Table, fil
 def remember(outputs: Outputs, left_out: file_index.Known) -> None:
     """The facts of files the manifest leaves out join the scan stage's table, which keeps them
     while the files are unchanged (`scan.new_files`), so that no later manifest reads them again:
-    the manifest is the other place that remembers what each file holds, and they are not in it."""
+    the manifest is the other place that remembers what each file holds, and they are not in it.
+    So do those a stopped run read, which it has not written (`build`)."""
     scanned = file_index.read_known(outputs.scanned)
     if scanned | left_out != scanned:
         file_index.write_known(scanned | left_out, outputs.scanned)
@@ -352,7 +371,7 @@ def remember(outputs: Outputs, left_out: file_index.Known) -> None:
 
 def run(settings: Settings, outputs: Outputs) -> pa.Table:
     out = outputs.manifest
-    table, left_out = build(settings, read_previous(outputs))
+    table, left_out = build(settings, read_previous(outputs), lambda read: remember(outputs, read))
     write(table, out)
     remember(outputs, left_out)
     log.info("manifest: %d images -> %s\n%s", table.num_rows, out, summary(table))

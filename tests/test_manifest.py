@@ -6,8 +6,11 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -350,3 +353,40 @@ def test_an_unreadable_folder_is_reported_not_skipped_silently(project):
         locked.chmod(0o755)
     assert done.returncode == 0, done.stderr
     assert f"{locked}: folder not readable (Permission denied)" in done.stderr
+
+
+def test_a_manifest_stopped_while_hashing_keeps_what_it_read(project, monkeypatch):
+    """`python -m pipeline manifest` run by hand, with no scan stage before it, hashes every file
+    itself: minutes of reading on a network filesystem. Stopped there (SIGTERM, Ctrl-C), it threw
+    all of it away, and the next run read every file again. What it read is now kept in the scan
+    stage's table (`cache/scan.parquet`, where the manifest looks first): the next run reads only
+    the rest. A real SIGTERM, handled as `python -m pipeline` handles it, arrives at the 20th file."""
+    from pipeline import cli, file_index
+
+    settings, outputs = settings_of(project), Outputs(project)
+    files = {p.relative_to(project / "data").as_posix() for p in (project / "data").rglob("*.png")}
+    reads, real = [], images.inspect_file
+
+    def reading(path):
+        reads.append(path)
+        if len(reads) == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if len(reads) >= 20:
+            time.sleep(0.05)  # the reads of a large file, during which the run takes the signal
+        return real(path)
+
+    monkeypatch.setattr(images, "inspect_file", reading)
+    before = signal.signal(signal.SIGTERM, cli._terminated)
+    try:
+        with pytest.raises(cli.Terminated):
+            manifest.run(settings, outputs)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not outputs.manifest.exists()
+    kept = set(file_index.read_known(outputs.scanned))
+    assert kept and len(kept) == len(reads) and kept < files, f"{len(kept)} kept of {len(reads)} read"
+
+    reads.clear()
+    monkeypatch.setattr(images, "inspect_file", lambda path: reads.append(path) or real(path))
+    manifest.run(settings, outputs)
+    assert sorted(Path(p).relative_to(project / "data").as_posix() for p in reads) == sorted(files - kept)
