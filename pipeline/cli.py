@@ -31,7 +31,11 @@ STAGES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="The stages of dvc.yaml, one command each (`dvc repro` runs them in order and only where "
+        "their inputs changed), and the tools around the cache they fill.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
