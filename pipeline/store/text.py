@@ -76,7 +76,7 @@ def read(directory: Path, real: list[str], fake: list[str]) -> tuple[np.ndarray,
     try:
         rows, scoring = read_all(directory)
     except Exception as exc:
-        raise KeyError(f"{path} is damaged ({type(exc).__name__}); run `python -m pipeline cache repair`") from None
+        raise KeyError(f"{path} is damaged ({type(exc).__name__})") from None
     for p in real + fake:
         if p not in rows:
             raise KeyError(f"the prompt {p!r} has not been embedded")
