@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline import cache_report, evaluate, extract, features, manifest, manifest_table, probes, train
+from pipeline import cache_report, evaluate, extract, features, manifest, manifest_table, perturb, probes, train
 from pipeline.config import ConfigError, load
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore
@@ -190,8 +190,23 @@ def test_the_report_says_which_model_cache_probe_commit_and_params_made_it(proje
     assert evaluate.git_commit(project) == f"{head} + uncommitted changes"
 
 
+def test_blur_and_a_resize_below_the_side_take_out_fine_detail_and_keep_the_size():
+    """The two degradations the test below leaves unrun on the demo's 64 px images (it blurs none,
+    and resizes to a side above theirs): both take out the finest detail, keep the image's size,
+    and pass a smooth image almost as it is."""
+    checks = (np.indices((64, 96)).sum(axis=0) % 2 * 255).astype(np.uint8)  # 1-px checkerboard
+    fine = Image.fromarray(np.stack([checks] * 3, axis=-1))
+    ramp = Image.fromarray(np.stack([np.tile(np.linspace(0, 255, 96), (64, 1)).astype(np.uint8)] * 3, axis=-1))
+    for spec in ("blur=2", "resize=16"):
+        out = perturb.apply(fine, spec, "key")
+        assert out.size == fine.size and out.mode == "RGB", spec
+        assert np.asarray(out, float).std() < 0.1 * np.asarray(fine, float).std(), f"{spec} kept the detail"
+        passed = np.abs(np.asarray(perturb.apply(ramp, spec, "key"), float) - np.asarray(ramp, float))
+        assert np.median(passed) < 2, f"{spec} changed a smooth image"
+
+
 def test_robustness_variants_are_embedded_once_incrementally_deterministically_and_scored(project, caplog):
-    from pipeline import backbones, perturb
+    from pipeline import backbones
 
     caplog.set_level(logging.INFO, logger="pipeline.extract")
     update_params(project, "evaluate", protocols=["heldout", "robustness"], robustness={"jpeg": [60], "noise": [10.0]})
