@@ -38,6 +38,10 @@ MODULE_EXTRACT = ["-m", "pipeline", "extract"]
 
 def sh(cwd: Path, *cmd: str) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # Python writes __pycache__ beside the code that DVC hashes, as on a user's machine (where
+    # PYTHONDONTWRITEBYTECODE is rarely set; it hid that a teammate's fresh clone, without them,
+    # saw every stage with a code folder as changed).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
