@@ -169,9 +169,10 @@ def end_with_dvc() -> None:
 def _dvc_pid() -> int:
     """The nearest process above this one that is not part of the stage: the processes DVC starts
     for a stage (its shell, and the shell's) have the stage's DVC_STAGE in their environment, DVC
-    has not. 1 (or a subreaper) once DVC has ended, where its children were handed on."""
+    has not. It may be 1 (`docker run <image> dvc repro`: DVC is the container's first process).
+    Once DVC has ended: 1 or a subreaper, to which its children were handed on. 0 when none is."""
     pid, stage = os.getppid(), os.environ["DVC_STAGE"].encode()
-    while pid > 1:
+    while pid > 0:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             if b"DVC_STAGE=" + stage not in environ:
@@ -188,11 +189,13 @@ def _terminate_after(dvc: int) -> None:
     newer), within a second where not (the walk up `_dvc_pid` no longer meets it, since its
     children were handed on). Opened first, then checked: a pidfd of a pid DVC no longer holds
     is never waited on."""
+    if dvc == 0:  # DVC_STAGE set, and nothing above without it: no DVC to end with
+        return
     try:
         ended = os.pidfd_open(dvc)
     except (AttributeError, OSError):  # ended already (ESRCH), or an older kernel (ENOSYS)
         ended = None
-    if dvc > 1 and _dvc_pid() == dvc:
+    if _dvc_pid() == dvc:
         if ended is not None:
             select.select([ended], [], [])
         else:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -300,7 +301,12 @@ if sys.argv[1] == "poll":
     del os.pidfd_open  # as on a kernel before 5.3 (RHEL 8's 4.18)
 from pipeline.cli import Terminated, end_with_dvc, stop_on_sigterm
 stop_on_sigterm()
-end_with_dvc()
+try:
+    end_with_dvc()
+    time.sleep(1.5)
+except Terminated:
+    print("ended while DVC ran", flush=True)
+    sys.exit()
 print("watching", flush=True)
 try:
     time.sleep(60)
@@ -315,16 +321,23 @@ sys.stdin.read()  # ends when the test closes stdin, leaving its shell and stage
 """
 
 
-@pytest.mark.parametrize("watch", ["pidfd", "poll"])
+@pytest.mark.parametrize("watch", ["pidfd", "poll", "dvc-is-pid-1"])
 def test_a_stage_watches_dvc_through_the_shell_between(watch):
-    """The mechanism of the test above, without DVC, both ways a stage can watch for DVC's end."""
+    """The mechanism of the test above, without DVC, each way a stage watches for DVC's end. And
+    where DVC is process 1 (`docker run <image> dvc repro`), which the walk up from the stage
+    meets last: the stage ran there until DVC ended, and not a moment after it started."""
     import shlex
 
-    stage = shlex.join([sys.executable, "-c", WATCHED_STAGE, watch])
+    stage = shlex.join([sys.executable, "-c", WATCHED_STAGE, "poll" if watch == "poll" else "pidfd"])
+    first = ["unshare", "--pid", "--fork", "--mount-proc"] if watch == "dvc-is-pid-1" else []
+    if first and subprocess.run([*first, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no new process namespace here (unshare needs root, or user namespaces)")
     dvc = subprocess.Popen(
-        [sys.executable, "-c", FAKE_DVC, stage], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert dvc.stdout.readline() == "watching\n"
+        [*first, sys.executable, "-c", FAKE_DVC, stage],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert select.select([dvc.stdout], [], [], 30)[0] and dvc.stdout.readline() == "watching\n"
     dvc.stdin.close()
     dvc.wait(timeout=10)
-    assert dvc.stdout.read() == "terminated\n", "the stage ended when DVC did, not 60 s later"
+    if not first:  # (the end of a namespace's process 1 kills every process in it)
+        assert dvc.stdout.read() == "terminated\n", "the stage ended when DVC did, not 60 s later"
