@@ -30,6 +30,12 @@ class Outputs:
         return self.root / "cache" / "data.json"
 
     @property
+    def extract_settings(self) -> Path:
+        """The scan stage's other output, what extract depends on of the evaluate and train
+        settings (`scan.write_extract_settings`); small, rewritten from params.yaml on every run."""
+        return self.root / "cache" / "extract-settings.json"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "cache" / "manifest.parquet"
 

@@ -26,11 +26,16 @@ SEPARATOR = "~"
 KINDS = ("jpeg", "blur", "noise", "resize")
 
 
-def test_keys(settings, table) -> list[str]:
-    """The clean keys the robustness protocol perturbs, in manifest order: the test split of the
-    evaluate datasets and of the real datasets in train.datasets (the rows `heldout` scores)."""
+def test_datasets(settings) -> set[str]:
+    """The datasets whose test rows the robustness protocol perturbs: the evaluate datasets and
+    the real datasets in train.datasets (the rows `heldout` scores)."""
     reals = [d for d in settings.train.datasets if settings.data.datasets[d].label == "real"]
-    wanted = set(settings.evaluate.datasets) | set(reals)
+    return set(settings.evaluate.datasets) | set(reals)
+
+
+def test_keys(settings, table) -> list[str]:
+    """The clean keys the robustness protocol perturbs (`test_datasets`' test rows), in manifest order."""
+    wanted = test_datasets(settings)
     columns = (table.column(c).to_pylist() for c in ("digest", "dataset", "split"))
     return list(dict.fromkeys(d for d, ds, sp in zip(*columns, strict=True) if sp == "test" and ds in wanted))
 
@@ -60,6 +65,18 @@ def variant(row_key: str, spec: str, sides: dict[str, int]) -> str:
 def specs(robustness) -> list[str]:
     """Every perturbation `evaluate.robustness` lists, as `<kind>=<level>` strings, in order."""
     return [f"{kind}={level:g}" for kind in KINDS for level in getattr(robustness, kind)]
+
+
+def embedded_for_evaluate(settings) -> dict:
+    """What of `evaluate` and `train` decides what the extract stage embeds: the robustness
+    levels and the datasets whose test rows get them, and the zero-shot prompts. Nothing else of
+    those sections changes a row of the cache (`scan.write_extract_settings`)."""
+    levels = specs(settings.evaluate.robustness)
+    return {
+        "robustness": levels,
+        "robustness_datasets": sorted(test_datasets(settings)) if levels else [],
+        "zero_shot_prompts": settings.evaluate.zero_shot.prompts,
+    }
 
 
 def key(row_key: str, spec: str) -> str:

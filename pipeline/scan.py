@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import atomic, file_index, images
+from pipeline import atomic, file_index, images, perturb
 from pipeline.config import Settings
 from pipeline.outputs import Outputs
 
@@ -54,6 +54,7 @@ Found = tuple[str, str, os.stat_result]  # a file: its path in the manifest, its
 
 
 def run(settings: Settings, outputs: Outputs) -> None:
+    write_extract_settings(settings, outputs.extract_settings)
     if not any(settings.dataset_dir(name).is_dir() for name in settings.data.datasets) and outputs.data.exists():
         log.info(
             "scan: none of the dataset folders exists here (a machine without the images): %s is kept as recorded, "
@@ -83,6 +84,18 @@ def run(settings: Settings, outputs: Outputs) -> None:
     finally:  # also when stopped (SIGTERM, Ctrl-C): what was read is kept, the next scan reads the rest
         keep(outputs, pending, md5s, remembered, machine, shared)
     write_data(outputs.data, files, md5s)
+
+
+def write_extract_settings(settings: Settings, path: Path) -> None:
+    """`cache/extract-settings.json`, what the extract stage depends on instead of the whole
+    `evaluate` section and `train.datasets` (`perturb.embedded_for_evaluate`): a change there that
+    embeds nothing (evaluate's seeds, bootstrap or protocols; the fakes a probe trains on) reran
+    extract, which on a teammate's machine without the images and the model stopped the whole
+    `dvc repro --pull --allow-missing`. Written on every machine, images or not (the scan runs on
+    every repro), and only when it changed."""
+    text = json.dumps(perturb.embedded_for_evaluate(settings), indent=1, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        atomic.write_bytes(path, text.encode())
 
 
 def keep(

@@ -106,6 +106,13 @@ def test_repro_runs_only_what_changed_and_dvc_reads_the_results(repo):
     assert ran(sh(repo, "dvc", "repro")) == ["scan", "train", "evaluate"]
     card = json.loads((repo / "models" / "probe" / "card.json").read_text())
     assert card["C"] in (0.5, 5.0)
+    # Extract depends on what of evaluate changes a row of the cache, not on the whole section.
+    params["evaluate"]["bootstrap"] = 200
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh(repo, "dvc", "repro")) == ["scan", "evaluate"]
+    params["evaluate"]["robustness"] = {"jpeg": [50]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(sh(repo, "dvc", "repro"))[:2] == ["scan", "extract"], "a new robustness level is embedded"
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
     assert "metrics/summary.json" in diff, "dvc metrics diff compares against the committed baseline"
     (shown,) = (v["data"] for v in json.loads(sh(repo, "dvc", "metrics", "show", "--json")).values())

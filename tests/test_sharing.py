@@ -110,7 +110,9 @@ def test_a_teammate_trains_and_evaluates_from_pulled_embeddings_only(kind, tmp_p
     assert json.loads((b / "metrics" / "evaluate.json").read_text())["faceswap"]["frame"]["auc"] is not None
     assert not (b / "data").exists(), "B never saw an image nor the model's weights"
     commit(b, "B's settings")
-    out = sh(b, "dvc", "exp", "run", "--pull", "--allow-missing", "-S", "train.C=[0.1,1]")
+    out = sh(
+        b, "dvc", "exp", "run", "--pull", "--allow-missing", "-S", "train.C=[0.1,1]", "-S", "evaluate.bootstrap=200"
+    )
     assert ran(out) == ["scan", "train", "evaluate"], "an experiment on B also runs without images or model"
 
     # B pulled what it needed, not every output of A (A's probe and reports were never fetched).
