@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -187,3 +188,31 @@ def reference(tmp_path_factory, many_images, tiny_clip):
     project = make_project(tmp_path_factory.mktemp("reference"), many_images, tiny_clip)
     run_to_end(project)
     return contents(project)
+
+
+def terminating_at(count: int, read, reads: list):
+    """`read`, recording each path in `reads`, that sends this process a real SIGTERM at the
+    `count`th; from then on each read takes 0.05 s (a large file's, during which the run takes
+    the signal)."""
+
+    def reading(path):
+        reads.append(path)
+        if len(reads) == count:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if len(reads) >= count:
+            time.sleep(0.05)
+        return read(path)
+
+    return reading
+
+
+def run_terminated(run, *args) -> None:
+    """`run(*args)`, which must end on SIGTERM, handled as `python -m pipeline` handles it."""
+    from pipeline import cli
+
+    before = signal.signal(signal.SIGTERM, cli._terminated)
+    try:
+        with pytest.raises(cli.Terminated):
+            run(*args)
+    finally:
+        signal.signal(signal.SIGTERM, before)

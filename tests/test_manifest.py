@@ -6,10 +6,8 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ import yaml
 
 from pipeline import config, images, manifest, splits
 from pipeline.outputs import Outputs
-from tests.conftest import FFPP_SPLITS, REPO, update_params
+from tests.conftest import FFPP_SPLITS, REPO, run_terminated, terminating_at, update_params
 
 
 def settings_of(project):
@@ -361,27 +359,13 @@ def test_a_manifest_stopped_while_hashing_keeps_what_it_read(project, monkeypatc
     all of it away, and the next run read every file again. What it read is now kept in the scan
     stage's table (`cache/scan.parquet`, where the manifest looks first): the next run reads only
     the rest. A real SIGTERM, handled as `python -m pipeline` handles it, arrives at the 20th file."""
-    from pipeline import cli, file_index
+    from pipeline import file_index
 
     settings, outputs = settings_of(project), Outputs(project)
     files = {p.relative_to(project / "data").as_posix() for p in (project / "data").rglob("*.png")}
     reads, real = [], images.inspect_file
-
-    def reading(path):
-        reads.append(path)
-        if len(reads) == 20:
-            os.kill(os.getpid(), signal.SIGTERM)
-        if len(reads) >= 20:
-            time.sleep(0.05)  # the reads of a large file, during which the run takes the signal
-        return real(path)
-
-    monkeypatch.setattr(images, "inspect_file", reading)
-    before = signal.signal(signal.SIGTERM, cli._terminated)
-    try:
-        with pytest.raises(cli.Terminated):
-            manifest.run(settings, outputs)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(images, "inspect_file", terminating_at(20, real, reads))
+    run_terminated(manifest.run, settings, outputs)
     assert not outputs.manifest.exists()
     kept = set(file_index.read_known(outputs.scanned))
     assert kept and len(kept) == len(reads) and kept < files, f"{len(kept)} kept of {len(reads)} read"

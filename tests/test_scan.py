@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from PIL import Image
 
 from pipeline import config, file_index, images, manifest, scan
 from pipeline.outputs import Outputs
+from tests.conftest import run_terminated, terminating_at
 from tests.test_dvc import sh
 from tests.test_videos import write_video
 
@@ -208,28 +207,11 @@ def test_a_scan_stopped_midway_stops_at_once_and_keeps_what_it_read(project, mon
     reading, not after every file queued for them, and what it read is kept (`cache/md5.parquet`,
     `cache/scan.parquet`): the next scan reads only the rest. Here a real SIGTERM, handled as
     `python -m pipeline` handles it, arrives while the 20th file is read."""
-    from pipeline import cli
-
     settings, outputs = config.load(project / "params.yaml"), Outputs(project)
     files = {p.relative_to(project / "data").as_posix() for p in (project / "data").rglob("*.png")}
-    reads = []
-    real = images.inspect_file_md5
-
-    def reading(path):
-        reads.append(path)
-        if len(reads) == 20:
-            os.kill(os.getpid(), signal.SIGTERM)
-        if len(reads) >= 20:
-            time.sleep(0.05)  # the reads of a large file, during which the run takes the signal
-        return real(path)
-
-    monkeypatch.setattr(images, "inspect_file_md5", reading)
-    before = signal.signal(signal.SIGTERM, cli._terminated)
-    try:
-        with pytest.raises(cli.Terminated):
-            scan.run(settings, outputs)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    reads, real = [], images.inspect_file_md5
+    monkeypatch.setattr(images, "inspect_file_md5", terminating_at(20, real, reads))
+    run_terminated(scan.run, settings, outputs)
     assert len(reads) < 40 < len(files), f"{len(reads)} of {len(files)} files read after the stop"
     assert not outputs.data.exists(), "data.json is written only by a scan that read everything"
     kept = set(file_index.read_md5s(outputs.md5s))
