@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,47 @@ def run_terminated(run, *args) -> None:
             run(*args)
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def in_thread(call, timeout: float = 120, what: str = "the call"):
+    """`call()` in a daemon thread, its result returned; a call still running after `timeout`
+    seconds fails the test, instead of hanging the session, with where its thread and every other
+    thread of this process were then (`stacks`): a hang seen only on CI's machine says where it
+    waits."""
+    result: list = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name=f"in_thread: {what}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{what} still ran after {timeout:.0f} s; the threads of this process then:\n{stacks(thread)}")
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
+def stacks(first: threading.Thread) -> str:
+    """Every thread's stack in this process, `first`'s first: native frames too (OpenMP, a lock's
+    wait) where py-spy (the dev extra) may read this process, else the Python frames."""
+    spy = Path(sys.executable).parent / "py-spy"
+    try:
+        dump = subprocess.run(
+            [str(spy), "dump", "--native", "--pid", str(os.getpid())], capture_output=True, text=True, timeout=60
+        )
+        blocks = ["Thread " + b for b in dump.stdout.split("\nThread ")[1:]] if dump.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        blocks = []
+    if not blocks:
+        names = {t.ident: t.name for t in threading.enumerate()}
+        blocks = [
+            f'Thread {ident}: "{names.get(ident, "?")}"\n{"".join(traceback.format_stack(frame))}'
+            for ident, frame in sys._current_frames().items()
+        ]
+    return "\n".join(sorted(blocks, key=lambda block: f'"{first.name}"' not in block.partition("\n")[0]))

@@ -7,7 +7,6 @@ import errno
 import os
 import shutil
 import subprocess
-import threading
 import time
 
 import numpy as np
@@ -18,17 +17,12 @@ from pipeline import backbones, cli, config, extract, images, manifest, manifest
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
 from pipeline.store.shard import ShardData
-from tests.conftest import contents, make_project, run_to_end, start_extract, update_params
+from tests.conftest import contents, in_thread, make_project, run_to_end, start_extract, update_params
 
 
 def cli_in_thread(argv: list[str], timeout: float = 120) -> int:
     """Run the CLI in-process, failing the test (instead of hanging it) if it does not return."""
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(cli.main(argv)), daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"`{' '.join(argv[:1])}` hung for {timeout} s"
-    return result[0]
+    return in_thread(lambda: cli.main(argv), timeout, f"`{argv[0]}`")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
@@ -265,11 +259,7 @@ def test_a_fifo_that_replaced_an_image_is_recorded_not_waited_on(project):
     victim = project / "data" / "Train_Real" / "Real_youtube" / "000" / "0000.png"
     victim.unlink()
     os.mkfifo(victim)
-    done: list[dict] = []
-    thread = threading.Thread(target=lambda: done.append(extract.run(settings, outputs)), daemon=True)
-    thread.start()
-    thread.join(120)
-    assert not thread.is_alive(), "extract blocked on a FIFO"
+    in_thread(lambda: extract.run(settings, outputs), 120, "extract, with a FIFO among the images,")
     (store,) = caches(outputs.embeddings)
     assert "not a regular file" in [reason for _, reason in store.failures().values()]
 
