@@ -136,7 +136,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum: int, frame) -> None:
-    raise Terminated
+    if not _taken_later(signum):
+        raise Terminated
+
+
+def _interrupted(signum: int, frame) -> None:
+    if not _taken_later(signum):
+        raise KeyboardInterrupt
 
 
 def stop_on_sigterm() -> None:
@@ -146,9 +152,50 @@ def stop_on_sigterm() -> None:
     ends the process at once: extract lost what its writer had buffered (up to a shard of
     `extract.shard_size` images: minutes of a CPU's work), and DataLoader workers that got it too
     made the run fail with "killed by signal". Now the writer commits what is buffered, and the
-    DataLoader workers stop quietly (`embedder._end_quietly`), as on Ctrl-C. Installed by
-    `python -m pipeline` (`__main__`), not by `main` called in a process that is not ours."""
+    DataLoader workers stop quietly (`embedder._end_quietly`), as on Ctrl-C. Both stops wait for
+    a progress bar's redraw (`_taken_later`); Ctrl-C keeps Python's handling where it was
+    ignored (`nohup`, a background job). Installed by `python -m pipeline` (`__main__`), not by
+    `main` called in a process that is not ours."""
     signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+
+
+REDRAW_WAIT = 0.01  # seconds after which a stop that came during a progress bar's redraw is taken again
+REDRAW_WAITS = 100  # times at most (1 s): a lock held longer was left held before, by someone else
+_postponed = 0
+
+
+def _taken_later(signum: int) -> bool:
+    """Whether the stop `signum` is put off for REDRAW_WAIT because this thread (the main one,
+    where Python runs signal handlers) is redrawing a progress bar: tqdm holds the lock every bar
+    shares while it draws, with no try/finally (`tqdm.refresh`), so a stop raised there left the
+    lock held for the rest of the process, and the next bar of any other thread waited for it
+    forever (a dask client's progress on its event loop: the stopped stage never ended). The
+    signal is sent again, and taken once the redraw is done."""
+    global _postponed
+    if _postponed >= REDRAW_WAITS or not _holding_progress_lock():
+        _postponed = 0
+        return False
+    _postponed += 1
+    threading.Timer(REDRAW_WAIT, os.kill, (os.getpid(), signum)).start()
+    return True
+
+
+def _holding_progress_lock() -> bool:
+    """Whether this thread holds a lock that every tqdm bar shares (tqdm's default write lock: a
+    thread lock and, where fork is, a multiprocessing one, taken in turn)."""
+    tqdm = sys.modules.get("tqdm.std")
+    if tqdm is None:
+        return False
+    shared = tqdm.TqdmDefaultWriteLock
+    try:
+        return bool(
+            (shared.th_lock is not None and shared.th_lock._is_owned())
+            or (getattr(shared, "mp_lock", None) is not None and shared.mp_lock._semlock._is_mine())
+        )
+    except AttributeError:  # another tqdm whose locks are built otherwise: nothing to wait for
+        return False
 
 
 def end_with_dvc() -> None:

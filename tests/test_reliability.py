@@ -305,3 +305,33 @@ def dataclass_replace_precision(settings, precision):
     import dataclasses
 
     return dataclasses.replace(settings, extract=dataclasses.replace(settings.extract, precision=precision))
+
+
+def test_a_stop_during_a_progress_bar_redraw_leaves_every_other_bar_working():
+    """tqdm redraws a bar holding its lock with no try/finally (`refresh`): a SIGTERM raised as
+    `Terminated` there (or Ctrl-C's KeyboardInterrupt) left the lock held by the main thread for
+    the rest of the process, and the next bar of any other thread waited forever (a dask client's
+    progress on its event loop; in the tests, a later in-thread extract: CI's run hung three of
+    them). The stop is now taken once the redraw is done. Here the SIGTERM comes from inside the
+    redraw."""
+    import io
+    import signal
+
+    from tqdm import tqdm
+
+    from tests.conftest import run_terminated
+
+    class StoppedWhileRedrawing(tqdm):
+        def display(self, *args, **kwargs):
+            if self.n == 5:
+                os.kill(os.getpid(), signal.SIGTERM)  # taken at the next bytecode: inside `refresh`'s lock
+            return super().display(*args, **kwargs)
+
+    def count() -> None:
+        with StoppedWhileRedrawing(total=1000, file=io.StringIO(), mininterval=0, miniters=1) as bar:
+            for _ in range(1000):
+                bar.update()
+                time.sleep(0.001)
+
+    run_terminated(count)
+    in_thread(lambda: tqdm(range(3), file=io.StringIO()).close(), 10, "a progress bar in another thread")
