@@ -178,7 +178,9 @@ def _taken_later(signum: int) -> bool:
         _postponed = 0
         return False
     _postponed += 1
-    threading.Timer(REDRAW_WAIT, os.kill, (os.getpid(), signum)).start()
+    again = threading.Timer(REDRAW_WAIT, os.kill, (os.getpid(), signum))
+    again.daemon = True  # a stage that ends within REDRAW_WAIT ends as it would have: its work is done
+    again.start()
     return True
 
 
