@@ -4,20 +4,32 @@ hangs the extractor, and nothing already committed is lost."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
+import signal
 import subprocess
 import time
 
 import numpy as np
 import pytest
 import yaml
+from tqdm import tqdm
+from tqdm.std import TqdmDefaultWriteLock
 
 from pipeline import backbones, cli, config, extract, images, manifest, manifest_table, perturb, probes, train
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, caches
 from pipeline.store.shard import ShardData
-from tests.conftest import contents, in_thread, make_project, run_to_end, start_extract, update_params
+from tests.conftest import (
+    contents,
+    in_thread,
+    make_project,
+    run_terminated,
+    run_to_end,
+    start_extract,
+    update_params,
+)
 
 
 def cli_in_thread(argv: list[str], timeout: float = 120) -> int:
@@ -314,12 +326,6 @@ def test_a_stop_during_a_progress_bar_redraw_leaves_every_other_bar_working():
     progress on its event loop; in the tests, a later in-thread extract: CI's run hung three of
     them). The stop is now taken once the redraw is done. Here the SIGTERM comes from inside the
     redraw."""
-    import io
-    import signal
-
-    from tqdm import tqdm
-
-    from tests.conftest import run_terminated
 
     class StoppedWhileRedrawing(tqdm):
         def display(self, *args, **kwargs):
@@ -334,4 +340,11 @@ def test_a_stop_during_a_progress_bar_redraw_leaves_every_other_bar_working():
                 time.sleep(0.001)
 
     run_terminated(count)
-    in_thread(lambda: tqdm(range(3), file=io.StringIO()).close(), 10, "a progress bar in another thread")
+    try:
+        in_thread(lambda: tqdm(range(3), file=io.StringIO()).close(), 10, "a progress bar in another thread")
+    finally:  # where the lock was left held, the later tests' bars are spared the wait
+        shared = TqdmDefaultWriteLock
+        while shared.th_lock._is_owned():
+            shared.th_lock.release()
+        while shared.mp_lock._semlock._is_mine():
+            shared.mp_lock.release()
