@@ -284,18 +284,31 @@ def leave(code: int) -> None:
     Everything a stage writes is closed before `main` returns (atomic writes, the shard writer's
     close). Under a profiler, a tracer or coverage (`python -m cProfile -m pipeline ...`), which
     write what they measured at the normal exit, the exit is the normal one. Not for `main()`
-    called in-process (tests): it ends the interpreter."""
+    called in-process (tests): it ends the interpreter. A stop (Ctrl-C, SIGTERM) that comes now,
+    after the stage's work, ends the process at once with `code`, output flushed: it printed
+    "Exception ignored in atexit callback ... KeyboardInterrupt" from whichever handler it
+    interrupted."""
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
+    # A stop from now on (Ctrl-C, SIGTERM) comes after the stage's work: it ends the process at once.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(stop) in (_terminated, _interrupted):
+            signal.signal(stop, lambda signum, frame: os._exit(_flushed(code)))
     # What Py_Finalize runs first, in its order; the module teardown after them is skipped.
     threading._shutdown()  # stops idle thread pools left open, then joins the non-daemon threads
     atexit._run_exitfuncs()
+    os._exit(_flushed(code))
+
+
+def _flushed(code: int) -> int:
+    """`code`, once stdout and stderr are flushed; 120 for a stage that exited 0 but whose output
+    could not be written (a closed pipe, a full disk), as Python's own exit says."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or a full disk: Python's own exit says 120
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: a stop in the middle of a flush
             code = code or 120
-    os._exit(code)
+    return code
 
 
 def os_error_sentence(exc: OSError) -> str:
