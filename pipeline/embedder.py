@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -212,8 +213,10 @@ def _end_with_parent(worker_id: int) -> None:
     still starting (spawned and importing: a GPU face detector's readers, or any where the start
     method is spawn) when its parent was killed took init for its parent and waited forever; seen
     after Ctrl-C on a dask run with spawned readers, whose nanny kills a worker that does not
-    close within 4 s. A SIGTERM ends it quietly (`_end_quietly`)."""
+    close within 4 s. A SIGTERM ends it quietly (`_end_quietly`), and so does a batch its parent
+    stopped taking (`_quiet_handover`)."""
     signal.signal(signal.SIGTERM, _end_quietly)
+    sys.excepthook = _quiet_handover
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -223,6 +226,22 @@ def _end_with_parent(worker_id: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+def _quiet_handover(kind: type[BaseException], error: BaseException, tb) -> None:
+    """A reader's `sys.excepthook`. A reader hands each batch's tensors to its parent through file
+    descriptors, served by multiprocessing's resource sharer on a thread of the reader, which
+    prints every error it meets: a parent stopped (Ctrl-C, SIGTERM) in the middle of taking a
+    batch closed the connection, and a reader printed a BrokenPipeError or ConnectionResetError
+    traceback under the run's one sentence (2 Ctrl-Cs in 20 of a fast reader). A connection lost
+    there is the parent having stopped, which says so itself; anything else is printed."""
+    if (
+        isinstance(error, (ConnectionError, EOFError))
+        and tb is not None
+        and Path(traceback.extract_tb(tb)[0].filename).name == "resource_sharer.py"
+    ):
+        return
+    sys.__excepthook__(kind, error, tb)
 
 
 def _end_quietly(signum: int, frame) -> None:
