@@ -233,7 +233,7 @@ def _quiet_handover(kind: type[BaseException], error: BaseException, tb) -> None
     descriptors, served by multiprocessing's resource sharer on a thread of the reader, which
     prints every error it meets: a parent stopped (Ctrl-C, SIGTERM) in the middle of taking a
     batch closed the connection, and a reader printed a BrokenPipeError or ConnectionResetError
-    traceback under the run's one sentence (2 Ctrl-Cs in 20 of a fast reader). A connection lost
+    traceback under the run's one sentence (10 Ctrl-Cs in 50 of a fast reader). A connection lost
     there is the parent having stopped, which says so itself; anything else is printed."""
     if (
         isinstance(error, (ConnectionError, EOFError))

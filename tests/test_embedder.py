@@ -539,7 +539,7 @@ def test_a_reader_whose_batch_was_not_taken_to_the_end_says_nothing(tmp_path):
     multiprocessing's resource sharer on a thread of the reader, which prints every error: on
     Ctrl-C the embedding process, stopped in the middle of taking a batch, closed the connection,
     and a reader printed a ConnectionResetError (or EOFError) traceback under the run's one
-    sentence (2 runs in 20 of a fast reader, Ctrl-C at a random moment). Here the taker connects
+    sentence (10 runs in 50 of a fast reader, Ctrl-C at a random moment). Here the taker connects
     and goes."""
     script = tmp_path / "handing_over.py"
     script.write_text(READER_HANDING_OVER)
