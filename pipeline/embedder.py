@@ -108,9 +108,14 @@ class ItemDataset(Dataset):
         return read_items(items, self.preprocess)
 
 
-def _same_turned_file(item: Item, file: Path, turn: int) -> bool:
-    """Whether `item` is a frame of `file` turned by `turn` (decoded in the same pass)."""
-    return item.file == file and item.frame >= 0 and frames.orientation(item.digest) == turn
+def _same_turned_file(item: Item, file: Path, turn: int, ranked: bool) -> bool:
+    """Whether `item` is a frame of `file` turned by `turn`, counted the same way (decoded in the same pass)."""
+    return (
+        item.file == file
+        and item.frame >= 0
+        and frames.orientation(item.digest) == turn
+        and frames.is_ranked(item.digest) == ranked
+    )
 
 
 def read_items(items: list[Item], preprocess: Callable) -> Batch:
@@ -122,12 +127,12 @@ def read_items(items: list[Item], preprocess: Callable) -> Batch:
     start = 0
     while start < len(items):  # runs of items from the same file, turned the same way: a video's frames
         end, key = start + 1, items[start].digest
-        turn = frames.orientation(key)
+        turn, ranked = frames.orientation(key), frames.is_ranked(key)
         if items[start].frame >= 0:
-            while end < len(items) and _same_turned_file(items[end], items[start].file, turn):
+            while end < len(items) and _same_turned_file(items[end], items[start].file, turn, ranked):
                 end += 1
             indices = [i.frame for i in items[start:end]]
-            decoded += images.decode_frames(items[start].file, frames.file_digest(key), indices, turn)
+            decoded += images.decode_frames(items[start].file, frames.file_digest(key), indices, turn, ranked)
         else:
             decoded.append(images.decode(items[start].file, frames.file_digest(key), turn))
         start = end

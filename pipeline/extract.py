@@ -460,5 +460,5 @@ def report_failures(store: EmbeddingStore, wanted: set[str]) -> None:
 def where(key: str, path: str | None) -> str:
     """A cache row for people: its file, and the video frame and perturbation its key names."""
     clean, spec = perturb.split(key)
-    _, _, frame = clean.partition(frames.KEY_SEPARATOR)
-    return f"{path}{f' frame {frame}' if frame else ''}{f' ({spec})' if spec else ''}"
+    frame = frames.frame_index(clean)
+    return f"{path}{f' frame {frame}' if frame >= 0 else ''}{f' ({spec})' if spec else ''}"

@@ -157,10 +157,11 @@ def read_known(path: Path) -> Known:
     if t is None:
         return {}
     cols = t.to_pydict()
+    ranked = [frames.is_ranked(d) for d in cols["digest"]]
     cols["digest"] = [frames.file_digest(d) for d in cols["digest"]]  # a video frame's key -> the file's
     facts = [
-        FileFacts(**dict(zip(CONTENT_COLUMNS, values, strict=True)))
-        for values in zip(*(cols[c] for c in CONTENT_COLUMNS), strict=True)
+        FileFacts(**dict(zip(CONTENT_COLUMNS, values, strict=True)), ranked=r)
+        for *values, r in zip(*(cols[c] for c in CONTENT_COLUMNS), ranked, strict=True)
     ]
     stamps = zip(cols["size"], cols["mtime_ns"], cols["ctime_ns"], strict=True)
     return {p: (s, f) for p, s, f in zip(cols["path"], stamps, facts, strict=True)}
@@ -190,6 +191,7 @@ def write_known(known: Known, path: Path) -> None:
         columns["ctime_ns"].append(ctime_ns)
         for c in CONTENT_COLUMNS:
             columns[c].append(getattr(facts, c))
+        columns["digest"][-1] = frames.key(facts.digest, ranked=facts.ranked)  # a ranked video: `<sha256>#`
     with atomic.atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp, compression="zstd")
 

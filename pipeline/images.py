@@ -62,6 +62,7 @@ class FileFacts:
     jpeg_quality: int = -1
     frame_count: int = -1  # frames of a video; -1 for an image
     orientation: int = 1  # EXIF orientation (a video's display rotation as one): 1 as stored, 2-8 turned
+    ranked: bool = False  # a video whose frames are not evenly spaced in time: frame i is the i-th shown (`frames`)
 
 
 # EXIF orientation -> the transpose that shows the stored pixels upright (PIL's exif_transpose).
@@ -110,7 +111,7 @@ def _video_facts(digest: str, data: bytes) -> FileFacts:
         v = frames.inspect(data)
     except ValueError:  # not a readable video: extract records why, frame by frame
         return FileFacts(digest, frame_count=0)
-    return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count, v.orientation)
+    return FileFacts(digest, v.format, v.width, v.height, -1, v.frame_count, v.orientation, v.ranked)
 
 
 def _image_facts(digest: str, fh: io.BufferedReader) -> FileFacts:
@@ -233,15 +234,17 @@ def decode(path: Path, digest: str | None = None, orientation: int = 1) -> Image
         return failure(exc)
 
 
-def decode_frames(path: Path, digest: str | None, indices: list[int], orientation: int = 1) -> list[Image.Image | str]:
-    """Frames `indices` of one video file, read, hashed and decoded once (one pass, exact
-    seeks), each an RGB image turned by `orientation` (as `decode`) or the reason it failed
-    (CHANGED for all if the bytes changed)."""
+def decode_frames(
+    path: Path, digest: str | None, indices: list[int], orientation: int = 1, ranked: bool = False
+) -> list[Image.Image | str]:
+    """Frames `indices` of one video file (by rank if `ranked`: the cache key's, `frames.is_ranked`),
+    read, hashed and decoded once (one pass, exact seeks), each an RGB image turned by
+    `orientation` (as `decode`) or the reason it failed (CHANGED for all if the bytes changed)."""
     try:
         data = _read(path, digest)
         if data is None:
             return [CHANGED] * len(indices)
-        decoded = frames.decode_many(data, indices)
+        decoded = frames.decode_many(data, indices, ranked)
     except Exception as exc:
         return [failure(exc)] * len(indices)
     out: list[Image.Image | str] = []

@@ -333,7 +333,7 @@ def build(
         "mtime_ns": [f.mtime_ns for f, _, _ in rows],
         "ctime_ns": [f.ctime_ns for f, _, _ in rows],
         **{c: [getattr(x, c) for _, x, _ in rows] for c in CONTENT_COLUMNS},
-        "digest": [frames.key(x.digest, i, x.orientation) for _, x, i in rows],
+        "digest": [frames.key(x.digest, i, x.orientation, x.ranked) for _, x, i in rows],
         "frame": [i for _, _, i in rows],
     }
     check_label_conflicts(columns["path"], columns["digest"], columns["label"])

@@ -75,7 +75,7 @@ def rows_of(settings: Settings, file: Path, facts: images.FileFacts | None) -> l
     if file.suffix.lower() not in frames.VIDEO_SUFFIXES:
         return [(frames.key(facts.digest, -1, facts.orientation), -1)]
     sampled = frames.sampled(facts.frame_count, settings.data.frames.per_video)
-    return [(frames.key(facts.digest, i, facts.orientation), i) for i in sampled]
+    return [(frames.key(facts.digest, i, facts.orientation, facts.ranked), i) for i in sampled]
 
 
 def embed_missing(

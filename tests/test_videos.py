@@ -5,6 +5,7 @@ files written with PyAV."""
 from __future__ import annotations
 
 import csv
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -310,3 +311,74 @@ def test_files_stored_turned_are_embedded_the_way_they_are_shown(tmp_path, tiny_
     as_stored, as_shown = (b.pixels.numpy()[0] for b in embedder.read_batches(items, np.asarray, 1, 0, False))
     assert np.array_equal(as_stored, np.asarray(Image.open(jpg).convert("RGB")))
     assert np.array_equal(as_shown, np.rot90(as_stored, -1))
+
+
+def write_vfr_video(path, n: int = FRAMES, seed: int = 0) -> None:
+    """`write_video`'s frames (frame i at level(i)) shown at a variable frame rate, as phones record:
+    gaps of 1/30 s and 1/24 s mixed at random, with jitter (time base 1/90000)."""
+    rng = np.random.default_rng(seed)
+    gaps = np.where(rng.random(n) < 0.3, 1 / 24, 1 / 30) + rng.normal(0, 0.002, n)
+    times = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 10
+        stream.options = {"crf": "18", "bf": "2"}
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 90000)
+        for i, t in enumerate(times):
+            pixels = np.full((48, 64, 3), level(i), np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = round(t * 90000), Fraction(1, 90000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_frame_i_of_a_video_with_a_variable_frame_rate_is_its_ith_frame(tmp_path, tiny_clip):
+    # A phone records at a variable frame rate. Frame i used to be the frame shown at i / (average
+    # fps): some frames were never sampled, others twice, and some sampled indices had no frame at
+    # all ("the video has no frame 19", recorded as a failure). Frame i is now the i-th frame shown,
+    # as DeepfakeBench (cv2, reading frame after frame) counts; the key says so (`#<i>`, not `@<i>`),
+    # so a cache made the other way never serves its vector for it.
+    from pipeline import embedder, file_index
+
+    data = tmp_path / "data"
+    write_vfr_video(data / "phone" / "vfr.mp4")
+    write_video(data / "camera" / "cfr.mp4")
+    vfr, cfr = images.inspect_file(data / "phone" / "vfr.mp4"), images.inspect_file(data / "camera" / "cfr.mp4")
+    assert (vfr.frame_count, vfr.ranked, cfr.frame_count, cfr.ranked) == (FRAMES, True, FRAMES, False)
+    decoded = frames.decode_many((data / "phone" / "vfr.mp4").read_bytes(), range(FRAMES), ranked=True)
+    got = [round((np.asarray(decoded[i], dtype=float).mean() - 20) / 6) if not isinstance(decoded[i], str) else None
+           for i in range(FRAMES)]  # fmt: skip
+    assert got == list(range(FRAMES))
+    one = frames.decode((data / "phone" / "vfr.mp4").read_bytes(), 17, ranked=True)
+    assert np.array_equal(np.asarray(one), np.asarray(decoded[17]))
+
+    write_params(tmp_path, data, tiny_clip, ("camera", "camera"), ("phone", "phone"), per_video=4)
+    settings, outputs = load(tmp_path / "params.yaml"), Outputs(tmp_path)
+    table = manifest.run(settings, outputs).to_pandas().set_index("path")
+    assert table.loc[["phone/vfr.mp4"], "digest"].tolist() == [f"{vfr.digest}#{i}" for i in (0, 9, 19, 29)]
+    assert table.loc[["camera/cfr.mp4"], "digest"].tolist() == [f"{cfr.digest}@{i}" for i in (0, 9, 19, 29)]
+    known = file_index.read_known(outputs.manifest)  # what the next scan knows without reading the file
+    assert known["phone/vfr.mp4"][1] == vfr and known["camera/cfr.mp4"][1] == cfr
+    file_index.write_known(known, tmp_path / "known.parquet")
+    assert file_index.read_known(tmp_path / "known.parquet") == known
+
+    file = data / "phone" / "vfr.mp4"
+    items = [embedder.Item(key, "phone/vfr.mp4", file, i) for key, i in zip(table.loc[["phone/vfr.mp4"], "digest"],
+                                                                        (0, 9, 19, 29), strict=True)]  # fmt: skip
+    (batch,) = embedder.read_batches(items, np.asarray, 8, 0, False)
+    assert batch.errors == [None] * 4
+    for k, i in enumerate((0, 9, 19, 29)):
+        assert abs(batch.pixels[k].float().mean().item() - level(i)) < 2.5
+    summary = extract.run(settings, outputs)
+    assert summary.failed == 0 and summary.embedded == 8
+
+    # A manifest made when every video was read by time keeps its keys (and the frames they name,
+    # whose vectors its cache holds) until the file changes.
+    old = pq.read_table(outputs.manifest)
+    before = [k.replace("#", "@") for k in old.column("digest").to_pylist()]
+    pq.write_table(old.set_column(old.schema.get_field_index("digest"), "digest", pa.array(before)), outputs.manifest)
+    assert manifest.run(settings, outputs).column("digest").to_pylist() == before
