@@ -122,10 +122,11 @@ class VideoFacts:
 
 
 def inspect(data: bytes) -> VideoFacts:
-    """Header facts, the number of frames (from the container, or by demuxing packets, which
-    decodes nothing), whether they are evenly spaced in time (from the packets' timestamps), and
-    the orientation (from the first frame, which carries the display matrix); ValueError if the
-    bytes are not a video with a video stream."""
+    """Header facts, the number of frames shown (from the container, less those its edit list
+    hides, as in a clip cut without re-encoding; or from the packets, demuxed without decoding),
+    whether they are evenly spaced in time (from the packets' timestamps), and the orientation
+    (from the first frame, which carries the display matrix); ValueError if the bytes are not a
+    video with a video stream."""
     import av
 
     try:
@@ -133,13 +134,16 @@ def inspect(data: bytes) -> VideoFacts:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
-            shown, whole = [], False
+            packets, whole = [], False
             with contextlib.suppress(av.FFmpegError):  # a damaged stretch: the packets before it
-                shown = [packet.pts for packet in container.demux(stream) if packet.size]
+                packets = [(packet.pts, packet.is_discard) for packet in container.demux(stream) if packet.size]
                 whole = True
-            container.seek(0)
+            with contextlib.suppress(av.FFmpegError):  # damaged: the orientation from where the demux stopped
+                container.seek(0)
+            shown = [pts for pts, discard in packets if not discard]  # not those an edit list hides
             ranked = whole and len(shown) > 0 and None not in shown and not _Clock(stream).spaced(sorted(shown))
-            count = len(shown) if ranked else stream.frames or len(shown)
+            hidden = len(packets) - len(shown)
+            count = len(shown) if ranked or not stream.frames else stream.frames - hidden
             fmt = container.format.name.split(",")[0]
             return VideoFacts(
                 fmt, stream.codec_context.width, stream.codec_context.height, count, _orientation(container), ranked
@@ -179,12 +183,16 @@ class _Clock:
 
 def _shown(container, stream) -> list[int]:
     """Every frame's pts in the order shown (a ranked video's frames), from the packet index (what
-    precedes a damaged stretch); the container is left for a seek."""
+    precedes a damaged stretch; not the frames an edit list hides); the container is left for a seek."""
     import av
 
     shown: list[int] = []
     with contextlib.suppress(av.FFmpegError):
-        shown.extend(packet.pts for packet in container.demux(stream) if packet.size and packet.pts is not None)
+        shown.extend(
+            packet.pts
+            for packet in container.demux(stream)
+            if packet.size and packet.pts is not None and not packet.is_discard
+        )
     return sorted(shown)
 
 
@@ -251,9 +259,9 @@ def decode_many(data: bytes, indices: Iterable[int], ranked: bool = False) -> di
         stream = container.streams.video[0]
         # A damaged stretch stops the pass; what it decoded stays, the rest is tried frame by frame.
         with contextlib.suppress(av.FFmpegError):
-            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and p.pts is not None]
-            clock = _Clock(stream, sorted(pts for pts, _ in packets) if ranked else None)
-            keyframes = sorted(clock.position(pts) for pts, keyframe in packets if keyframe)
+            packets = [p for p in container.demux(stream) if p.size and p.pts is not None]
+            clock = _Clock(stream, sorted(p.pts for p in packets if not p.is_discard) if ranked else None)
+            keyframes = sorted(clock.position(p.pts) for p in packets if p.is_keyframe)
             at, decoder = None, None  # the position of the last decoded frame; the running decoder
             for index in wanted:
                 k = bisect.bisect_right(keyframes, index) - 1

@@ -382,3 +382,28 @@ def test_frame_i_of_a_video_with_a_variable_frame_rate_is_its_ith_frame(tmp_path
     before = [k.replace("#", "@") for k in old.column("digest").to_pylist()]
     pq.write_table(old.set_column(old.schema.get_field_index("digest"), "digest", pa.array(before)), outputs.manifest)
     assert manifest.run(settings, outputs).column("digest").to_pylist() == before
+
+
+def test_a_clip_cut_without_reencoding_counts_only_the_frames_it_shows(tmp_path):
+    # `ffmpeg -ss 0.12 -c copy` cuts between keyframes: the clip keeps the frames from the keyframe
+    # before the cut, and its edit list hides them (packets flagged discard; no decoder shows them).
+    # They were counted: 30 frames for 27 shown, and the last 3 sampled indices had no frame.
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        for i in range(FRAMES):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level(i), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i - 3, Fraction(1, 25)  # the first 3 before the clip's start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    facts = frames.inspect(data)
+    assert (facts.frame_count, facts.ranked) == (FRAMES - 3, False)  # evenly spaced: keys and frames as before
+    decoded = frames.decode_many(data, range(FRAMES - 3))
+    assert [round((np.asarray(decoded[i], dtype=float).mean() - 20) / 6) for i in range(FRAMES - 3)] == list(
+        range(3, FRAMES)
+    )
