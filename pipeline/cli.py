@@ -47,14 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--probe", type=Path, default=None, help="probe directory (default: models/probe)")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
     predict.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    cache = sub.add_parser("cache", help="inspect (info), re-check (verify) or repair the embedding caches")
+    cache = sub.add_parser(
+        "cache", help="inspect (info), re-check (verify), repair or re-compute a sample of (check) the embedding caches"
+    )
     cache.add_argument(
         "action",
-        choices=["info", "verify", "repair"],
+        choices=["info", "verify", "repair", "check"],
         help="info: what each cache holds; verify: re-check every shard; "
-        "repair: drop damaged or missing shards so the next extract re-embeds their rows",
+        "repair: drop damaged or missing shards so the next extract re-embeds their rows; "
+        "check: re-embed a sample of the current cache's rows on this machine and compare",
     )
     cache.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    cache.add_argument("--rows", type=int, default=16, help="check: rows to re-embed (default: 16)")
+    cache.add_argument("--seed", type=int, default=0, help="check: which rows (default: 0)")
     show = sub.add_parser("show", help="print the evaluate stage's metrics as tables (one per protocol)")
     show.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     compare = sub.add_parser(
@@ -87,13 +92,19 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     settings = load(args.params)
     outputs = Outputs(settings.base_dir)
-    if args.command in ("extract", "predict"):
+    if args.command in ("extract", "predict") or (args.command == "cache" and args.action == "check"):
         idle_openmp_threads_sleep()  # before torch is imported
     if args.command == "predict":
         from pipeline import predict
 
         predict.run(settings, outputs, args.paths, args.probe, args.out)
         return 0
+    if args.command == "cache" and args.action == "check":
+        from pipeline import check
+
+        if args.rows < 1:
+            raise ConfigError(f"--rows is {args.rows}; check at least 1 row.")
+        return check.run(settings, outputs, args.rows, args.seed)
     if args.command == "cache":
         from pipeline import cache_report
 

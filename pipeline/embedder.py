@@ -63,6 +63,13 @@ def recorded_failures(store) -> set[str]:
     return {k for k, (_, reason) in store.failures().items() if reason != images.MISSING}
 
 
+def where(key: str, path: str | None) -> str:
+    """A cache row for people: its file, and the video frame and perturbation its key names."""
+    clean, spec = perturb.split(key)
+    frame = frames.frame_index(clean)
+    return f"{path}{f' frame {frame}' if frame >= 0 else ''}{f' ({spec})' if spec else ''}"
+
+
 @dataclass(frozen=True)
 class Item:
     digest: str  # the cache key: the file's sha256, or `<sha256>@<frame>` for a video frame

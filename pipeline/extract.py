@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import atomic, frames, manifest_table, perturb
 from pipeline.config import ConfigError, Settings
-from pipeline.embedder import Item, LocalEmbedder, Redescribed, plan, recorded_failures
+from pipeline.embedder import Item, LocalEmbedder, Redescribed, plan, recorded_failures, where
 from pipeline.outputs import Outputs
 from pipeline.store import (
     EmbeddingStore,
@@ -455,10 +455,3 @@ def report_failures(store: EmbeddingStore, wanted: set[str]) -> None:
         reasons_counted(reason for _, reason in failed.values()),
         "\n".join(f"  {where(d, p)}: {r}" for d, (p, r) in list(failed.items())[:5]),
     )
-
-
-def where(key: str, path: str | None) -> str:
-    """A cache row for people: its file, and the video frame and perturbation its key names."""
-    clean, spec = perturb.split(key)
-    frame = frames.frame_index(clean)
-    return f"{path}{f' frame {frame}' if frame >= 0 else ''}{f' ({spec})' if spec else ''}"

@@ -508,3 +508,28 @@ def test_cache_info_and_verify_commands(project, capsys):
     assert cli.main(["cache", "verify", "--params", params]) == 1
     out = capsys.readouterr().out
     assert shard.name in out and "do not match the checksum in its name" in out
+
+
+def test_cache_check_re_embeds_a_sample_here_and_says_whether_it_matches_the_cache(project, monkeypatch, capsys):
+    # A teammate pulls a cache whose vectors another machine computed. Its fingerprint names the
+    # model, preprocessing and model libraries, not torch, Pillow or FFmpeg: `cache check` tells
+    # whether this machine computes what the cache holds before anything is embedded into it.
+    from pipeline import images
+
+    run_stages(project)
+    params = str(project / "params.yaml")
+    assert cli.main(["cache", "check", "--rows", "8", "--params", params]) == 0
+    out = capsys.readouterr().out
+    assert "8 rows re-embedded on this machine (fp32, seed 0)" in out and "every vector agrees" in out
+    assert re.search(r"projection \d\.\de[-+]\d\d \(tolerance 1e-04\)", out)
+    tracked = sorted(p.name for p in (project / "cache").rglob("*") if p.is_file())
+
+    # Another decoder that returns every pixel one level brighter (what another Pillow or FFmpeg
+    # could do, unseen by the fingerprint): the sample's vectors no longer match the cache's.
+    original = images.to_rgb
+    monkeypatch.setattr(images, "to_rgb", lambda im: original(im).point(lambda v: min(v + 1, 255)))
+    assert cli.main(["cache", "check", "--rows", "8", "--seed", "3", "--params", params]) == 1
+    out = capsys.readouterr().out
+    assert "8 rows differ and 0 could not be embedded" in out and out.count("  differs: ") == 5
+    assert re.search(r"differs: \w+/\w+/[\d_]+/\d+\.png: projection by \d\.\de-0[1-3]\n", out)
+    assert sorted(p.name for p in (project / "cache").rglob("*") if p.is_file()) == tracked, "the cache is untouched"

@@ -19,6 +19,7 @@ EXTRACT_SIDE = {
     "pipeline.distributed",
     "pipeline.faces",
     "pipeline.predict",
+    "pipeline.check",
     "pipeline.demo",
 }
 
