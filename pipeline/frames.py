@@ -259,9 +259,11 @@ def decode_many(data: bytes, indices: Iterable[int], ranked: bool = False) -> di
         stream = container.streams.video[0]
         # A damaged stretch stops the pass; what it decoded stays, the rest is tried frame by frame.
         with contextlib.suppress(av.FFmpegError):
-            packets = [p for p in container.demux(stream) if p.size and p.pts is not None]
-            clock = _Clock(stream, sorted(p.pts for p in packets if not p.is_discard) if ranked else None)
-            keyframes = sorted(clock.position(p.pts) for p in packets if p.is_keyframe)
+            packets = [  # (pts, keyframe, hidden by an edit list); not the packets themselves, which hold the bytes
+                (p.pts, p.is_keyframe, p.is_discard) for p in container.demux(stream) if p.size and p.pts is not None
+            ]
+            clock = _Clock(stream, sorted(pts for pts, _, hidden in packets if not hidden) if ranked else None)
+            keyframes = sorted(clock.position(pts) for pts, keyframe, _ in packets if keyframe)
             at, decoder = None, None  # the position of the last decoded frame; the running decoder
             for index in wanted:
                 k = bisect.bisect_right(keyframes, index) - 1
