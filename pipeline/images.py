@@ -7,12 +7,14 @@ image to the backbone's preprocess callable, which may refuse it by raising `Rej
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import stat
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,32 @@ CHANGED = "changed since the manifest was built"
 MISSING = "file not found"
 STALE = frozenset({CHANGED, MISSING})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+class HeldBytes:
+    """A budget of bytes that threads hold in memory at once: each video file is read whole (its
+    hash and its facts, or its frames, come from the same bytes), and the threads that hash files
+    (8 at most) or read a dask worker's frames could otherwise hold 8 long videos at a time (8 x
+    2 GB on a 16 GB laptop). A file larger than the budget is read alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.held == 0 or self.held + size <= self.limit)
+            self.held += size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= size
+                self._changed.notify_all()
+
+
+VIDEO_BYTES = HeldBytes(1 << 30)  # whole video files in this process's memory at once (1 GiB)
 
 
 class Rejected(Exception):
@@ -95,10 +123,11 @@ def inspect_file_md5(path: Path, md5: bool = True) -> tuple[FileFacts, str] | No
             return None
         with os.fdopen(fd, "rb") as fh:
             if Path(path).suffix.lower() in frames.VIDEO_SUFFIXES:
-                data = fh.read()
-                for h in hashes:
-                    h.update(data)
-                return _video_facts(hashes[0].hexdigest(), data), hashes[-1].hexdigest() if md5 else ""
+                with VIDEO_BYTES.holding(os.fstat(fh.fileno()).st_size):
+                    data = fh.read()
+                    for h in hashes:
+                        h.update(data)
+                    return _video_facts(hashes[0].hexdigest(), data), hashes[-1].hexdigest() if md5 else ""
             _hash_stream(fh, hashes)
             fh.seek(0)
             return _image_facts(hashes[0].hexdigest(), fh), hashes[-1].hexdigest() if md5 else ""
@@ -241,10 +270,12 @@ def decode_frames(
     read, hashed and decoded once (one pass, exact seeks), each an RGB image turned by
     `orientation` (as `decode`) or the reason it failed (CHANGED for all if the bytes changed)."""
     try:
-        data = _read(path, digest)
-        if data is None:
-            return [CHANGED] * len(indices)
-        decoded = frames.decode_many(data, indices, ranked)
+        with VIDEO_BYTES.holding(os.stat(path).st_size):
+            data = _read(path, digest)
+            if data is None:
+                return [CHANGED] * len(indices)
+            decoded = frames.decode_many(data, indices, ranked)
+            del data
     except Exception as exc:
         return [failure(exc)] * len(indices)
     out: list[Image.Image | str] = []

@@ -222,3 +222,38 @@ def test_a_scan_stopped_midway_stops_at_once_and_keeps_what_it_read(project, mon
     scan.run(settings, outputs)
     assert sorted(Path(p).relative_to(project / "data").as_posix() for p in reads) == sorted(files - kept)
     assert recorded(outputs) == data_digest(project / "data")
+
+
+PEAK_GROWTH = """
+import re, sys
+from pathlib import Path
+from pipeline import file_index, images
+def peak():  # VmHWM: this process's own peak (ru_maxrss starts at the parent's, across exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+images.VIDEO_BYTES.limit = int(sys.argv[1])
+paths = sorted(Path(sys.argv[2]).glob("*.mp4"))
+before = peak()
+file_index.read_all(paths, images.inspect_file, "hashing")
+print(peak() - before)
+"""
+
+
+def test_the_hashing_threads_hold_whole_videos_within_a_byte_budget(tmp_path):
+    # A video is read whole (its hash and its facts come from the same bytes), and the hashing
+    # threads read several files at once: long videos (2 GB each) could fill a laptop's memory.
+    # Measured as the growth of the peak memory of a process that hashes six 40 MB "videos".
+    import subprocess
+    import sys
+
+    size = 40_000_000
+    for i in range(6):
+        (tmp_path / f"{i}.mp4").write_bytes(os.urandom(size))
+
+    def peak_growth(limit: int) -> float:
+        out = subprocess.run([sys.executable, "-c", PEAK_GROWTH, str(limit), str(tmp_path)], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        return int(out.split()[-1]) * 1024 / size  # in files
+
+    alone, together = peak_growth(size), peak_growth(100 * size)  # here: 1.66 and 4.65 (4 threads on 2 cores)
+    assert alone < 2, f"a budget of one file held {alone:.2f} files' worth at once"
+    assert together > alone + 1, f"without a budget the threads held {together:.2f} files at once, not more"
