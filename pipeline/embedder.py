@@ -72,7 +72,7 @@ def where(key: str, path: str | None) -> str:
 
 @dataclass(frozen=True)
 class Item:
-    digest: str  # the cache key: the file's sha256, or `<sha256>@<frame>` for a video frame
+    digest: str  # the cache key: the file's sha256, or `<sha256>@<frame>` (`#<frame>`) for a video frame
     path: str  # as in the manifest
     file: Path  # where to read it
     frame: int = -1  # the frame's index in a video file; -1 for an image

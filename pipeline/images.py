@@ -42,7 +42,13 @@ class HeldBytes:
     2 GB on a 16 GB laptop). A file larger than the budget is read alone."""
 
     def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        """Nothing held: in a forked child, whose copy of the parent's holdings (and perhaps of its
+        held lock) belongs to threads the child does not have."""
+        self.held = 0
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
@@ -59,6 +65,7 @@ class HeldBytes:
 
 
 VIDEO_BYTES = HeldBytes(1 << 30)  # whole video files in this process's memory at once (1 GiB)
+os.register_at_fork(after_in_child=VIDEO_BYTES.reset)
 
 
 class Rejected(Exception):

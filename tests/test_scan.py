@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,30 @@ def test_the_hashing_threads_hold_whole_videos_within_a_byte_budget(tmp_path):
     alone, together = peak_growth(size), peak_growth(100 * size)  # here: 1.66 and 4.65 (4 threads on 2 cores)
     assert alone < 2, f"a budget of one file held {alone:.2f} files' worth at once"
     assert together > alone + 1, f"without a budget the threads held {together:.2f} files at once, not more"
+
+
+def test_a_process_forked_while_threads_hold_videos_does_not_wait_for_them():
+    # A reader process forked while a thread of its parent holds 900 MB of whole videos: the copy
+    # of that holding belongs to a thread the child does not have, and would block it for good.
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with images.VIDEO_BYTES.holding(900 << 20):
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: take 500 MB within 5 s, or exit 1
+            taker = threading.Thread(target=lambda: images.VIDEO_BYTES.holding(500 << 20).__enter__(), daemon=True)
+            taker.start()
+            taker.join(5)
+            os._exit(1 if taker.is_alive() else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child waited for its parent's threads"
+    finally:
+        release.set()
+        holder.join()
