@@ -115,6 +115,20 @@ def dask_setup(worker) -> None:
     logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_cancelled_task)
 
 
+def quiet_interrupted_calls() -> None:
+    """Ctrl-C during a blocking client call leaves no traceback (`_not_an_interrupted_call`)."""
+    logging.getLogger("tornado.application").addFilter(_not_an_interrupted_call)  # once: filters are a set
+
+
+def _not_an_interrupted_call(record: logging.LogRecord) -> bool:
+    """distributed's `sync` (behind every blocking client call) hands Ctrl-C to its event loop as a
+    callback that cancels the call; where Ctrl-C came before the loop had started the call, that
+    callback fails (NameError: `future` not yet assigned; distributed 2026.8) and tornado logged its
+    traceback above the run's one sentence (CI, 1 run of many). Nothing was left running: dropped."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, NameError) and "sync.<locals>.cancel" in record.getMessage())
+
+
 def _not_a_cancelled_task(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return not (message.startswith("Async instruction for") and message.endswith("ended with CancelledError"))
@@ -564,6 +578,7 @@ class DaskEmbedder:
             import dask
             from distributed import Client, LocalCluster
 
+            quiet_interrupted_calls()
             if self.extract.dask.address:
                 try:
                     self._client = Client(self.extract.dask.address)

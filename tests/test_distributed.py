@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -427,6 +428,33 @@ def test_ctrl_c_on_a_local_clusters_run_is_one_sentence(tmp_path, many_images, t
     assert proc.returncode == 130, err
     assert "interrupted: committed shards are kept; run the same command again to resume." in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "CancelledError" not in err, err
+
+
+def test_ctrl_c_before_the_loop_starts_a_client_call_leaves_no_traceback(caplog):
+    """CI, once: Ctrl-C came while distributed's `sync` (behind every blocking client call) had
+    queued the call on its event loop but the loop had not started it; the callback `sync` queues
+    to cancel the call failed (NameError) and tornado logged its traceback above the run's one
+    sentence. Here the loop is held busy while Ctrl-C comes, so the call has not started."""
+    import asyncio
+    import threading
+
+    from distributed.utils import LoopRunner, sync
+
+    from pipeline import distributed
+
+    distributed.quiet_interrupted_calls()
+    runner = LoopRunner()
+    runner.start()
+    try:
+        runner.loop.add_callback(time.sleep, 0.5)  # the loop is busy: the call below waits its turn
+        main = threading.main_thread().ident
+        threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()  # Ctrl-C, to the waiting thread
+        with caplog.at_level(logging.ERROR, logger="tornado.application"), pytest.raises(KeyboardInterrupt):
+            sync(runner.loop, asyncio.sleep, 5)
+        time.sleep(1)  # the loop runs the call, then the cancelling callback
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
+    finally:
+        runner.stop()
 
 
 def test_killing_a_worker_mid_run_then_rerunning_redoes_no_committed_shard(tmp_path, many_images, tiny_clip, reference):
