@@ -181,6 +181,21 @@ def _describe(model: ModelSettings, extract: ExtractSettings, source: dict[str, 
 
 
 @contextlib.contextmanager
+def _nanny_quiet():
+    """Closing the run's own LocalCluster, its nannies kill a worker still busy after 4 s (one in a
+    partition or loading the model when Ctrl-C or an error stopped the run) and warned "Worker
+    process still alive after 4.0 seconds, killing" above the run's one sentence: the run's own
+    doing, no news. Errors still show."""
+    nanny = logging.getLogger("distributed.nanny")
+    level = nanny.level
+    nanny.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        nanny.setLevel(level)
+
+
+@contextlib.contextmanager
 def _environ_kept():
     """os.environ as it was before: a nanny exports its worker's settings (OMP_NUM_THREADS=1, ...)
     into the process that starts it, before spawning the worker, so anything this process started
@@ -599,6 +614,9 @@ class DaskEmbedder:
                         threads_per_worker=1,
                         processes=True,
                         dashboard_address=None,
+                        # The scheduler's HTTP routes (health, metrics) on a free port, not dask's usual
+                        # 8787, which a notebook's cluster may hold ("Port 8787 is already in use").
+                        scheduler_kwargs={"dashboard_address": ":0"},
                         preload=[__name__],  # dask_setup
                     )
                 self._client = Client(self.cluster)
@@ -609,7 +627,8 @@ class DaskEmbedder:
         if self._client is not None:
             self._client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            with _nanny_quiet():
+                self.cluster.close()
 
     def embed(self, items: list, store) -> list[str]:
         from distributed import as_completed
