@@ -442,7 +442,8 @@ def test_ctrl_c_before_the_loop_starts_a_client_call_leaves_no_traceback(caplog)
     """CI, once: Ctrl-C came while distributed's `sync` (behind every blocking client call) had
     queued the call on its event loop but the loop had not started it; the callback `sync` queues
     to cancel the call failed (NameError) and tornado logged its traceback above the run's one
-    sentence. Here the loop is held busy while Ctrl-C comes, so the call has not started."""
+    sentence. Here the loop is busy when Ctrl-C comes to the thread waiting in `sync`, so the call
+    has not started."""
     import asyncio
     import threading
 
@@ -450,13 +451,24 @@ def test_ctrl_c_before_the_loop_starts_a_client_call_leaves_no_traceback(caplog)
 
     from pipeline import distributed
 
+    def waiting_in_sync(thread: int) -> bool:  # in `sync`'s own `wait`, which takes Ctrl-C
+        frame = sys._current_frames().get(thread)
+        while frame is not None and not (frame.f_code.co_name == "wait" and frame.f_back.f_code.co_name == "sync"):
+            frame = frame.f_back
+        return frame is not None
+
+    def busy() -> None:  # the loop's turn: Ctrl-C to the thread waiting in `sync`, then some more work
+        while not waiting_in_sync(main):
+            time.sleep(0.01)
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.3)
+
     distributed.quiet_interrupted_calls()
+    main = threading.main_thread().ident
     runner = LoopRunner()
     runner.start()
     try:
-        runner.loop.add_callback(time.sleep, 0.5)  # the loop is busy: the call below waits its turn
-        main = threading.main_thread().ident
-        threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGINT)).start()  # Ctrl-C, to the waiting thread
+        runner.loop.add_callback(busy)  # before the call below, which waits its turn
         with caplog.at_level(logging.ERROR, logger="tornado.application"), pytest.raises(KeyboardInterrupt):
             sync(runner.loop, asyncio.sleep, 5)
         time.sleep(1)  # the loop runs the call, then the cancelling callback
