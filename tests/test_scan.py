@@ -231,6 +231,7 @@ from pathlib import Path
 from pipeline import file_index, images
 def peak():  # VmHWM: this process's own peak (ru_maxrss starts at the parent's, across exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+import av  # imported by the first video read: not counted
 images.VIDEO_BYTES.limit = int(sys.argv[1])
 paths = sorted(Path(sys.argv[2]).glob("*.mp4"))
 before = peak()
@@ -250,14 +251,18 @@ def test_the_hashing_threads_hold_whole_videos_within_a_byte_budget(tmp_path):
     for i in range(6):
         (tmp_path / f"{i}.mp4").write_bytes(os.urandom(size))
 
+    # glibc returns every block of 128 KiB or more to the system when freed (no per-thread arenas
+    # keeping FFmpeg's probe buffers): the peak is what was held, not what the allocator kept.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
+
     def peak_growth(limit: int) -> float:
         out = subprocess.run([sys.executable, "-c", PEAK_GROWTH, str(limit), str(tmp_path)], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+                             text=True, check=True, env=env).stdout  # fmt: skip
         return int(out.split()[-1]) * 1024 / size  # in files
 
-    alone, together = peak_growth(size), peak_growth(100 * size)  # here: 1.66 and 4.65 (4 threads on 2 cores)
-    assert alone < 2, f"a budget of one file held {alone:.2f} files' worth at once"
-    assert together > alone + 1, f"without a budget the threads held {together:.2f} files at once, not more"
+    alone, together = peak_growth(size), peak_growth(100 * size)  # here: 1.11-1.26 and 4.12 (4 threads, 2 cores)
+    assert alone < 1.5, f"a budget of one file held {alone:.2f} files' worth at once"
+    assert together > alone + 1.5, f"without a budget the threads held {together:.2f} files at once, not more"
 
 
 def test_a_process_forked_while_threads_hold_videos_does_not_wait_for_them():
