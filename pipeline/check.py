@@ -16,7 +16,6 @@ composition and CPU kernels move; bf16 and fp16: their rounding).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,8 +29,6 @@ from pipeline.embedder import where
 from pipeline.outputs import Outputs
 from pipeline.store import EmbeddingStore, differences_shown
 from pipeline.store.summary import ExtractSummary
-
-log = logging.getLogger(__name__)
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}  # largest relative difference of a vector that agrees
 
@@ -81,6 +78,8 @@ def check(settings: Settings, outputs: Outputs, rows: int = 16, seed: int = 0) -
         summary = ExtractSummary.read(outputs.extract_summary)
     except (ConfigError, OSError):
         raise ConfigError(f"{outputs.extract_summary} is missing or unreadable; run the extract stage first.") from None
+    if not outputs.manifest.is_file():
+        raise ConfigError(f"{outputs.manifest} is missing; run the manifest stage first (`dvc repro manifest`).")
     store = EmbeddingStore.open(outputs.embeddings / summary.embeddings, expect_fingerprint=summary.fingerprint)
     precision = store.card["description"].get("precision", "fp32")
     extract = dataclasses.replace(settings.extract, precision=precision)
