@@ -11,6 +11,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -248,8 +249,10 @@ def test_the_hashing_threads_hold_whole_videos_within_a_byte_budget(tmp_path):
     import sys
 
     size = 40_000_000
+    # The same bytes every run, which FFmpeg rejects as no format: with fresh random bytes the peak
+    # under the cap varied from run to run (1.1 files here, 1.7 in one CI run).
     for i in range(6):
-        (tmp_path / f"{i}.mp4").write_bytes(os.urandom(size))
+        (tmp_path / f"{i}.mp4").write_bytes(np.random.default_rng(i).bytes(size))
 
     # glibc returns every block of 128 KiB or more to the system when freed (no per-thread arenas
     # keeping FFmpeg's probe buffers): the peak is what was held, not what the allocator kept.
@@ -260,7 +263,7 @@ def test_the_hashing_threads_hold_whole_videos_within_a_byte_budget(tmp_path):
                              text=True, check=True, env=env).stdout  # fmt: skip
         return int(out.split()[-1]) * 1024 / size  # in files
 
-    alone, together = peak_growth(size), peak_growth(100 * size)  # here: 1.11-1.26 and 4.12 (4 threads, 2 cores)
+    alone, together = peak_growth(size), peak_growth(100 * size)  # here: 1.11 and 4.1 (4 threads, 2 cores)
     assert alone < 1.5, f"a budget of one file held {alone:.2f} files' worth at once"
     assert together > alone + 1.5, f"without a budget the threads held {together:.2f} files at once, not more"
 
