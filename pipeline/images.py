@@ -134,7 +134,9 @@ def inspect_file_md5(path: Path, md5: bool = True) -> tuple[FileFacts, str] | No
                     data = fh.read()
                     for h in hashes:
                         h.update(data)
-                    return _video_facts(hashes[0].hexdigest(), data), hashes[-1].hexdigest() if md5 else ""
+                    facts = _video_facts(hashes[0].hexdigest(), data)
+                    del data  # before the budget is released, not when this frame ends
+                return facts, hashes[-1].hexdigest() if md5 else ""
             _hash_stream(fh, hashes)
             fh.seek(0)
             return _image_facts(hashes[0].hexdigest(), fh), hashes[-1].hexdigest() if md5 else ""
