@@ -2,7 +2,8 @@
 of C and of a decision threshold on the val split, and saving without pickle.
 
 Kinds: `logreg` (scikit-learn's LogisticRegression, the original script's probe, solved to its
-optimum: lbfgs on well-conditioned rows, Newton steps (`logistic`) where lbfgs would crawl),
+optimum: scikit-learn's lbfgs on well-conditioned rows, a C grid's from shared passes over the
+rows (`logistic.lbfgs_grid`), Newton steps (`logistic.newton_cg`) where lbfgs would crawl),
 `linear_svm` (LinearSVC) and `mlp` (scikit-learn's MLPClassifier with one hidden layer, early
 stopping on the val split; `MLPProbe`). Both end as a weight vector and a bias on normalised features, so
 one class scores them: score = sigmoid(w . normalise(x) + b), which is P(fake) for logreg and
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,8 +33,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
@@ -63,7 +62,6 @@ KAPPA_NEWTON = 1e6
 LBFGS_STEPS = 100
 NEWTON_MAX_DIM = 2048
 TOL = 1e-8  # max |gradient| of scikit-learn's scaled objective: results do not depend on the CPU's last bits
-warnings.filterwarnings("ignore", category=ConvergenceWarning, module="sklearn.linear_model._logistic")
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -135,6 +133,7 @@ class Plan:
 
     newton_first: bool
     shared: logistic.Shared | None = None
+    lbfgs: dict[float, logistic.Solution] | None = None  # a grid's first LBFGS_STEPS, every C at once, by C
 
     @classmethod
     def of(cls, Z: np.ndarray, parallel_map=map) -> Plan:
@@ -208,17 +207,15 @@ class LinearProbe:
             s = logistic.newton_cg(Z, y, self.C, TOL, self.max_iter, shared=plan.shared)
             return s.coef, s.intercept, s.converged
         budget = min(LBFGS_STEPS, self.max_iter)
-        clf = LogisticRegression(C=self.C, max_iter=budget, tol=TOL, warm_start=True).fit(Z, y)
-        steps = int(clf.n_iter_[0])
-        if steps < budget:
-            return clf.coef_, clf.intercept_[0], True
-        if self.max_iter == budget:
-            return clf.coef_, clf.intercept_[0], False
+        first = plan.lbfgs.get(self.C) if plan.lbfgs else None
+        first = first or logistic.lbfgs_grid(Z, y, [self.C], TOL, budget)[0]
+        if first.converged or self.max_iter == budget:
+            return first.coef, first.intercept, first.converged
+        start, rest = (first.coef, first.intercept), self.max_iter - budget
         if Z.shape[1] > NEWTON_MAX_DIM:
-            clf.set_params(max_iter=self.max_iter - budget).fit(Z, y)
-            return clf.coef_, clf.intercept_[0], int(clf.n_iter_[0]) < self.max_iter - budget
-        start = (clf.coef_.ravel(), float(clf.intercept_[0]))
-        s = logistic.newton_cg(Z, y, self.C, TOL, self.max_iter - budget, start=start)
+            s = logistic.lbfgs_grid(Z, y, [self.C], TOL, rest, starts=[start])[0]
+        else:
+            s = logistic.newton_cg(Z, y, self.C, TOL, rest, start=start)
         return s.coef, s.intercept, s.converged
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
@@ -455,7 +452,9 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     """The C grid normalises the rows once and fits its probes side by side, one thread per core,
     each with a single-threaded BLAS: a probe's solver is bound by memory bandwidth on these
     matrix-vector products, so this is faster than one probe at a time on all cores (3.5x on 2
-    cores) and gives the same probes on any number of cores."""
+    cores) and gives the same probes on any number of cores. On the lbfgs route the grid's first
+    LBFGS_STEPS are taken together (`logistic.lbfgs_grid`: one read of the rows per step for every
+    C, 1.7x faster than a read per C on 17,280 x 768 rows)."""
     normalizer = Normalizer(spec.normalize)
     Z, mean, scale = normalizer.fit_transform(train.X)
     val_Z = (normalizer.rows(val.X) - mean) / scale
@@ -463,6 +462,10 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     grid = sorted(spec.C, reverse=True)  # the largest C converges slowest: started first, the threads finish together
     with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), machine.cores())) as pool:
         plan = Plan.of(Z, pool.map) if spec.probe == "logreg" else None
+        if plan is not None and not plan.newton_first:
+            steps = min(LBFGS_STEPS, spec.max_iter)
+            first = logistic.lbfgs_grid(Z, train.y, grid, TOL, steps, parallel_map=pool.map)
+            plan.lbfgs = dict(zip(grid, first, strict=True))
 
         def one(C: float) -> tuple[LinearProbe, float]:
             probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)

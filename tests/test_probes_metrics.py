@@ -155,6 +155,28 @@ def test_well_conditioned_rows_keep_the_lbfgs_route():
     assert not probes.Plan.of((X - X.mean(0)) / X.std(0)).newton_first
 
 
+def test_a_c_grid_fitted_side_by_side_is_scikit_learns_lbfgs_for_each_c():
+    """`logistic.lbfgs_grid` answers every C's objective from one pass over the rows (a grid's fits
+    were bound by reading the rows, once per C per step); each C must still take scikit-learn's
+    own lbfgs steps to scikit-learn's probe, also where one C runs out of steps before the others
+    and where one C's start is bad (an error, not a grid waiting for good)."""
+    from pipeline import logistic
+
+    X, y = blobs(3000, 64, seed=7)
+    Z = ((X - X.mean(0)) / X.std(0)).astype(np.float64)
+    Cs = [10.0, 1.0, 0.01]
+    for max_iter in (100, 5):
+        grid = logistic.lbfgs_grid(Z, y, Cs, 1e-8, max_iter)
+        for C, solution in zip(Cs, grid, strict=True):
+            reference = LogisticRegression(C=C, tol=1e-8, max_iter=max_iter).fit(Z, y)
+            assert solution.n_iter == reference.n_iter_[0] and solution.converged == (reference.n_iter_[0] < max_iter)
+            np.testing.assert_allclose(solution.coef, reference.coef_.ravel(), atol=1e-10)
+            assert solution.intercept == pytest.approx(reference.intercept_[0], abs=1e-10)
+    assert [s.converged for s in grid] == [False] * 3
+    with pytest.raises(RuntimeError, match="objective failed"):
+        logistic.lbfgs_grid(Z, y, Cs, 1e-8, 100, starts=[(np.zeros(64), 0.0), (np.zeros(3), 0.0), (np.zeros(64), 0.0)])
+
+
 def test_a_c_grid_gives_the_same_probes_on_one_core_as_on_two(monkeypatch):
     """Teammates' machines differ in cores: a grid's probes (either route) must not."""
     from pipeline.config import TrainSettings
