@@ -87,22 +87,39 @@ class Normalizer:
         X = np.asarray(X, dtype=np.float64)
         return l2_normalize(X) if "l2" in self.normalize else X
 
-    def fit_transform(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def fit_transform(self, X: np.ndarray, parallel_map=map) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(normalised rows, mean, scale) with one float64 copy of X: centred in place, and the
         scale (numpy's `std`, the same arithmetic) from the centred rows a block of columns at a
-        time, instead of `std`'s own centred copy of all the rows (9 passes over the rows -> 6)."""
-        Z = self.rows(X)
-        Z = Z.copy() if np.shares_memory(Z, X) else Z
+        time, instead of `std`'s own centred copy of all the rows (9 passes over the rows -> 6).
+        Each column's statistics depend on that column alone: the two halves of the columns are
+        done side by side (`parallel_map`, a pool's `map`), bit for bit what one thread computes."""
+        if "l2" in self.normalize:  # a row's norm needs all its columns: converted whole first
+            Z = self.rows(X)
+            Z = Z.copy() if np.shares_memory(Z, X) else Z
+        else:
+            Z = np.empty(X.shape, dtype=np.float64)
         if "standardize" not in self.normalize:
+            if "l2" not in self.normalize:
+                Z[...] = X
             return Z, np.zeros(Z.shape[1]), np.ones(Z.shape[1])
-        mean = Z.mean(axis=0)
-        Z -= mean
-        var = np.empty(Z.shape[1])
-        for j in range(0, Z.shape[1], 64):  # each column summed over the rows in order, as `std` does
-            np.divide(np.square(Z[:, j : j + 64]).sum(axis=0), len(Z), out=var[j : j + 64])
-        std = np.sqrt(var)
-        scale = np.where(std > 1e-12, std, 1.0)
-        Z /= scale
+        d = Z.shape[1]
+        mean, scale = np.empty(d), np.empty(d)
+
+        def columns(part: slice) -> None:
+            block = Z[:, part]
+            if "l2" not in self.normalize:
+                block[...] = X[:, part]
+            mean[part] = block.mean(axis=0)
+            block -= mean[part]
+            var = np.empty(block.shape[1])
+            for j in range(0, block.shape[1], 64):  # each column summed over the rows in order, as `std` does
+                np.divide(np.square(block[:, j : j + 64]).sum(axis=0), len(block), out=var[j : j + 64])
+            std = np.sqrt(var)
+            scale[part] = np.where(std > 1e-12, std, 1.0)
+            block /= scale[part]
+
+        half = d // 2
+        list(parallel_map(columns, (slice(0, half), slice(half, d))))
         return Z, mean, scale
 
     def add(self, X: np.ndarray) -> None:
@@ -455,12 +472,11 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     cores) and gives the same probes on any number of cores. On the lbfgs route the grid's first
     LBFGS_STEPS are taken together (`logistic.lbfgs_grid`: one read of the rows per step for every
     C, 1.7x faster than a read per C on 17,280 x 768 rows)."""
-    normalizer = Normalizer(spec.normalize)
-    Z, mean, scale = normalizer.fit_transform(train.X)
-    val_Z = (normalizer.rows(val.X) - mean) / scale
-
     grid = sorted(spec.C, reverse=True)  # the largest C converges slowest: started first, the threads finish together
     with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), machine.cores())) as pool:
+        normalizer = Normalizer(spec.normalize)
+        Z, mean, scale = normalizer.fit_transform(train.X, pool.map)
+        val_Z = (normalizer.rows(val.X) - mean) / scale
         plan = Plan.of(Z, pool.map) if spec.probe == "logreg" else None
         if plan is not None and not plan.newton_first:
             steps = min(LBFGS_STEPS, spec.max_iter)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -196,12 +197,13 @@ def test_a_c_grid_gives_the_same_probes_on_one_core_as_on_two(monkeypatch):
 def test_normalising_in_place_is_the_transform_bit_for_bit(normalize):
     """The statistics are numpy's `mean` and `std` of the rows bit for bit, though computed in
     place a block of columns at a time (200 columns: blocks of 64 and a remainder), and the rows
-    are their transform."""
+    are their transform, also with the two halves of the columns done side by side."""
     X, _ = blobs(50, 6, seed=4)
     wide = np.random.default_rng(5).normal(2.0, 3.0, size=(301, 200)).astype(np.float32)
-    for rows in (X, X.astype(np.float64), wide):
+    pool = ThreadPoolExecutor(2)
+    for rows, parallel_map in [(rows, pool.map) for rows in (X, X.astype(np.float64), wide)] + [(wide, map)]:
         before = rows.copy()
-        Z, mean, scale = probes.Normalizer(normalize).fit_transform(rows)
+        Z, mean, scale = probes.Normalizer(normalize).fit_transform(rows, parallel_map)
         steps = probes.Normalizer(normalize).rows(rows)
         if "standardize" in normalize:
             std = steps.std(axis=0)
@@ -209,6 +211,7 @@ def test_normalising_in_place_is_the_transform_bit_for_bit(normalize):
             np.testing.assert_array_equal(scale, np.where(std > 1e-12, std, 1.0))
         np.testing.assert_array_equal(Z, (steps - mean) / scale)
         np.testing.assert_array_equal(rows, before)  # the caller's rows untouched
+    pool.shutdown()
 
 
 def test_normalisation_from_parts_matches_the_exact_one():
