@@ -1,5 +1,6 @@
 """L2-penalised logistic regression solved by Newton's method with conjugate-gradient steps: the
-`logreg` probe's solver where scikit-learn's lbfgs crawls.
+`logreg` probe's solver where scikit-learn's lbfgs crawls; and scikit-learn's lbfgs itself for
+every C of a grid at once, from shared passes over the rows (`lbfgs_grid`), where it does not.
 
 The objective is scikit-learn's `LogisticRegression(C)`, scaled as it scales it:
 
