@@ -113,6 +113,13 @@ def dask_setup(worker) -> None:
     task was cancelled, which is what closing the run's own cluster means."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_cancelled_task)
+    logging.getLogger("distributed.worker").addFilter(_not_a_closed_scheduler)
+    # tqdm's first bar in a process (transformers' "Loading weights") makes a multiprocessing lock,
+    # a named semaphore that multiprocessing's resource tracker (the run's) tracks; a worker killed
+    # by its nanny on the way out (busy loading its model) never released it, and the tracker
+    # warned "There appear to be 1 leaked semaphore objects to clean up at shutdown" after the
+    # run's one sentence. Bars in one worker process need only a thread lock.
+    tqdm.set_lock(threading.RLock())
 
 
 def quiet_interrupted_calls() -> None:
@@ -127,6 +134,15 @@ def _not_an_interrupted_call(record: logging.LogRecord) -> bool:
     traceback above the run's one sentence (CI, 1 run of many). Nothing was left running: dropped."""
     error = record.exc_info[1] if record.exc_info else None
     return not (isinstance(error, NameError) and "sync.<locals>.cancel" in record.getMessage())
+
+
+def _not_a_closed_scheduler(record: logging.LogRecord) -> bool:
+    """Our LocalCluster's scheduler lives in the run's process and goes away only with the run. A
+    worker whose event loop was busy when the run closed the cluster (unpickling its first task
+    imports torch there, 2-3 s) missed the scheduler's goodbye, and its next heartbeat logged
+    "Failed to communicate with scheduler during heartbeat" with two tracebacks per worker above
+    the run's one sentence (Ctrl-C in the run's first seconds): the run's own doing, no news."""
+    return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
 def _not_a_cancelled_task(record: logging.LogRecord) -> bool:
@@ -193,6 +209,32 @@ def _nanny_quiet():
         yield
     finally:
         nanny.setLevel(level)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Ctrl-C held back from the cluster's processes as it starts. A terminal sends Ctrl-C to every
+    process of the job, and a worker still importing (the first ~3 s, before `dask_setup` ignores
+    it) died printing its KeyboardInterrupt traceback, and the cluster, half started, printed
+    "Exception ignored in atexit callback: close_clusters" at exit: ~100 lines above the run's one
+    sentence. A blocked signal stays blocked across fork and exec, and a thread starts with its
+    creator's mask: blocked in this thread while the cluster starts its event loop's thread, it is
+    blocked in that thread, in the threads that spawn the workers and in the workers (which then
+    ignore it). Here it is unblocked as soon as the cluster is up: a Ctrl-C pressed meanwhile stops
+    the run then, with the cluster assigned, so that the run closes it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes Ctrl-C
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # multiprocessing starts its resource tracker on the first spawn, and unblocks SIGINT in the
+    # thread that starts it (bpo-33613): started here first, it leaves the cluster's threads alone.
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @contextlib.contextmanager
@@ -608,7 +650,8 @@ class DaskEmbedder:
                 # not the user's business: dask's warnings and errors still show. See TRIM for its
                 # workers' environment, and `_environ_kept` for this process's.
                 logging.getLogger("distributed").setLevel(logging.WARNING)
-                with _environ_kept(), dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM}": None}):
+                no_trim = {f"distributed.nanny.pre-spawn-environ.{TRIM}": None}
+                with _ctrl_c_held(), _environ_kept(), dask.config.set(no_trim):
                     self.cluster = LocalCluster(
                         n_workers=self.extract.dask.n_workers,
                         threads_per_worker=1,
