@@ -264,6 +264,16 @@ def _terminate_after(dvc: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def what_a_stop_keeps(args: argparse.Namespace) -> str:
+    """What a stopped command leaves, and what to do: only extract and predict commit shards and
+    resume (`evaluate` said "committed shards are kept ... to resume" too)."""
+    if args.command in ("extract", "predict"):
+        return "committed shards are kept; run the same command again to resume."
+    if args.command == "scan":
+        return "the files read so far are remembered; run the same command again to read the rest."
+    return "run the same command again."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -273,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print("terminated (SIGTERM): committed shards are kept; run the same command again to resume.", file=sys.stderr)
+        print(f"terminated (SIGTERM): {what_a_stop_keeps(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("interrupted: committed shards are kept; run the same command again to resume.", file=sys.stderr)
+        print(f"interrupted: {what_a_stop_keeps(args)}", file=sys.stderr)
         return 130
     except OSError as exc:  # a full disk, a read-only folder, an I/O error: one line, nothing lost
         print(f"error: {os_error_sentence(exc)}", file=sys.stderr)

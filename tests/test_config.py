@@ -266,3 +266,25 @@ def test_a_stage_under_a_profiler_exits_normally_so_the_profile_is_written(tmp_p
     )  # fmt: skip
     assert "params file missing.yaml does not exist" in done.stderr  # (cProfile itself exits 0)
     assert profile.stat().st_size > 0
+
+
+def test_a_stopped_command_says_what_it_kept(monkeypatch, capsys):
+    """Ctrl-C or SIGTERM on `evaluate` said "committed shards are kept; run the same command again
+    to resume", which is extract's (and predict's) story: each command says its own."""
+
+    def stopped(stop):
+        def dispatch(args):
+            raise stop
+
+        return dispatch
+
+    expected = {
+        "extract": "committed shards are kept; run the same command again to resume.",
+        "scan": "the files read so far are remembered; run the same command again to read the rest.",
+        "evaluate": "run the same command again.",
+    }
+    stops = ((KeyboardInterrupt, "interrupted", 130), (cli.Terminated, "terminated (SIGTERM)", 143))
+    for command, sentence in expected.items():
+        for stop, said, code in stops:
+            monkeypatch.setattr(cli, "dispatch", stopped(stop))
+            assert run_cli(capsys, command) == (code, f"{said}: {sentence}\n")
