@@ -224,11 +224,10 @@ class _Rounds:
     then the last to ask computes them all (`_compute`) and wakes the others."""
 
     def __init__(self, Z: np.ndarray, y: np.ndarray, Cs: list[float], parallel_map):
-        self.Z, self.y, self.parallel_map = Z, np.asarray(y, dtype=np.float64), parallel_map
-        self.n, self.d = Z.shape
+        self.parallel_map, self.n = parallel_map, len(Z)
         self.penalty = np.array([1.0 / (C * self.n) for C in Cs])
-        half = self.n // 2  # always two halves: the same sums on any number of cores
-        self.halves = [(Z[:half], self.y[:half]), (Z[half:], self.y[half:])]
+        y, half = np.asarray(y, dtype=np.float64), self.n // 2  # always two halves: the same sums on any cores
+        self.halves = [(Z[:half], y[:half]), (Z[half:], y[half:])]
         self.running = set(range(len(Cs)))
         self.asked: dict[int, np.ndarray] = {}
         self.answers: dict[int, tuple[float, np.ndarray]] = {}
