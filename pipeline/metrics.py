@@ -52,6 +52,8 @@ HTML_COLUMNS = (
 MIN_PER_CLASS = 10
 _warned: set[str] = set()
 
+DRAWS_AT_ONCE = 2**20  # video draws per call of the generator in `video_draws` (8 MB of indices)
+
 
 def binary_metrics(
     y: np.ndarray, scores: np.ndarray, threshold: float = 0.5, val_threshold: float | None = None, name: str = ""
@@ -161,17 +163,22 @@ def video_draws(y: np.ndarray, videos: np.ndarray, n: int, seed: int = 0):
     video_label = np.zeros(len(keys), dtype=int)
     video_label[inverse] = y
     by_class = [members for c in (0, 1) if len(members := np.flatnonzero(video_label == c))]
+    # Resample r is what `rng.choice(members, len(members))` draws for class 0, then for class 1
+    # (choice draws its indices with `integers`), for r = 0, 1, ...: drawn here many resamples per
+    # call, with an array of bounds. Both take each index from the generator's next 32 bits in turn
+    # (a bound below 2^32), so the stream is the same; the per-resample calls and their checks
+    # took most of a bootstrap's time.
+    members, sizes = np.concatenate(by_class), [len(m) for m in by_class]
+    bounds = np.repeat(sizes, sizes)  # each draw's class size, and where its class starts in `members`
+    offsets = np.repeat(np.cumsum([0, *sizes[:-1]]), sizes)
     rng = np.random.default_rng(seed)
     counts = np.zeros((n, len(keys)))
-    drawn = np.empty(len(keys), dtype=np.intp)
-    for row in counts:
-        start = 0
-        for members in by_class:
-            # What `rng.choice(members, len(members))` draws (the same stream: choice draws its
-            # indices with `integers`), without its checks, which took most of the time here.
-            drawn[start : start + len(members)] = members[rng.integers(0, len(members), size=len(members))]
-            start += len(members)
-        row += np.bincount(drawn, minlength=len(keys))
+    per_call = max(1, DRAWS_AT_ONCE // len(members))  # bounded memory
+    for lo in range(0, n, per_call):
+        rows = min(per_call, n - lo)
+        drawn = members[rng.integers(0, np.tile(bounds, rows)).reshape(rows, -1) + offsets]
+        flat = (drawn + len(keys) * np.arange(rows)[:, None]).ravel()
+        counts[lo : lo + rows] = np.bincount(flat, minlength=rows * len(keys)).reshape(rows, len(keys))
     return counts, inverse
 
 

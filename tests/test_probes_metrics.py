@@ -370,10 +370,14 @@ def spelled_out_resamples(y, videos, n, seed):
         yield np.concatenate([frames_of[keys[i]] for i in chosen])
 
 
-def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exactly():
+@pytest.mark.parametrize("draws_at_once", [metrics.DRAWS_AT_ONCE, 100])
+def test_the_bootstrap_interval_is_the_percentiles_of_each_resamples_own_auc_exactly(draws_at_once, monkeypatch):
     """The interval comes from one sort and per-video counts; it must equal, bit for bit, the
     percentiles of the rank AUC of every resampled frame list (videos drawn whole, within each class,
-    with ties and videos of unequal length)."""
+    with ties and videos of unequal length), drawn one resample at a time by `rng.choice`; also
+    when the resamples are drawn a few per call (100 draws: 3 resamples of 30 videos, 250 not a
+    multiple of 3)."""
+    monkeypatch.setattr(metrics, "DRAWS_AT_ONCE", draws_at_once)
     rng = np.random.default_rng(5)
     lengths = rng.integers(1, 6, size=30)
     videos = np.repeat([f"v{i:02d}" for i in range(30)], lengths)
