@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve
-from scipy.linalg.blas import dsyrk
+from scipy.linalg import cho_solve
 from scipy.optimize import minimize
 from scipy.sparse.linalg import LinearOperator, cg
 from scipy.special import expit
@@ -51,20 +50,23 @@ class Solution:
 
 
 def augmented_gram(Z: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """[Z 1]^T diag(weights) [Z 1] (weights default 1), lower triangle only (what the Cholesky
-    factorisation and eigvalsh read): one BLAS syrk (half a matrix product's work), on a scaled
-    copy of the rows where there are weights."""
+    """[Z 1]^T diag(weights) [Z 1] (weights default 1), on a scaled copy of the rows where there are
+    weights. numpy's `A.T @ A` is one BLAS syrk (half a matrix product's work), and numpy lets go of
+    the GIL around it, where scipy's BLAS and LAPACK wrappers hold it: a C grid's threads form their
+    Hessians side by side."""
     n, d = Z.shape
     if weights is None:
-        G = np.zeros((d + 1, d + 1))
-        G[:d, :d] = dsyrk(1.0, np.ascontiguousarray(Z).T, trans=0, lower=1)  # Fortran-ordered: no copy
-        G[d, :d], G[d, d] = Z.sum(axis=0), n
+        Z = np.ascontiguousarray(Z)
+        G = np.empty((d + 1, d + 1))
+        G[:d, :d] = Z.T @ Z
+        G[d, :d] = G[:d, d] = Z.sum(axis=0)
+        G[d, d] = n
         return G
     root = np.sqrt(weights)
     A = np.empty((n, d + 1))
     np.multiply(Z, root[:, None], out=A[:, :d])
     A[:, d] = root
-    return dsyrk(1.0, A.T, trans=0, lower=1)
+    return A.T @ A
 
 
 def gram_in_halves(Z: np.ndarray, parallel_map=map) -> np.ndarray:
@@ -113,7 +115,7 @@ class Objective:
         return H
 
     def hessian(self, p: np.ndarray) -> np.ndarray:
-        """The exact Hessian at the point with probabilities p (lower triangle)."""
+        """The exact Hessian at the point with probabilities p."""
         return self.with_penalty(augmented_gram(self.Z, p * (1.0 - p) / self.n))
 
     def hessian_times(self, p: np.ndarray) -> LinearOperator:
@@ -128,6 +130,11 @@ class Objective:
             return np.r_[rows.T @ u + self.penalty * v[:-1], u.sum(dtype=np.float64)]
 
         return LinearOperator((self.d + 1, self.d + 1), matvec=times, dtype=np.float64)
+
+
+def cholesky(H: np.ndarray) -> tuple[np.ndarray, bool]:
+    """`scipy.linalg.cho_factor(H, lower=True)` (for `cho_solve`), by numpy, which lets go of the GIL."""
+    return np.linalg.cholesky(H), True
 
 
 def newton_cg(
@@ -146,13 +153,13 @@ def newton_cg(
     value, gradient, p = objective.at(theta)
     factor = None
     if shared is not None and start is None:
-        factor = cho_factor(objective.with_penalty(shared.start_hessian), lower=True)
+        factor = cholesky(objective.with_penalty(shared.start_hessian))
     steps = 0
     while np.abs(gradient).max() > tol:
         if steps == max_iter:
             return Solution(theta[:-1], float(theta[-1]), steps, False)
         if factor is None:
-            factor = cho_factor(objective.hessian(p), lower=True)
+            factor = cholesky(objective.hessian(p))
         preconditioner = LinearOperator(theta.shape * 2, matvec=partial(cho_solve, factor), dtype=np.float64)
         cg_steps = []
         # Inexact far from the optimum, converging quadratically near it, down to what float32
