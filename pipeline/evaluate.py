@@ -87,6 +87,15 @@ def fit(frames: Frames, datasets: list[str], spec: TrainSettings, split: np.ndar
     return probes.fit_and_select(*frames.training_data(datasets, split), spec, what="+".join(datasets))
 
 
+def fit_many(frames: Frames, dataset_lists: list[list[str]], spec: TrainSettings) -> list[probes.Fitted]:
+    """`fit` for each list of datasets (a protocol's folds); in memory, the folds share their
+    solver's passes over the rows (`probes.fit_and_select_many`)."""
+    if not isinstance(frames, features.FeatureTable):
+        return [fit(frames, datasets, spec) for datasets in dataset_lists]
+    sets = [frames.train_val(datasets) for datasets in dataset_lists]
+    return probes.fit_and_select_many(frames.X, frames.label, sets, spec, ["+".join(d) for d in dataset_lists])
+
+
 def train_stage_probe(settings: Settings, trained: tuple | None, datasets: list[str], layer) -> object | None:
     """The train stage's probe (`trained` = (probe, card)) where a protocol would fit the same one
     again: the same datasets, layer and probe settings, as its card records; None otherwise. The
@@ -145,11 +154,15 @@ def cross_manipulation(settings: Settings, frames: Frames, reals: list[str], tra
     """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on. The row of
     the train stage's own datasets is its probe (`trained`, when the settings match)."""
     fakes = fake_sets(settings, frames)
+    probe_of = {fake: train_stage_probe(settings, trained, [*reals, fake], settings.train.layer) for fake in fakes}
+    to_fit = [fake for fake in fakes if probe_of[fake] is None]
+    if to_fit:
+        log.info("cross_manipulation: fitting %d probes", len(to_fit))
+    for fake, fitted in zip(to_fit, fit_many(frames, [[*reals, f] for f in to_fit], settings.train), strict=True):
+        probe_of[fake] = fitted.probe
     auc, video_auc = {}, {}
     for trained_on in tqdm(fakes, desc="cross_manipulation", unit="probe"):
-        datasets = [*reals, trained_on]
-        probe = train_stage_probe(settings, trained, datasets, settings.train.layer)
-        probe = probe or fit(frames, datasets, settings.train).probe
+        probe = probe_of[trained_on]
         auc[trained_on], video_auc[trained_on] = {}, {}
         for tested_on in fakes:
             s = scored(frames, reals, tested_on, probe.predict_proba)
@@ -173,8 +186,9 @@ def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
         log.warning("leave_one_out needs at least two fake datasets; skipped")
         return {}
     results = {}
-    for left_out in tqdm(fakes, desc="leave_one_out", unit="probe"):
-        fitted = fit(frames, [*reals, *(f for f in fakes if f != left_out)], settings.train)
+    log.info("leave_one_out: fitting %d probes", len(fakes))
+    folds = fit_many(frames, [[*reals, *(f for f in fakes if f != left_out)] for left_out in fakes], settings.train)
+    for left_out, fitted in tqdm(zip(fakes, folds, strict=True), desc="leave_one_out", unit="probe", total=len(fakes)):
         s = scored(frames, reals, left_out, fitted.probe.predict_proba)
         ev = settings.evaluate
         results[left_out] = score_set(s, fitted.threshold, ev.bootstrap, left_out, ev.video_pooling)

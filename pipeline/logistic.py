@@ -207,8 +207,36 @@ def lbfgs_grid(
     answers all of them with two matrix products over Z: one read of the rows serves the grid.
     Each C's steps depend only on its own numbers, so the result does not depend on timing or
     cores; `parallel_map` (a pool's `map`) computes the two halves of the rows side by side."""
-    rounds = _Rounds(Z, y, Cs, parallel_map)
-    starts = starts or [(np.zeros(Z.shape[1]), 0.0)] * len(Cs)
+    d = Z.shape[1]
+    problems = [Problem(None, C, np.zeros(d), np.ones(d)) for C in Cs]
+    return _lbfgs(_Rounds(Z, y, problems, parallel_map), tol, max_iter, starts)
+
+
+@dataclass
+class Problem:
+    """One probe's objective on some rows of a shared matrix X: F on Z = (X[rows] - mean) / scale
+    (rows None: all of them)."""
+
+    rows: np.ndarray | None  # a mask over X's rows
+    C: float
+    mean: np.ndarray
+    scale: np.ndarray
+
+
+def lbfgs_shared(
+    X: np.ndarray, y: np.ndarray, problems: list[Problem], tol: float, max_iter: int, parallel_map=map
+) -> list[Solution]:
+    """`lbfgs_grid` for probes on different rows of X, each standardised with its own statistics
+    (the folds of a protocol, each with its C grid): every round answers all of them from one pass
+    over X (float32 rows are converted a block at a time). With Z = (X - m) / s, Z w = X (w / s) -
+    m . (w / s) and Z^T r = (X^T r - m sum(r)) / s: the same objective, summed in another order
+    (its optimum within the tolerance, its last bits not those of `lbfgs_grid` on each fold's Z)."""
+    return _lbfgs(_Rounds(X, y, problems, parallel_map), tol, max_iter, None)
+
+
+def _lbfgs(rounds: _Rounds, tol: float, max_iter: int, starts: list[tuple[np.ndarray, float]] | None) -> list[Solution]:
+    count, d = len(rounds.problems), rounds.d
+    starts = starts or [(np.zeros(d), 0.0)] * count
     options = {"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps}  # scikit-learn's
 
     def one(k: int) -> Solution:
@@ -220,22 +248,29 @@ def lbfgs_grid(
         steps = min(int(result.nit), max_iter)
         return Solution(result.x[:-1], float(result.x[-1]), steps, steps < max_iter)
 
-    if len(Cs) == 1:
+    if count == 1:
         return [one(0)]
-    with ThreadPoolExecutor(len(Cs)) as threads:  # they wait on each other: one thread per C, whatever the cores
-        return list(threads.map(one, range(len(Cs))))
+    with ThreadPoolExecutor(count) as threads:  # they wait on each other: one thread per problem, whatever the cores
+        return list(threads.map(one, range(count)))
 
 
 class _Rounds:
-    """F and grad F for several C at once: `evaluate` waits until every C still running has asked,
-    then the last to ask computes them all (`_compute`) and wakes the others."""
+    """F and grad F for several problems at once: `evaluate` waits until every problem still
+    running has asked, then the last to ask computes them all (`_compute`) and wakes the others."""
 
-    def __init__(self, Z: np.ndarray, y: np.ndarray, Cs: list[float], parallel_map):
-        self.parallel_map, self.n = parallel_map, len(Z)
-        self.penalty = np.array([1.0 / (C * self.n) for C in Cs])
-        y, half = np.asarray(y, dtype=np.float64), self.n // 2  # always two halves: the same sums on any cores
-        self.halves = [(Z[:half], y[:half]), (Z[half:], y[half:])]
-        self.running = set(range(len(Cs)))
+    def __init__(self, X: np.ndarray, y: np.ndarray, problems: list[Problem], parallel_map):
+        self.parallel_map, self.problems, self.d = parallel_map, problems, X.shape[1]
+        masks = [p.rows for p in problems]
+        self.masks = None if all(m is None for m in masks) else np.stack(
+            [np.ones(len(X), bool) if m is None else m for m in masks], axis=1
+        ).astype(np.float64)  # fmt: skip
+        self.n = np.array([len(X) if m is None else int(m.sum()) for m in masks], dtype=np.float64)
+        self.penalty = np.array([1.0 / (p.C * n) for p, n in zip(problems, self.n, strict=True)])
+        self.mean = np.stack([p.mean for p in problems], axis=1)  # d x problems
+        self.scale = np.stack([p.scale for p in problems], axis=1)
+        y, half = np.asarray(y, dtype=np.float64), len(X) // 2  # always two halves: the same sums on any cores
+        self.halves = [(0, X[:half], y[:half]), (half, X[half:], y[half:])]
+        self.running = set(range(len(problems)))
         self.asked: dict[int, np.ndarray] = {}
         self.answers: dict[int, tuple[float, np.ndarray]] = {}
         self.error: BaseException | None = None
@@ -248,7 +283,7 @@ class _Rounds:
             while k not in self.answers and self.error is None:
                 self.condition.wait()
             if self.error is not None:
-                raise RuntimeError("another C's objective failed") from self.error
+                raise RuntimeError("another problem's objective failed") from self.error
             return self.answers.pop(k)
 
     def leave(self, k: int) -> None:
@@ -263,27 +298,38 @@ class _Rounds:
         try:
             ks = sorted(asked)
             thetas = np.stack([asked[k] for k in ks], axis=1)  # (d + 1) x len(ks)
-            self.answers.update(zip(ks, self._compute(thetas, self.penalty[ks]), strict=True))
-        except BaseException as error:  # every waiting C raises it, none waits for good
+            self.answers.update(zip(ks, self._compute(ks, thetas), strict=True))
+        except BaseException as error:  # every waiting problem raises it, none waits for good
             self.error = error
         self.condition.notify_all()
 
-    def _compute(self, thetas: np.ndarray, penalty: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    def _compute(self, ks: list[int], thetas: np.ndarray) -> list[tuple[float, np.ndarray]]:
         W, b = thetas[:-1], thetas[-1]
+        mean, scale, n, penalty = self.mean[:, ks], self.scale[:, ks], self.n[ks], self.penalty[ks]
+        V = W / scale  # Z w = X (w / s) - m . (w / s): W itself where m = 0, s = 1 (`lbfgs_grid`)
+        offset = b - np.einsum("ij,ij->j", mean, V)
+        masks = None if self.masks is None else self.masks[:, ks]
 
-        def half(rows: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            Zh, yh = rows
-            loss, gradient, total = np.zeros(len(b)), np.zeros(W.shape), np.zeros(len(b))
-            for start in range(0, len(Zh), BLOCK):  # both products on a block while it is in cache
-                block, labels = Zh[start : start + BLOCK], yh[start : start + BLOCK, None]
-                z = block @ W + b
-                loss += (np.logaddexp(0.0, z) - labels * z).sum(axis=0)  # log(1 + e^z) - y z: label y's log loss
+        def half(part: tuple[int, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            first, Xh, yh = part
+            loss, gradient, total = np.zeros(len(ks)), np.zeros(W.shape), np.zeros(len(ks))
+            for start in range(0, len(Xh), BLOCK):  # both products on a block while it is in cache
+                block = Xh[start : start + BLOCK].astype(np.float64, copy=False)
+                labels = yh[start : start + BLOCK, None]
+                z = block @ V + offset
+                losses = np.logaddexp(0.0, z) - labels * z  # log(1 + e^z) - y z: label y's log loss
                 residual = expit(z) - labels
+                if masks is not None:  # rows outside a problem weigh 0
+                    weights = masks[first + start : first + start + len(block)]
+                    losses *= weights
+                    residual *= weights
+                loss += losses.sum(axis=0)
                 gradient += block.T @ residual
                 total += residual.sum(axis=0)
             return loss, gradient, total
 
         (loss0, grad0, sum0), (loss1, grad1, sum1) = self.parallel_map(half, self.halves)
-        values = (loss0 + loss1) / self.n + 0.5 * penalty * np.einsum("ij,ij->j", W, W)
-        gradients = np.vstack([(grad0 + grad1) / self.n + penalty * W, (sum0 + sum1) / self.n])
+        total = sum0 + sum1
+        values = (loss0 + loss1) / n + 0.5 * penalty * np.einsum("ij,ij->j", W, W)
+        gradients = np.vstack([((grad0 + grad1) - mean * total) / scale / n + penalty * W, total / n])
         return [(float(values[j]), gradients[:, j].copy()) for j in range(len(values))]

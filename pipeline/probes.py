@@ -476,22 +476,73 @@ def _fit_in_memory(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitte
     with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), machine.cores())) as pool:
         normalizer = Normalizer(spec.normalize)
         Z, mean, scale = normalizer.fit_transform(train.X, pool.map)
-        val_Z = (normalizer.rows(val.X) - mean) / scale
         plan = Plan.of(Z, pool.map) if spec.probe == "logreg" else None
         if plan is not None and not plan.newton_first:
             steps = min(LBFGS_STEPS, spec.max_iter)
             first = logistic.lbfgs_grid(Z, train.y, grid, TOL, steps, parallel_map=pool.map)
             plan.lbfgs = dict(zip(grid, first, strict=True))
+        return _select(Z, mean, scale, plan, train.y, val, spec, pool)
 
-        def one(C: float) -> tuple[LinearProbe, float]:
-            probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
-            probe.fit_normalized(Z, train.y, mean, scale, plan)
-            return probe, float(roc_auc_score(val.y, val_Z @ probe.coef_ + probe.intercept_))
 
-        fitted = dict(zip(grid, pool.map(one, grid), strict=True))
+def _select(
+    Z: np.ndarray | None, mean: np.ndarray, scale: np.ndarray, plan: Plan | None, y: np.ndarray, val: Labelled,
+    spec: TrainSettings, pool: ThreadPoolExecutor,
+) -> Fitted:  # fmt: skip
+    """Each C's probe on the normalised rows Z (None where `plan.lbfgs` holds every C's converged
+    solution: nothing is left to fit), the best on val, and its threshold."""
+    val_Z = (Normalizer(spec.normalize).rows(val.X) - mean) / scale
+
+    def one(C: float) -> tuple[LinearProbe, float]:
+        probe = LinearProbe(kind=spec.probe, C=C, normalize=spec.normalize, max_iter=spec.max_iter)
+        probe.fit_normalized(Z, y, mean, scale, plan)
+        return probe, float(roc_auc_score(val.y, val_Z @ probe.coef_ + probe.intercept_))
+
+    fitted = dict(zip(sorted(spec.C, reverse=True), pool.map(one, sorted(spec.C, reverse=True)), strict=True))
     aucs = {C: auc for C, (_, auc) in fitted.items()}
     best = fitted[best_C(aucs)][0]
     return Fitted(best, aucs, choose_threshold(val.y, best.predict_proba(val.X)))
+
+
+def fit_and_select_many(
+    X: np.ndarray, y: np.ndarray, sets: list[tuple[np.ndarray, np.ndarray]], spec: TrainSettings, whats: list[str]
+) -> list[Fitted]:
+    """`fit_and_select` for several (train, val) row masks over the rows X (labels y), in memory:
+    a protocol's folds. On the lbfgs route the first LBFGS_STEPS of every fold and C are taken
+    together (`logistic.lbfgs_shared`: one pass over the union of the folds' rows answers them
+    all, ~1.8x less work per probe than a pass per fold); each fold's rows are still normalised
+    with their own statistics, and every probe is its own problem's optimum."""
+    pairs = [(Labelled(X[train], y[train]), Labelled(X[val], y[val])) for train, val in sets]
+    if spec.probe != "logreg" or len(sets) < 2:
+        return [fit_and_select(train, val, spec, what) for (train, val), what in zip(pairs, whats, strict=True)]
+    for (train, val), what in zip(pairs, whats, strict=True):
+        check_both_classes(train.y, val.y, what)
+    grid, steps = sorted(spec.C, reverse=True), min(LBFGS_STEPS, spec.max_iter)
+    out: list[Fitted | None] = [None] * len(sets)
+    with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), machine.cores())) as pool:
+        normalizer, shared = Normalizer(spec.normalize), []
+        for i, (train, val) in enumerate(pairs):
+            Z, mean, scale = normalizer.fit_transform(train.X, pool.map)
+            plan = Plan.of(Z, pool.map)
+            if plan.newton_first:  # fitted now, from the rows at hand
+                out[i] = _select(Z, mean, scale, plan, train.y, val, spec, pool)
+            else:
+                shared.append((i, mean, scale, plan))
+            del Z  # one fold's normalised rows at a time
+        if shared:
+            union = np.logical_or.reduce([sets[i][0] for i, *_ in shared])
+            rows = X[union] if "l2" not in spec.normalize else normalizer.rows(X[union])
+            problems = [
+                logistic.Problem(sets[i][0][union], C, mean, scale) for i, mean, scale, _ in shared for C in grid
+            ]
+            first = iter(logistic.lbfgs_shared(rows, y[union], problems, TOL, steps, parallel_map=pool.map))
+            del rows
+        for i, mean, scale, plan in shared:
+            plan.lbfgs = {C: next(first) for C in grid}
+            train, val = pairs[i]
+            unfinished = spec.max_iter > steps and not all(s.converged for s in plan.lbfgs.values())
+            Z = normalizer.fit_transform(train.X, pool.map)[0] if unfinished else None  # the same bits again
+            out[i] = _select(Z, mean, scale, plan, train.y, val, spec, pool)
+    return out
 
 
 def _fit_mlp(train: Labelled, val: Labelled, spec: TrainSettings) -> Fitted:

@@ -178,6 +178,58 @@ def test_a_c_grid_fitted_side_by_side_is_scikit_learns_lbfgs_for_each_c():
         logistic.lbfgs_grid(Z, y, Cs, 1e-8, 100, starts=[(np.zeros(64), 0.0), (np.zeros(3), 0.0), (np.zeros(64), 0.0)])
 
 
+def test_folds_fitted_together_are_each_folds_own_lbfgs():
+    """`logistic.lbfgs_shared` answers several folds' objectives (each on its own rows, standardised
+    with its own statistics, each with its C) from passes over the union of their rows, in float32
+    (as the cache holds them): each must still be scikit-learn's lbfgs on that fold's own
+    normalised rows, step for step, to its probe."""
+    from pipeline import logistic
+
+    X, y = blobs(3000, 64, seed=11)
+    X = X + np.linspace(-3, 3, 64, dtype=np.float32)  # means far from 0: the centring is not a no-op
+    rng = np.random.default_rng(1)
+    folds = [rng.random(len(X)) < share for share in (0.8, 0.5, 0.3)]
+    stats = [probes.Normalizer("standardize").fit_transform(X[fold]) for fold in folds]
+    Cs = [10.0, 0.01]
+    problems = [
+        logistic.Problem(fold, C, mean, scale) for fold, (_, mean, scale) in zip(folds, stats, strict=True) for C in Cs
+    ]
+    together = iter(logistic.lbfgs_shared(X, y, problems, 1e-8, 100))
+    for fold, (Z, _, _) in zip(folds, stats, strict=True):
+        for C in Cs:
+            solution, reference = next(together), LogisticRegression(C=C, tol=1e-8, max_iter=100).fit(Z, y[fold])
+            assert solution.converged and solution.n_iter == reference.n_iter_[0]
+            np.testing.assert_allclose(solution.coef, reference.coef_.ravel(), atol=1e-10)
+            assert solution.intercept == pytest.approx(reference.intercept_[0], abs=1e-10)
+
+
+@pytest.mark.parametrize("rows", ["isotropic", "backbone-like"])
+def test_a_protocols_folds_fitted_together_are_the_folds_fitted_one_by_one(rows, monkeypatch):
+    """`probes.fit_and_select_many` (the folds of leave-one-out and cross-manipulation) chooses
+    the same C, val AUCs and threshold per fold as `fit_and_select` on each fold alone, with the
+    same probe to the solver's tolerance (lbfgs route: shared passes; Newton route: each fold as
+    alone), and the same bits on one core as on two."""
+    from pipeline.config import TrainSettings
+
+    X, y = deep_like(900, 32, seed=2) if rows == "backbone-like" else blobs(900, 32, seed=2)
+    split = np.random.default_rng(3).choice(["train", "val", "test"], size=len(X), p=[0.6, 0.2, 0.2])
+    group = np.arange(len(X)) % 3
+    sets = [((split == "train") & (group != g), (split == "val") & (group != g)) for g in range(3)]
+    spec = TrainSettings(datasets=[], C=[0.1, 10.0])
+    together = probes.fit_and_select_many(X, y, sets, spec, ["a", "b", "c"])
+    monkeypatch.setattr(machine, "cores", lambda: 1)
+    on_one_core = probes.fit_and_select_many(X, y, sets, spec, ["a", "b", "c"])
+    monkeypatch.undo()
+    for (rows_train, rows_val), fold, one_core in zip(sets, together, on_one_core, strict=True):
+        alone = probes.fit_and_select(
+            probes.Labelled(X[rows_train], y[rows_train]), probes.Labelled(X[rows_val], y[rows_val]), spec
+        )
+        assert fold.probe.C == alone.probe.C and fold.val_auc == alone.val_auc
+        assert fold.threshold == pytest.approx(alone.threshold, rel=1e-9)
+        np.testing.assert_allclose(fold.probe.coef_, alone.probe.coef_, atol=1e-8)
+        np.testing.assert_array_equal(one_core.probe.coef_, fold.probe.coef_)
+
+
 def test_a_c_grid_gives_the_same_probes_on_one_core_as_on_two(monkeypatch):
     """Teammates' machines differ in cores: a grid's probes (either route) must not."""
     from pipeline.config import TrainSettings
@@ -486,8 +538,10 @@ def test_the_cross_manipulation_row_of_the_train_stages_own_data_is_its_probe_no
     card = {"datasets": ["real", "fs"], "layer": "projection", "probe": "logreg", "normalize": "standardize",
             "max_iter": 2000, "streamed": False, "val_auc": {str(c): a for c, a in fitted.val_auc.items()}}  # fmt: skip
     fits = []
-    real_fit = evaluate.fit
-    monkeypatch.setattr(evaluate, "fit", lambda *a, **k: fits.append(a[1]) or real_fit(*a, **k))
+    real_fit = evaluate.fit_many
+    monkeypatch.setattr(
+        evaluate, "fit_many", lambda frames, lists, spec: fits.extend(lists) or real_fit(frames, lists, spec)
+    )
     refitted = evaluate.cross_manipulation(settings, frames, ["real"])
     assert len(fits) == 3
     fits.clear()
