@@ -87,13 +87,14 @@ def fit(frames: Frames, datasets: list[str], spec: TrainSettings, split: np.ndar
     return probes.fit_and_select(*frames.training_data(datasets, split), spec, what="+".join(datasets))
 
 
-def fit_many(frames: Frames, dataset_lists: list[list[str]], spec: TrainSettings) -> list[probes.Fitted]:
-    """`fit` for each list of datasets (a protocol's folds); in memory, the folds share their
-    solver's passes over the rows (`probes.fit_and_select_many`)."""
+def fit_many(frames: Frames, dataset_lists: list[list[str]], spec: TrainSettings, desc: str) -> list[probes.Fitted]:
+    """`fit` for each list of datasets (a protocol's folds, `desc` its name); in memory, the
+    folds share their solver's passes over the rows (`probes.fit_and_select_many`)."""
     if not isinstance(frames, features.FeatureTable):
-        return [fit(frames, datasets, spec) for datasets in dataset_lists]
+        return [fit(frames, d, spec) for d in tqdm(dataset_lists, desc=f"{desc}: fitting", unit="probe", leave=False)]
     sets = [frames.train_val(datasets) for datasets in dataset_lists]
-    return probes.fit_and_select_many(frames.X, frames.label, sets, spec, ["+".join(d) for d in dataset_lists])
+    whats = ["+".join(d) for d in dataset_lists]
+    return probes.fit_and_select_many(frames.X, frames.label, sets, spec, whats, desc)
 
 
 def train_stage_probe(settings: Settings, trained: tuple | None, datasets: list[str], layer) -> object | None:
@@ -156,9 +157,8 @@ def cross_manipulation(settings: Settings, frames: Frames, reals: list[str], tra
     fakes = fake_sets(settings, frames)
     probe_of = {fake: train_stage_probe(settings, trained, [*reals, fake], settings.train.layer) for fake in fakes}
     to_fit = [fake for fake in fakes if probe_of[fake] is None]
-    if to_fit:
-        log.info("cross_manipulation: fitting %d probes", len(to_fit))
-    for fake, fitted in zip(to_fit, fit_many(frames, [[*reals, f] for f in to_fit], settings.train), strict=True):
+    folds = fit_many(frames, [[*reals, fake] for fake in to_fit], settings.train, "cross_manipulation")
+    for fake, fitted in zip(to_fit, folds, strict=True):
         probe_of[fake] = fitted.probe
     auc, video_auc = {}, {}
     for trained_on in tqdm(fakes, desc="cross_manipulation", unit="probe"):
@@ -186,8 +186,8 @@ def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
         log.warning("leave_one_out needs at least two fake datasets; skipped")
         return {}
     results = {}
-    log.info("leave_one_out: fitting %d probes", len(fakes))
-    folds = fit_many(frames, [[*reals, *(f for f in fakes if f != left_out)] for left_out in fakes], settings.train)
+    lists = [[*reals, *(f for f in fakes if f != left_out)] for left_out in fakes]
+    folds = fit_many(frames, lists, settings.train, "leave_one_out")
     for left_out, fitted in tqdm(zip(fakes, folds, strict=True), desc="leave_one_out", unit="probe", total=len(fakes)):
         s = scored(frames, reals, left_out, fitted.probe.predict_proba)
         ev = settings.evaluate

@@ -224,17 +224,20 @@ class Problem:
 
 
 def lbfgs_shared(
-    X: np.ndarray, y: np.ndarray, problems: list[Problem], tol: float, max_iter: int, parallel_map=map
+    X: np.ndarray, y: np.ndarray, problems: list[Problem], tol: float, max_iter: int, parallel_map=map, done=None
 ) -> list[Solution]:
     """`lbfgs_grid` for probes on different rows of X, each standardised with its own statistics
     (the folds of a protocol, each with its C grid): every round answers all of them from one pass
     over X (float32 rows are converted a block at a time). With Z = (X - m) / s, Z w = X (w / s) -
     m . (w / s) and Z^T r = (X^T r - m sum(r)) / s: the same objective, summed in another order
-    (its optimum within the tolerance, its last bits not those of `lbfgs_grid` on each fold's Z)."""
-    return _lbfgs(_Rounds(X, y, problems, parallel_map), tol, max_iter, None)
+    (its optimum within the tolerance, its last bits not those of `lbfgs_grid` on each fold's Z).
+    `done()` is called as each problem finishes (a progress bar's `update`)."""
+    return _lbfgs(_Rounds(X, y, problems, parallel_map), tol, max_iter, None, done)
 
 
-def _lbfgs(rounds: _Rounds, tol: float, max_iter: int, starts: list[tuple[np.ndarray, float]] | None) -> list[Solution]:
+def _lbfgs(
+    rounds: _Rounds, tol: float, max_iter: int, starts: list[tuple[np.ndarray, float]] | None, done=None
+) -> list[Solution]:
     count, d = len(rounds.problems), rounds.d
     starts = starts or [(np.zeros(d), 0.0)] * count
     options = {"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps}  # scikit-learn's
@@ -245,6 +248,8 @@ def _lbfgs(rounds: _Rounds, tol: float, max_iter: int, starts: list[tuple[np.nda
             result = minimize(partial(rounds.evaluate, k), start, method="L-BFGS-B", jac=True, options=options)
         finally:
             rounds.leave(k)
+        if done is not None:
+            done()
         steps = min(int(result.nit), max_iter)
         return Solution(result.x[:-1], float(result.x[-1]), steps, steps < max_iter)
 

@@ -37,6 +37,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from pipeline import atomic, logistic, machine
 from pipeline.config import ConfigError, TrainSettings
@@ -504,8 +505,9 @@ def _select(
 
 
 def fit_and_select_many(
-    X: np.ndarray, y: np.ndarray, sets: list[tuple[np.ndarray, np.ndarray]], spec: TrainSettings, whats: list[str]
-) -> list[Fitted]:
+    X: np.ndarray, y: np.ndarray, sets: list[tuple[np.ndarray, np.ndarray]], spec: TrainSettings, whats: list[str],
+    desc: str = "probes",
+) -> list[Fitted]:  # fmt: skip
     """`fit_and_select` for several (train, val) row masks over the rows X (labels y), in memory:
     a protocol's folds. On the lbfgs route the first LBFGS_STEPS of every fold and C are taken
     together (`logistic.lbfgs_shared`: one pass over the union of the folds' rows answers them
@@ -534,7 +536,9 @@ def fit_and_select_many(
             problems = [
                 logistic.Problem(sets[i][0][union], C, mean, scale) for i, mean, scale, _ in shared for C in grid
             ]
-            first = iter(logistic.lbfgs_shared(rows, y[union], problems, TOL, steps, parallel_map=pool.map))
+            with tqdm(total=len(problems), desc=f"{desc}: fitting", unit="fit", leave=False) as bar:
+                first = logistic.lbfgs_shared(rows, y[union], problems, TOL, steps, pool.map, done=bar.update)
+            first = iter(first)
             del rows
         for i, mean, scale, plan in shared:
             plan.lbfgs = {C: next(first) for C in grid}

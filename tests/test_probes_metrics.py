@@ -540,7 +540,7 @@ def test_the_cross_manipulation_row_of_the_train_stages_own_data_is_its_probe_no
     fits = []
     real_fit = evaluate.fit_many
     monkeypatch.setattr(
-        evaluate, "fit_many", lambda frames, lists, spec: fits.extend(lists) or real_fit(frames, lists, spec)
+        evaluate, "fit_many", lambda frames, lists, *a: fits.extend(lists) or real_fit(frames, lists, *a)
     )
     refitted = evaluate.cross_manipulation(settings, frames, ["real"])
     assert len(fits) == 3
