@@ -151,15 +151,54 @@ def fake_sets(settings: Settings, frames: Frames) -> list[str]:
     return ordered + [d for d in settings.evaluate.datasets if d not in ordered]
 
 
-def cross_manipulation(settings: Settings, frames: Frames, reals: list[str], trained: tuple | None = None) -> dict:
+Folds = dict[tuple[str, ...], probes.Fitted]  # fitted probes by their datasets
+
+
+def left_out_lists(reals: list[str], fakes: list[str]) -> list[list[str]]:
+    """The datasets of each leave-one-out probe: the reals and every fake but one."""
+    return [[*reals, *(f for f in fakes if f != left_out)] for left_out in fakes]
+
+
+def protocol_folds(settings: Settings, frames: Frames, reals: list[str], trained: tuple | None) -> Folds:
+    """The probes that cross_manipulation and leave_one_out fit, fitted together: their folds
+    share the solver's passes over the rows (`fit_many`), and a fold both protocols need (two
+    fakes: leaving one out is training on the other) is fitted once. By datasets."""
+    protocols, fakes = settings.evaluate.protocols, fake_sets(settings, frames)
+    lists = []
+    if "cross_manipulation" in protocols:
+        own = [train_stage_probe(settings, trained, [*reals, fake], settings.train.layer) for fake in fakes]
+        lists += [[*reals, fake] for fake, probe in zip(fakes, own, strict=True) if probe is None]
+    if "leave_one_out" in protocols and len(fakes) >= 2:
+        lists += left_out_lists(reals, fakes)
+    unique = [list(datasets) for datasets in dict.fromkeys(map(tuple, lists))]
+    fitted = fit_many(
+        frames, unique, settings.train, " + ".join(p for p in ("cross_manipulation", "leave_one_out") if p in protocols)
+    )
+    return dict(zip(map(tuple, unique), fitted, strict=True))
+
+
+def folds_of(
+    frames: Frames, lists: list[list[str]], spec: TrainSettings, desc: str, known: Folds | None
+) -> list[probes.Fitted]:
+    """The probe of each list of datasets: from `known` (`protocol_folds`), the others fitted now."""
+    known = dict(known or {})
+    missing = [datasets for datasets in lists if tuple(datasets) not in known]
+    known.update(zip(map(tuple, missing), fit_many(frames, missing, spec, desc), strict=True))
+    return [known[tuple(datasets)] for datasets in lists]
+
+
+def cross_manipulation(
+    settings: Settings, frames: Frames, reals: list[str], trained: tuple | None = None, folds: Folds | None = None
+) -> dict:
     """AUC matrix: rows = the fake dataset a probe was trained on, columns = tested on. The row of
-    the train stage's own datasets is its probe (`trained`, when the settings match)."""
+    the train stage's own datasets is its probe (`trained`, when the settings match); the others
+    from `folds` (`protocol_folds`) or fitted here."""
     fakes = fake_sets(settings, frames)
     probe_of = {fake: train_stage_probe(settings, trained, [*reals, fake], settings.train.layer) for fake in fakes}
     to_fit = [fake for fake in fakes if probe_of[fake] is None]
-    folds = fit_many(frames, [[*reals, fake] for fake in to_fit], settings.train, "cross_manipulation")
-    for fake, fitted in zip(to_fit, folds, strict=True):
-        probe_of[fake] = fitted.probe
+    fitted = folds_of(frames, [[*reals, fake] for fake in to_fit], settings.train, "cross_manipulation", folds)
+    for fake, fold in zip(to_fit, fitted, strict=True):
+        probe_of[fake] = fold.probe
     auc, video_auc = {}, {}
     for trained_on in tqdm(fakes, desc="cross_manipulation", unit="probe"):
         probe = probe_of[trained_on]
@@ -180,18 +219,19 @@ def cross_manipulation(settings: Settings, frames: Frames, reals: list[str], tra
     }
 
 
-def leave_one_out(settings: Settings, frames: Frames, reals: list[str]) -> dict:
+def leave_one_out(settings: Settings, frames: Frames, reals: list[str], folds: Folds | None = None) -> dict:
+    """Each fake tested with a probe trained on the reals and the other fakes (from `folds`, or
+    fitted here)."""
     fakes = fake_sets(settings, frames)
     if len(fakes) < 2:
         log.warning("leave_one_out needs at least two fake datasets; skipped")
         return {}
     results = {}
-    lists = [[*reals, *(f for f in fakes if f != left_out)] for left_out in fakes]
-    folds = fit_many(frames, lists, settings.train, "leave_one_out")
-    for left_out, fitted in tqdm(zip(fakes, folds, strict=True), desc="leave_one_out", unit="probe", total=len(fakes)):
-        s = scored(frames, reals, left_out, fitted.probe.predict_proba)
+    fitted = folds_of(frames, left_out_lists(reals, fakes), settings.train, "leave_one_out", folds)
+    for left_out, fold in tqdm(zip(fakes, fitted, strict=True), desc="leave_one_out", unit="probe", total=len(fakes)):
+        s = scored(frames, reals, left_out, fold.probe.predict_proba)
         ev = settings.evaluate
-        results[left_out] = score_set(s, fitted.threshold, ev.bootstrap, left_out, ev.video_pooling)
+        results[left_out] = score_set(s, fold.threshold, ev.bootstrap, left_out, ev.video_pooling)
     return results
 
 
@@ -544,10 +584,11 @@ def run(settings: Settings, outputs: Outputs) -> dict:
     by_name: dict[str, Scored] = {}
     if "heldout" in protocols:
         results["heldout"], curves, by_name = heldout(settings, probe, card, frames, reals)
+    folds = protocol_folds(settings, frames, reals, (probe, card))
     if "cross_manipulation" in protocols:
-        results["cross_manipulation"] = cross_manipulation(settings, frames, reals, (probe, card))
+        results["cross_manipulation"] = cross_manipulation(settings, frames, reals, (probe, card), folds)
     if "leave_one_out" in protocols:
-        results["leave_one_out"] = leave_one_out(settings, frames, reals)
+        results["leave_one_out"] = leave_one_out(settings, frames, reals, folds)
     if "cross_dataset" in protocols and settings.evaluate.cross_dataset:
         results["cross_dataset"] = cross_dataset(settings, probe, card, frames)
     if "robustness" in protocols and perturb.specs(settings.evaluate.robustness):

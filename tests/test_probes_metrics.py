@@ -553,6 +553,36 @@ def test_the_cross_manipulation_row_of_the_train_stages_own_data_is_its_probe_no
         assert len(fits) == 3, other
 
 
+@pytest.mark.parametrize("fakes", [["fs", "nt", "df"], ["fs", "nt"]])
+def test_the_protocols_folds_are_fitted_once_together_and_give_what_each_protocol_fits(fakes, monkeypatch):
+    """`protocol_folds` fits the folds of cross-manipulation and leave-one-out in one call (their
+    rows' passes shared), each fold once (with two fakes, leaving one out is training on the
+    other: 2 folds, not 4), none the train stage's probe covers; the protocols then fit nothing
+    and give what each gives alone."""
+    settings, frames = synthetic_settings(datasets=fakes), synthetic_frames()
+    fitted = evaluate.fit(frames, ["real", "fs"], settings.train)
+    card = {"datasets": ["real", "fs"], "layer": "projection", "probe": "logreg", "normalize": "standardize",
+            "max_iter": 2000, "streamed": False, "val_auc": {str(c): a for c, a in fitted.val_auc.items()}}  # fmt: skip
+    trained = (fitted.probe, card)
+    alone = (evaluate.cross_manipulation(settings, frames, ["real"], trained),
+             evaluate.leave_one_out(settings, frames, ["real"]))  # fmt: skip
+    calls = []
+    real_fit = evaluate.fit_many
+    monkeypatch.setattr(
+        evaluate, "fit_many", lambda frames, lists, *a: calls.append(lists) or real_fit(frames, lists, *a)
+    )
+    folds = evaluate.protocol_folds(settings, frames, ["real"], trained)
+    others = [f for f in fakes if f != "fs"]
+    expected = [["real", f] for f in others] + (
+        [["real", "nt", "df"], ["real", "fs", "df"], ["real", "fs", "nt"]] if len(fakes) == 3 else [["real", "fs"]]
+    )
+    assert calls == [expected]
+    calls.clear()
+    together = (evaluate.cross_manipulation(settings, frames, ["real"], trained, folds),
+                evaluate.leave_one_out(settings, frames, ["real"], folds))  # fmt: skip
+    assert calls == [[], []] and together == alone
+
+
 def test_leave_one_out_tests_only_on_the_method_left_out():
     results = evaluate.leave_one_out(synthetic_settings(), synthetic_frames(), ["real"])
     assert set(results) == {"fs", "nt", "df"}
