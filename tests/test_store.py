@@ -102,6 +102,32 @@ def test_reopening_sees_committed_shards_and_only_them(store, fmt, tmp_path):
     assert again.remove_leftovers() == 1
 
 
+def test_a_read_decodes_only_the_shards_holding_what_it_asks_for(store, fmt, tmp_path, monkeypatch):
+    """Robustness variants and other datasets sit in shards of their own: a read of some rows
+    decodes the shards that hold them (in order: a later shard's row still wins), also one
+    committed after the first read, and any shard another writer added since."""
+    first, second = rows(["a", "b"]), rows(["c", "a"], seed=1)
+    store.commit(first, fmt)
+    store.commit(second, fmt)
+    decoded = []
+    real = EmbeddingStore.read_shard
+    monkeypatch.setattr(
+        EmbeddingStore, "read_shard", lambda self, shard, layer: decoded.append(shard) or real(self, shard, layer)
+    )
+    X, found = store.read(["b"], "projection")
+    assert decoded == store.shard_paths()[:1] and found.all()
+    np.testing.assert_array_equal(X[0], first.arrays["projection"][1])
+    decoded.clear()
+    X, _ = store.read(["a"], "projection")
+    assert decoded == store.shard_paths() and np.array_equal(X[0], second.arrays["projection"][1])
+    third = rows(["d"], seed=2)
+    store.commit(third, fmt)
+    EmbeddingStore.create(tmp_path, "org/model", DESCRIPTION, DIMS).commit(rows(["e"], seed=3), fmt)  # another writer
+    decoded.clear()
+    X, found = store.read(["d", "e"], "projection")
+    assert found.all() and len(decoded) == 2 and np.array_equal(X[0], third.arrays["projection"][0])
+
+
 def test_failures_are_recorded_and_a_later_success_wins(store, fmt):
     store.commit(rows(["a", "bad"], errors=[None, "not an image (unrecognised format)"]), fmt)
     assert store.keys() == {"a"}

@@ -148,6 +148,7 @@ class EmbeddingStore:
             format_version=int(card["format_version"]),
         )
         self._index: dict[str, tuple[str | None, str | None]] | None = None  # digest -> (path, error)
+        self._keys_of: dict[Path, frozenset[str]] = {}  # the digests of each shard, as `_load_index` read them
         self._cut: list[Path] | None = None  # shards holding a key cut short (`shards_with_cut_keys`)
 
     # ------------------------------------------------------------------ opening
@@ -308,6 +309,7 @@ class EmbeddingStore:
             index: dict[str, tuple[str | None, str | None]] = {}
             for shard in self.shard_paths():
                 digests, paths, errors = self._checked(shard, _BY_SUFFIX[shard.suffix].read_keys)
+                self._keys_of[shard] = frozenset(digests)
                 for d, p, e in zip(digests, paths, errors, strict=True):
                     if e is None or d not in index:  # a success anywhere wins over a failure
                         index[d] = (p, e)
@@ -340,9 +342,12 @@ class EmbeddingStore:
         self._check_keys_whole()
         found_digests: list[str] = []
         blocks: list[np.ndarray] = []
+        self._load_index()
+        wanted = set(digests)  # shards holding none of them are not decoded (robustness variants, other datasets)
+        shards = [s for s in self.shard_paths() if s not in self._keys_of or not wanted.isdisjoint(self._keys_of[s])]
         # Shards decode in parallel (Parquet's decoder and the checksum release the GIL), in order.
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="shard-reader") as pool:
-            for d, a in pool.map(lambda shard: self.read_shard(shard, layer), self.shard_paths()):
+            for d, a in pool.map(lambda shard: self.read_shard(shard, layer), shards):
                 found_digests += d
                 blocks.append(a)
         position = {d: i for i, d in enumerate(found_digests)}
@@ -384,6 +389,7 @@ class EmbeddingStore:
         target = self.directory / "shards" / name
         atomic.write_bytes(target, payload)
         if self._index is not None:
+            self._keys_of[target] = frozenset(data.digests)
             for d, p, e in zip(data.digests, data.paths, data.errors, strict=True):
                 if e is None or d not in self._index:
                     self._index[d] = (p, e)
