@@ -512,21 +512,25 @@ def fit_and_select_many(
     a protocol's folds. On the lbfgs route the first LBFGS_STEPS of every fold and C are taken
     together (`logistic.lbfgs_shared`: one pass over the union of the folds' rows answers them
     all, ~1.8x less work per probe than a pass per fold); each fold's rows are still normalised
-    with their own statistics, and every probe is its own problem's optimum."""
-    pairs = [(Labelled(X[train], y[train]), Labelled(X[val], y[val])) for train, val in sets]
+    with their own statistics, and every probe is its own problem's optimum. A fold's rows are
+    copied out of X only while it is worked on."""
+
+    def labelled(mask: np.ndarray) -> Labelled:
+        return Labelled(X[mask], y[mask])
+
     if spec.probe != "logreg" or len(sets) < 2:
-        return [fit_and_select(train, val, spec, what) for (train, val), what in zip(pairs, whats, strict=True)]
-    for (train, val), what in zip(pairs, whats, strict=True):
-        check_both_classes(train.y, val.y, what)
+        return [fit_and_select(labelled(t), labelled(v), spec, w) for (t, v), w in zip(sets, whats, strict=True)]
+    for (train, val), what in zip(sets, whats, strict=True):
+        check_both_classes(y[train], y[val], what)
     grid, steps = sorted(spec.C, reverse=True), min(LBFGS_STEPS, spec.max_iter)
     out: list[Fitted | None] = [None] * len(sets)
     with threadpool_limits(1), ThreadPoolExecutor(min(len(grid), machine.cores())) as pool:
         normalizer, shared = Normalizer(spec.normalize), []
-        for i, (train, val) in enumerate(pairs):
-            Z, mean, scale = normalizer.fit_transform(train.X, pool.map)
+        for i, (train, val) in enumerate(sets):
+            Z, mean, scale = normalizer.fit_transform(X[train], pool.map)
             plan = Plan.of(Z, pool.map)
             if plan.newton_first:  # fitted now, from the rows at hand
-                out[i] = _select(Z, mean, scale, plan, train.y, val, spec, pool)
+                out[i] = _select(Z, mean, scale, plan, y[train], labelled(val), spec, pool)
             else:
                 shared.append((i, mean, scale, plan))
             del Z  # one fold's normalised rows at a time
@@ -542,10 +546,10 @@ def fit_and_select_many(
             del rows
         for i, mean, scale, plan in shared:
             plan.lbfgs = {C: next(first) for C in grid}
-            train, val = pairs[i]
+            train, val = sets[i]
             unfinished = spec.max_iter > steps and not all(s.converged for s in plan.lbfgs.values())
-            Z = normalizer.fit_transform(train.X, pool.map)[0] if unfinished else None  # the same bits again
-            out[i] = _select(Z, mean, scale, plan, train.y, val, spec, pool)
+            Z = normalizer.fit_transform(X[train], pool.map)[0] if unfinished else None  # the same bits again
+            out[i] = _select(Z, mean, scale, plan, y[train], labelled(val), spec, pool)
     return out
 
 
