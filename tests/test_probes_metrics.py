@@ -182,7 +182,8 @@ def test_folds_fitted_together_are_each_folds_own_lbfgs():
     """`logistic.lbfgs_shared` answers several folds' objectives (each on its own rows, standardised
     with its own statistics, each with its C) from passes over the union of their rows, in float32
     (as the cache holds them): each must still be scikit-learn's lbfgs on that fold's own
-    normalised rows, step for step, to its probe."""
+    normalised rows, to its probe (the same number of steps here; the sums run in another order,
+    so a CPU whose BLAS rounds otherwise may take one more or fewer)."""
     from pipeline import logistic
 
     X, y = blobs(3000, 64, seed=11)
@@ -198,7 +199,7 @@ def test_folds_fitted_together_are_each_folds_own_lbfgs():
     for fold, (Z, _, _) in zip(folds, stats, strict=True):
         for C in Cs:
             solution, reference = next(together), LogisticRegression(C=C, tol=1e-8, max_iter=100).fit(Z, y[fold])
-            assert solution.converged and solution.n_iter == reference.n_iter_[0]
+            assert solution.converged and abs(solution.n_iter - reference.n_iter_[0]) <= 1
             np.testing.assert_allclose(solution.coef, reference.coef_.ravel(), atol=1e-10)
             assert solution.intercept == pytest.approx(reference.intercept_[0], abs=1e-10)
 
