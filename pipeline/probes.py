@@ -489,8 +489,10 @@ def _select(
     Z: np.ndarray | None, mean: np.ndarray, scale: np.ndarray, plan: Plan | None, y: np.ndarray, val: Labelled,
     spec: TrainSettings, pool: ThreadPoolExecutor,
 ) -> Fitted:  # fmt: skip
-    """Each C's probe on the normalised rows Z (None where `plan.lbfgs` holds every C's converged
-    solution: nothing is left to fit), the best on val, and its threshold."""
+    """Each C's probe on the normalised rows Z (None where nothing is left to fit: `plan.lbfgs`
+    holds every C's final solution, converged or at `train.max_iter`), the best on val, and its
+    threshold."""
+    grid = sorted(spec.C, reverse=True)
     val_Z = (Normalizer(spec.normalize).rows(val.X) - mean) / scale
 
     def one(C: float) -> tuple[LinearProbe, float]:
@@ -498,7 +500,7 @@ def _select(
         probe.fit_normalized(Z, y, mean, scale, plan)
         return probe, float(roc_auc_score(val.y, val_Z @ probe.coef_ + probe.intercept_))
 
-    fitted = dict(zip(sorted(spec.C, reverse=True), pool.map(one, sorted(spec.C, reverse=True)), strict=True))
+    fitted = dict(zip(grid, pool.map(one, grid), strict=True))
     aucs = {C: auc for C, (_, auc) in fitted.items()}
     best = fitted[best_C(aucs)][0]
     return Fitted(best, aucs, choose_threshold(val.y, best.predict_proba(val.X)))
